@@ -1,0 +1,148 @@
+/* stackformer C core — public API.
+ *
+ * The C library owns the math: a stacked self-attention transformer over plain float32
+ * buffers. No Python headers here; the CPython binding (python/stackformer/_core.c) is a
+ * thin layer over exactly these functions. See DEVELOPERS.md for the math contract.
+ *
+ * Conventions (ggml-like): every function that can fail returns an sf_status and writes a
+ * human-readable message into a caller buffer; sizes are explicit int64_t; nothing aborts.
+ */
+#ifndef SF_H
+#define SF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    SF_OK = 0,
+    SF_ERR_INVALID_CONFIG = 1,  /* config fails validation */
+    SF_ERR_INVALID_ARG = 2,     /* a call argument is wrong (shape, range, NULL) */
+    SF_ERR_NOMEM = 3,           /* allocation failed or would be absurdly large */
+    SF_ERR_OVERFLOW = 4,        /* a size computation overflowed 64 bits */
+    SF_ERR_TOKEN_RANGE = 5,     /* a token id outside [0, vocab_size) */
+    SF_ERR_NONFINITE = 6,       /* NaN or inf where a finite value is required */
+} sf_status;
+
+const char *sf_status_name(sf_status s);
+
+typedef enum { SF_POS_NONE = 0, SF_POS_LEARNED = 1, SF_POS_SINUSOIDAL = 2, SF_POS_ROPE = 3 } sf_pos;
+typedef enum { SF_ACT_GELU = 0, SF_ACT_GELU_TANH = 1, SF_ACT_RELU = 2, SF_ACT_SWIGLU = 3 } sf_act;
+typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
+typedef enum { SF_RES_PLAIN = 0, SF_RES_ATTNRES_FULL = 1, SF_RES_ATTNRES_BLOCK = 2 } sf_residual;
+
+typedef struct {
+    int64_t vocab_size;
+    int64_t d_model;
+    int64_t n_heads;
+    int64_t n_kv_heads;      /* grouped-query attention; == n_heads for MHA */
+    int64_t n_layers;        /* transformer blocks; 2*n_layers sublayers */
+    int64_t d_ff;
+    int64_t max_seq_len;
+    int32_t causal;          /* 1 decoder (causal mask), 0 encoder (bidirectional) */
+    int32_t pos;             /* sf_pos */
+    int32_t act;             /* sf_act */
+    int32_t norm;            /* sf_norm */
+    int32_t pre_norm;        /* 1 pre-norm, 0 post-norm */
+    int32_t bias;            /* biases in linears and LayerNorm */
+    int32_t final_norm;
+    int32_t tie_embeddings;
+    float norm_eps;
+    float rope_theta;
+    int32_t residual;        /* sf_residual */
+    int64_t attnres_block_size; /* S, sublayers per block (block mode) */
+    float attnres_eps;
+    int32_t moda;            /* mixture-of-depths attention */
+    int32_t moda_depth_only;
+    int64_t moda_chunk;      /* C >= 1: depth slots of earlier positions in the same chunk */
+} sf_config;
+
+/* Fill a config with the documented defaults for the given sizes. */
+void sf_config_default(sf_config *cfg, int64_t vocab_size, int64_t d_model, int64_t n_heads,
+                       int64_t n_layers, int64_t max_seq_len);
+/* Validate every field; on failure writes why into err (may be NULL). */
+sf_status sf_config_validate(const sf_config *cfg, char *err, size_t errlen);
+
+/* ---- parameters ------------------------------------------------------------------------ */
+
+#define SF_NAME_MAX 64
+typedef struct {
+    char name[SF_NAME_MAX];  /* state_dict name, PyTorch conventions */
+    int64_t offset;          /* in floats, into the flat parameter buffer */
+    int64_t numel;
+    int32_t ndim;            /* 1 or 2 */
+    int64_t shape[2];
+    int32_t layer;           /* block index, or -1 for model-level tensors */
+    int32_t no_decay;        /* 1 for norms, biases, AttnRes pseudo-queries (for AdamW) */
+} sf_tensor_info;
+
+typedef struct sf_model sf_model;
+
+/* Build a model and initialize its weights from seed (GPT-2 style, see DEVELOPERS.md). */
+sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, char *err, size_t errlen);
+void sf_model_free(sf_model *m);
+const sf_config *sf_model_config(const sf_model *m);
+float *sf_model_params(sf_model *m);
+int64_t sf_model_num_params(const sf_model *m);
+int32_t sf_model_num_tensors(const sf_model *m);
+const sf_tensor_info *sf_model_tensor(const sf_model *m, int32_t i);
+/* index of a tensor by name, or -1 */
+int32_t sf_model_find_tensor(const sf_model *m, const char *name);
+/* Number of floats the parameter table needs for cfg (no allocation); -1 on overflow. */
+int64_t sf_config_num_params(const sf_config *cfg);
+
+/* ---- forward ------------------------------------------------------------------------------ */
+
+/* Optional recordings of a forward pass. Every pointer may be NULL (= not recorded); arrays
+ * are caller-owned, float32, C-contiguous, of exactly the documented shapes. Recording costs
+ * nothing when off. n = n_layers, L = 2n. */
+typedef struct {
+    float **attention;   /* [n] (B, H, T, T + depth_cols(l)), NULL entries skip that layer */
+    float **hidden;      /* [n+1] (B, T, d) stream entering block i / after the last block */
+    float **attn_out;    /* [n] (B, T, d) attention sublayer output */
+    float **mlp_out;     /* [n] (B, T, d) MLP sublayer output */
+    float **alpha;       /* [L+1] (B, T, n_sources(k)) AttnRes depth weights (k = L: output) */
+    float **depth_mass;  /* [n] (B, H, T) MoDA attention mass on depth columns */
+    float *rms;          /* (L+1, SF_RMS_COLS) per-sublayer RMS summary, see below */
+} sf_trace;
+
+/* rms rows k = 0..L-1 are sublayers (2i attention, 2i+1 MLP of block i), row L the output:
+ *   INPUT  = RMS of what sublayer k reads (plain: the stream x; AttnRes: the aggregate h_k);
+ *   OUTPUT = RMS of what it writes (plain: the update added; AttnRes: v_{k+1});
+ *   STREAM = RMS of the plain running sum after it (plain: x after the update; AttnRes: the
+ *            sum of all sources v_0..v_{k+1}, i.e. what a plain residual stream would carry).
+ * Row L: INPUT = RMS of the final stream/aggregate before final_norm, others NaN.
+ * RMS is over all B*T*d elements. */
+enum { SF_RMS_INPUT = 0, SF_RMS_OUTPUT = 1, SF_RMS_STREAM = 2, SF_RMS_COLS = 3 };
+
+typedef struct {
+    const int32_t *tokens;          /* (B, T) ids in [0, V), or NULL when embeds is given */
+    const float *embeds;            /* (B, T, d) input embeddings, or NULL */
+    const uint8_t *key_padding_mask;/* (B, T), 1 = real key, 0 = padding; NULL = none */
+    int64_t B, T;
+    int32_t attnres_two_phase;      /* Block AttnRes: 1 = paper's two-phase schedule */
+    int32_t n_threads;              /* 0 = library default */
+} sf_forward_args;
+
+/* Depth columns of layer l in the attention trace: 0 without MoDA, else 2l * moda_chunk. */
+int64_t sf_depth_cols(const sf_config *cfg, int64_t layer);
+/* Number of AttnRes sources seen by sublayer k (k = L is the output aggregator). */
+int64_t sf_attnres_num_sources(const sf_config *cfg, int64_t k);
+
+/* Run the model. out_logits (B,T,V) and/or out_hidden (B,T,d, after final norm) may be NULL.
+ * Thread-safe for concurrent calls on one model (reads weights only, allocates its own
+ * workspace). */
+sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
+                     float *out_hidden, sf_trace *trace, char *err, size_t errlen);
+
+/* Threads used when n_threads == 0. */
+void sf_set_num_threads(int n);
+int sf_get_num_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,83 @@
+/* Internal definitions shared by the C core's translation units (not part of the API). */
+#ifndef SF_INTERNAL_H
+#define SF_INTERNAL_H
+
+#include "sf.h"
+#include <stdio.h>
+
+/* Named views into the flat parameter buffer for one transformer block. NULL = absent. */
+typedef struct {
+    float *attn_norm_w, *attn_norm_b;
+    float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
+    float *mlp_norm_w, *mlp_norm_b;
+    float *gate_w, *gate_b, *up_w, *up_b, *down_w, *down_b;
+    float *depth_k_w, *depth_v_w;             /* MoDA, blocks 0..n-2 */
+    float *attn_res_q, *attn_res_g;           /* AttnRes pseudo-query (d) and key gain (d) */
+    float *mlp_res_q, *mlp_res_g;
+} sf_layer_views;
+
+struct sf_model {
+    sf_config cfg;
+    float *params;
+    int64_t num_params;
+    sf_tensor_info *tensors;
+    int32_t num_tensors;
+    /* model-level views */
+    float *tok_emb, *pos_emb, *final_norm_w, *final_norm_b, *out_res_q, *out_res_g, *lm_head;
+    sf_layer_views *layers;
+};
+
+/* Write a formatted message into err (if non-NULL) and return status. */
+sf_status sf_fail(char *err, size_t errlen, sf_status st, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+
+/* Overflow-checked size arithmetic: returns 0 and sets *out, or 1 on overflow/negative. */
+int sf_mul_ok(int64_t a, int64_t b, int64_t *out);
+int sf_add_ok(int64_t a, int64_t b, int64_t *out);
+
+/* ---- attention (sf_attention.c) ---- */
+typedef struct {
+    int64_t B, T, H, Hkv, dh;
+    int causal;
+    const uint8_t *key_padding_mask; /* (B,T) or NULL */
+    /* MoDA depth slots: arena (B, T, n_slots, Hkv, dh); this layer reads slots [0, n_read). */
+    const float *depth_k, *depth_v;
+    int64_t n_slots, n_read, chunk;
+    int depth_only;
+} sf_attn_args;
+/* Scratch floats the attention kernel needs: per-thread rows of T + n_read*chunk scores. */
+int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads);
+/* q (B,T,H*dh), k/v (B,T,Hkv*dh) -> out (B,T,H*dh). probs (B,H,T,T+n_read*chunk) and
+ * depth_mass (B,H,T) are optional recordings. */
+void sf_attention_forward(const sf_attn_args *a, const float *q, const float *k, const float *v,
+                          float *out, float *probs, float *depth_mass, float *scratch,
+                          int n_threads);
+
+/* ---- Attention Residuals (sf_attnres.c) ---- */
+/* h(N,d) = sum_i alpha_i src_i with alpha = softmax_i((q ⊙ g) · src_i * inv_rms_i).
+ * inv_rms[i] is (N) 1/sqrt(mean(src_i^2)+eps) per token. alpha_out (N, nsrc) optional. */
+int64_t sf_attnres_scratch_floats(int64_t nsrc, int64_t d, int n_threads);
+void sf_attnres_aggregate(float *h, float *alpha_out, const float *const *src,
+                          const float *const *inv_rms, int64_t nsrc, const float *q,
+                          const float *g, int64_t N, int64_t d, float *scratch, int n_threads);
+/* inv_rms(N) of one source */
+void sf_attnres_inv_rms(float *inv_rms, const float *src, int64_t N, int64_t d, float eps,
+                        int n_threads);
+/* Two-phase Block AttnRes, phase 1: for the nq sublayers of a block, an online-softmax
+ * state over the completed block representations src[0..nsrc): running max m (nq,N),
+ * normalizer l (nq,N), unnormalized sum o (nq,N,d), and the raw logits (nq, N, nsrc) kept
+ * for traces (may be NULL). qg: (nq, d) premultiplied pseudo-query ⊙ gain rows. */
+void sf_attnres_phase1(float *m, float *l, float *o, float *logits, const float *const *src,
+                       const float *const *inv_rms, int64_t nsrc, const float *qg, int64_t nq,
+                       int64_t N, int64_t d, int n_threads);
+/* Phase 2 for query j: merge with the partial sum (or none when partial == NULL) into h;
+ * alpha_out (N, nsrc + [partial]) optional. */
+void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *l,
+                       const float *o, const float *logits, int64_t nsrc, const float *partial,
+                       const float *partial_inv_rms, const float *qg, int64_t N, int64_t d,
+                       int n_threads);
+
+#endif

@@ -1,0 +1,13 @@
+"""stackformer: stacked self-attention transformers with a C core and a thin NumPy API.
+
+Plain residual stacks, Attention Residuals and Mixture-of-Depths Attention, with traces that
+show what every layer reads. See README.md for a tour and DEVELOPERS.md for the math.
+"""
+from ._core import get_num_threads, set_num_threads
+from .config import Config
+from .model import Model, Output, ParamTree, Trace, TraceOptions
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "Model", "Output", "ParamTree", "Trace", "TraceOptions",
+           "set_num_threads", "get_num_threads", "__version__"]

@@ -1,0 +1,389 @@
+/* stackformer._core — the thin CPython/NumPy binding over the C core (csrc/sf.h).
+ *
+ * It parses arguments, checks them, allocates the NumPy arrays results land in, releases the
+ * GIL, calls C and wraps the results. No math lives here. Parameter arrays are views of the
+ * model's C-owned buffer whose base object is the model, so the buffer outlives every view.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "sf.h"
+
+#define ERRLEN 512
+
+typedef struct {
+    PyObject_HEAD
+    sf_model *model;
+} CModel;
+
+static PyObject *status_error(sf_status st, const char *msg) {
+    PyObject *exc = PyExc_ValueError;
+    if (st == SF_ERR_NOMEM) exc = PyExc_MemoryError;
+    else if (st == SF_ERR_OVERFLOW) exc = PyExc_OverflowError;
+    else if (st == SF_ERR_TOKEN_RANGE) exc = PyExc_IndexError;
+    PyErr_SetString(exc, msg && msg[0] ? msg : sf_status_name(st));
+    return NULL;
+}
+
+/* ---- construction --------------------------------------------------------------------- */
+
+static int CModel_init(CModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers",
+                             "d_ff", "max_seq_len", "causal", "pos", "act", "norm", "pre_norm",
+                             "bias", "final_norm", "tie_embeddings", "norm_eps", "rope_theta",
+                             "residual", "attnres_block_size", "attnres_eps", "moda",
+                             "moda_depth_only", "moda_chunk", "seed", NULL};
+    sf_config c;
+    unsigned long long seed = 0;
+    sf_config_default(&c, 1, 1, 1, 1, 1);
+    long long vs, dm, nh, nkv, nl, dff, msl, abs_, mc;
+    int causal, pos, act, norm, pre, bias, fn, tie, res, moda, mdo;
+    float neps, rth, aeps;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLiiiiiiiiffiLfiiLK", kwlist, &vs, &dm, &nh,
+                                     &nkv, &nl, &dff, &msl, &causal, &pos, &act, &norm, &pre,
+                                     &bias, &fn, &tie, &neps, &rth, &res, &abs_, &aeps, &moda,
+                                     &mdo, &mc, &seed))
+        return -1;
+    c.vocab_size = vs; c.d_model = dm; c.n_heads = nh; c.n_kv_heads = nkv; c.n_layers = nl;
+    c.d_ff = dff; c.max_seq_len = msl; c.causal = causal; c.pos = pos; c.act = act;
+    c.norm = norm; c.pre_norm = pre; c.bias = bias; c.final_norm = fn; c.tie_embeddings = tie;
+    c.norm_eps = neps; c.rope_theta = rth; c.residual = res; c.attnres_block_size = abs_;
+    c.attnres_eps = aeps; c.moda = moda; c.moda_depth_only = mdo; c.moda_chunk = mc;
+    if (self->model) { /* views of the old buffer may be alive: never swap it out */
+        PyErr_SetString(PyExc_RuntimeError, "CModel is already initialized");
+        return -1;
+    }
+    char err[ERRLEN] = {0};
+    sf_model *m = NULL;
+    sf_status st = sf_model_create(&c, (uint64_t)seed, &m, err, sizeof err);
+    if (st != SF_OK) { status_error(st, err); return -1; }
+    self->model = m;
+    return 0;
+}
+
+static void CModel_dealloc(CModel *self) {
+    sf_model_free(self->model);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ready(CModel *self) {
+    if (!self->model) { PyErr_SetString(PyExc_RuntimeError, "model is not initialized"); return 0; }
+    return 1;
+}
+
+/* ---- parameters ------------------------------------------------------------------------ */
+
+static PyObject *CModel_params(CModel *self, void *closure) {
+    if (!ready(self)) return NULL;
+    npy_intp n = (npy_intp)sf_model_num_params(self->model);
+    PyObject *arr = PyArray_SimpleNewFromData(1, &n, NPY_FLOAT32, sf_model_params(self->model));
+    if (!arr) return NULL;
+    Py_INCREF(self);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)self) < 0) { Py_DECREF(arr); return NULL; }
+    return arr;
+}
+
+static PyObject *CModel_tensors(CModel *self, PyObject *unused) {
+    if (!ready(self)) return NULL;
+    int32_t n = sf_model_num_tensors(self->model);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (int32_t i = 0; i < n; i++) {
+        const sf_tensor_info *t = sf_model_tensor(self->model, i);
+        PyObject *shape = t->ndim == 2 ? Py_BuildValue("(LL)", (long long)t->shape[0], (long long)t->shape[1])
+                                       : Py_BuildValue("(L)", (long long)t->shape[0]);
+        PyObject *item = shape ? Py_BuildValue("(sLNii)", t->name, (long long)t->offset, shape,
+                                               (int)t->layer, (int)t->no_decay) : NULL;
+        if (!item) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* ---- forward --------------------------------------------------------------------------- */
+
+enum { TR_ATTENTION = 1, TR_HIDDEN = 2, TR_SUBLAYER = 4, TR_ALPHA = 8, TR_DEPTH = 16, TR_RMS = 32 };
+
+/* A list of `n` float32 arrays (or None where not selected), with their data pointers in ptrs. */
+static PyObject *alloc_list(int64_t n, const char *sel, int64_t sel_len, int (*shape_of)(const sf_config *, int64_t, npy_intp *, int64_t, int64_t),
+                            const sf_config *c, int64_t B, int64_t T, float **ptrs, int sel_div) {
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (!list) return NULL;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t li = i / sel_div;
+        ptrs[i] = NULL;
+        if (li < sel_len && sel[li]) {
+            npy_intp dims[4];
+            int nd = shape_of(c, i, dims, B, T);
+            PyObject *a = PyArray_ZEROS(nd, dims, NPY_FLOAT32, 0);
+            if (!a) { Py_DECREF(list); return NULL; }
+            ptrs[i] = (float *)PyArray_DATA((PyArrayObject *)a);
+            PyList_SET_ITEM(list, (Py_ssize_t)i, a);
+        } else {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(list, (Py_ssize_t)i, Py_None);
+        }
+    }
+    return list;
+}
+
+static int shape_attention(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = c->n_heads; d[2] = T; d[3] = T + sf_depth_cols(c, i); return 4;
+}
+static int shape_btd(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = T; d[2] = c->d_model; return 3;
+}
+static int shape_alpha(const sf_config *c, int64_t k, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = T; d[2] = sf_attnres_num_sources(c, k); return 3;
+}
+static int shape_bht(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = c->n_heads; d[2] = T; return 3;
+}
+
+/* Tokens: any integer array (T,) or (B,T); returns a new C-contiguous int32 array or NULL. */
+static PyArrayObject *tokens_array(PyArrayObject *in, const sf_config *c) {
+    int nd = PyArray_NDIM(in);
+    if (nd != 1 && nd != 2) {
+        PyErr_Format(PyExc_ValueError, "tokens must have shape (T,) or (B, T), got %d dimensions", nd);
+        return NULL;
+    }
+    /* values are checked against [0, vocab) in int64 so nothing wraps before the check */
+    PyArrayObject *a64 = (PyArrayObject *)PyArray_FROMANY((PyObject *)in, NPY_INT64, 1, 2,
+                                                         NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    if (!a64) return NULL;
+    int is_u64 = PyArray_TYPE(in) == NPY_UINT64 || PyArray_TYPE(in) == NPY_ULONGLONG;
+    npy_intp n = PyArray_SIZE(a64);
+    const int64_t *v = (const int64_t *)PyArray_DATA(a64);
+    int64_t T = PyArray_DIM(a64, nd - 1);
+    for (npy_intp r = 0; r < n; r++) {
+        if (v[r] < 0 || v[r] >= c->vocab_size) {
+            if (is_u64 && v[r] < 0)
+                PyErr_Format(PyExc_IndexError, "token id %llu at flat index %lld is outside [0, vocab_size=%lld)",
+                             (unsigned long long)v[r], (long long)r, (long long)c->vocab_size);
+            else if (nd == 2)
+                PyErr_Format(PyExc_IndexError, "token id %lld at [%lld, %lld] is outside [0, vocab_size=%lld)",
+                             (long long)v[r], (long long)(r / T), (long long)(r % T), (long long)c->vocab_size);
+            else
+                PyErr_Format(PyExc_IndexError, "token id %lld at [%lld] is outside [0, vocab_size=%lld)",
+                             (long long)v[r], (long long)r, (long long)c->vocab_size);
+            Py_DECREF(a64);
+            return NULL;
+        }
+    }
+    PyArrayObject *a32 = (PyArrayObject *)PyArray_FROMANY((PyObject *)a64, NPY_INT32, 1, 2,
+                                                         NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+    Py_DECREF(a64);
+    return a32;
+}
+
+static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input", "key_padding_mask", "logits", "hidden", "trace",
+                             "trace_layers", "two_phase", "n_threads", NULL};
+    PyObject *input = NULL, *mask_obj = Py_None, *layers_obj = Py_None;
+    int want_logits = 1, want_hidden = 0, flags = 0, two_phase = 1, n_threads = 0;
+    if (!ready(self)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OppiOpi", kwlist, &input, &mask_obj,
+                                     &want_logits, &want_hidden, &flags, &layers_obj, &two_phase,
+                                     &n_threads))
+        return NULL;
+    const sf_config *c = sf_model_config(self->model);
+    if (!PyArray_Check(input)) {
+        PyErr_Format(PyExc_TypeError, "input must be a numpy array of token ids or embeddings, got %.200s", Py_TYPE(input)->tp_name);
+        return NULL;
+    }
+    if (n_threads < 0 || n_threads > 1024) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be in [0, 1024], got %d", n_threads);
+        return NULL;
+    }
+    PyArrayObject *in = (PyArrayObject *)input;
+    int kind = PyArray_DESCR(in)->kind;
+    PyArrayObject *tok = NULL, *emb = NULL, *mask = NULL;
+    PyObject *logits = NULL, *hidden = NULL, *tdict = NULL;
+    float **ptrs = NULL;
+    int64_t B, T;
+    if (kind == 'i' || kind == 'u') {
+        tok = tokens_array(in, c);
+        if (!tok) goto fail;
+        B = PyArray_NDIM(tok) == 2 ? PyArray_DIM(tok, 0) : 1;
+        T = PyArray_DIM(tok, PyArray_NDIM(tok) - 1);
+    } else if (kind == 'f') {
+        if (PyArray_NDIM(in) != 3 || PyArray_DIM(in, 2) != c->d_model) {
+            PyErr_Format(PyExc_ValueError, "float input must be embeddings of shape (B, T, d_model=%lld); token ids must be an integer array",
+                         (long long)c->d_model);
+            goto fail;
+        }
+        emb = (PyArrayObject *)PyArray_FROMANY(input, NPY_FLOAT32, 3, 3, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        if (!emb) goto fail;
+        B = PyArray_DIM(emb, 0);
+        T = PyArray_DIM(emb, 1);
+    } else {
+        PyErr_Format(PyExc_TypeError, "input must be integer token ids or float embeddings, got dtype %R", (PyObject *)PyArray_DESCR(in));
+        goto fail;
+    }
+    if (B < 1 || T < 1) { PyErr_Format(PyExc_ValueError, "input is empty: B=%lld, T=%lld (both must be >= 1)", (long long)B, (long long)T); goto fail; }
+    if (T > c->max_seq_len) { PyErr_Format(PyExc_ValueError, "sequence length T=%lld exceeds max_seq_len=%lld", (long long)T, (long long)c->max_seq_len); goto fail; }
+    if (mask_obj != Py_None) {
+        if (!PyArray_Check(mask_obj)) { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be a numpy array of shape (B, T)"); goto fail; }
+        int mk = PyArray_DESCR((PyArrayObject *)mask_obj)->kind;
+        if (mk != 'b' && mk != 'i' && mk != 'u') { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be bool or integer (1 = real token, 0 = padding)"); goto fail; }
+        mask = (PyArrayObject *)PyArray_FROMANY(mask_obj, NPY_UINT8, 1, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        if (!mask) goto fail;
+        int64_t mB = PyArray_NDIM(mask) == 2 ? PyArray_DIM(mask, 0) : 1, mT = PyArray_DIM(mask, PyArray_NDIM(mask) - 1);
+        if (mB != B || mT != T) { PyErr_Format(PyExc_ValueError, "key_padding_mask must have shape (B=%lld, T=%lld)", (long long)B, (long long)T); goto fail; }
+        const uint8_t *mv = (const uint8_t *)PyArray_DATA(mask);
+        for (npy_intp r = 0; r < PyArray_SIZE(mask); r++)
+            if (mv[r] > 1) { PyErr_SetString(PyExc_ValueError, "key_padding_mask values must be 0 or 1"); goto fail; }
+    }
+    /* layer selection for traces: indices in [0, n_layers]; n_layers = the output end */
+    int64_t n = c->n_layers, L = 2 * n;
+    char *sel = PyMem_Calloc((size_t)(n + 1), 1);
+    if (!sel) { PyErr_NoMemory(); goto fail; }
+    if (layers_obj == Py_None) memset(sel, 1, (size_t)(n + 1));
+    else {
+        PyObject *seq = PySequence_Fast(layers_obj, "trace_layers must be a sequence of layer indices");
+        if (!seq) { PyMem_Free(sel); goto fail; }
+        for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq); j++) {
+            long long li = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, j));
+            if (li == -1 && PyErr_Occurred()) { Py_DECREF(seq); PyMem_Free(sel); goto fail; }
+            if (li < 0 || li > n) { PyErr_Format(PyExc_IndexError, "trace layer %lld is outside [0, n_layers=%lld]", li, (long long)n); Py_DECREF(seq); PyMem_Free(sel); goto fail; }
+            sel[li] = 1;
+        }
+        Py_DECREF(seq);
+    }
+    sf_trace tr = {0};
+    tdict = PyDict_New();
+    ptrs = PyMem_Calloc((size_t)(6 * (L + 2)), sizeof(float *));
+    if (!tdict || !ptrs) { PyMem_Free(sel); if (!ptrs) PyErr_NoMemory(); goto fail; }
+    struct { int flag; const char *name; int64_t count; int (*shape)(const sf_config *, int64_t, npy_intp *, int64_t, int64_t); float ***dst; int div; int ok; } items[] = {
+        {TR_ATTENTION, "attention", n, shape_attention, &tr.attention, 1, 1},
+        {TR_HIDDEN, "hidden", n + 1, shape_btd, &tr.hidden, 1, 1},
+        {TR_SUBLAYER, "attn_out", n, shape_btd, &tr.attn_out, 1, 1},
+        {TR_SUBLAYER, "mlp_out", n, shape_btd, &tr.mlp_out, 1, 1},
+        {TR_ALPHA, "alpha", L + 1, shape_alpha, &tr.alpha, 2, c->residual != SF_RES_PLAIN},
+        {TR_DEPTH, "depth_mass", n, shape_bht, &tr.depth_mass, 1, c->moda},
+    };
+    for (int j = 0; j < 6; j++) {
+        if (!(flags & items[j].flag) || !items[j].ok) continue;
+        float **p = ptrs + j * (L + 2);
+        PyObject *lst = alloc_list(items[j].count, sel, n + 1, items[j].shape, c, B, T, p, items[j].div);
+        if (!lst || PyDict_SetItemString(tdict, items[j].name, lst) < 0) { Py_XDECREF(lst); PyMem_Free(sel); goto fail; }
+        Py_DECREF(lst);
+        *items[j].dst = p;
+    }
+    PyMem_Free(sel);
+    if (flags & TR_RMS) {
+        npy_intp dims[2] = {(npy_intp)(L + 1), SF_RMS_COLS};
+        PyObject *r = PyArray_ZEROS(2, dims, NPY_FLOAT32, 0);
+        if (!r || PyDict_SetItemString(tdict, "rms", r) < 0) { Py_XDECREF(r); goto fail; }
+        tr.rms = (float *)PyArray_DATA((PyArrayObject *)r);
+        Py_DECREF(r);
+    }
+    npy_intp odims[3] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->vocab_size};
+    if (want_logits && !(logits = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
+    odims[2] = (npy_intp)c->d_model;
+    if (want_hidden && !(hidden = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
+
+    sf_forward_args fa = {tok ? (const int32_t *)PyArray_DATA(tok) : NULL,
+                          emb ? (const float *)PyArray_DATA(emb) : NULL,
+                          mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, B, T, two_phase, n_threads};
+    char err[ERRLEN] = {0};
+    sf_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sf_forward(self->model, &fa,
+                    logits ? (float *)PyArray_DATA((PyArrayObject *)logits) : NULL,
+                    hidden ? (float *)PyArray_DATA((PyArrayObject *)hidden) : NULL,
+                    flags ? &tr : NULL, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (st != SF_OK) { status_error(st, err); goto fail; }
+    Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(mask);
+    PyMem_Free(ptrs);
+    return Py_BuildValue("(NNN)", logits ? logits : (Py_INCREF(Py_None), Py_None),
+                         hidden ? hidden : (Py_INCREF(Py_None), Py_None), tdict);
+fail:
+    Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(mask);
+    Py_XDECREF(logits); Py_XDECREF(hidden); Py_XDECREF(tdict);
+    PyMem_Free(ptrs);
+    return NULL;
+}
+
+static PyObject *CModel_num_params(CModel *self, void *closure) {
+    if (!ready(self)) return NULL;
+    return PyLong_FromLongLong((long long)sf_model_num_params(self->model));
+}
+
+static PyObject *CModel_depth_cols(CModel *self, PyObject *arg) {
+    if (!ready(self)) return NULL;
+    long long l = PyLong_AsLongLong(arg);
+    if (l == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong((long long)sf_depth_cols(sf_model_config(self->model), l));
+}
+
+static PyObject *CModel_num_sources(CModel *self, PyObject *arg) {
+    if (!ready(self)) return NULL;
+    long long k = PyLong_AsLongLong(arg);
+    if (k == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong((long long)sf_attnres_num_sources(sf_model_config(self->model), k));
+}
+
+static PyMethodDef CModel_methods[] = {
+    {"tensors", (PyCFunction)CModel_tensors, METH_NOARGS, "[(name, offset, shape, layer, no_decay)] in buffer order"},
+    {"forward", (PyCFunction)(void (*)(void))CModel_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(input, key_padding_mask=None, logits=True, hidden=False, trace=0, trace_layers=None, two_phase=True, n_threads=0) -> (logits, hidden, trace dict)"},
+    {"depth_cols", (PyCFunction)CModel_depth_cols, METH_O, "depth columns of layer l in the attention trace"},
+    {"num_sources", (PyCFunction)CModel_num_sources, METH_O, "AttnRes sources seen by sublayer k"},
+    {NULL}};
+
+static PyGetSetDef CModel_getset[] = {
+    {"params", (getter)CModel_params, NULL, "flat float32 view of all parameters (writable)", NULL},
+    {"num_params", (getter)CModel_num_params, NULL, "number of parameters", NULL},
+    {NULL}};
+
+static PyTypeObject CModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stackformer._core.CModel",
+    .tp_basicsize = sizeof(CModel),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "C-owned model: parameters and forward pass (use stackformer.Model instead)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CModel_init,
+    .tp_dealloc = (destructor)CModel_dealloc,
+    .tp_methods = CModel_methods,
+    .tp_getset = CModel_getset,
+};
+
+static PyObject *core_set_num_threads(PyObject *m, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > 1024) { PyErr_Format(PyExc_ValueError, "threads must be in [0, 1024], got %ld", n); return NULL; }
+    sf_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_get_num_threads(PyObject *m, PyObject *unused) {
+    return PyLong_FromLong(sf_get_num_threads());
+}
+
+static PyMethodDef core_methods[] = {
+    {"set_num_threads", core_set_num_threads, METH_O, "set the default thread count (0 = all cores)"},
+    {"get_num_threads", core_get_num_threads, METH_NOARGS, "default thread count"},
+    {NULL}};
+
+static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", "stackformer C core binding", -1, core_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();
+    if (PyType_Ready(&CModelType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m) return NULL;
+    Py_INCREF(&CModelType);
+    if (PyModule_AddObject(m, "CModel", (PyObject *)&CModelType) < 0) { Py_DECREF(&CModelType); Py_DECREF(m); return NULL; }
+    PyModule_AddIntConstant(m, "TRACE_ATTENTION", TR_ATTENTION);
+    PyModule_AddIntConstant(m, "TRACE_HIDDEN", TR_HIDDEN);
+    PyModule_AddIntConstant(m, "TRACE_SUBLAYER", TR_SUBLAYER);
+    PyModule_AddIntConstant(m, "TRACE_ALPHA", TR_ALPHA);
+    PyModule_AddIntConstant(m, "TRACE_DEPTH", TR_DEPTH);
+    PyModule_AddIntConstant(m, "TRACE_RMS", TR_RMS);
+    return m;
+}

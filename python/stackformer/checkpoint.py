@@ -1,0 +1,94 @@
+"""Checkpoints: safetensors files with the config in the metadata, written atomically.
+
+The `safetensors` package is the well-kept library for the format (a small Rust parser that
+validates the header and every offset); we use its NumPy API rather than parsing bytes here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .config import Config
+
+FORMAT = "stackformer/1"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write data to path so that a crash leaves either the old file or the new one, whole:
+    write a temporary file in the same directory, fsync it, then rename over the target."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable where the platform allows
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_model(model, path: str) -> None:
+    from safetensors.numpy import save
+    meta = {"format": FORMAT, "config": model.config.to_json()}
+    data = save(model.state_dict(), metadata=meta)
+    atomic_write_bytes(path, data)
+
+
+def read_checkpoint(path: str) -> Tuple[Config, Dict[str, np.ndarray]]:
+    """Parse and validate a checkpoint file; returns (config, tensors). Raises ValueError
+    naming the problem for anything that is not a well-formed stackformer checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (header claims {header_len} bytes, "
+                         f"file has {len(data) - 8})")
+    try:
+        header = json.loads(data[8: 8 + header_len])
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint header ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise ValueError(f"{path}: not a stackformer checkpoint (metadata format must be {FORMAT!r})")
+    config = Config.from_json(meta["config"])
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint ({e})") from None
+    return config, tensors
+
+
+def load_model(cls, path: str):
+    config, tensors = read_checkpoint(path)
+    for name, arr in tensors.items():
+        if arr.dtype != np.float32:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {arr.dtype}, expected float32")
+    model = cls(config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: checkpoint does not match its config: {e}") from None
+    return model

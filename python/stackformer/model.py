@@ -1,0 +1,338 @@
+"""The Python face of a C-owned model: Model, its parameter tree, forward outputs and traces."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .config import Config
+
+_TRACE_FLAGS = {
+    "attention": _core.TRACE_ATTENTION,
+    "hidden": _core.TRACE_HIDDEN,
+    "sublayer_outputs": _core.TRACE_SUBLAYER,
+    "alpha": _core.TRACE_ALPHA,
+    "depth_mass": _core.TRACE_DEPTH,
+    "rms": _core.TRACE_RMS,
+}
+
+
+@dataclass
+class TraceOptions:
+    """What a traced forward pass records. Everything is on by default; `layers` limits the
+    per-layer recordings to those block indices (index n_layers = the output end: final hidden
+    state and the output aggregator), so deep models need not keep every (B,H,T,T) map."""
+
+    attention: bool = True
+    hidden: bool = True
+    sublayer_outputs: bool = True
+    alpha: bool = True
+    depth_mass: bool = True
+    rms: bool = True
+    layers: Optional[Sequence[int]] = None
+
+    def flags(self) -> int:
+        return sum(f for k, f in _TRACE_FLAGS.items() if getattr(self, k))
+
+
+def _trace_options(trace: Any) -> Optional[TraceOptions]:
+    if trace is None or trace is False:
+        return None
+    if trace is True:
+        return TraceOptions()
+    if isinstance(trace, TraceOptions):
+        return trace
+    if isinstance(trace, str):
+        trace = [trace]
+    if isinstance(trace, Iterable):
+        kinds = list(trace)
+        bad = [k for k in kinds if k not in _TRACE_FLAGS]
+        if bad:
+            raise ValueError(f"unknown trace kind(s) {bad}; choose from {sorted(_TRACE_FLAGS)}")
+        return TraceOptions(**{k: (k in kinds) for k in _TRACE_FLAGS})
+    raise TypeError(f"trace must be a bool, a TraceOptions or a list of kinds, got {type(trace).__name__}")
+
+
+@dataclass
+class Trace:
+    """Recordings of one forward pass (n = n_layers blocks, L = 2n sublayers).
+
+    attention[i]:  (B, H, T, T + depth_cols[i]) attention probabilities of block i; with MoDA
+                   columns [0, T) are sequence keys and [T, ...) depth slots (`seq_len` marks
+                   the boundary), depth column (u - chunk_start)*2i + slot.
+    hidden[i]:     (B, T, d) what block i reads (plain: the residual stream; AttnRes: the
+                   aggregate h_{2i}); hidden[n] = the final stream/aggregate before final_norm.
+    attn_out[i], mlp_out[i]: (B, T, d) each sublayer's output (plain: the update it adds).
+    alpha[k]:      AttnRes only: (B, T, n_sources(k)) depth-attention weights of sublayer k
+                   (k = L: the output aggregator), with `alpha_labels[k]` naming the sources.
+    depth_mass[i]: MoDA only: (B, H, T) attention mass on depth slots.
+    rms:           (L+1, 3) per sublayer: RMS of its input, of its output, of the plain running
+                   sum after it (row L: final stream; other columns NaN).
+    Entries not recorded are None.
+    """
+
+    attention: Optional[List[Optional[np.ndarray]]] = None
+    hidden: Optional[List[Optional[np.ndarray]]] = None
+    attn_out: Optional[List[Optional[np.ndarray]]] = None
+    mlp_out: Optional[List[Optional[np.ndarray]]] = None
+    alpha: Optional[List[Optional[np.ndarray]]] = None
+    alpha_labels: Optional[List[List[str]]] = None
+    depth_mass: Optional[List[Optional[np.ndarray]]] = None
+    rms: Optional[np.ndarray] = None
+    seq_len: int = 0
+
+    @property
+    def alpha_matrix(self) -> np.ndarray:
+        """(L+1, max_sources) token- and batch-averaged alpha, NaN where a row has fewer sources."""
+        if self.alpha is None:
+            raise ValueError("no alpha recorded (AttnRes model traced with alpha=True needed)")
+        width = max(a.shape[-1] for a in self.alpha if a is not None)
+        out = np.full((len(self.alpha), width), np.nan, dtype=np.float64)
+        for k, a in enumerate(self.alpha):
+            if a is not None:
+                out[k, : a.shape[-1]] = a.mean(axis=(0, 1))
+        return out
+
+    @property
+    def depth_mass_mean(self) -> np.ndarray:
+        """(n_layers, H) mean share of attention mass on depth slots (NaN where not recorded)."""
+        if self.depth_mass is None:
+            raise ValueError("no depth_mass recorded (MoDA model traced with depth_mass=True needed)")
+        H = next(a.shape[1] for a in self.depth_mass if a is not None)
+        out = np.full((len(self.depth_mass), H), np.nan)
+        for i, a in enumerate(self.depth_mass):
+            if a is not None:
+                out[i] = a.mean(axis=(0, 2))
+        return out
+
+    @property
+    def rms_table(self) -> Dict[str, np.ndarray]:
+        """The rms summary as named columns: input, output, stream (each (L+1,))."""
+        return {"input": self.rms[:, 0], "output": self.rms[:, 1], "stream": self.rms[:, 2]}
+
+
+@dataclass
+class Output:
+    """Result of Model.__call__: logits (B, T, V) float32, or hidden_states (B, T, d) after the
+    final norm when asked, and the Trace when trace was requested."""
+
+    logits: Optional[np.ndarray] = None
+    hidden_states: Optional[np.ndarray] = None
+    trace: Optional[Trace] = None
+
+
+class ParamTree:
+    """Attribute access to named parameter views: model.layers[3].attn.q_proj.weight.
+
+    Leaves are float32 NumPy views of the C-owned buffer (writable; writes change the model).
+    Assigning an array to a leaf copies into the view after checking its shape."""
+
+    def __init__(self, prefix: str):
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_children", {})
+
+    def __getattr__(self, name: str) -> Any:
+        children = object.__getattribute__(self, "_children")
+        if name in children:
+            return children[name]
+        raise AttributeError(f"{self._prefix or 'model'} has no parameter or submodule {name!r}; "
+                             f"it has: {', '.join(children)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cur = self._children.get(name)
+        if not isinstance(cur, np.ndarray):
+            raise AttributeError(f"cannot set {name!r} on {self._prefix or 'model'}: not a parameter")
+        _copy_checked(cur, value, f"{self._prefix}.{name}".lstrip("."))
+
+    def __dir__(self) -> List[str]:
+        return list(self._children)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={tuple(v.shape)}" if isinstance(v, np.ndarray) else k
+                          for k, v in self._children.items())
+        return f"<{self._prefix or 'model'}: {items}>"
+
+
+def _copy_checked(dst: np.ndarray, value: Any, name: str) -> None:
+    arr = _checked_array(value, dst.shape, name)
+    np.copyto(dst, arr, casting="unsafe")
+
+
+def _checked_array(value: Any, shape: tuple, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(value).__name__}")
+    if value.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {value.dtype}")
+    if value.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{name}: contains NaN or inf")
+    return value
+
+
+class Model:
+    """A stacked self-attention transformer whose weights and math live in C.
+
+    >>> cfg = Config(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=32)
+    >>> model = Model(cfg, seed=0)
+    >>> out = model(np.array([[1, 2, 3]]), trace=True)
+    >>> out.logits.shape, out.trace.attention[0].shape
+    ((1, 3, 256), (1, 4, 3, 3))
+    """
+
+    def __init__(self, config: Config, seed: int = 0):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a stackformer.Config, got {type(config).__name__}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not (0 <= int(seed) < 2**64):
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        config = dataclasses.replace(config)  # own copy, re-validated
+        self.config = config
+        self._c = _core.CModel(**config._c_kwargs(), seed=int(seed))
+        self._flat = self._c.params
+        self._params: Dict[str, np.ndarray] = {}
+        self._no_decay: Dict[str, bool] = {}
+        self._root = ParamTree("")
+        for name, offset, shape, _layer, no_decay in self._c.tensors():
+            size = int(np.prod(shape))
+            view = self._flat[offset: offset + size].reshape(shape)
+            self._params[name] = view
+            self._no_decay[name] = bool(no_decay)
+            self._insert(name, view)
+        layers = self._root._children.get("layers")
+        self.layers: List[ParamTree] = [layers._children[str(i)] for i in range(config.n_layers)]
+
+    def _insert(self, name: str, view: np.ndarray) -> None:
+        node = self._root
+        parts = name.split(".")
+        for j, part in enumerate(parts[:-1]):
+            nxt = node._children.get(part)
+            if nxt is None:
+                nxt = ParamTree(".".join(parts[: j + 1]))
+                node._children[part] = nxt
+            node = nxt
+        node._children[parts[-1]] = view
+
+    # -- parameters ----------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        root = self.__dict__.get("_root")
+        if root is not None and name in root._children:
+            return root._children[name]
+        raise AttributeError(f"Model has no attribute {name!r}")
+
+    @property
+    def num_params(self) -> int:
+        return int(self._c.num_params)
+
+    @property
+    def flat_params(self) -> np.ndarray:
+        """All parameters as one writable float32 view, in table order."""
+        return self._flat
+
+    def named_parameters(self) -> Dict[str, np.ndarray]:
+        """name -> writable float32 view of the C buffer, in buffer order."""
+        return dict(self._params)
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """name -> float32 copy (PyTorch naming: Linear weights are (out, in))."""
+        return {k: v.copy() for k, v in self._params.items()}
+
+    def load_state_dict(self, state_dict: Dict[str, np.ndarray], strict: bool = True) -> None:
+        """Copy tensors in. Every name, shape, dtype and value is checked before anything is
+        written, so a bad state_dict leaves the model untouched. strict=False allows missing
+        keys (unexpected keys are always an error)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        unexpected = sorted(k for k in state_dict if k not in self._params)
+        if unexpected:
+            raise KeyError(f"unexpected key(s) in state_dict: {', '.join(map(str, unexpected[:10]))}")
+        missing = [k for k in self._params if k not in state_dict]
+        if strict and missing:
+            raise KeyError(f"missing key(s) in state_dict: {', '.join(missing[:10])}"
+                           + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+        checked = {k: _checked_array(v, self._params[k].shape, k) for k, v in state_dict.items()}
+        for k, v in checked.items():
+            np.copyto(self._params[k], v, casting="unsafe")
+
+    def save(self, path: str) -> None:
+        """Write a safetensors checkpoint (config in the metadata), atomically."""
+        from .checkpoint import save_model
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Model":
+        """Read a checkpoint written by save(); validates every name, shape and dtype."""
+        from .checkpoint import load_model
+        return load_model(cls, path)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def __call__(self, x: Any, trace: Any = False, key_padding_mask: Optional[np.ndarray] = None,
+                 return_hidden: bool = False, attnres_two_phase: bool = True,
+                 n_threads: int = 0) -> Output:
+        """Run the model.
+
+        x: token ids (T,) or (B, T), any integer dtype (also a list, or bytes for byte-level
+           models), or float embeddings (B, T, d_model). 1-D input is a batch of one.
+        trace: False | True | TraceOptions | list of kinds ("attention", "hidden",
+           "sublayer_outputs", "alpha", "depth_mass", "rms").
+        key_padding_mask: (B, T) bool/int, 1 = real token, 0 = padding (masked as a key).
+        return_hidden: return final hidden states (B, T, d) (after final norm) instead of logits.
+        attnres_two_phase: Block AttnRes uses the paper's two-phase schedule (exact; False runs
+           the direct computation, for checking).
+        Returns an Output with logits (B, T, V) float32 (or hidden_states) and trace.
+        """
+        if isinstance(x, (bytes, bytearray)):
+            x = np.frombuffer(bytes(x), dtype=np.uint8)
+        elif isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+            if x.dtype.kind not in "iuf":
+                raise TypeError(f"input list must hold token ids or floats, got dtype {x.dtype}")
+        opts = _trace_options(trace)
+        if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool):
+            raise TypeError("n_threads must be an int")
+        logits, hidden, tr = self._c.forward(
+            x, key_padding_mask, logits=not return_hidden, hidden=bool(return_hidden),
+            trace=opts.flags() if opts else 0,
+            trace_layers=None if opts is None or opts.layers is None else list(opts.layers),
+            two_phase=bool(attnres_two_phase), n_threads=int(n_threads))
+        trace_obj = None
+        if opts is not None:
+            T = (logits if logits is not None else hidden).shape[1]
+            trace_obj = Trace(
+                attention=tr.get("attention"), hidden=tr.get("hidden"),
+                attn_out=tr.get("attn_out"), mlp_out=tr.get("mlp_out"),
+                alpha=tr.get("alpha"), depth_mass=tr.get("depth_mass"), rms=tr.get("rms"),
+                alpha_labels=self.alpha_labels() if "alpha" in tr else None, seq_len=T)
+        return Output(logits=logits, hidden_states=hidden, trace=trace_obj)
+
+    forward = __call__
+
+    # -- structure ---------------------------------------------------------------------------------
+    def alpha_labels(self) -> List[List[str]]:
+        """Source names for each AttnRes aggregation k = 0..L (L = output):
+        Full: v0..vk; Block: b0..b{m-1} and the running partial sum b{m}^{i-1}."""
+        c = self.config
+        L = 2 * c.n_layers
+        if c.residual == "plain":
+            return []
+        if c.residual == "attnres_full":
+            return [[f"v{i}" for i in range(k + 1)] for k in range(L + 1)]
+        S = c.attnres_block_size
+        out = []
+        for k in range(L):
+            m, i = k // S + 1, k % S
+            labels = [f"b{j}" for j in range(m)]
+            if i:
+                labels.append(f"b{m}^{i}")
+            out.append(labels)
+        out.append([f"b{j}" for j in range(1 + (L + S - 1) // S)])
+        return out
+
+    def __repr__(self) -> str:
+        c = self.config
+        kind = c.residual + ("+moda" if c.moda else "")
+        return (f"Model({kind}, {c.n_layers} blocks, d_model={c.d_model}, heads={c.n_heads}/"
+                f"{c.n_kv_heads}, {c.norm_position}-{c.norm}, {c.activation}, pos={c.pos}, "
+                f"{'causal' if c.causal else 'bidirectional'}, {self.num_params:,} params)")

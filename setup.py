@@ -1,0 +1,34 @@
+"""Build the stackformer C extension: the C core (csrc/) plus the thin binding, one module.
+
+Environment knobs:
+  STACKFORMER_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
+  STACKFORMER_NO_OPENMP=1  build without OpenMP (single-threaded)
+"""
+import os
+import sys
+
+import numpy as np
+from setuptools import Extension, setup
+
+CSRC = ["sf_kernels.c", "sf_params.c", "sf_attention.c", "sf_attnres.c", "sf_model.c"]
+
+compile_args = ["-std=c11", "-O3", "-Wall", "-Wno-unused-parameter"]
+link_args = []
+if os.environ.get("STACKFORMER_NO_OPENMP") != "1" and sys.platform != "darwin":
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+if os.environ.get("STACKFORMER_SANITIZE") == "1":
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+    compile_args = [a for a in compile_args if a != "-O3"] + ["-O1"] + san
+    link_args += san
+
+ext = Extension(
+    "stackformer._core",
+    sources=["python/stackformer/_core.c"] + [os.path.join("csrc", f) for f in CSRC],
+    include_dirs=["csrc", np.get_include()],
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+    libraries=["m"],
+)
+
+setup(ext_modules=[ext])

@@ -1,0 +1,570 @@
+"""Independent float64 NumPy reference of the stackformer model.
+
+Written from DEVELOPERS.md alone (never from the C code), so that the two implementations can
+check each other.  It is deliberately plain: where a loop makes the math obvious it is a loop.
+Every function works on float64 arrays; parameters of any float dtype are cast on entry.
+
+Public interface
+----------------
+Config                        a dataclass with the same fields/defaults as ``stackformer.Config``
+param_shapes(cfg)             name -> shape, in DEVELOPERS.md table order
+init_params(cfg, rng)         name -> float64 array, random and non-trivial everywhere
+forward(cfg, params, ...)     logits plus every trace the C model exposes
+moda_attention(...)           the attention op (plain attention when there are no depth slots)
+moda_visibility(...)          the boolean mask that op uses (exposed for op-level tests)
+
+Conventions (DEVELOPERS.md): linear weights are (out, in) and y = x W^T + b; B batch, T sequence,
+d model width, H query heads, Hkv kv heads, dh = d/H, G = H/Hkv, n blocks, L = 2n sublayers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    """Same fields, order and defaults as ``stackformer.Config``; None widths are resolved."""
+
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    max_seq_len: int
+    n_kv_heads: Optional[int] = None
+    d_ff: Optional[int] = None
+    causal: bool = True
+    pos: str = "learned"  # learned | sinusoidal | rope | none
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre | post
+    bias: bool = True
+    final_norm: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    residual: str = "plain"  # plain | attnres_full | attnres_block
+    attnres_block_size: int = 4
+    attnres_eps: float = 1e-6
+    moda: bool = False
+    moda_chunk: int = 1
+    moda_depth_only: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        assert self.d_model % self.n_heads == 0
+        assert self.n_heads % self.n_kv_heads == 0
+        assert self.moda_chunk >= 1 and self.attnres_block_size >= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _is_attnres(cfg) -> bool:
+    return cfg.residual in ("attnres_full", "attnres_block")
+
+
+def param_shapes(cfg) -> dict:
+    """name -> shape, in the order of the DEVELOPERS.md parameter table (= the flat buffer order)."""
+    d, V, H, Hkv, F, n = (cfg.d_model, cfg.vocab_size, cfg.n_heads, cfg.n_kv_heads,
+                          cfg.d_ff, cfg.n_layers)
+    dh = d // H
+    norm_bias = cfg.norm == "layernorm" and cfg.bias  # RMSNorm never has a bias
+    shapes = {}
+
+    def linear(name, out_f, in_f, bias=cfg.bias):
+        shapes[name + ".weight"] = (out_f, in_f)
+        if bias:
+            shapes[name + ".bias"] = (out_f,)
+
+    def norm(name):
+        shapes[name + ".weight"] = (d,)
+        if norm_bias:
+            shapes[name + ".bias"] = (d,)
+
+    shapes["tok_emb.weight"] = (V, d)
+    if cfg.pos == "learned":
+        shapes["pos_emb.weight"] = (cfg.max_seq_len, d)
+    for i in range(n):
+        p = f"layers.{i}."
+        norm(p + "attn_norm")
+        linear(p + "attn.q_proj", H * dh, d)
+        linear(p + "attn.k_proj", Hkv * dh, d)
+        linear(p + "attn.v_proj", Hkv * dh, d)
+        linear(p + "attn.o_proj", d, H * dh)
+        norm(p + "mlp_norm")
+        if cfg.activation == "swiglu":
+            linear(p + "mlp.gate_proj", F, d)
+        linear(p + "mlp.up_proj", F, d)
+        linear(p + "mlp.down_proj", d, F)
+        if cfg.moda and i < n - 1:  # the last block's FFN depth slot would never be read
+            linear(p + "mlp.depth_k_proj", Hkv * dh, d, bias=False)
+            linear(p + "mlp.depth_v_proj", Hkv * dh, d, bias=False)
+        if _is_attnres(cfg):
+            shapes[p + "attn_res_proj.weight"] = (1, d)
+            shapes[p + "attn_res_norm.weight"] = (d,)
+            shapes[p + "mlp_res_proj.weight"] = (1, d)
+            shapes[p + "mlp_res_norm.weight"] = (d,)
+    if _is_attnres(cfg):
+        shapes["output_res_proj.weight"] = (1, d)
+        shapes["output_res_norm.weight"] = (d,)
+    if cfg.final_norm:
+        norm("final_norm")
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+    return shapes
+
+
+def init_params(cfg, rng, weight_std=None) -> dict:
+    """Random float64 parameters with the names/shapes of ``param_shapes``.
+
+    Unlike the model's own (GPT-2 style) init, every tensor is made non-trivial so that tests
+    exercise it: norm weights 1 + 0.1 N, norm biases 0.1 N, linear biases 0.1 N, AttnRes
+    pseudo-queries N(0, 0.25^2) (the paper's mandatory init is 0, which would hide bugs) and
+    key-norm gains 1 + 0.1 N.  Linear weights are N(0, weight_std^2), by default
+    1/sqrt(fan_in): large enough that attention is far from uniform and activations leave their
+    linear regime (with 0.02 a d=64 model attends almost uniformly and RoPE bugs hide).
+    Embeddings are N(0, 0.5^2).
+    """
+    if isinstance(rng, (int, np.integer)):
+        rng = np.random.default_rng(rng)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        z = rng.standard_normal(shape)
+        if name.endswith("_res_proj.weight"):  # AttnRes pseudo-query w_k
+            val = 0.25 * z
+        elif name.endswith("_res_norm.weight"):  # AttnRes key-norm gain g_k
+            val = 1.0 + 0.1 * z
+        elif "norm" in name:  # attn_norm / mlp_norm / final_norm weight or bias
+            val = (1.0 + 0.1 * z) if name.endswith(".weight") else 0.1 * z
+        elif name in ("tok_emb.weight", "pos_emb.weight"):
+            val = 0.5 * z
+        elif name.endswith(".bias"):
+            val = 0.1 * z
+        else:  # a Linear weight (out, in), including lm_head
+            std = weight_std if weight_std is not None else 1.0 / math.sqrt(shape[1])
+            val = std * z
+        params[name] = val.astype(np.float64)
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def linear(x, w, b=None):
+    """y = x W^T + b with W (out, in)."""
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)  # biased variance
+    y = (x - mu) / np.sqrt(var + eps) * w
+    return y if b is None else y + b
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+
+def gelu(x):  # exact (erf) GELU
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def softmax(s, axis=-1):
+    e = np.exp(s - s.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def masked_softmax(logits, visible):
+    """Softmax over the entries where ``visible``; a row with nothing visible becomes all 0."""
+    z = np.where(visible, logits, -np.inf)
+    m = z.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(visible, np.exp(np.where(visible, logits, 0.0) - m), 0.0)
+    s = e.sum(-1, keepdims=True)
+    return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+
+
+def sinusoidal_table(T, d):
+    """P[t, 2i] = sin(t / 10000^(2i/d)), P[t, 2i+1] = cos(t / 10000^(2i/d))."""
+    P = np.zeros((T, d))
+    for t in range(T):
+        for c in range(d):
+            even = c - c % 2  # the "2i" shared by columns 2i and 2i+1
+            angle = t / 10000.0 ** (even / d)
+            P[t, c] = math.sin(angle) if c % 2 == 0 else math.cos(angle)
+    return P
+
+
+def apply_rope(x, theta_base):
+    """Rotate-half RoPE on (..., T, dh), position t = row index 0..T-1.
+
+    For j < dh/2, angle_j = t * theta_base^(-2j/dh) and
+    (x_j, x_{j+dh/2}) -> (x_j cos - x_{j+dh/2} sin, x_{j+dh/2} cos + x_j sin).
+    """
+    T, dh = x.shape[-2], x.shape[-1]
+    half = dh // 2
+    j = np.arange(half)
+    angle = np.arange(T)[:, None] * theta_base ** (-2.0 * j / dh)  # (T, half)
+    cos, sin = np.cos(angle), np.sin(angle)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The attention op (plain attention = MoDA with no depth slots)
+# --------------------------------------------------------------------------------------------
+
+
+def moda_visibility(B, T, n_slots, *, causal, key_padding_mask=None, chunk=1, depth_only=False):
+    """Which of the T + chunk*n_slots columns each query may attend to: bool (B, T, T + chunk*n_slots).
+
+    Column layout per query t: [T sequence keys | depth], depth column c = (u - chunk_start)*n_slots + i
+    holds slot i of position u = chunk_start + c // n_slots, chunk_start = (t // chunk) * chunk.
+    Sequence key u: visible unless (causal and u > t), key_padding_mask[b, u] == 0, or depth_only
+    with n_slots > 0 (the query then always has its own depth slots, u = t).
+    Depth column: visible iff u <= t (same chunk by construction) -- also when not causal, as
+    DEVELOPERS.md says -- and position u is not padding (a padded position exposes no keys at all,
+    neither its sequence key nor its depth slots).
+    """
+    D = chunk * n_slots
+    t = np.arange(T)[:, None]
+    u = np.arange(T)[None, :]
+    seq = np.ones((T, T), dtype=bool)
+    if causal:
+        seq &= u <= t
+    if depth_only and n_slots > 0:
+        seq[:] = False
+    seq = np.broadcast_to(seq, (B, T, T)).copy()
+
+    if D > 0:
+        c = np.arange(D)[None, :]
+        u_d = (t // chunk) * chunk + c // n_slots  # (T, D) position of each depth column
+        dep = np.broadcast_to(u_d <= t, (B, T, D)).copy()
+    else:
+        u_d = np.zeros((T, 0), dtype=int)
+        dep = np.zeros((B, T, 0), dtype=bool)
+
+    if key_padding_mask is not None:
+        kpm = np.asarray(key_padding_mask).astype(bool)  # (B, T), True = real token
+        seq &= kpm[:, None, :]
+        if D > 0:
+            dep &= kpm[:, np.minimum(u_d, T - 1)]  # u_d > t columns are already invisible
+    return np.concatenate([seq, dep], axis=-1)
+
+
+def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=None, chunk=1,
+                   depth_only=False, visible=None):
+    """Multi-head attention with optional Mixture-of-Depths depth slots (one softmax over both).
+
+    q: (B, H, T, dh) queries (already RoPE-rotated if pos == "rope")
+    k, v: (B, Hkv, T, dh) sequence keys/values; query head h reads kv head h // (H / Hkv)
+    kd, vd: (B, Hkv, T, S, dh) depth slots of every position (S = 2l for block l, in the order
+        [attn_0, ffn_0, ..., attn_{l-1}, ffn_{l-1}]), or None for plain attention
+    visible: optional bool (B, T, T + chunk*S) overriding ``moda_visibility`` (for tests)
+    Returns (out, probs): out (B, H, T, dh) = sum_u p v_u + sum_c p' vd_c per head (before o_proj),
+    probs (B, H, T, T + chunk*S) in the trace column layout (invisible columns are 0).
+    """
+    B, H, T, dh = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    S = 0 if kd is None else kd.shape[3]
+    D = chunk * S
+    if visible is None:
+        visible = moda_visibility(B, T, S, causal=causal, key_padding_mask=key_padding_mask,
+                                  chunk=chunk, depth_only=depth_only)
+
+    # Gather, for every query t, its depth columns: column c is slot c % S of position
+    # chunk_start + c // S (zero where that position lies beyond T; such columns are invisible).
+    kd_cols = np.zeros((B, Hkv, T, D, dh))
+    vd_cols = np.zeros((B, Hkv, T, D, dh))
+    for t in range(T):
+        chunk_start = (t // chunk) * chunk
+        for c in range(D):
+            u = chunk_start + c // S
+            if u < T:
+                kd_cols[:, :, t, c] = kd[:, :, u, c % S]
+                vd_cols[:, :, t, c] = vd[:, :, u, c % S]
+
+    kv_head = np.arange(H) // G  # GQA: query head h -> kv head h // G
+    k_h, v_h = k[:, kv_head], v[:, kv_head]
+    kd_h, vd_h = kd_cols[:, kv_head], vd_cols[:, kv_head]
+
+    scale = 1.0 / math.sqrt(dh)
+    seq_logits = np.einsum("bhtd,bhud->bhtu", q, k_h) * scale
+    dep_logits = np.einsum("bhtd,bhtcd->bhtc", q, kd_h) * scale
+    logits = np.concatenate([seq_logits, dep_logits], axis=-1)
+    probs = masked_softmax(logits, visible[:, None, :, :])
+
+    out = (np.einsum("bhtu,bhud->bhtd", probs[..., :T], v_h)
+           + np.einsum("bhtc,bhtcd->bhtd", probs[..., T:], vd_h))
+    return out, probs
+
+
+# --------------------------------------------------------------------------------------------
+# Model pieces
+# --------------------------------------------------------------------------------------------
+
+
+class _Model:
+    """Holds cfg + float64 params; the sublayers are methods so forward() reads like the doc."""
+
+    def __init__(self, cfg, params):
+        self.cfg = cfg
+        self.p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+        expected = param_shapes(cfg)
+        assert set(self.p) == set(expected), (
+            f"param names differ: missing {sorted(set(expected) - set(self.p))}, "
+            f"unexpected {sorted(set(self.p) - set(expected))}")
+        for name, shape in expected.items():
+            assert self.p[name].shape == tuple(shape), (name, self.p[name].shape, shape)
+        self.dh = cfg.d_model // cfg.n_heads
+
+    def get(self, name):
+        return self.p.get(name)
+
+    def norm(self, prefix, x):
+        """Norm_attn / Norm_mlp / final_norm: LayerNorm or RMSNorm with eps = norm_eps."""
+        w = self.p[prefix + ".weight"]
+        if self.cfg.norm == "layernorm":
+            return layer_norm(x, w, self.get(prefix + ".bias"), self.cfg.norm_eps)
+        return rms_norm(x, w, self.cfg.norm_eps)
+
+    def lin(self, prefix, x):
+        return linear(x, self.p[prefix + ".weight"], self.get(prefix + ".bias"))
+
+    def embed(self, tokens, embeds):
+        cfg = self.cfg
+        if embeds is not None:
+            x = np.asarray(embeds, dtype=np.float64).copy()
+        else:
+            x = self.p["tok_emb.weight"][np.asarray(tokens)]
+        T = x.shape[1]
+        if cfg.pos == "learned":
+            x = x + self.p["pos_emb.weight"][:T]
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal_table(T, cfg.d_model)
+        # rope / none: P = 0
+        return x
+
+    def split_heads(self, x, n_h):  # (B, T, n_h*dh) -> (B, n_h, T, dh)
+        B, T, _ = x.shape
+        return x.reshape(B, T, n_h, self.dh).transpose(0, 2, 1, 3)
+
+    def attention(self, i, u, depth, key_padding_mask):
+        """Block i's attention on input u (B,T,d).
+
+        depth: list of 2i (kd, vd) pairs, each (B, Hkv, T, dh), from earlier sublayers (MoDA).
+        Returns (a, probs, own_slot) where own_slot = (k_rot, v) is what this layer writes as
+        depth slot attn_i.
+        """
+        cfg = self.cfg
+        p = f"layers.{i}.attn."
+        q = self.split_heads(self.lin(p + "q_proj", u), cfg.n_heads)
+        k = self.split_heads(self.lin(p + "k_proj", u), cfg.n_kv_heads)
+        v = self.split_heads(self.lin(p + "v_proj", u), cfg.n_kv_heads)
+        if cfg.pos == "rope":
+            q = apply_rope(q, cfg.rope_theta)
+            k = apply_rope(k, cfg.rope_theta)
+        if cfg.moda and depth:
+            kd = np.stack([s[0] for s in depth], axis=3)  # (B, Hkv, T, 2i, dh)
+            vd = np.stack([s[1] for s in depth], axis=3)
+        else:
+            kd = vd = None
+        ctx, probs = moda_attention(
+            q, k, v, kd, vd, causal=cfg.causal, key_padding_mask=key_padding_mask,
+            chunk=cfg.moda_chunk if cfg.moda else 1,
+            depth_only=cfg.moda and cfg.moda_depth_only)
+        B, H, T, dh = ctx.shape
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, H * dh)  # concat heads
+        return self.lin(p + "o_proj", ctx), probs, (k, v)
+
+    def mlp(self, i, u):
+        """Block i's MLP on input u; returns (m, depth slot ffn_i or None)."""
+        cfg = self.cfg
+        p = f"layers.{i}.mlp."
+        if cfg.activation == "swiglu":
+            hid = silu(self.lin(p + "gate_proj", u)) * self.lin(p + "up_proj", u)
+        else:
+            act = {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu}[cfg.activation]
+            hid = act(self.lin(p + "up_proj", u))
+        m = self.lin(p + "down_proj", hid)
+        slot = None
+        if cfg.moda and i < cfg.n_layers - 1:
+            # ffn_i's depth slot: (u Wdk^T, u Wdv^T), u = the MLP's input as the MLP sees it.
+            slot = (self.split_heads(linear(u, self.p[p + "depth_k_proj.weight"]), cfg.n_kv_heads),
+                    self.split_heads(linear(u, self.p[p + "depth_v_proj.weight"]), cfg.n_kv_heads))
+        return m, slot
+
+    def head(self, x):
+        w = self.p["tok_emb.weight"] if self.cfg.tie_embeddings else self.p["lm_head.weight"]
+        return x @ w.T
+
+
+def attnres_aggregate(sources, w, g, eps):
+    """One AttnRes aggregation, per token.
+
+    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,).
+    K_i = v_i / sqrt(mean(v_i^2) + eps) * g,  s_i = w . K_i,  alpha = softmax_i(s),  h = sum alpha_i v_i.
+    Returns (h (B, T, d), alpha (B, T, n_sources)).
+    """
+    V = np.stack(sources, axis=2)  # (B, T, n_src, d)
+    K = V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
+    s = K @ w  # (B, T, n_src); no 1/sqrt(d) scaling
+    alpha = softmax(s, axis=-1)
+    h = np.einsum("btn,btnd->btd", alpha, V)
+    return h, alpha
+
+
+def block_sum(v, first, last):
+    """Sum of the outputs of sublayers first .. last-1, i.e. v[first+1] + ... + v[last]."""
+    return sum(v[j + 1] for j in range(first, last))
+
+
+def attnres_sources(v, k, residual, S):
+    """The source list that sublayer k (or the output aggregator, k = L) reads.
+
+    v = [v_0, v_1, ..., v_k]: v_0 the embedding, v_{j+1} the output of sublayer j.
+    Full: [v_0 ... v_k].
+    Block (size S), straight from the definition: b_0 = v_0; block m >= 1 holds sublayers
+    (m-1)S ... mS-1 and b_m is the sum of their outputs.  Sublayer k lies in block m = k//S + 1;
+    it reads the completed blocks [b_0 ... b_{m-1}] plus, unless it is its block's first
+    sublayer, the partial sum b_m^{i-1} of the outputs of the sublayers before it in block m.
+    The output aggregator (k = L) reads [b_0 ... b_N], N = ceil(L/S), the last block possibly short.
+    """
+    assert len(v) == k + 1
+    if residual == "attnres_full":
+        return list(v)
+    m = k // S + 1  # the block holding sublayer k (k = L: the block after the last full one)
+    completed = [v[0]] + [block_sum(v, (b - 1) * S, b * S) for b in range(1, m)]
+    first = (m - 1) * S  # first sublayer of block m
+    if k == first:
+        return completed
+    return completed + [block_sum(v, first, k)]  # b_m^{i-1}; for k = L this is the short b_N
+
+
+def n_attnres_sources(k, S):
+    """1 + floor(k/S) + [k mod S != 0] (S = 1 gives Full AttnRes: k + 1)."""
+    return 1 + k // S + (k % S != 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+def forward(cfg, params, tokens=None, embeds=None, key_padding_mask=None):
+    """Full forward pass with traces; see the module docstring and DEVELOPERS.md.
+
+    Returns a dict with float64 arrays:
+      logits (B,T,V); final_hidden (B,T,d) (after final norm, before the head);
+      attention: n arrays (B,H,T,T + 2l*C) (C = moda_chunk; no depth columns without moda);
+      hidden: n+1 arrays (B,T,d).  plain: the stream entering block i, hidden[n] = stream after
+        the last block, before the final norm.  attnres: hidden[i] = h_{2i} (aggregated input of
+        block i's attention sublayer), hidden[n] = the output aggregation, before the final norm;
+      attn_out, mlp_out: n arrays (B,T,d): plain: a and m (what is added / normed with x);
+        attnres: v_{2i+1} and v_{2i+2};
+      alpha: attnres only (else None): L+1 arrays (B,T,n_sources_k), the last = output aggregator;
+      depth_mass: moda only (else None): n arrays (B,H,T), attention mass on the depth columns.
+    """
+    assert (tokens is None) != (embeds is None), "give exactly one of tokens / embeds"
+    M = _Model(cfg, params)
+    x0 = M.embed(tokens, embeds)
+    n = cfg.n_layers
+    pre = cfg.norm_position == "pre"
+    assert cfg.norm_position in ("pre", "post")
+
+    attention, hidden, attn_out, mlp_out = [], [], [], []
+    depth = []  # MoDA depth slots [attn_0, ffn_0, attn_1, ffn_1, ...], each (k, v)
+    alpha = None
+
+    if cfg.residual == "plain":
+        x = x0
+        for i in range(n):
+            hidden.append(x)
+            if pre:
+                a, probs, slot_a = M.attention(i, M.norm(f"layers.{i}.attn_norm", x), depth,
+                                               key_padding_mask)
+                x = x + a
+                u = M.norm(f"layers.{i}.mlp_norm", x)
+                m, slot_f = M.mlp(i, u)
+                x = x + m
+            else:
+                a, probs, slot_a = M.attention(i, x, depth, key_padding_mask)
+                x = M.norm(f"layers.{i}.attn_norm", x + a)
+                m, slot_f = M.mlp(i, x)  # the MLP sees x itself
+                x = M.norm(f"layers.{i}.mlp_norm", x + m)
+            depth += [slot_a, slot_f]
+            attention.append(probs)
+            attn_out.append(a)
+            mlp_out.append(m)
+        hidden.append(x)
+    else:
+        assert cfg.residual in ("attnres_full", "attnres_block"), cfg.residual
+        S = cfg.attnres_block_size if cfg.residual == "attnres_block" else 1
+        L = 2 * n
+        v = [x0]  # v_0 = embedding (incl. P); v_{k+1} = output of sublayer k
+        alpha = []
+        for k in range(L):
+            i, is_attn = k // 2, k % 2 == 0
+            pfx = f"layers.{i}.attn" if is_attn else f"layers.{i}.mlp"
+            srcs = attnres_sources(v, k, cfg.residual, S)
+            h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
+                                      M.p[pfx + "_res_norm.weight"], cfg.attnres_eps)
+            alpha.append(al)
+            norm_name = pfx + "_norm"  # Norm_k: attn_norm or mlp_norm of block i
+            # pre-norm: v_{k+1} = F_k(Norm_k(h_k)); post-norm: v_{k+1} = Norm_k(F_k(h_k))
+            u = M.norm(norm_name, h) if pre else h
+            if is_attn:
+                hidden.append(h)
+                out, probs, slot = M.attention(i, u, depth, key_padding_mask)
+                attention.append(probs)
+            else:
+                out, slot = M.mlp(i, u)
+            out = out if pre else M.norm(norm_name, out)
+            (attn_out if is_attn else mlp_out).append(out)
+            depth.append(slot)
+            v.append(out)
+        srcs = attnres_sources(v, L, cfg.residual, S)
+        x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
+                                  M.p["output_res_norm.weight"], cfg.attnres_eps)
+        alpha.append(al)
+        hidden.append(x)
+
+    final_hidden = M.norm("final_norm", x) if cfg.final_norm else x
+    logits = M.head(final_hidden)
+    T = x0.shape[1]
+    depth_mass = [pr[..., T:].sum(-1) for pr in attention] if cfg.moda else None
+    return dict(logits=logits, final_hidden=final_hidden, attention=attention, hidden=hidden,
+                attn_out=attn_out, mlp_out=mlp_out, alpha=alpha, depth_mass=depth_mass)
