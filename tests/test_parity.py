@@ -366,7 +366,7 @@ def test_default_init_contract(n_layers):
             std = 0.02 / np.sqrt(2 * n_layers) if ("o_proj" in name or "down_proj" in name) \
                 else 0.02
             assert abs(v.std() / std - 1) < 0.15, (name, v.std(), std)
-            assert abs(v.mean()) < 3 * std / np.sqrt(v.size) + 1e-4, name
+            assert abs(v.mean()) < 5 * std / np.sqrt(v.size), name
     again = sf.Model(sf.Config(**kw), seed=0).state_dict()
     other = sf.Model(sf.Config(**kw), seed=1).state_dict()
     for name in sd:
