@@ -25,6 +25,7 @@ typedef enum {
     SF_ERR_OVERFLOW = 4,        /* a size computation overflowed 64 bits */
     SF_ERR_TOKEN_RANGE = 5,     /* a token id outside [0, vocab_size) */
     SF_ERR_NONFINITE = 6,       /* NaN or inf where a finite value is required */
+    SF_ERR_BUSY = 7,            /* the model is being trained by another thread */
 } sf_status;
 
 const char *sf_status_name(sf_status s);
@@ -118,6 +119,8 @@ typedef struct {
  * RMS is over all B*T*d elements. */
 enum { SF_RMS_INPUT = 0, SF_RMS_OUTPUT = 1, SF_RMS_STREAM = 2, SF_RMS_COLS = 3 };
 
+typedef struct sf_cache sf_cache;
+
 typedef struct {
     const int32_t *tokens;          /* (B, T) ids in [0, V), or NULL when embeds is given */
     const float *embeds;            /* (B, T, d) input embeddings, or NULL */
@@ -125,6 +128,8 @@ typedef struct {
     int64_t B, T;
     int32_t attnres_two_phase;      /* Block AttnRes: 1 = paper's two-phase schedule */
     int32_t n_threads;              /* 0 = library default */
+    sf_cache *cache;                /* NULL, or: the T inputs are positions len..len+T-1 after
+                                       the cached ones (no mask, no trace); the cache grows */
 } sf_forward_args;
 
 /* Depth columns of layer l in the attention trace: 0 without MoDA, else 2l * moda_chunk. */
@@ -137,6 +142,53 @@ int64_t sf_attnres_num_sources(const sf_config *cfg, int64_t k);
  * workspace). */
 sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
                      float *out_hidden, sf_trace *trace, char *err, size_t errlen);
+
+/* ---- key/value cache for incremental decoding ------------------------------------------- */
+/* Holds every layer's keys/values (and MoDA depth slots) for B sequences of up to max_len
+ * positions. AttnRes needs no cache: its sources are per position. */
+sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cache **out,
+                          char *err, size_t errlen);
+void sf_cache_free(sf_cache *c);
+int64_t sf_cache_len(const sf_cache *c);
+int64_t sf_cache_batch(const sf_cache *c);
+void sf_cache_reset(sf_cache *c);
+
+/* ---- training ----------------------------------------------------------------------------- */
+typedef struct {
+    const int32_t *tokens;           /* (B, T) inputs, or NULL when embeds is given */
+    const float *embeds;             /* (B, T, d) */
+    const uint8_t *key_padding_mask; /* (B, T) or NULL */
+    const int32_t *targets;          /* (B, T) target ids; ignore_index entries are skipped */
+    int64_t B, T;
+    int32_t ignore_index;
+    int32_t checkpoint;              /* 1: keep only block inputs, recompute in backward */
+    int32_t n_threads;
+} sf_train_args;
+
+/* Forward + backward of mean cross-entropy. Overwrites the model's gradient buffer (same
+ * layout as the parameters). *loss = mean loss over counted targets, *count = their number.
+ * Fails with SF_ERR_BUSY when another thread is using the model. */
+sf_status sf_forward_backward(sf_model *m, const sf_train_args *args, double *loss,
+                              int64_t *count, char *err, size_t errlen);
+/* Gradient buffer (num_params floats; zeros before the first backward). */
+float *sf_model_grads(sf_model *m);
+/* Activation memory (bytes) one forward_backward call needs for (B, T). */
+int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint);
+
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    float clip_norm; /* <= 0: no clipping */
+} sf_adamw;
+/* One AdamW step from the gradient buffer: decoupled weight decay on tensors whose
+ * no_decay flag is 0, global-norm clipping first. *grad_norm = norm before clipping. A
+ * non-finite gradient norm returns SF_ERR_NONFINITE and leaves the model unchanged. */
+sf_status sf_adamw_step(sf_model *m, const sf_adamw *opt, float *grad_norm, char *err,
+                        size_t errlen);
+/* Optimizer state: first/second moments (num_params floats each) and the step count. */
+float *sf_model_adam_m(sf_model *m);
+float *sf_model_adam_v(sf_model *m);
+int64_t sf_model_step_count(const sf_model *m);
+void sf_model_set_step_count(sf_model *m, int64_t step);
 
 /* Threads used when n_threads == 0. */
 void sf_set_num_threads(int n);

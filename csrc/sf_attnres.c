@@ -134,10 +134,62 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
             float inv = 1.0f / sum;
             for (int64_t k = 0; k < d; k++) hn[k] = on[k] * inv;
         }
-        if (alpha_out) {
+        if (alpha_out && logits) {
             float inv = 1.0f / sum;
             for (int64_t i = 0; i < nsrc; i++) alpha_out[n * na + i] = expf(logits[n * nsrc + i] - mx) * inv;
             if (partial) alpha_out[n * na + nsrc] = ep * inv;
         }
     }
+}
+
+/* Per token, with r_i = inv_rms_i, P_i = (q⊙g)·src_i, s_i = r_i P_i, alpha = softmax(s):
+ *   dalpha_i = dh·src_i;  ds_i = alpha_i (dalpha_i − Σ_j alpha_j dalpha_j)
+ *   dsrc_i  += alpha_i dh + ds_i r_i (q⊙g − s_i r_i src_i / d)      (r_i depends on src_i)
+ *   e        = Σ_i ds_i r_i src_i;  dq += g ⊙ e;  dg += q ⊙ e
+ * e is summed over tokens in per-thread partials, combined in thread order. */
+void sf_attnres_backward(float *const *dsrc, const float *const *src,
+                         const float *const *inv_rms, int64_t nsrc, const float *alpha,
+                         const float *q, const float *g, const float *dh, float *dq, float *dg,
+                         int64_t N, int64_t d, float *scratch, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+    int64_t stride = d + nsrc;
+    float *partial = scratch + (int64_t)nt * stride; /* nt x d */
+    memset(partial, 0, (size_t)(nt * d) * sizeof(float));
+    int used = 1;
+#pragma omp parallel num_threads(nt) if (N * d * nsrc > 65536)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#pragma omp single
+        used = omp_get_num_threads();
+#endif
+        float *qg = scratch + (int64_t)tid * stride, *da = qg + d, *e = partial + (int64_t)tid * d;
+        for (int64_t j = 0; j < d; j++) qg[j] = q[j] * g[j];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const float *dhn = dh + n * d, *an = alpha + n * nsrc;
+            float S = 0.0f;
+            for (int64_t i = 0; i < nsrc; i++) {
+                da[i] = dotf(dhn, src[i] + n * d, d);
+                S += an[i] * da[i];
+            }
+            for (int64_t i = 0; i < nsrc; i++) {
+                const float *x = src[i] + n * d;
+                float *dx = dsrc[i] + n * d;
+                float r = inv_rms[i][n], ds = an[i] * (da[i] - S);
+                float sc = dotf(qg, x, d) * r;
+                float c1 = ds * r, c2 = ds * r * sc * r / (float)d;
+                for (int64_t j = 0; j < d; j++) {
+                    dx[j] += an[i] * dhn[j] + c1 * qg[j] - c2 * x[j];
+                    e[j] += c1 * x[j];
+                }
+            }
+        }
+    }
+    for (int t = 0; t < used; t++)
+        for (int64_t j = 0; j < d; j++) {
+            dq[j] += g[j] * partial[t * d + j];
+            dg[j] += q[j] * partial[t * d + j];
+        }
 }

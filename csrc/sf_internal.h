@@ -4,6 +4,7 @@
 
 #include "sf.h"
 #include <stdio.h>
+#include <stdatomic.h>
 
 /* Named views into the flat parameter buffer for one transformer block. NULL = absent. */
 typedef struct {
@@ -18,7 +19,11 @@ typedef struct {
 
 struct sf_model {
     sf_config cfg;
+    /* >= 0: number of running readers (forward); -1: a writer (train step) holds it */
+    _Atomic int state;
     float *params;
+    float *grads, *adam_m, *adam_v; /* one allocation of 3*num_params, made at create */
+    int64_t step;
     int64_t num_params;
     sf_tensor_info *tensors;
     int32_t num_tensors;
@@ -26,6 +31,12 @@ struct sf_model {
     float *tok_emb, *pos_emb, *final_norm_w, *final_norm_b, *out_res_q, *out_res_g, *lm_head;
     sf_layer_views *layers;
 };
+
+/* Reader/writer guard: forward calls share the model, a train step needs it alone. */
+int sf_model_acquire_read(sf_model *m);
+void sf_model_release_read(sf_model *m);
+int sf_model_acquire_write(sf_model *m);
+void sf_model_release_write(sf_model *m);
 
 /* Write a formatted message into err (if non-NULL) and return status. */
 sf_status sf_fail(char *err, size_t errlen, sf_status st, const char *fmt, ...)
@@ -40,21 +51,31 @@ int sf_add_ok(int64_t a, int64_t b, int64_t *out);
 
 /* ---- attention (sf_attention.c) ---- */
 typedef struct {
-    int64_t B, T, H, Hkv, dh;
+    int64_t B, Tq, Tk;   /* queries per batch row, keys per batch row */
+    int64_t q_pos0;      /* absolute position of query row 0 (keys sit at 0 .. Tk-1) */
+    int64_t H, Hkv, dh;
     int causal;
-    const uint8_t *key_padding_mask; /* (B,T) or NULL */
-    /* MoDA depth slots: arena (B, T, n_slots, Hkv, dh); this layer reads slots [0, n_read). */
+    const uint8_t *key_padding_mask; /* (B, Tk) or NULL */
+    /* key/value row (b, u) at k + b*kv_bstride + u*Hkv*dh (a cache may hold more rows) */
+    const float *k, *v;
+    int64_t kv_bstride;
+    /* MoDA depth slots: slot i of position u of batch b at
+     * depth + b*depth_bstride + (u*n_slots + i)*Hkv*dh; this layer reads slots [0, n_read). */
     const float *depth_k, *depth_v;
-    int64_t n_slots, n_read, chunk;
+    int64_t depth_bstride, n_slots, n_read, chunk;
     int depth_only;
 } sf_attn_args;
-/* Scratch floats the attention kernel needs: per-thread rows of T + n_read*chunk scores. */
+/* Scratch floats the attention kernels need: per thread one row of Tk + n_read*chunk. */
 int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads);
-/* q (B,T,H*dh), k/v (B,T,Hkv*dh) -> out (B,T,H*dh). probs (B,H,T,T+n_read*chunk) and
- * depth_mass (B,H,T) are optional recordings. */
-void sf_attention_forward(const sf_attn_args *a, const float *q, const float *k, const float *v,
-                          float *out, float *probs, float *depth_mass, float *scratch,
-                          int n_threads);
+/* q (B,Tq,H*dh) -> out (B,Tq,H*dh). Optional: lse (B,H,Tq) row log-sum-exp for the backward
+ * pass, probs (B,H,Tq,Tk+n_read*chunk) and depth_mass (B,H,Tq) recordings. */
+void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, float *lse,
+                          float *probs, float *depth_mass, float *scratch, int n_threads);
+/* Gradients: dq (like q) and dk, dv (like k, v) are overwritten; ddepth_k/v (like the depth
+ * arena) are accumulated for the slots this layer reads. */
+void sf_attention_backward(const sf_attn_args *a, const float *q, const float *out,
+                           const float *dout, const float *lse, float *dq, float *dk, float *dv,
+                           float *ddepth_k, float *ddepth_v, float *scratch, int n_threads);
 
 /* ---- Attention Residuals (sf_attnres.c) ---- */
 /* h(N,d) = sum_i alpha_i src_i with alpha = softmax_i((q ⊙ g) · src_i * inv_rms_i).
@@ -79,5 +100,21 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
                        const float *o, const float *logits, int64_t nsrc, const float *partial,
                        const float *partial_inv_rms, const float *qg, int64_t N, int64_t d,
                        int n_threads);
+
+/* Backward of sf_attnres_aggregate: dsrc[i] += d h / d src_i (including the path through
+ * each source's RMS), dq and dg accumulate (d floats each). alpha (N, nsrc) is the forward's.
+ * scratch: sf_attnres_scratch_floats(nsrc, d, n_threads) + n_threads*d floats. */
+void sf_attnres_backward(float *const *dsrc, const float *const *src,
+                         const float *const *inv_rms, int64_t nsrc, const float *alpha,
+                         const float *q, const float *g, const float *dh, float *dq, float *dg,
+                         int64_t N, int64_t d, float *scratch, int n_threads);
+
+/* Backward of sf_attnres_aggregate: dsrc[i] += d h / d src_i (including the path through
+ * each source's RMS), dq and dg accumulate (d floats each). alpha (N, nsrc) is the forward's.
+ * scratch: sf_attnres_scratch_floats(nsrc, d, n_threads) + n_threads*d floats. */
+void sf_attnres_backward(float *const *dsrc, const float *const *src,
+                         const float *const *inv_rms, int64_t nsrc, const float *alpha,
+                         const float *q, const float *g, const float *dh, float *dq, float *dg,
+                         int64_t N, int64_t d, float *scratch, int n_threads);
 
 #endif

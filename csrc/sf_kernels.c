@@ -45,8 +45,9 @@ int64_t sf_matmul_pack_floats(int64_t K, int64_t M) {
     return K * ((M + SF_NR - 1) / SF_NR) * SF_NR;
 }
 
-/* pack[p][k][j] = w[(p*16 + j), k], zero-padded past M. */
-static void pack_wt(float *pack, const float *w, int64_t K, int64_t M, int nt) {
+/* pack[p][k][j] = B[k][p*16 + j], zero-padded past M, where B (K x M) is w^T when trans_w
+ * (w stored (M, K), the Linear-weight layout) or w itself (stored (K, M)). */
+static void pack_b(float *pack, const float *w, int trans_w, int64_t K, int64_t M, int nt) {
     int64_t np = (M + SF_NR - 1) / SF_NR;
 #pragma omp parallel for schedule(static) num_threads(nt) if (np * K > 32768)
     for (int64_t p = 0; p < np; p++) {
@@ -55,7 +56,8 @@ static void pack_wt(float *pack, const float *w, int64_t K, int64_t M, int nt) {
         for (int64_t k = 0; k < K; k++) {
             float *d = dst + k * SF_NR;
             int64_t j = 0;
-            for (; j < mw; j++) d[j] = w[(m0 + j) * K + k];
+            if (trans_w) for (; j < mw; j++) d[j] = w[(m0 + j) * K + k];
+            else for (; j < mw; j++) d[j] = w[k * M + m0 + j];
             for (; j < SF_NR; j++) d[j] = 0.0f;
         }
     }
@@ -64,8 +66,8 @@ static void pack_wt(float *pack, const float *w, int64_t K, int64_t M, int nt) {
 /* Generic tile: rows mr <= 6, columns mw <= 16 of panel `pp`. Same operation order per
  * element as the vector tile (init, then one fused multiply-add per k, ascending). */
 static inline __attribute__((always_inline)) void
-tile_generic_body(float *y, int64_t ldy, const float *x, int64_t K, const float *pp,
-                  const float *b, int64_t mr, int64_t mw, int accumulate) {
+tile_generic_body(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
+                  const float *pp, const float *b, int64_t mr, int64_t mw, int accumulate) {
     float acc[SF_MR][SF_NR];
     for (int64_t r = 0; r < mr; r++)
         for (int64_t j = 0; j < SF_NR; j++)
@@ -73,7 +75,7 @@ tile_generic_body(float *y, int64_t ldy, const float *x, int64_t K, const float 
     for (int64_t k = 0; k < K; k++) {
         const float *wk = pp + k * SF_NR;
         for (int64_t r = 0; r < mr; r++) {
-            float xv = x[r * K + k];
+            float xv = x[r * rs + k * cs];
             for (int64_t j = 0; j < SF_NR; j++) acc[r][j] = fmaf(xv, wk[j], acc[r][j]);
         }
     }
@@ -81,23 +83,25 @@ tile_generic_body(float *y, int64_t ldy, const float *x, int64_t K, const float 
         for (int64_t j = 0; j < mw; j++) y[r * ldy + j] = acc[r][j];
 }
 
-static void tile_generic(float *y, int64_t ldy, const float *x, int64_t K, const float *pp,
-                         const float *b, int64_t mr, int64_t mw, int accumulate) {
-    tile_generic_body(y, ldy, x, K, pp, b, mr, mw, accumulate);
+static void tile_generic(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs,
+                         int64_t K, const float *pp, const float *b, int64_t mr, int64_t mw,
+                         int accumulate) {
+    tile_generic_body(y, ldy, x, rs, cs, K, pp, b, mr, mw, accumulate);
 }
 #if defined(__x86_64__) || defined(__i386__)
 /* Same body with hardware FMA, so edge tiles round exactly like the AVX2 tile. */
 __attribute__((target("avx2,fma"))) static void
-tile_generic_fma(float *y, int64_t ldy, const float *x, int64_t K, const float *pp,
-                 const float *b, int64_t mr, int64_t mw, int accumulate) {
-    tile_generic_body(y, ldy, x, K, pp, b, mr, mw, accumulate);
+tile_generic_fma(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
+                 const float *pp, const float *b, int64_t mr, int64_t mw, int accumulate) {
+    tile_generic_body(y, ldy, x, rs, cs, K, pp, b, mr, mw, accumulate);
 }
 #endif
 
 #ifdef SF_X86
 __attribute__((target("avx2,fma"))) static void tile_avx2(float *y, int64_t ldy, const float *x,
-                                                          int64_t K, const float *pp,
-                                                          const float *b, int accumulate) {
+                                                          int64_t rs, int64_t cs, int64_t K,
+                                                          const float *pp, const float *b,
+                                                          int accumulate) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     if (accumulate) {
         c00 = _mm256_loadu_ps(y + 0 * ldy); c01 = _mm256_loadu_ps(y + 0 * ldy + 8);
@@ -112,17 +116,18 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(float *y, int64_t ldy,
         c00 = c10 = c20 = c30 = c40 = c50 = b0;
         c01 = c11 = c21 = c31 = c41 = c51 = b1;
     }
-    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K, *x4 = x + 4 * K,
-                *x5 = x + 5 * K;
+    const float *x0 = x, *x1 = x + rs, *x2 = x + 2 * rs, *x3 = x + 3 * rs, *x4 = x + 4 * rs,
+                *x5 = x + 5 * rs;
     for (int64_t k = 0; k < K; k++) {
         __m256 w0 = _mm256_loadu_ps(pp + k * SF_NR), w1 = _mm256_loadu_ps(pp + k * SF_NR + 8);
         __m256 a;
-        a = _mm256_broadcast_ss(x0 + k); c00 = _mm256_fmadd_ps(a, w0, c00); c01 = _mm256_fmadd_ps(a, w1, c01);
-        a = _mm256_broadcast_ss(x1 + k); c10 = _mm256_fmadd_ps(a, w0, c10); c11 = _mm256_fmadd_ps(a, w1, c11);
-        a = _mm256_broadcast_ss(x2 + k); c20 = _mm256_fmadd_ps(a, w0, c20); c21 = _mm256_fmadd_ps(a, w1, c21);
-        a = _mm256_broadcast_ss(x3 + k); c30 = _mm256_fmadd_ps(a, w0, c30); c31 = _mm256_fmadd_ps(a, w1, c31);
-        a = _mm256_broadcast_ss(x4 + k); c40 = _mm256_fmadd_ps(a, w0, c40); c41 = _mm256_fmadd_ps(a, w1, c41);
-        a = _mm256_broadcast_ss(x5 + k); c50 = _mm256_fmadd_ps(a, w0, c50); c51 = _mm256_fmadd_ps(a, w1, c51);
+        int64_t o = k * cs;
+        a = _mm256_broadcast_ss(x0 + o); c00 = _mm256_fmadd_ps(a, w0, c00); c01 = _mm256_fmadd_ps(a, w1, c01);
+        a = _mm256_broadcast_ss(x1 + o); c10 = _mm256_fmadd_ps(a, w0, c10); c11 = _mm256_fmadd_ps(a, w1, c11);
+        a = _mm256_broadcast_ss(x2 + o); c20 = _mm256_fmadd_ps(a, w0, c20); c21 = _mm256_fmadd_ps(a, w1, c21);
+        a = _mm256_broadcast_ss(x3 + o); c30 = _mm256_fmadd_ps(a, w0, c30); c31 = _mm256_fmadd_ps(a, w1, c31);
+        a = _mm256_broadcast_ss(x4 + o); c40 = _mm256_fmadd_ps(a, w0, c40); c41 = _mm256_fmadd_ps(a, w1, c41);
+        a = _mm256_broadcast_ss(x5 + o); c50 = _mm256_fmadd_ps(a, w0, c50); c51 = _mm256_fmadd_ps(a, w1, c51);
     }
     _mm256_storeu_ps(y + 0 * ldy, c00); _mm256_storeu_ps(y + 0 * ldy + 8, c01);
     _mm256_storeu_ps(y + 1 * ldy, c10); _mm256_storeu_ps(y + 1 * ldy + 8, c11);
@@ -142,25 +147,24 @@ static int have_avx2_fma(void) {
 }
 #endif
 
-void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t K,
-               int64_t M, int accumulate, float *pack, int n_threads) {
+void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
+             int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
+             float *pack, int n_threads) {
     if (N <= 0 || M <= 0) return;
     int nt = sf_threads_resolve(n_threads);
     if (K <= 0) { /* empty reduction: y = b (or unchanged) */
         if (!accumulate)
             for (int64_t n = 0; n < N; n++)
-                for (int64_t m = 0; m < M; m++) y[n * M + m] = b ? b[m] : 0.0f;
+                for (int64_t m = 0; m < M; m++) y[n * ldy + m] = b ? b[m] : 0.0f;
         return;
     }
-    pack_wt(pack, w, K, M, nt);
+    pack_b(pack, w, trans_w, K, M, nt);
     int64_t np = (M + SF_NR - 1) / SF_NR;
     int64_t nr = (N + SF_MR - 1) / SF_MR;
     int use_avx = 0;
 #ifdef SF_X86
     use_avx = have_avx2_fma();
 #endif
-    /* Split the (row tile, panel) grid over threads; each thread walks panels in the outer
-     * loop so one K x 16 panel stays in L1 while its row tiles stream through. */
     int nthreads = (N * K * M < 65536) ? 1 : nt;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -169,7 +173,9 @@ void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t
         tid = omp_get_thread_num();
         T = omp_get_num_threads();
 #endif
-        /* contiguous chunks of row tiles per thread when there are enough, else of panels */
+        /* Each thread owns a contiguous range of row tiles (or of panels when there are fewer
+         * row tiles than threads) and walks panels in the outer loop, so one K x 16 panel stays
+         * in L1 while its row tiles stream through. */
         int64_t r0 = 0, r1 = nr, p0 = 0, p1 = np;
         if (nr >= T) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
         else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
@@ -179,19 +185,24 @@ void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t
             const float *bp = b ? b + m0 : NULL;
             for (int64_t r = r0; r < r1; r++) {
                 int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                float *yt = y + n0 * M + m0;
-                const float *xt = x + n0 * K;
+                float *yt = y + n0 * ldy + m0;
+                const float *xt = a + n0 * a_rs;
 #ifdef SF_X86
                 if (use_avx) {
-                    if (mr == SF_MR && mw == SF_NR) tile_avx2(yt, M, xt, K, pp, bp, accumulate);
-                    else tile_generic_fma(yt, M, xt, K, pp, bp, mr, mw, accumulate);
+                    if (mr == SF_MR && mw == SF_NR) tile_avx2(yt, ldy, xt, a_rs, a_cs, K, pp, bp, accumulate);
+                    else tile_generic_fma(yt, ldy, xt, a_rs, a_cs, K, pp, bp, mr, mw, accumulate);
                     continue;
                 }
 #endif
-                tile_generic(yt, M, xt, K, pp, bp, mr, mw, accumulate);
+                tile_generic(yt, ldy, xt, a_rs, a_cs, K, pp, bp, mr, mw, accumulate);
             }
         }
     }
+}
+
+void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t K,
+               int64_t M, int accumulate, float *pack, int n_threads) {
+    sf_gemm(y, M, x, K, 1, w, 1, b, N, K, M, accumulate, pack, n_threads);
 }
 
 void sf_matmul_naive(float *y, const float *x, const float *w, const float *b, int64_t N,
@@ -265,13 +276,20 @@ void sf_relu(float *x, int64_t n, int n_threads) {
     for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-void sf_swiglu(float *gate, const float *up, int64_t n, int n_threads) {
+void sf_swiglu(float *out, const float *gate, const float *up, int64_t n, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
     }
+}
+
+void sf_activation(int act, float *out, const float *pre, int64_t n, int n_threads) {
+    if (out != pre) memcpy(out, pre, (size_t)n * sizeof(float));
+    if (act == SF_ACT_GELU) sf_gelu(out, n, n_threads);
+    else if (act == SF_ACT_GELU_TANH) sf_gelu_tanh(out, n, n_threads);
+    else sf_relu(out, n, n_threads);
 }
 
 void sf_add(float *y, const float *x, int64_t n, int n_threads) {
@@ -282,13 +300,13 @@ void sf_add(float *y, const float *x, int64_t n, int n_threads) {
 
 /* ---- rope -------------------------------------------------------------------------------- */
 
-void sf_rope(float *x, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
-             float theta, int n_threads) {
+void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int64_t dh,
+             int64_t ld, float theta, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
     int64_t half = dh / 2;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * n_heads * dh > 65536)
     for (int64_t r = 0; r < N; r++) {
-        double t = (double)(r % T);
+        double t = (double)(pos0 + r % T);
         for (int64_t j = 0; j < half; j++) {
             /* angles in double: t * theta^(-2j/dh) loses digits in float at long T */
             double ang = t * pow((double)theta, -2.0 * (double)j / (double)dh);
@@ -308,4 +326,180 @@ double sf_rms(const float *x, int64_t n) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
     return sqrt(ss / (double)n);
+}
+
+/* ---- backward kernels --------------------------------------------------------------------- */
+/* Norm weight/bias gradients are reductions over rows; they are computed column-parallel in
+ * a second pass (each thread owns a range of columns, rows summed in ascending order), so
+ * they are deterministic for any thread count and need no per-thread scratch. */
+
+void sf_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                           const float *w, int64_t N, int64_t d, float eps, float *stats,
+                           int accumulate, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 32768)
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + n * d, *dyr = dy + n * d;
+        float *dxr = dx + n * d;
+        double mean = 0.0, var = 0.0;
+        for (int64_t i = 0; i < d; i++) mean += xr[i];
+        mean /= (double)d;
+        for (int64_t i = 0; i < d; i++) { double t = xr[i] - mean; var += t * t; }
+        var /= (double)d;
+        float rstd = (float)(1.0 / sqrt(var + (double)eps)), mu = (float)mean;
+        stats[2 * n] = mu;
+        stats[2 * n + 1] = rstd;
+        double s1 = 0.0, s2 = 0.0; /* mean(dxhat), mean(dxhat * xhat) */
+        for (int64_t i = 0; i < d; i++) {
+            float xh = (xr[i] - mu) * rstd, g = dyr[i] * (w ? w[i] : 1.0f);
+            s1 += g;
+            s2 += (double)g * xh;
+        }
+        float m1 = (float)(s1 / (double)d), m2 = (float)(s2 / (double)d);
+        for (int64_t i = 0; i < d; i++) {
+            float xh = (xr[i] - mu) * rstd, g = dyr[i] * (w ? w[i] : 1.0f);
+            float v = rstd * (g - m1 - xh * m2);
+            dxr[i] = accumulate ? dxr[i] + v : v;
+        }
+    }
+    if (!dw && !db) return;
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 32768)
+    for (int64_t i = 0; i < d; i++) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int64_t n = 0; n < N; n++) {
+            float g = dy[n * d + i];
+            sw += g * (x[n * d + i] - stats[2 * n]) * stats[2 * n + 1];
+            sb += g;
+        }
+        if (dw) dw[i] += sw;
+        if (db) db[i] += sb;
+    }
+}
+
+void sf_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                         int64_t N, int64_t d, float eps, float *stats, int accumulate,
+                         int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 32768)
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + n * d, *dyr = dy + n * d;
+        float *dxr = dx + n * d;
+        double ss = 0.0;
+        for (int64_t i = 0; i < d; i++) ss += (double)xr[i] * xr[i];
+        float r = (float)(1.0 / sqrt(ss / (double)d + (double)eps));
+        stats[n] = r;
+        double s = 0.0; /* mean(dxhat * x) */
+        for (int64_t i = 0; i < d; i++) s += (double)(dyr[i] * (w ? w[i] : 1.0f)) * xr[i];
+        float m = (float)(s / (double)d) * r * r;
+        for (int64_t i = 0; i < d; i++) {
+            float v = r * (dyr[i] * (w ? w[i] : 1.0f) - xr[i] * m);
+            dxr[i] = accumulate ? dxr[i] + v : v;
+        }
+    }
+    if (!dw) return;
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 32768)
+    for (int64_t i = 0; i < d; i++) {
+        float sw = 0.0f;
+        for (int64_t n = 0; n < N; n++) sw += dy[n * d + i] * x[n * d + i] * stats[n];
+        dw[i] += sw;
+    }
+}
+
+/* dpre = dpost * act'(pre) */
+void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre, int64_t n,
+                     int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float x = pre[i], g;
+        if (act == SF_ACT_GELU) {
+            g = 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * expf(-0.5f * x * x) * 0.3989422804014327f;
+        } else if (act == SF_ACT_GELU_TANH) {
+            const float c = 0.7978845608028654f;
+            float t = tanhf(c * (x + 0.044715f * x * x * x));
+            g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x);
+        } else {
+            g = x > 0.0f ? 1.0f : 0.0f;
+        }
+        dpre[i] = dpost[i] * g;
+    }
+}
+
+/* out = silu(gate) * up:  dgate = dout * up * silu'(gate), dup = dout * silu(gate) */
+void sf_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, int64_t n, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        dgate[i] = dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
+        dup[i] = dout[i] * g * s;
+    }
+}
+
+/* The gradient of a rotation is the inverse rotation. */
+void sf_rope_backward(float *dx, int64_t N, int64_t T, int64_t pos0, int64_t n_heads,
+                      int64_t dh, int64_t ld, float theta, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+    int64_t half = dh / 2;
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * n_heads * dh > 65536)
+    for (int64_t r = 0; r < N; r++) {
+        double t = (double)(pos0 + r % T);
+        for (int64_t j = 0; j < half; j++) {
+            double ang = t * pow((double)theta, -2.0 * (double)j / (double)dh);
+            float c = (float)cos(ang), s = (float)sin(ang);
+            for (int64_t h = 0; h < n_heads; h++) {
+                float *xh = dx + r * ld + h * dh;
+                float a = xh[j], bb = xh[j + half];
+                xh[j] = a * c + bb * s;
+                xh[j + half] = bb * c - a * s;
+            }
+        }
+    }
+}
+
+/* Mean cross-entropy over rows whose target != ignore_index. Overwrites logits with
+ * dloss/dlogits (already divided by the count). Returns the summed loss in *loss_sum and the
+ * count in *count; per-row loss into row_loss when non-NULL (NaN for ignored rows). */
+void sf_cross_entropy(float *logits, const int32_t *targets, int64_t N, int64_t V,
+                      int32_t ignore_index, double *loss_sum, int64_t *count, float *row_loss,
+                      int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+    int64_t cnt = 0;
+    for (int64_t n = 0; n < N; n++) cnt += targets[n] != ignore_index;
+    double total = 0.0;
+    float scale = cnt ? 1.0f / (float)cnt : 0.0f;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total) if (N * V > 32768)
+    for (int64_t n = 0; n < N; n++) {
+        float *z = logits + n * V;
+        int32_t tgt = targets[n];
+        if (tgt == ignore_index) {
+            memset(z, 0, (size_t)V * sizeof(float));
+            if (row_loss) row_loss[n] = NAN;
+            continue;
+        }
+        float mx = z[0];
+        for (int64_t j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
+        double se = 0.0;
+        for (int64_t j = 0; j < V; j++) se += exp((double)(z[j] - mx));
+        double lse = (double)mx + log(se);
+        double l = lse - (double)z[tgt];
+        total += l;
+        if (row_loss) row_loss[n] = (float)l;
+        for (int64_t j = 0; j < V; j++) z[j] = (float)exp((double)z[j] - lse) * scale;
+        z[tgt] -= scale;
+    }
+    *loss_sum = total;
+    *count = cnt;
+}
+
+/* db(M) += column sums of x(N, M); column-parallel, rows summed in order (deterministic). */
+void sf_colsum(float *db, const float *x, int64_t N, int64_t M, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * M > 65536)
+    for (int64_t j = 0; j < M; j++) {
+        float s = 0.0f;
+        for (int64_t n = 0; n < N; n++) s += x[n * M + j];
+        db[j] += s;
+    }
 }

@@ -1,9 +1,12 @@
 /* The stack: embedding, n blocks of (attention, MLP) sublayers wired by plain residuals or by
- * Attention Residuals, optional Mixture-of-Depths attention, final norm, head; and traces.
+ * Attention Residuals, optional Mixture-of-Depths attention, final norm, head — forward,
+ * backward, traces and the decoding cache. See DEVELOPERS.md for the math.
  *
- * One forward call allocates one workspace (sized from B, T and the config), runs, and frees
- * it: concurrent calls on one model never share mutable state, and nothing is allocated inside
- * the layer loop. See DEVELOPERS.md for the math.
+ * Memory: every call lays all of its buffers out in one allocation (see `layout`), made
+ * before the layer loop and freed after it, so concurrent forward calls never share mutable
+ * state and nothing is allocated inside the loop. Per transformer block the activations the
+ * backward pass needs live in a `block_acts`; inference (and gradient checkpointing) give all
+ * blocks one shared set, training without checkpointing gives each block its own.
  */
 #include "sf_internal.h"
 #include "sf_kernels.h"
@@ -25,26 +28,95 @@ int64_t sf_attnres_num_sources(const sf_config *c, int64_t k) {
     return 1 + k / S + (k % S != 0);
 }
 
-/* ---- workspace ---------------------------------------------------------------------------- */
+/* ---- the decoding cache --------------------------------------------------------------------- */
+
+struct sf_cache {
+    const sf_model *m;
+    int64_t B, max_len, len;
+    float *k, *v;             /* (n_layers, B, max_len, kvd) */
+    float *depth_k, *depth_v; /* (B, max_len, n_slots, kvd) */
+};
+
+static int64_t n_depth_slots(const sf_config *c) { return c->moda ? 2 * (c->n_layers - 1) : 0; }
+
+sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cache **out,
+                          char *err, size_t errlen) {
+    if (!m || !out) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or out is NULL");
+    *out = NULL;
+    const sf_config *c = &m->cfg;
+    if (B < 1 || max_len < 1 || max_len > c->max_seq_len)
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "cache needs B >= 1 and 1 <= max_len <= max_seq_len=%lld (got B=%lld, max_len=%lld)",
+                       (long long)c->max_seq_len, (long long)B, (long long)max_len);
+    int64_t kvd = c->n_kv_heads * (c->d_model / c->n_heads), rows, kv, dep, total, bytes;
+    if (sf_mul_ok(B, max_len, &rows) || sf_mul_ok(rows, kvd, &kv) ||
+        sf_mul_ok(kv, c->n_layers, &kv) || sf_mul_ok(rows * kvd, n_depth_slots(c), &dep) ||
+        sf_add_ok(kv, dep, &total) || sf_mul_ok(total, 2 * (int64_t)sizeof(float), &bytes) ||
+        bytes > ((int64_t)1 << 40))
+        return sf_fail(err, errlen, SF_ERR_NOMEM, "cache for B=%lld, max_len=%lld is too large", (long long)B, (long long)max_len);
+    sf_cache *ca = calloc(1, sizeof *ca);
+    float *blk = ca ? malloc((size_t)(bytes > 0 ? bytes : 4)) : NULL;
+    if (!blk) { free(ca); return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate %.1f MiB for the cache", (double)bytes / 1048576.0); }
+    ca->m = m; ca->B = B; ca->max_len = max_len; ca->len = 0;
+    ca->k = blk; ca->v = blk + kv; ca->depth_k = blk + 2 * kv; ca->depth_v = ca->depth_k + dep;
+    *out = ca;
+    return SF_OK;
+}
+
+void sf_cache_free(sf_cache *c) {
+    if (!c) return;
+    free(c->k);
+    free(c);
+}
+int64_t sf_cache_len(const sf_cache *c) { return c->len; }
+int64_t sf_cache_batch(const sf_cache *c) { return c->B; }
+void sf_cache_reset(sf_cache *c) { c->len = 0; }
+
+/* ---- one call's buffers ------------------------------------------------------------------- */
 
 typedef struct {
-    float *x, *hin, *u, *y, *q, *k, *v, *att, *f1, *f2, *pack, *attn_scratch;
-    float *depth_k, *depth_v;         /* MoDA arena (N, n_slots, kvd) */
-    float *src;                       /* AttnRes sources: Full (L+1) x (N,d); Block (nb+1) x (N,d) */
-    float *src_inv_rms;               /* matching (nsrc_max) x (N) */
-    float *partial, *partial_inv_rms; /* Block AttnRes running partial sum of the current block */
-    float *p1_m, *p1_l, *p1_o, *p1_qg, *p1_logits; /* Block two-phase state */
-    float *running;                   /* AttnRes: plain running sum, only for the rms trace */
-    float *ar_scratch;
-    const float **src_ptr, **rms_ptr; /* pointer tables for the aggregation kernels */
-    void *block;
-} workspace;
+    float *in_a, *u_a, *q, *k, *v, *att, *lse, *y_a, *z_a; /* attention sublayer */
+    float *in_m, *u_m, *f1, *f2, *g, *y_m, *z_m;            /* MLP sublayer */
+    float *alpha_a, *alpha_m;                               /* AttnRes weights (N, nsrc) */
+} block_acts;
 
-typedef struct { int64_t n; float **slot; } ws_item;
+typedef struct {
+    const sf_model *m;
+    const sf_config *c;
+    int64_t B, T, N, d, dh, qd, kvd, F, V, L, S, nb, nsrc_max, n_slots;
+    int nt, attnres, block, training, per_block, two_phase;
+    const uint8_t *pad;
+    sf_cache *cache;
+    int64_t pos0;           /* absolute position of row 0 (cache length before the call) */
+    block_acts *acts;       /* n_layers entries (shared pointers when !per_block) */
+    float *x_in;            /* checkpointing, plain: (n, N, d) block inputs */
+    float *src, *src_rms;   /* AttnRes: Full (L+1) sources, Block (nb+1) completed blocks */
+    float *part, *part_rms; /* Block: partial sum read by sublayer k (training: L of them) */
+    float *vtmp;            /* Block/post-norm: a sublayer's output before it joins a sum */
+    float *running;         /* rms trace under AttnRes: the plain running sum */
+    float *fin_h, *fin_u, *logits; /* final stream/aggregate, after final norm, head output */
+    float *alpha_out;              /* AttnRes output aggregator weights (training) */
+    float *kvtmp;                  /* MoDA: an FFN's depth k or v rows before they are placed */
+    float *depth_k, *depth_v; /* MoDA arena (own, or the cache's) */
+    int64_t depth_bstride, kv_bstride;
+    float *pack, *attn_scratch, *ar_scratch, *stats;
+    float *p1_m, *p1_l, *p1_o, *p1_qg, *p1_logits;
+    const float **src_ptr, **rms_ptr;
+    float **dsrc_ptr;
+    /* backward */
+    float *d_src, *d_acc, *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
+    float *ddepth_k, *ddepth_v, *dtmp_kv;
+    void *mem; /* the one allocation */
+} run;
 
-static int64_t pack_need(int64_t K, int64_t M, int64_t cur) {
-    int64_t p = sf_matmul_pack_floats(K, M);
-    return p > cur ? p : cur;
+/* bump allocator over floats: measure with base == NULL, then assign */
+typedef struct { float *base; int64_t used; int bad; } bump;
+
+static float *take(bump *b, int64_t n) {
+    if (n <= 0) return NULL;
+    int64_t start = (b->used + 15) & ~(int64_t)15, end; /* 64-byte aligned */
+    if (sf_add_ok(start, n, &end)) { b->bad = 1; return NULL; }
+    b->used = end;
+    return b->base ? b->base + start : NULL;
 }
 
 static int64_t cmul(int *bad, int64_t a, int64_t b) {
@@ -53,178 +125,461 @@ static int64_t cmul(int *bad, int64_t a, int64_t b) {
     return r;
 }
 
-/* Lay every buffer out in one allocation; returns SF_OK or NOMEM/OVERFLOW. */
-static sf_status workspace_alloc(workspace *w, const sf_config *c, int64_t B, int64_t T,
-                                 int want_rms, int want_alpha, int two_phase, int nt, char *err,
-                                 size_t errlen) {
-    memset(w, 0, sizeof *w);
-    int64_t N = B * T, d = c->d_model, dh = d / c->n_heads, qd = c->n_heads * dh;
-    int64_t kvd = c->n_kv_heads * dh, F = c->d_ff, V = c->vocab_size, L = 2 * c->n_layers;
-    int attnres = c->residual != SF_RES_PLAIN, block = c->residual == SF_RES_ATTNRES_BLOCK;
-    int64_t S = c->attnres_block_size, nblocks = (L + S - 1) / S;
-    int64_t nsrc_max = !attnres ? 0 : block ? nblocks + 1 : L + 1;
-    int64_t n_slots = c->moda ? 2 * (c->n_layers - 1) : 0;
-    int64_t pack = 0;
-    pack = pack_need(d, qd, pack); pack = pack_need(d, kvd, pack); pack = pack_need(qd, d, pack);
-    pack = pack_need(d, F, pack); pack = pack_need(F, d, pack); pack = pack_need(d, V, pack);
-    sf_attn_args aa = {0};
-    aa.T = T; aa.n_read = c->moda ? 2 * (c->n_layers - 1) : 0; aa.chunk = c->moda_chunk;
-    int64_t nq = S < L ? S : L;
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-    /* sizes in floats; checked products */
-    int64_t sz[20] = {0};
+typedef struct { int rms, alpha; } want;
+
+/* Lay out every buffer of a call. Run once to measure (bp->base NULL), once to assign. */
+static void layout(run *R, bump *bp, want w) {
+    const sf_config *c = R->c;
     int bad = 0;
-#define MUL(a, b) cmul(&bad, (a), (b))
-    int64_t Nd = MUL(N, d);
-    sz[0] = Nd;                 /* x */
-    sz[1] = Nd;                 /* hin */
-    sz[2] = Nd;                 /* u */
-    sz[3] = Nd;                 /* y */
-    sz[4] = MUL(N, qd);         /* q */
-    sz[5] = MUL(N, kvd);        /* k */
-    sz[6] = MUL(N, kvd);        /* v */
-    sz[7] = MUL(N, qd);         /* att */
-    sz[8] = MUL(N, F);          /* f1 */
-    sz[9] = c->act == SF_ACT_SWIGLU ? MUL(N, F) : 0; /* f2 */
-    sz[10] = pack;
-    sz[11] = sf_attention_scratch_floats(&aa, nt);
-    sz[12] = c->moda ? MUL(MUL(N, n_slots), kvd) : 0; /* depth_k */
-    sz[13] = sz[12];                                  /* depth_v */
-    sz[14] = attnres ? MUL(nsrc_max, Nd) : 0;         /* src */
-    sz[15] = attnres ? MUL(nsrc_max + 1, N) : 0;      /* src_inv_rms (+1: partial) */
-    sz[16] = block ? Nd : 0;                          /* partial */
-    sz[17] = (block && two_phase) ? MUL(nq, MUL(N, d + 2) + d) : 0; /* m, l, o, qg */
-    sz[18] = (block && two_phase && want_alpha) ? MUL(MUL(nq, N), nsrc_max) : 0; /* logits */
-    sz[19] = (attnres && want_rms) ? Nd : 0;          /* running */
-    int64_t ar_scratch = attnres ? sf_attnres_scratch_floats(nsrc_max, d, nt) : 0;
-#undef MUL
-    int64_t total = ar_scratch;
-    for (int i = 0; i < 20; i++) bad |= sf_add_ok(total, sz[i] + 16, &total); /* +16: 64B align */
-    int64_t ptr_bytes = 2 * (nsrc_max + 2) * (int64_t)sizeof(float *);
-    int64_t bytes;
-    if (bad || sf_mul_ok(total, (int64_t)sizeof(float), &bytes) || sf_add_ok(bytes, ptr_bytes, &bytes))
-        return sf_fail(err, errlen, SF_ERR_OVERFLOW, "workspace size for B=%lld, T=%lld overflows",
-                       (long long)B, (long long)T);
-    if (bytes > ((int64_t)1 << 40))
-        return sf_fail(err, errlen, SF_ERR_NOMEM, "forward pass would need %.1f GiB of workspace",
-                       (double)bytes / 1073741824.0);
-    char *blk = malloc((size_t)bytes);
-    if (!blk)
-        return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate %.1f MiB of workspace",
-                       (double)bytes / 1048576.0);
-    w->block = blk;
-    w->src_ptr = (const float **)blk;
-    w->rms_ptr = w->src_ptr + (nsrc_max + 2);
-    float *p = (float *)(blk + ptr_bytes);
-    float **slots[20] = {&w->x, &w->hin, &w->u, &w->y, &w->q, &w->k, &w->v, &w->att, &w->f1,
-                         &w->f2, &w->pack, &w->attn_scratch, &w->depth_k, &w->depth_v,
-                         &w->src, &w->src_inv_rms, &w->partial, &w->p1_m, &w->p1_logits,
-                         &w->running};
-    for (int i = 0; i < 20; i++) {
-        uintptr_t a = (uintptr_t)p;
-        p = (float *)((a + 63) & ~(uintptr_t)63);
-        *slots[i] = sz[i] ? p : NULL;
-        p += sz[i];
+    const int64_t N = R->N, d = R->d, Nd = cmul(&bad, N, d), L = R->L, n = c->n_layers;
+    const int64_t nacts = R->per_block ? n : 1;
+    const int pre = c->pre_norm, post_plain = !pre && !R->attnres;
+    block_acts shared = {0};
+    for (int64_t i = 0; i < n; i++) {
+        block_acts *A = &R->acts[i];
+        if (i < nacts) {
+            A->in_a = take(bp, Nd);
+            A->u_a = pre ? take(bp, Nd) : NULL;
+            A->q = take(bp, cmul(&bad, N, R->qd));
+            A->k = take(bp, cmul(&bad, N, R->kvd));
+            A->v = take(bp, cmul(&bad, N, R->kvd));
+            A->att = take(bp, cmul(&bad, N, R->qd));
+            A->lse = R->training ? take(bp, cmul(&bad, N, c->n_heads)) : NULL;
+            A->y_a = take(bp, Nd);
+            A->z_a = post_plain ? take(bp, Nd) : NULL;
+            A->in_m = take(bp, Nd);
+            A->u_m = pre ? take(bp, Nd) : NULL;
+            A->f1 = take(bp, cmul(&bad, N, R->F));
+            A->f2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
+            A->g = take(bp, cmul(&bad, N, R->F));
+            A->y_m = take(bp, Nd);
+            A->z_m = post_plain ? take(bp, Nd) : NULL;
+            A->alpha_a = (R->attnres && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+            A->alpha_m = (R->attnres && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+            if (i == 0) shared = *A;
+        } else {
+            *A = shared;
+        }
+        if (!pre) { A->u_a = A->in_a; A->u_m = A->in_m; }
     }
-    w->ar_scratch = ar_scratch ? p : NULL;
-    if (block) w->partial_inv_rms = w->src_inv_rms + nsrc_max * N;
-    if (w->p1_m) {
-        w->p1_l = w->p1_m + nq * N;
-        w->p1_o = w->p1_l + nq * N;
-        w->p1_qg = w->p1_o + nq * N * d;
+    R->x_in = (R->training && !R->per_block && !R->attnres) ? take(bp, cmul(&bad, n, Nd)) : NULL;
+    int64_t nsrc_store = R->attnres ? (R->block ? R->nb + 1 : L + 1) : 0;
+    int64_t npart = R->block ? (R->training ? L : 1) : 0;
+    R->src = take(bp, cmul(&bad, nsrc_store, Nd));
+    R->src_rms = take(bp, cmul(&bad, nsrc_store, N));
+    R->part = take(bp, cmul(&bad, npart, Nd));
+    R->part_rms = take(bp, cmul(&bad, npart, N));
+    R->vtmp = R->attnres ? take(bp, Nd) : NULL;
+    R->running = (R->attnres && w.rms) ? take(bp, Nd) : NULL;
+    R->fin_h = take(bp, Nd);
+    R->fin_u = c->final_norm ? take(bp, Nd) : R->fin_h;
+    R->alpha_out = (R->attnres && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+    R->kvtmp = c->moda ? take(bp, cmul(&bad, N, R->kvd)) : NULL;
+    R->logits = R->training ? take(bp, cmul(&bad, N, R->V)) : NULL;
+    if (c->moda && !R->cache) {
+        int64_t arena = cmul(&bad, cmul(&bad, N, R->n_slots), R->kvd);
+        R->depth_k = take(bp, arena);
+        R->depth_v = take(bp, arena);
     }
-    return SF_OK;
-}
-
-/* ---- pieces of a block -------------------------------------------------------------------- */
-
-typedef struct {
-    const sf_model *m;
-    const sf_config *c;
-    workspace *w;
-    int64_t B, T, N, d, dh, qd, kvd, F, n_slots;
-    const uint8_t *pad;
-    int nt;
-} ctx;
-
-static void norm(const ctx *X, float *y, const float *x, const float *w, const float *b) {
-    if (X->c->norm == SF_NORM_LAYERNORM) sf_layernorm(y, x, w, b, X->N, X->d, X->c->norm_eps, X->nt);
-    else sf_rmsnorm(y, x, w, X->N, X->d, X->c->norm_eps, X->nt);
-}
-
-static void linear(const ctx *X, float *y, const float *x, const float *w, const float *b,
-                   int64_t K, int64_t M) {
-    sf_matmul(y, x, w, b, X->N, K, M, 0, X->w->pack, X->nt);
-}
-
-/* Copy rows (N, kvd) into depth slot `slot` of the arena (N, n_slots, kvd). */
-static void write_depth(const ctx *X, float *arena, int64_t slot, const float *rows) {
-    for (int64_t r = 0; r < X->N; r++)
-        memcpy(arena + (r * X->n_slots + slot) * X->kvd, rows + r * X->kvd,
-               (size_t)X->kvd * sizeof(float));
-}
-
-/* y = Attn_i(u): projections, RoPE, (MoDA) depth slots, attention, output projection. */
-static void attention_sublayer(const ctx *X, int64_t i, const float *u, float *y, float *probs,
-                               float *depth_mass) {
-    const sf_layer_views *Lv = &X->m->layers[i];
-    const sf_config *c = X->c;
-    workspace *w = X->w;
-    linear(X, w->q, u, Lv->q_w, Lv->q_b, X->d, X->qd);
-    linear(X, w->k, u, Lv->k_w, Lv->k_b, X->d, X->kvd);
-    linear(X, w->v, u, Lv->v_w, Lv->v_b, X->d, X->kvd);
-    if (c->pos == SF_POS_ROPE) {
-        sf_rope(w->q, X->N, X->T, c->n_heads, X->dh, X->qd, c->rope_theta, X->nt);
-        sf_rope(w->k, X->N, X->T, c->n_kv_heads, X->dh, X->kvd, c->rope_theta, X->nt);
+    /* pack: forward B = W^T (K x M); backward also B = W (M x K) and B = x (N x K) */
+    int64_t K1 = max64(max64(d, R->qd), R->F), pk = 0;
+    int64_t dims[] = {d, R->qd, R->kvd, R->F, R->V};
+    for (int a = 0; a < 5; a++)
+        for (int b = 0; b < 5; b++) pk = max64(pk, sf_matmul_pack_floats(dims[a], dims[b]));
+    if (R->training) pk = max64(pk, sf_matmul_pack_floats(N, K1));
+    R->pack = take(bp, pk);
+    sf_attn_args aa = {0};
+    aa.Tk = R->cache ? R->cache->max_len : R->T;
+    aa.n_read = R->n_slots;
+    aa.chunk = c->moda_chunk;
+    R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
+    R->ar_scratch = R->attnres ? take(bp, sf_attnres_scratch_floats(R->nsrc_max, d, R->nt) + (int64_t)R->nt * d) : NULL;
+    R->stats = take(bp, 2 * N);
+    if (R->block && R->two_phase) {
+        int64_t nq = R->S < L ? R->S : L;
+        R->p1_m = take(bp, cmul(&bad, nq, N));
+        R->p1_l = take(bp, cmul(&bad, nq, N));
+        R->p1_o = take(bp, cmul(&bad, nq, Nd));
+        R->p1_qg = take(bp, cmul(&bad, nq, d));
+        R->p1_logits = w.alpha ? take(bp, cmul(&bad, cmul(&bad, nq, N), R->nsrc_max)) : NULL;
     }
-    sf_attn_args a = {X->B, X->T, c->n_heads, c->n_kv_heads, X->dh, c->causal, X->pad,
-                      w->depth_k, w->depth_v, X->n_slots, 0, c->moda_chunk, c->moda_depth_only};
-    if (c->moda) {
-        a.n_read = 2 * i;
-        if (i < c->n_layers - 1) { /* this layer's (rotated) K and V become depth slot 2i */
-            write_depth(X, w->depth_k, 2 * i, w->k);
-            write_depth(X, w->depth_v, 2 * i, w->v);
+    if (R->training) {
+        R->d_src = take(bp, cmul(&bad, nsrc_store, Nd));
+        R->d_acc = R->attnres ? take(bp, Nd) : NULL;
+        R->dx = take(bp, Nd);
+        R->du = take(bp, Nd);
+        R->dy = take(bp, Nd);
+        R->dfin = take(bp, Nd);
+        R->dq = take(bp, cmul(&bad, N, R->qd));
+        R->dk = take(bp, cmul(&bad, N, R->kvd));
+        R->dv = take(bp, cmul(&bad, N, R->kvd));
+        R->dtmp_kv = take(bp, cmul(&bad, N, R->kvd));
+        R->datt = take(bp, cmul(&bad, N, R->qd));
+        R->df1 = take(bp, cmul(&bad, N, R->F));
+        R->df2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
+        R->dg = take(bp, cmul(&bad, N, R->F));
+        if (c->moda) {
+            int64_t arena = cmul(&bad, cmul(&bad, N, R->n_slots), R->kvd);
+            R->ddepth_k = take(bp, arena);
+            R->ddepth_v = take(bp, arena);
         }
     }
-    sf_attention_forward(&a, w->q, w->k, w->v, w->att, probs, depth_mass, w->attn_scratch, X->nt);
-    linear(X, y, w->att, Lv->o_w, Lv->o_b, X->qd, X->d);
+    if (bad) bp->bad = 1;
+}
+
+static void run_free(run *R) {
+    free(R->mem);
+    free(R->acts);
+    free(R->src_ptr);
+    free(R->rms_ptr);
+    free(R->dsrc_ptr);
+}
+
+/* Set up sizes and allocate everything; on failure nothing is left allocated. */
+static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int training,
+                          int per_block, int two_phase, sf_cache *cache, want w, int n_threads,
+                          char *err, size_t errlen) {
+    const sf_config *c = &m->cfg;
+    memset(R, 0, sizeof *R);
+    R->m = m; R->c = c; R->B = B; R->T = T; R->N = B * T; R->d = c->d_model;
+    R->dh = c->d_model / c->n_heads; R->qd = c->n_heads * R->dh; R->kvd = c->n_kv_heads * R->dh;
+    R->F = c->d_ff; R->V = c->vocab_size; R->L = 2 * c->n_layers; R->S = c->attnres_block_size;
+    R->nb = (R->L + R->S - 1) / R->S;
+    R->attnres = c->residual != SF_RES_PLAIN;
+    R->block = c->residual == SF_RES_ATTNRES_BLOCK;
+    R->nsrc_max = !R->attnres ? 0 : R->block ? R->nb + 1 : R->L + 1;
+    R->n_slots = n_depth_slots(c);
+    R->nt = sf_threads_resolve(n_threads);
+    R->training = training; R->per_block = per_block; R->two_phase = R->block && two_phase;
+    R->cache = cache; R->pos0 = cache ? cache->len : 0;
+    R->acts = calloc((size_t)c->n_layers, sizeof *R->acts);
+    int64_t nptr = R->nsrc_max + 2;
+    R->src_ptr = calloc((size_t)nptr, sizeof *R->src_ptr);
+    R->rms_ptr = calloc((size_t)nptr, sizeof *R->rms_ptr);
+    R->dsrc_ptr = calloc((size_t)nptr, sizeof *R->dsrc_ptr);
+    if (!R->acts || !R->src_ptr || !R->rms_ptr || !R->dsrc_ptr) goto nomem;
+    bump bp = {NULL, 0, 0};
+    layout(R, &bp, w);
+    int64_t bytes;
+    if (bp.bad || sf_mul_ok(bp.used + 16, (int64_t)sizeof(float), &bytes)) {
+        run_free(R);
+        return sf_fail(err, errlen, SF_ERR_OVERFLOW, "workspace size for B=%lld, T=%lld overflows", (long long)B, (long long)T);
+    }
+    if (bytes > ((int64_t)1 << 40)) {
+        run_free(R);
+        return sf_fail(err, errlen, SF_ERR_NOMEM, "this call would need %.1f GiB of workspace", (double)bytes / 1073741824.0);
+    }
+    R->mem = malloc((size_t)bytes);
+    if (!R->mem) {
+        run_free(R);
+        return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate %.1f MiB of workspace", (double)bytes / 1048576.0);
+    }
+    bump real = {(float *)(((uintptr_t)R->mem + 63) & ~(uintptr_t)63), 0, 0};
+    layout(R, &real, w);
+    if (cache) {
+        R->depth_k = cache->depth_k;
+        R->depth_v = cache->depth_v;
+        R->depth_bstride = cache->max_len * R->n_slots * R->kvd;
+        R->kv_bstride = cache->max_len * R->kvd;
+    } else {
+        R->depth_bstride = T * R->n_slots * R->kvd;
+        R->kv_bstride = T * R->kvd;
+    }
+    return SF_OK;
+nomem:
+    run_free(R);
+    return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate workspace tables");
+}
+
+/* ---- small helpers ------------------------------------------------------------------------ */
+
+#define GRAD(R, p) ((p) ? ((sf_model *)(R)->m)->grads + ((p) - (R)->m->params) : NULL)
+
+static void norm_fwd(const run *R, float *y, const float *x, const float *w, const float *b) {
+    if (R->c->norm == SF_NORM_LAYERNORM) sf_layernorm(y, x, w, b, R->N, R->d, R->c->norm_eps, R->nt);
+    else sf_rmsnorm(y, x, w, R->N, R->d, R->c->norm_eps, R->nt);
+}
+
+/* dx (=|+=) d Norm(x) / dx · dy; weight/bias gradients accumulate into the model's grads. */
+static void norm_bwd(const run *R, float *dx, const float *dy, const float *x, const float *w,
+                     const float *b, int accumulate) {
+    if (R->c->norm == SF_NORM_LAYERNORM)
+        sf_layernorm_backward(dx, GRAD(R, w), GRAD(R, b), dy, x, w, R->N, R->d, R->c->norm_eps, R->stats, accumulate, R->nt);
+    else
+        sf_rmsnorm_backward(dx, GRAD(R, w), dy, x, w, R->N, R->d, R->c->norm_eps, R->stats, accumulate, R->nt);
+}
+
+static void linear(const run *R, float *y, const float *x, const float *w, const float *b,
+                   int64_t K, int64_t M) {
+    sf_matmul(y, x, w, b, R->N, K, M, 0, R->pack, R->nt);
+}
+
+/* Backward of y = x W^T + b (W (M,K)): dW += dy^T x, db += colsum(dy), dx (=|+=) dy W. */
+static void linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
+                       const float *x, const float *w, const float *b, int64_t K, int64_t M) {
+    sf_gemm(GRAD(R, w), K, dy, 1, M, x, 0, NULL, M, R->N, K, 1, R->pack, R->nt);
+    if (b) sf_colsum(GRAD(R, b), dy, R->N, M, R->nt);
+    if (dx) sf_gemm(dx, K, dy, M, 1, w, 0, NULL, R->N, M, K, dx_accumulate, R->pack, R->nt);
+}
+
+static void copy(float *dst, const float *src, int64_t n) {
+    if (dst && dst != src) memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+static void add3(float *out, const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+/* depth slot `slot` of row r (batch r / T, position pos0 + r % T) in an arena */
+static float *depth_at(const run *R, float *arena, int64_t r, int64_t slot) {
+    int64_t b = r / R->T, t = R->pos0 + r % R->T;
+    return arena + b * R->depth_bstride + (t * R->n_slots + slot) * R->kvd;
+}
+
+static void write_depth(const run *R, float *arena, int64_t slot, const float *rows) {
+    for (int64_t r = 0; r < R->N; r++)
+        memcpy(depth_at(R, arena, r, slot), rows + r * R->kvd, (size_t)R->kvd * sizeof(float));
+}
+
+/* rows (+)= the gradient arena's slot `slot` */
+static void read_depth(const run *R, float *rows, const float *arena, int64_t slot, int accumulate) {
+    for (int64_t r = 0; r < R->N; r++) {
+        const float *src = depth_at(R, (float *)arena, r, slot);
+        float *dst = rows + r * R->kvd;
+        if (accumulate) for (int64_t j = 0; j < R->kvd; j++) dst[j] += src[j];
+        else memcpy(dst, src, (size_t)R->kvd * sizeof(float));
+    }
+}
+
+static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
+    const sf_config *c = R->c;
+    sf_attn_args a = {0};
+    a.B = R->B; a.Tq = R->T; a.Tk = R->T; a.q_pos0 = R->pos0;
+    a.H = c->n_heads; a.Hkv = c->n_kv_heads; a.dh = R->dh; a.causal = c->causal;
+    a.key_padding_mask = R->pad;
+    a.k = A->k; a.v = A->v; a.kv_bstride = R->kv_bstride;
+    if (R->cache) {
+        int64_t layer = i * R->B * R->cache->max_len * R->kvd;
+        a.k = R->cache->k + layer;
+        a.v = R->cache->v + layer;
+        a.Tk = R->pos0 + R->T;
+    }
+    a.depth_k = R->depth_k; a.depth_v = R->depth_v; a.depth_bstride = R->depth_bstride;
+    a.n_slots = R->n_slots; a.n_read = c->moda ? 2 * i : 0; a.chunk = c->moda_chunk;
+    a.depth_only = c->moda_depth_only;
+    return a;
+}
+
+/* ---- sublayers: forward ------------------------------------------------------------------- */
+
+/* y = Attn_i(u): projections, RoPE, cache and depth writes, attention, output projection. */
+static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u, float *y,
+                         float *probs, float *depth_mass) {
+    const sf_layer_views *Lv = &R->m->layers[i];
+    const sf_config *c = R->c;
+    linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
+    linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
+    linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    if (c->pos == SF_POS_ROPE) {
+        sf_rope(A->q, R->N, R->T, R->pos0, c->n_heads, R->dh, R->qd, c->rope_theta, R->nt);
+        sf_rope(A->k, R->N, R->T, R->pos0, c->n_kv_heads, R->dh, R->kvd, c->rope_theta, R->nt);
+    }
+    sf_attn_args a = attn_args(R, i, A);
+    if (R->cache) { /* append this call's keys/values after the cached positions */
+        for (int64_t r = 0; r < R->N; r++) {
+            int64_t off = (r / R->T) * R->kv_bstride + (R->pos0 + r % R->T) * R->kvd;
+            memcpy((float *)a.k + off, A->k + r * R->kvd, (size_t)R->kvd * sizeof(float));
+            memcpy((float *)a.v + off, A->v + r * R->kvd, (size_t)R->kvd * sizeof(float));
+        }
+    }
+    if (c->moda && i < c->n_layers - 1) { /* this layer's (rotated) K and V: depth slot 2i */
+        write_depth(R, R->depth_k, 2 * i, A->k);
+        write_depth(R, R->depth_v, 2 * i, A->v);
+    }
+    sf_attention_forward(&a, A->q, A->att, A->lse, probs, depth_mass, R->attn_scratch, R->nt);
+    linear(R, y, A->att, Lv->o_w, Lv->o_b, R->qd, R->d);
 }
 
 /* y = MLP_i(u); under MoDA also writes depth slot 2i+1 = (u Wdk^T, u Wdv^T). */
-static void mlp_sublayer(const ctx *X, int64_t i, const float *u, float *y) {
-    const sf_layer_views *Lv = &X->m->layers[i];
-    const sf_config *c = X->c;
-    workspace *w = X->w;
-    int64_t nF = X->N * X->F;
+static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, float *y) {
+    const sf_layer_views *Lv = &R->m->layers[i];
+    const sf_config *c = R->c;
+    int64_t nF = R->N * R->F;
     if (c->act == SF_ACT_SWIGLU) {
-        linear(X, w->f1, u, Lv->gate_w, Lv->gate_b, X->d, X->F);
-        linear(X, w->f2, u, Lv->up_w, Lv->up_b, X->d, X->F);
-        sf_swiglu(w->f1, w->f2, nF, X->nt);
+        linear(R, A->f1, u, Lv->gate_w, Lv->gate_b, R->d, R->F);
+        linear(R, A->f2, u, Lv->up_w, Lv->up_b, R->d, R->F);
+        sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
-        linear(X, w->f1, u, Lv->up_w, Lv->up_b, X->d, X->F);
-        if (c->act == SF_ACT_GELU) sf_gelu(w->f1, nF, X->nt);
-        else if (c->act == SF_ACT_GELU_TANH) sf_gelu_tanh(w->f1, nF, X->nt);
-        else sf_relu(w->f1, nF, X->nt);
+        linear(R, A->f1, u, Lv->up_w, Lv->up_b, R->d, R->F);
+        sf_activation(c->act, A->g, A->f1, nF, R->nt);
     }
-    linear(X, y, w->f1, Lv->down_w, Lv->down_b, X->F, X->d);
+    linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && i < c->n_layers - 1) {
-        linear(X, w->k, u, Lv->depth_k_w, NULL, X->d, X->kvd);
-        linear(X, w->v, u, Lv->depth_v_w, NULL, X->d, X->kvd);
-        write_depth(X, w->depth_k, 2 * i + 1, w->k);
-        write_depth(X, w->depth_v, 2 * i + 1, w->v);
+        linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
+        write_depth(R, R->depth_k, 2 * i + 1, R->kvtmp);
+        linear(R, R->kvtmp, u, Lv->depth_v_w, NULL, R->d, R->kvd);
+        write_depth(R, R->depth_v, 2 * i + 1, R->kvtmp);
     }
 }
 
-static void embed(const ctx *X, const sf_forward_args *args, float *x0) {
-    const sf_config *c = X->c;
-    int64_t d = X->d;
-    for (int64_t r = 0; r < X->N; r++) {
-        int64_t t = r % X->T;
+/* ---- sublayers: backward ------------------------------------------------------------------ */
+
+/* Given dy = dL/dy of y = Attn_i(u), accumulate parameter gradients and write du. */
+static void attn_backward(const run *R, int64_t i, block_acts *A, const float *u,
+                          const float *dy, float *du) {
+    const sf_layer_views *Lv = &R->m->layers[i];
+    const sf_config *c = R->c;
+    linear_bwd(R, R->datt, 0, dy, A->att, Lv->o_w, Lv->o_b, R->qd, R->d);
+    sf_attn_args a = attn_args(R, i, A);
+    sf_attention_backward(&a, A->q, A->att, R->datt, A->lse, R->dq, R->dk, R->dv, R->ddepth_k,
+                          R->ddepth_v, R->attn_scratch, R->nt);
+    if (c->moda && i < c->n_layers - 1) { /* later layers read this K, V as depth slot 2i */
+        read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
+        read_depth(R, R->dv, R->ddepth_v, 2 * i, 1);
+    }
+    if (c->pos == SF_POS_ROPE) {
+        sf_rope_backward(R->dq, R->N, R->T, R->pos0, c->n_heads, R->dh, R->qd, c->rope_theta, R->nt);
+        sf_rope_backward(R->dk, R->N, R->T, R->pos0, c->n_kv_heads, R->dh, R->kvd, c->rope_theta, R->nt);
+    }
+    linear_bwd(R, du, 0, R->dq, u, Lv->q_w, Lv->q_b, R->d, R->qd);
+    linear_bwd(R, du, 1, R->dk, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
+    linear_bwd(R, du, 1, R->dv, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+}
+
+static void mlp_backward(const run *R, int64_t i, block_acts *A, const float *u,
+                         const float *dy, float *du) {
+    const sf_layer_views *Lv = &R->m->layers[i];
+    const sf_config *c = R->c;
+    int64_t nF = R->N * R->F;
+    linear_bwd(R, R->dg, 0, dy, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
+    if (c->act == SF_ACT_SWIGLU) {
+        sf_swiglu_backward(R->df1, R->df2, R->dg, A->f1, A->f2, nF, R->nt);
+        linear_bwd(R, du, 0, R->df1, u, Lv->gate_w, Lv->gate_b, R->d, R->F);
+        linear_bwd(R, du, 1, R->df2, u, Lv->up_w, Lv->up_b, R->d, R->F);
+    } else {
+        sf_act_backward(c->act, R->df1, R->dg, A->f1, nF, R->nt);
+        linear_bwd(R, du, 0, R->df1, u, Lv->up_w, Lv->up_b, R->d, R->F);
+    }
+    if (c->moda && i < c->n_layers - 1) {
+        read_depth(R, R->dtmp_kv, R->ddepth_k, 2 * i + 1, 0);
+        linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->depth_k_w, NULL, R->d, R->kvd);
+        read_depth(R, R->dtmp_kv, R->ddepth_v, 2 * i + 1, 0);
+        linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->depth_v_w, NULL, R->d, R->kvd);
+    }
+}
+
+/* ---- Attention Residuals bookkeeping -------------------------------------------------------- */
+
+static int64_t part_index(const run *R, int64_t k) { return R->training ? k : 0; }
+
+/* Point src_ptr/rms_ptr (and dsrc_ptr in training) at sublayer k's sources; returns count.
+ * k == L is the output aggregator. */
+static int64_t gather_sources(const run *R, int64_t k) {
+    const int64_t Nd = R->N * R->d, N = R->N;
+    int64_t ns;
+    if (!R->block) ns = (k < R->L) ? k + 1 : R->L + 1;
+    else ns = (k < R->L) ? k / R->S + 1 : R->nb + 1;
+    for (int64_t j = 0; j < ns; j++) {
+        R->src_ptr[j] = R->src + j * Nd;
+        R->rms_ptr[j] = R->src_rms + j * N;
+        if (R->d_src) R->dsrc_ptr[j] = R->d_src + j * Nd;
+    }
+    if (R->block && k < R->L && k % R->S != 0) { /* the running partial sum of this block */
+        int64_t p = part_index(R, k);
+        R->src_ptr[ns] = R->part + p * Nd;
+        R->rms_ptr[ns] = R->part_rms + p * N;
+        if (R->d_src) R->dsrc_ptr[ns] = R->d_acc;
+        ns++;
+    }
+    return ns;
+}
+
+static const float *res_q(const run *R, int64_t k) {
+    if (k >= R->L) return R->m->out_res_q;
+    const sf_layer_views *Lv = &R->m->layers[k / 2];
+    return k % 2 == 0 ? Lv->attn_res_q : Lv->mlp_res_q;
+}
+static const float *res_g(const run *R, int64_t k) {
+    if (k >= R->L) return R->m->out_res_g;
+    const sf_layer_views *Lv = &R->m->layers[k / 2];
+    return k % 2 == 0 ? Lv->attn_res_g : Lv->mlp_res_g;
+}
+
+/* h = AttnRes_k(sources); alpha (N, nsrc) optional */
+static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
+    const int64_t N = R->N, d = R->d;
+    int64_t pos = R->block ? k % R->S : 0;
+    if (R->two_phase && k < R->L) {
+        int64_t nsrc = k / R->S + 1; /* completed blocks b_0 .. b_{m-1} */
+        gather_sources(R, k);
+        if (pos == 0) { /* phase 1 at block start: all of the block's queries at once */
+            int64_t nq = (R->L - k) < R->S ? (R->L - k) : R->S;
+            for (int64_t j = 0; j < nq; j++) {
+                const float *q = res_q(R, k + j), *g = res_g(R, k + j);
+                for (int64_t e = 0; e < d; e++) R->p1_qg[j * d + e] = q[e] * g[e];
+            }
+            sf_attnres_phase1(R->p1_m, R->p1_l, R->p1_o, R->p1_logits, R->src_ptr, R->rms_ptr,
+                              nsrc, R->p1_qg, nq, N, d, R->nt);
+        }
+        sf_attnres_phase2(h, alpha, R->p1_m + pos * N, R->p1_l + pos * N, R->p1_o + pos * N * d,
+                          R->p1_logits ? R->p1_logits + pos * N * nsrc : NULL, nsrc,
+                          pos ? R->part : NULL, R->part_rms, R->p1_qg + pos * d, N, d, R->nt);
+        return;
+    }
+    int64_t ns = gather_sources(R, k);
+    sf_attnres_aggregate(h, alpha, R->src_ptr, R->rms_ptr, ns, res_q(R, k), res_g(R, k), N, d,
+                         R->ar_scratch, R->nt);
+}
+
+/* Sublayer k produced y; store its output v (post-norm: Norm(y)) where later readers find it. */
+static void attnres_output(run *R, int64_t k, const float *y, const float *nw, const float *nb,
+                           float *trace_out) {
+    const int64_t N = R->N, d = R->d, Nd = N * d;
+    const float eps = R->c->attnres_eps;
+    if (!R->block) {
+        float *v = R->src + (k + 1) * Nd;
+        if (R->c->pre_norm) copy(v, y, Nd);
+        else norm_fwd(R, v, y, nw, nb);
+        sf_attnres_inv_rms(R->src_rms + (k + 1) * N, v, N, d, eps, R->nt);
+        copy(trace_out, v, Nd);
+        if (R->running) sf_add(R->running, v, Nd, R->nt);
+        return;
+    }
+    float *v = R->vtmp;
+    if (R->c->pre_norm) copy(v, y, Nd);
+    else norm_fwd(R, v, y, nw, nb);
+    copy(trace_out, v, Nd);
+    if (R->running) sf_add(R->running, v, Nd, R->nt);
+    int64_t pos = k % R->S;
+    const float *prev = pos ? R->part + part_index(R, k) * Nd : NULL;
+    float *dst, *dst_rms;
+    if (pos == R->S - 1 || k == R->L - 1) { /* block complete: b_m */
+        int64_t m = k / R->S + 1;
+        dst = R->src + m * Nd;
+        dst_rms = R->src_rms + m * N;
+    } else { /* the partial sum the next sublayer reads */
+        dst = R->part + part_index(R, k + 1) * Nd;
+        dst_rms = R->part_rms + part_index(R, k + 1) * N;
+    }
+    if (prev) add3(dst, prev, v, Nd);
+    else copy(dst, v, Nd);
+    sf_attnres_inv_rms(dst_rms, dst, N, d, eps, R->nt);
+}
+
+/* ---- the stack ---------------------------------------------------------------------------- */
+
+static void embed(const run *R, const int32_t *tokens, const float *embeds, float *x0) {
+    const sf_config *c = R->c;
+    const int64_t d = R->d;
+    for (int64_t r = 0; r < R->N; r++) {
+        int64_t t = R->pos0 + r % R->T;
         float *xr = x0 + r * d;
-        if (args->tokens) memcpy(xr, X->m->tok_emb + (int64_t)args->tokens[r] * d, (size_t)d * sizeof(float));
-        else memcpy(xr, args->embeds + r * d, (size_t)d * sizeof(float));
+        if (tokens) memcpy(xr, R->m->tok_emb + (int64_t)tokens[r] * d, (size_t)d * sizeof(float));
+        else memcpy(xr, embeds + r * d, (size_t)d * sizeof(float));
         if (c->pos == SF_POS_LEARNED) {
-            const float *pe = X->m->pos_emb + t * d;
+            const float *pe = R->m->pos_emb + t * d;
             for (int64_t j = 0; j < d; j++) xr[j] += pe[j];
         } else if (c->pos == SF_POS_SINUSOIDAL) {
             for (int64_t j = 0; j < d; j += 2) {
@@ -236,176 +591,309 @@ static void embed(const ctx *X, const sf_forward_args *args, float *x0) {
     }
 }
 
-static void copy_if(float *dst, const float *src, int64_t n) {
-    if (dst) memcpy(dst, src, (size_t)n * sizeof(float));
+static void embed_backward(const run *R, const int32_t *tokens, const float *dx0) {
+    const sf_config *c = R->c;
+    const int64_t d = R->d, N = R->N;
+    float *gt = tokens ? GRAD(R, R->m->tok_emb) : NULL;
+    float *gp = c->pos == SF_POS_LEARNED ? GRAD(R, R->m->pos_emb) : NULL;
+    /* column-parallel scatter-add: each thread owns columns, rows in order */
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * d > 65536)
+    for (int64_t j = 0; j < d; j++)
+        for (int64_t r = 0; r < N; r++) {
+            float g = dx0[r * d + j];
+            if (gt) gt[(int64_t)tokens[r] * d + j] += g;
+            if (gp) gp[(R->pos0 + r % R->T) * d + j] += g;
+        }
 }
 
-/* ---- forward ------------------------------------------------------------------------------ */
+static float rms_of(const float *x, int64_t n) { return (float)sf_rms(x, n); }
+
+/* One transformer block forward. Its input is already in A->in_a (plain) or in the sources
+ * (AttnRes). Plain blocks leave their output in `out` (the next block's in_a, or fin_h). */
+static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
+    const sf_config *c = R->c;
+    const sf_layer_views *Lv = &R->m->layers[i];
+    block_acts *A = &R->acts[i];
+    const int64_t Nd = R->N * R->d, ka = 2 * i, km = 2 * i + 1;
+    const int pre = c->pre_norm;
+    float *rms = tr ? tr->rms : NULL;
+
+    /* attention sublayer */
+    if (R->attnres) attnres_input(R, ka, A->in_a, tr && tr->alpha ? tr->alpha[ka] : A->alpha_a);
+    if (tr && tr->hidden) copy(tr->hidden[i], A->in_a, Nd);
+    if (rms) rms[ka * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(A->in_a, Nd);
+    if (pre) norm_fwd(R, A->u_a, A->in_a, Lv->attn_norm_w, Lv->attn_norm_b);
+    attn_forward(R, i, A, A->u_a, A->y_a, tr && tr->attention ? tr->attention[i] : NULL,
+                 tr && tr->depth_mass ? tr->depth_mass[i] : NULL);
+    float *tout = tr && tr->attn_out ? tr->attn_out[i] : NULL;
+    if (R->attnres) {
+        attnres_output(R, ka, A->y_a, Lv->attn_norm_w, Lv->attn_norm_b, tout);
+        if (rms) {
+            rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(tout ? tout : (R->block ? R->vtmp : R->src + (ka + 1) * Nd), Nd);
+            rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
+        }
+        attnres_input(R, km, A->in_m, tr && tr->alpha ? tr->alpha[km] : A->alpha_m);
+    } else {
+        copy(tout, A->y_a, Nd);
+        if (rms) rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_a, Nd);
+        if (pre) add3(A->in_m, A->in_a, A->y_a, Nd);
+        else { add3(A->z_a, A->in_a, A->y_a, Nd); norm_fwd(R, A->in_m, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b); }
+        if (rms) rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(A->in_m, Nd);
+    }
+
+    /* MLP sublayer */
+    if (rms) rms[km * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(A->in_m, Nd);
+    if (pre) norm_fwd(R, A->u_m, A->in_m, Lv->mlp_norm_w, Lv->mlp_norm_b);
+    mlp_forward(R, i, A, A->u_m, A->y_m);
+    tout = tr && tr->mlp_out ? tr->mlp_out[i] : NULL;
+    if (R->attnres) {
+        attnres_output(R, km, A->y_m, Lv->mlp_norm_w, Lv->mlp_norm_b, tout);
+        if (rms) {
+            rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(tout ? tout : (R->block ? R->vtmp : R->src + (km + 1) * Nd), Nd);
+            rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
+        }
+    } else {
+        copy(tout, A->y_m, Nd);
+        if (rms) rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_m, Nd);
+        if (pre) add3(out, A->in_m, A->y_m, Nd);
+        else { add3(A->z_m, A->in_m, A->y_m, Nd); norm_fwd(R, out, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b); }
+        if (rms) rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(out, Nd);
+    }
+}
+
+static float *block_out(run *R, int64_t i) {
+    return i + 1 < R->c->n_layers ? R->acts[i + 1].in_a : R->fin_h;
+}
+
+/* Everything from the embedding to fin_u (the head's input). */
+static void stack_forward(run *R, const int32_t *tokens, const float *embeds, sf_trace *tr) {
+    const sf_config *c = R->c;
+    const int64_t N = R->N, d = R->d, Nd = N * d, n = c->n_layers, L = R->L;
+    float *x0 = R->attnres ? R->src : R->acts[0].in_a;
+    embed(R, tokens, embeds, x0);
+    if (R->attnres) {
+        sf_attnres_inv_rms(R->src_rms, x0, N, d, c->attnres_eps, R->nt);
+        if (R->running) copy(R->running, x0, Nd);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (R->x_in) copy(R->x_in + i * Nd, R->acts[i].in_a, Nd); /* checkpoint: keep the input */
+        block_forward(R, i, block_out(R, i), tr);
+    }
+    if (R->attnres) {
+        int64_t ns = gather_sources(R, L);
+        sf_attnres_aggregate(R->fin_h, tr && tr->alpha ? tr->alpha[L] : R->alpha_out, R->src_ptr,
+                             R->rms_ptr, ns, R->m->out_res_q, R->m->out_res_g, N, d, R->ar_scratch, R->nt);
+    }
+    if (tr && tr->hidden) copy(tr->hidden[n], R->fin_h, Nd);
+    if (tr && tr->rms) {
+        tr->rms[L * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(R->fin_h, Nd);
+        tr->rms[L * SF_RMS_COLS + SF_RMS_OUTPUT] = NAN;
+        tr->rms[L * SF_RMS_COLS + SF_RMS_STREAM] = NAN;
+    }
+    if (c->final_norm) norm_fwd(R, R->fin_u, R->fin_h, R->m->final_norm_w, R->m->final_norm_b);
+}
+
+/* Backward of one AttnRes sublayer k (y = F(Norm(h)) or v = Norm(F(h))), given dv in R->dy. */
+static void attnres_sublayer_backward(run *R, int64_t k) {
+    const int64_t i = k / 2;
+    const int is_attn = k % 2 == 0;
+    const sf_layer_views *Lv = &R->m->layers[i];
+    block_acts *A = &R->acts[i];
+    const float *nw = is_attn ? Lv->attn_norm_w : Lv->mlp_norm_w;
+    const float *nb = is_attn ? Lv->attn_norm_b : Lv->mlp_norm_b;
+    const float *h = is_attn ? A->in_a : A->in_m, *u = is_attn ? A->u_a : A->u_m;
+    const float *y = is_attn ? A->y_a : A->y_m;
+    const float *dy = R->dy;
+    if (!R->c->pre_norm) { norm_bwd(R, R->dx, R->dy, y, nw, nb, 0); dy = R->dx; }
+    if (is_attn) attn_backward(R, i, A, u, dy, R->du);
+    else mlp_backward(R, i, A, u, dy, R->du);
+    const float *dh = R->du;
+    if (R->c->pre_norm) { norm_bwd(R, R->dx, R->du, h, nw, nb, 0); dh = R->dx; }
+    int64_t ns = gather_sources(R, k);
+    sf_attnres_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, ns, is_attn ? A->alpha_a : A->alpha_m,
+                        res_q(R, k), res_g(R, k), dh, GRAD(R, res_q(R, k)), GRAD(R, res_g(R, k)),
+                        R->N, R->d, R->ar_scratch, R->nt);
+}
+
+/* Backward from dlogits (in R->logits) to every parameter gradient. */
+static void stack_backward(run *R, const int32_t *tokens) {
+    const sf_config *c = R->c;
+    const sf_model *m = R->m;
+    const int64_t N = R->N, d = R->d, Nd = N * d, n = c->n_layers, L = R->L, V = R->V;
+    /* head: logits = fin_u head^T */
+    sf_gemm(GRAD(R, m->lm_head), d, R->logits, 1, V, R->fin_u, 0, NULL, V, N, d, 1, R->pack, R->nt);
+    sf_gemm(R->dfin, d, R->logits, V, 1, m->lm_head, 0, NULL, N, V, d, 0, R->pack, R->nt);
+    float *dfin_h = R->dfin;
+    if (c->final_norm) {
+        norm_bwd(R, R->dx, R->dfin, R->fin_h, m->final_norm_w, m->final_norm_b, 0);
+        dfin_h = R->dx;
+    }
+    if (!R->attnres) {
+        if (dfin_h != R->dx) copy(R->dx, dfin_h, Nd);
+        for (int64_t i = n - 1; i >= 0; i--) {
+            const sf_layer_views *Lv = &m->layers[i];
+            block_acts *A = &R->acts[i];
+            if (!R->per_block) { /* checkpointing: recompute this block from its saved input */
+                copy(A->in_a, R->x_in + i * Nd, Nd);
+                block_forward(R, i, R->dfin, NULL); /* its output is not needed: a sink */
+            }
+            if (c->pre_norm) {
+                mlp_backward(R, i, A, A->u_m, R->dx, R->du);
+                norm_bwd(R, R->dx, R->du, A->in_m, Lv->mlp_norm_w, Lv->mlp_norm_b, 1);
+                attn_backward(R, i, A, A->u_a, R->dx, R->du);
+                norm_bwd(R, R->dx, R->du, A->in_a, Lv->attn_norm_w, Lv->attn_norm_b, 1);
+            } else {
+                norm_bwd(R, R->dy, R->dx, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b, 0);
+                mlp_backward(R, i, A, A->in_m, R->dy, R->du);
+                add3(R->dx, R->dy, R->du, Nd);
+                norm_bwd(R, R->dy, R->dx, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b, 0);
+                attn_backward(R, i, A, A->in_a, R->dy, R->du);
+                add3(R->dx, R->dy, R->du, Nd);
+            }
+        }
+        embed_backward(R, tokens, R->dx);
+        return;
+    }
+    /* AttnRes: gradients of every source accumulate in d_src while walking back */
+    int64_t nsrc_store = R->block ? R->nb + 1 : L + 1;
+    memset(R->d_src, 0, (size_t)(nsrc_store * Nd) * sizeof(float));
+    if (dfin_h != R->dy) copy(R->dy, dfin_h, Nd);
+    int64_t ns = gather_sources(R, L);
+    sf_attnres_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, ns, R->alpha_out, m->out_res_q,
+                        m->out_res_g, R->dy, GRAD(R, m->out_res_q), GRAD(R, m->out_res_g), N, d,
+                        R->ar_scratch, R->nt);
+    for (int64_t k = L - 1; k >= 0; k--) {
+        if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */
+        if (!R->block) {
+            copy(R->dy, R->d_src + (k + 1) * Nd, Nd);
+        } else {
+            int64_t pos = k % R->S, mblk = k / R->S + 1;
+            if (pos == R->S - 1 || k == L - 1) memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
+            add3(R->dy, R->d_src + mblk * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
+        }
+        attnres_sublayer_backward(R, k);
+    }
+    embed_backward(R, tokens, R->d_src);
+}
+
+/* ---- public entry points ------------------------------------------------------------------ */
+
+static sf_status check_inputs(const sf_config *c, const int32_t *tokens, const float *embeds,
+                              int64_t B, int64_t T, int64_t max_T, char *err, size_t errlen) {
+    if (B < 1 || T < 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "batch and sequence length must be >= 1 (got B=%lld, T=%lld)", (long long)B, (long long)T);
+    if (T > max_T) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "sequence length %lld exceeds max_seq_len %lld", (long long)T, (long long)max_T);
+    if (!tokens == !embeds) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "exactly one of tokens and embeds must be given");
+    int64_t N;
+    if (sf_mul_ok(B, T, &N)) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "B*T overflows");
+    if (tokens) {
+        for (int64_t r = 0; r < N; r++)
+            if (tokens[r] < 0 || tokens[r] >= c->vocab_size)
+                return sf_fail(err, errlen, SF_ERR_TOKEN_RANGE, "token id %d at [%lld, %lld] is outside [0, vocab_size=%lld)", (int)tokens[r], (long long)(r / T), (long long)(r % T), (long long)c->vocab_size);
+    } else {
+        int64_t Nd;
+        if (sf_mul_ok(N, c->d_model, &Nd)) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "B*T*d overflows");
+        for (int64_t r = 0; r < Nd; r++)
+            if (!isfinite(embeds[r])) return sf_fail(err, errlen, SF_ERR_NONFINITE, "embeds contain NaN or inf at flat index %lld", (long long)r);
+    }
+    return SF_OK;
+}
 
 sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
                      float *out_hidden, sf_trace *trace, char *err, size_t errlen) {
     if (!m || !args) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
     const sf_config *c = &m->cfg;
-    const int64_t B = args->B, T = args->T, d = c->d_model;
-    if (B < 1 || T < 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "batch and sequence length must be >= 1 (got B=%lld, T=%lld)", (long long)B, (long long)T);
-    if (T > c->max_seq_len) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "sequence length %lld exceeds max_seq_len %lld", (long long)T, (long long)c->max_seq_len);
-    if (!args->tokens == !args->embeds) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "exactly one of tokens and embeds must be given");
-    int64_t N;
-    if (sf_mul_ok(B, T, &N)) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "B*T overflows");
-    if (args->tokens) {
-        for (int64_t r = 0; r < N; r++) {
-            int32_t tok = args->tokens[r];
-            if (tok < 0 || tok >= c->vocab_size)
-                return sf_fail(err, errlen, SF_ERR_TOKEN_RANGE, "token id %d at [%lld, %lld] is outside [0, vocab_size=%lld)", (int)tok, (long long)(r / T), (long long)(r % T), (long long)c->vocab_size);
-        }
-    } else {
-        for (int64_t r = 0; r < N * d; r++)
-            if (!isfinite(args->embeds[r]))
-                return sf_fail(err, errlen, SF_ERR_NONFINITE, "embeds contain NaN or inf at flat index %lld", (long long)r);
+    sf_cache *cache = args->cache;
+    int64_t max_T = c->max_seq_len;
+    if (cache) {
+        if (cache->m != m) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache belongs to another model");
+        if (args->B != cache->B) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "batch %lld does not match the cache's batch %lld", (long long)args->B, (long long)cache->B);
+        if (args->key_padding_mask || trace) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "cached decoding supports neither key_padding_mask nor traces");
+        if (!c->causal) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "cached decoding needs a causal (decoder) model");
+        max_T = cache->max_len - cache->len;
     }
-    const int nt = sf_threads_resolve(args->n_threads);
-    const int attnres = c->residual != SF_RES_PLAIN, block = c->residual == SF_RES_ATTNRES_BLOCK;
-    const int two_phase = block && args->attnres_two_phase;
-    const int64_t L = 2 * c->n_layers, S = c->attnres_block_size;
-    sf_trace none = {0};
-    sf_trace *tr = trace ? trace : &none;
+    sf_status st = check_inputs(c, args->tokens, args->embeds, args->B, args->T, max_T, err, errlen);
+    if (st != SF_OK) {
+        if (cache && args->T > max_T && args->T >= 1)
+            return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache holds %lld of %lld positions: no room for %lld more", (long long)cache->len, (long long)cache->max_len, (long long)args->T);
+        return st;
+    }
+    if (!sf_model_acquire_read((sf_model *)m))
+        return sf_fail(err, errlen, SF_ERR_BUSY, "the model is being trained by another thread");
+    run R;
+    want w = {trace && trace->rms, trace && trace->alpha};
+    st = run_init(&R, m, args->B, args->T, 0, 0, args->attnres_two_phase, cache, w, args->n_threads, err, errlen);
+    if (st == SF_OK) {
+        R.pad = args->key_padding_mask;
+        stack_forward(&R, args->tokens, args->embeds, trace);
+        copy(out_hidden, R.fin_u, R.N * R.d);
+        if (out_logits) sf_matmul(out_logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        if (cache) cache->len += args->T;
+        run_free(&R);
+    }
+    sf_model_release_read((sf_model *)m);
+    return st;
+}
 
-    workspace w;
-    sf_status st = workspace_alloc(&w, c, B, T, tr->rms != NULL, tr->alpha != NULL, two_phase, nt, err, errlen);
+int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint) {
+    sf_model fake;
+    memset(&fake, 0, sizeof fake);
+    fake.cfg = *cfg;
+    run R;
+    memset(&R, 0, sizeof R);
+    R.m = &fake; R.c = cfg; R.B = B; R.T = T; R.N = B * T; R.d = cfg->d_model;
+    R.dh = cfg->d_model / cfg->n_heads; R.qd = cfg->n_heads * R.dh; R.kvd = cfg->n_kv_heads * R.dh;
+    R.F = cfg->d_ff; R.V = cfg->vocab_size; R.L = 2 * cfg->n_layers; R.S = cfg->attnres_block_size;
+    R.nb = (R.L + R.S - 1) / R.S;
+    R.attnres = cfg->residual != SF_RES_PLAIN; R.block = cfg->residual == SF_RES_ATTNRES_BLOCK;
+    R.nsrc_max = !R.attnres ? 0 : R.block ? R.nb + 1 : R.L + 1;
+    R.n_slots = n_depth_slots(cfg); R.nt = sf_threads_resolve(0);
+    R.training = 1; R.per_block = !checkpoint;
+    R.acts = calloc((size_t)cfg->n_layers, sizeof *R.acts);
+    if (!R.acts) return -1;
+    bump bp = {NULL, 0, 0};
+    want w = {0, 0};
+    layout(&R, &bp, w);
+    free(R.acts);
+    return bp.bad ? -1 : bp.used * (int64_t)sizeof(float);
+}
+
+sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss, int64_t *count,
+                              char *err, size_t errlen) {
+    if (!m || !a) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
+    const sf_config *c = &m->cfg;
+    sf_status st = check_inputs(c, a->tokens, a->embeds, a->B, a->T, c->max_seq_len, err, errlen);
     if (st != SF_OK) return st;
-
-    ctx X = {m, c, &w, B, T, N, d, d / c->n_heads, 0, 0, c->d_ff, 0, args->key_padding_mask, nt};
-    X.qd = c->n_heads * X.dh;
-    X.kvd = c->n_kv_heads * X.dh;
-    X.n_slots = c->moda ? 2 * (c->n_layers - 1) : 0;
-    const int64_t Nd = N * d;
-
-    /* sources: Full: v_0..v_L at src + i*Nd; Block: b_0..b_nb at src + i*Nd */
-    float *x0 = attnres ? w.src : w.x;
-    embed(&X, args, x0);
-    int64_t nsrc = 0; /* completed sources so far (Full: v's, Block: b's) */
-    if (attnres) {
-        sf_attnres_inv_rms(w.src_inv_rms, x0, N, d, c->attnres_eps, nt);
-        nsrc = 1;
-        if (w.running) memcpy(w.running, x0, (size_t)Nd * sizeof(float));
+    if (!a->targets) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "targets are required");
+    for (int64_t r = 0; r < a->B * a->T; r++) {
+        int32_t t = a->targets[r];
+        if (t != a->ignore_index && (t < 0 || t >= c->vocab_size))
+            return sf_fail(err, errlen, SF_ERR_TOKEN_RANGE, "target %d at [%lld, %lld] is outside [0, vocab_size=%lld) and is not ignore_index (%d)", (int)t, (long long)(r / a->T), (long long)(r % a->T), (long long)c->vocab_size, (int)a->ignore_index);
     }
-
-    for (int64_t k = 0; k < L; k++) {
-        const int64_t i = k / 2;
-        const int is_attn = (k % 2) == 0;
-        const sf_layer_views *Lv = &m->layers[i];
-        const float *nw = is_attn ? Lv->attn_norm_w : Lv->mlp_norm_w;
-        const float *nb = is_attn ? Lv->attn_norm_b : Lv->mlp_norm_b;
-
-        /* 1. what sublayer k reads */
-        const float *in = w.x;
-        if (attnres) {
-            const float *q = is_attn ? Lv->attn_res_q : Lv->mlp_res_q;
-            const float *g = is_attn ? Lv->attn_res_g : Lv->mlp_res_g;
-            float *alpha = tr->alpha ? tr->alpha[k] : NULL;
-            for (int64_t s = 0; s < nsrc; s++) {
-                w.src_ptr[s] = w.src + s * Nd;
-                w.rms_ptr[s] = w.src_inv_rms + s * N;
-            }
-            int64_t pos_in_block = block ? k % S : 0;
-            if (two_phase) {
-                int64_t nq = (L - k) < S ? (L - k) : S; /* queries of this (maybe short) block */
-                if (pos_in_block == 0) {
-                    /* phase 1 at block start: all of the block's queries vs completed blocks */
-                    for (int64_t j = 0; j < nq; j++) {
-                        int64_t kk = k + j;
-                        const sf_layer_views *Lj = &m->layers[kk / 2];
-                        const float *qj = (kk % 2 == 0) ? Lj->attn_res_q : Lj->mlp_res_q;
-                        const float *gj = (kk % 2 == 0) ? Lj->attn_res_g : Lj->mlp_res_g;
-                        for (int64_t e = 0; e < d; e++) w.p1_qg[j * d + e] = qj[e] * gj[e];
-                    }
-                    sf_attnres_phase1(w.p1_m, w.p1_l, w.p1_o, w.p1_logits, w.src_ptr, w.rms_ptr,
-                                      nsrc, w.p1_qg, nq, N, d, nt);
-                }
-                int64_t j = pos_in_block;
-                sf_attnres_phase2(w.hin, alpha, w.p1_m + j * N, w.p1_l + j * N, w.p1_o + j * Nd,
-                                  w.p1_logits ? w.p1_logits + j * N * nsrc : NULL, nsrc,
-                                  pos_in_block ? w.partial : NULL, w.partial_inv_rms,
-                                  w.p1_qg + j * d, N, d, nt);
-            } else {
-                int64_t ns = nsrc;
-                if (block && pos_in_block > 0) { /* the running partial sum joins the sources */
-                    w.src_ptr[ns] = w.partial;
-                    w.rms_ptr[ns] = w.partial_inv_rms;
-                    ns++;
-                }
-                sf_attnres_aggregate(w.hin, alpha, w.src_ptr, w.rms_ptr, ns, q, g, N, d,
-                                     w.ar_scratch, nt);
-            }
-            in = w.hin;
+    if (!sf_model_acquire_write(m))
+        return sf_fail(err, errlen, SF_ERR_BUSY, "the model is in use by another thread (a train step needs it alone)");
+    run R;
+    want w = {0, 0};
+    st = run_init(&R, m, a->B, a->T, 1, !a->checkpoint, 0, NULL, w, a->n_threads, err, errlen);
+    if (st == SF_OK) {
+        R.pad = a->key_padding_mask;
+        stack_forward(&R, a->tokens, a->embeds, NULL);
+        sf_matmul(R.logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        double sum = 0.0;
+        int64_t cnt = 0;
+        sf_cross_entropy(R.logits, a->targets, R.N, R.V, a->ignore_index, &sum, &cnt, NULL, R.nt);
+        memset(m->grads, 0, (size_t)m->num_params * sizeof(float));
+        if (m->cfg.moda) {
+            int64_t arena = R.N * R.n_slots * R.kvd;
+            memset(R.ddepth_k, 0, (size_t)arena * sizeof(float));
+            memset(R.ddepth_v, 0, (size_t)arena * sizeof(float));
         }
-        if (is_attn && tr->hidden) copy_if(tr->hidden[i], in, Nd);
-        if (tr->rms) tr->rms[k * SF_RMS_COLS + SF_RMS_INPUT] = (float)sf_rms(in, Nd);
-
-        /* 2. the sublayer: f(Norm(in)) pre-norm, f(in) post-norm */
-        const float *fin = in;
-        if (c->pre_norm) { norm(&X, w.u, in, nw, nb); fin = w.u; }
-        float *y = (attnres && !block) ? w.src + (k + 1) * Nd : w.y; /* Full: write v_{k+1} in place */
-        if (is_attn)
-            attention_sublayer(&X, i, fin, y,
-                               tr->attention ? tr->attention[i] : NULL,
-                               tr->depth_mass ? tr->depth_mass[i] : NULL);
-        else
-            mlp_sublayer(&X, i, fin, y);
-
-        /* 3. where the output goes */
-        if (!attnres) {
-            copy_if(is_attn ? (tr->attn_out ? tr->attn_out[i] : NULL) : (tr->mlp_out ? tr->mlp_out[i] : NULL), y, Nd);
-            if (tr->rms) tr->rms[k * SF_RMS_COLS + SF_RMS_OUTPUT] = (float)sf_rms(y, Nd);
-            sf_add(w.x, y, Nd, nt);
-            if (!c->pre_norm) norm(&X, w.x, w.x, nw, nb);
-            if (tr->rms) tr->rms[k * SF_RMS_COLS + SF_RMS_STREAM] = (float)sf_rms(w.x, Nd);
-        } else {
-            if (!c->pre_norm) norm(&X, y, y, nw, nb); /* post-norm AttnRes: v = Norm(F(h)) */
-            copy_if(is_attn ? (tr->attn_out ? tr->attn_out[i] : NULL) : (tr->mlp_out ? tr->mlp_out[i] : NULL), y, Nd);
-            if (tr->rms) {
-                tr->rms[k * SF_RMS_COLS + SF_RMS_OUTPUT] = (float)sf_rms(y, Nd);
-                sf_add(w.running, y, Nd, nt);
-                tr->rms[k * SF_RMS_COLS + SF_RMS_STREAM] = (float)sf_rms(w.running, Nd);
-            }
-            if (!block) {
-                sf_attnres_inv_rms(w.src_inv_rms + nsrc * N, y, N, d, c->attnres_eps, nt);
-                nsrc++;
-            } else {
-                int64_t p = k % S;
-                if (p == 0) memcpy(w.partial, y, (size_t)Nd * sizeof(float));
-                else sf_add(w.partial, y, Nd, nt);
-                if (p == S - 1 || k == L - 1) { /* block complete: b_m = partial */
-                    memcpy(w.src + nsrc * Nd, w.partial, (size_t)Nd * sizeof(float));
-                    sf_attnres_inv_rms(w.src_inv_rms + nsrc * N, w.partial, N, d, c->attnres_eps, nt);
-                    nsrc++;
-                } else {
-                    sf_attnres_inv_rms(w.partial_inv_rms, w.partial, N, d, c->attnres_eps, nt);
-                }
-            }
-        }
+        if (cnt > 0) stack_backward(&R, a->tokens);
+        if (loss) *loss = cnt ? sum / (double)cnt : 0.0;
+        if (count) *count = cnt;
+        if (cnt > 0 && !isfinite(sum))
+            st = sf_fail(err, errlen, SF_ERR_NONFINITE, "the loss is not finite (NaN or inf in weights or activations)");
+        run_free(&R);
     }
-
-    /* output: the stream (plain) or a final aggregation over every source (AttnRes) */
-    const float *fin = w.x;
-    if (attnres) {
-        for (int64_t s = 0; s < nsrc; s++) {
-            w.src_ptr[s] = w.src + s * Nd;
-            w.rms_ptr[s] = w.src_inv_rms + s * N;
-        }
-        sf_attnres_aggregate(w.hin, tr->alpha ? tr->alpha[L] : NULL, w.src_ptr, w.rms_ptr, nsrc,
-                             m->out_res_q, m->out_res_g, N, d, w.ar_scratch, nt);
-        fin = w.hin;
-    }
-    if (tr->hidden) copy_if(tr->hidden[c->n_layers], fin, Nd);
-    if (tr->rms) {
-        tr->rms[L * SF_RMS_COLS + SF_RMS_INPUT] = (float)sf_rms(fin, Nd);
-        tr->rms[L * SF_RMS_COLS + SF_RMS_OUTPUT] = NAN;
-        tr->rms[L * SF_RMS_COLS + SF_RMS_STREAM] = NAN;
-    }
-    if (c->final_norm) { norm(&X, w.u, fin, m->final_norm_w, m->final_norm_b); fin = w.u; }
-    copy_if(out_hidden, fin, Nd);
-    if (out_logits) sf_matmul(out_logits, fin, m->lm_head, NULL, N, d, c->vocab_size, 0, w.pack, nt);
-    free(w.block);
-    return SF_OK;
+    sf_model_release_write(m);
+    return st;
 }

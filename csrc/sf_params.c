@@ -18,6 +18,7 @@ const char *sf_status_name(sf_status s) {
     case SF_ERR_OVERFLOW: return "size overflow";
     case SF_ERR_TOKEN_RANGE: return "token id out of range";
     case SF_ERR_NONFINITE: return "non-finite value";
+    case SF_ERR_BUSY: return "model busy";
     }
     return "unknown status";
 }
@@ -294,7 +295,21 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
     m->num_tensors = tb.n;
     m->num_params = tb.total;
     m->tensors = calloc((size_t)tb.n, sizeof *m->tensors);
-    m->params = calloc((size_t)(tb.total > 0 ? tb.total : 1), sizeof(float));
+    /* parameters, gradients and the two AdamW moments in one allocation: views of any of
+     * them stay valid for the model's whole life */
+    int64_t all;
+    if (sf_mul_ok(tb.total, 4, &all) || all > ((int64_t)1 << 38)) {
+        sf_model_free(m);
+        return sf_fail(err, errlen, SF_ERR_NOMEM, "model would need %lld parameters: too large",
+                       (long long)tb.total);
+    }
+    m->params = calloc((size_t)(all > 0 ? all : 1), sizeof(float));
+    if (m->params) {
+        m->grads = m->params + tb.total;
+        m->adam_m = m->grads + tb.total;
+        m->adam_v = m->adam_m + tb.total;
+    }
+    atomic_init(&m->state, 0);
     m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
     if (!m->tensors || !m->params || !m->layers) {
         sf_model_free(m);
@@ -349,6 +364,26 @@ int32_t sf_model_num_tensors(const sf_model *m) { return m->num_tensors; }
 const sf_tensor_info *sf_model_tensor(const sf_model *m, int32_t i) {
     return (i >= 0 && i < m->num_tensors) ? &m->tensors[i] : NULL;
 }
+float *sf_model_grads(sf_model *m) { return m->grads; }
+float *sf_model_adam_m(sf_model *m) { return m->adam_m; }
+float *sf_model_adam_v(sf_model *m) { return m->adam_v; }
+int64_t sf_model_step_count(const sf_model *m) { return m->step; }
+void sf_model_set_step_count(sf_model *m, int64_t step) { m->step = step < 0 ? 0 : step; }
+
+int sf_model_acquire_read(sf_model *m) {
+    int s = atomic_load(&m->state);
+    do {
+        if (s < 0) return 0;
+    } while (!atomic_compare_exchange_weak(&m->state, &s, s + 1));
+    return 1;
+}
+void sf_model_release_read(sf_model *m) { atomic_fetch_sub(&m->state, 1); }
+int sf_model_acquire_write(sf_model *m) {
+    int expected = 0;
+    return atomic_compare_exchange_strong(&m->state, &expected, -1);
+}
+void sf_model_release_write(sf_model *m) { atomic_store(&m->state, 0); }
+
 int32_t sf_model_find_tensor(const sf_model *m, const char *name) {
     /* linear scan: called at model build and by name lookups from Python, never in hot loops */
     for (int32_t i = 0; i < m->num_tensors; i++)

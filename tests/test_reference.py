@@ -34,8 +34,6 @@ def run(cfg, seed=0, tokens=None, **kw):
     return R.forward(cfg, params, tokens if tokens is not None else tokens_for(), **kw), params
 
 
-TRACE_KEYS = ("attention", "hidden", "attn_out", "mlp_out", "alpha", "depth_mass")
-
 # A spread of configurations used by the generic invariance tests.
 CONFIGS = {
     "plain_pre": dict(),
