@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from setuptools import Extension, setup
 
-CSRC = ["sf_kernels.c", "sf_params.c", "sf_attention.c", "sf_attnres.c", "sf_model.c"]
+CSRC = ["sf_kernels.c", "sf_params.c", "sf_attention.c", "sf_attnres.c", "sf_model.c", "sf_optim.c"]
 
 compile_args = ["-std=c11", "-O3", "-Wall", "-Wno-unused-parameter"]
 link_args = []

@@ -1,0 +1,58 @@
+/* AdamW with decoupled weight decay and global-norm gradient clipping.
+ *
+ * Decay applies to tensors whose no_decay flag is 0: every Linear weight, the token and
+ * positional embeddings and the untied head (2-D weights, as in GPT-2/nanoGPT). Norm gains and
+ * biases, all biases, and the AttnRes pseudo-queries and key gains are never decayed: decay
+ * would pull gains toward 0 instead of 1, and the pseudo-queries' zero init is their "uniform
+ * mixture" state, which decay should not favour.
+ */
+#include "sf_internal.h"
+#include "sf_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *err,
+                        size_t errlen) {
+    if (!m || !o) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or optimizer is NULL");
+    if (!(isfinite(o->lr) && o->lr >= 0.0f)) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "lr must be a finite number >= 0");
+    if (!(o->beta1 >= 0.0f && o->beta1 < 1.0f && o->beta2 >= 0.0f && o->beta2 < 1.0f))
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "betas must be in [0, 1)");
+    if (!(isfinite(o->eps) && o->eps > 0.0f)) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "eps must be > 0");
+    if (!(isfinite(o->weight_decay) && o->weight_decay >= 0.0f)) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "weight_decay must be >= 0");
+    if (!isfinite(o->clip_norm)) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "clip_norm must be finite (<= 0 disables clipping)");
+    if (!sf_model_acquire_write(m))
+        return sf_fail(err, errlen, SF_ERR_BUSY, "the model is in use by another thread (an optimizer step needs it alone)");
+    const int64_t P = m->num_params;
+    double ss = 0.0;
+    for (int64_t j = 0; j < P; j++) ss += (double)m->grads[j] * m->grads[j];
+    double norm = sqrt(ss);
+    if (grad_norm) *grad_norm = (float)norm;
+    if (!isfinite(norm)) {
+        sf_model_release_write(m);
+        return sf_fail(err, errlen, SF_ERR_NONFINITE, "gradient norm is not finite: step skipped, model unchanged");
+    }
+    float scale = (o->clip_norm > 0.0f && norm > o->clip_norm) ? (float)(o->clip_norm / norm) : 1.0f;
+    m->step++;
+    const double b1c = 1.0 - pow((double)o->beta1, (double)m->step);
+    const double b2c = 1.0 - pow((double)o->beta2, (double)m->step);
+    const float lr = o->lr, b1 = o->beta1, b2 = o->beta2, eps = o->eps;
+    const float step_size = (float)(lr / b1c), inv_b2c_sqrt = (float)(1.0 / sqrt(b2c));
+    for (int32_t t = 0; t < m->num_tensors; t++) {
+        const sf_tensor_info *ti = &m->tensors[t];
+        const float decay = ti->no_decay ? 0.0f : lr * o->weight_decay;
+        float *p = m->params + ti->offset, *g = m->grads + ti->offset;
+        float *mm = m->adam_m + ti->offset, *vv = m->adam_v + ti->offset;
+        const int64_t n = ti->numel;
+#pragma omp parallel for schedule(static) num_threads(sf_threads_resolve(0)) if (n > 65536)
+        for (int64_t j = 0; j < n; j++) {
+            float gj = g[j] * scale;
+            mm[j] = b1 * mm[j] + (1.0f - b1) * gj;
+            vv[j] = b2 * vv[j] + (1.0f - b2) * gj * gj;
+            p[j] -= decay * p[j]; /* decoupled decay, applied to the pre-update weight */
+            p[j] -= step_size * mm[j] / (sqrtf(vv[j]) * inv_b2c_sqrt + eps);
+        }
+    }
+    sf_model_release_write(m);
+    return SF_OK;
+}
