@@ -18,6 +18,15 @@ typedef struct {
     sf_model *model;
 } CModel;
 
+/* A decoding cache; holds a reference to its model so the model outlives it. */
+typedef struct {
+    PyObject_HEAD
+    sf_cache *cache;
+    PyObject *owner;
+} CCache;
+
+static PyTypeObject CCacheType;
+
 static PyObject *status_error(sf_status st, const char *msg) {
     PyObject *exc = PyExc_ValueError;
     if (st == SF_ERR_NOMEM) exc = PyExc_MemoryError;
@@ -180,14 +189,22 @@ static PyArrayObject *tokens_array(PyArrayObject *in, const sf_config *c) {
 
 static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input", "key_padding_mask", "logits", "hidden", "trace",
-                             "trace_layers", "two_phase", "n_threads", NULL};
-    PyObject *input = NULL, *mask_obj = Py_None, *layers_obj = Py_None;
+                             "trace_layers", "two_phase", "n_threads", "cache", NULL};
+    PyObject *input = NULL, *mask_obj = Py_None, *layers_obj = Py_None, *cache_obj = Py_None;
     int want_logits = 1, want_hidden = 0, flags = 0, two_phase = 1, n_threads = 0;
     if (!ready(self)) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OppiOpi", kwlist, &input, &mask_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OppiOpiO", kwlist, &input, &mask_obj,
                                      &want_logits, &want_hidden, &flags, &layers_obj, &two_phase,
-                                     &n_threads))
+                                     &n_threads, &cache_obj))
         return NULL;
+    sf_cache *cache = NULL;
+    if (cache_obj != Py_None) {
+        if (!PyObject_TypeCheck(cache_obj, &CCacheType) || ((CCache *)cache_obj)->owner != (PyObject *)self) {
+            PyErr_SetString(PyExc_TypeError, "cache must be a cache created by this model");
+            return NULL;
+        }
+        cache = ((CCache *)cache_obj)->cache;
+    }
     const sf_config *c = sf_model_config(self->model);
     if (!PyArray_Check(input)) {
         PyErr_Format(PyExc_TypeError, "input must be a numpy array of token ids or embeddings, got %.200s", Py_TYPE(input)->tp_name);
@@ -223,7 +240,7 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         goto fail;
     }
     if (B < 1 || T < 1) { PyErr_Format(PyExc_ValueError, "input is empty: B=%lld, T=%lld (both must be >= 1)", (long long)B, (long long)T); goto fail; }
-    if (T > c->max_seq_len) { PyErr_Format(PyExc_ValueError, "sequence length T=%lld exceeds max_seq_len=%lld", (long long)T, (long long)c->max_seq_len); goto fail; }
+    if (!cache && T > c->max_seq_len) { PyErr_Format(PyExc_ValueError, "sequence length T=%lld exceeds max_seq_len=%lld", (long long)T, (long long)c->max_seq_len); goto fail; }
     if (mask_obj != Py_None) {
         if (!PyArray_Check(mask_obj)) { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be a numpy array of shape (B, T)"); goto fail; }
         int mk = PyArray_DESCR((PyArrayObject *)mask_obj)->kind;
@@ -287,7 +304,7 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
 
     sf_forward_args fa = {tok ? (const int32_t *)PyArray_DATA(tok) : NULL,
                           emb ? (const float *)PyArray_DATA(emb) : NULL,
-                          mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, B, T, two_phase, n_threads};
+                          mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, B, T, two_phase, n_threads, cache};
     char err[ERRLEN] = {0};
     sf_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -296,6 +313,7 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
                     hidden ? (float *)PyArray_DATA((PyArrayObject *)hidden) : NULL,
                     flags ? &tr : NULL, err, sizeof err);
     Py_END_ALLOW_THREADS
+    if (st == SF_ERR_BUSY) { PyErr_SetString(PyExc_RuntimeError, err); goto fail; }
     if (st != SF_OK) { status_error(st, err); goto fail; }
     Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(mask);
     PyMem_Free(ptrs);
@@ -307,6 +325,177 @@ fail:
     PyMem_Free(ptrs);
     return NULL;
 }
+
+/* ---- training ------------------------------------------------------------------------- */
+
+static PyObject *flat_view(CModel *self, float *ptr) {
+    npy_intp n = (npy_intp)sf_model_num_params(self->model);
+    PyObject *arr = PyArray_SimpleNewFromData(1, &n, NPY_FLOAT32, ptr);
+    if (!arr) return NULL;
+    Py_INCREF(self);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)self) < 0) { Py_DECREF(arr); return NULL; }
+    return arr;
+}
+
+static PyObject *CModel_grads(CModel *self, void *c) { return ready(self) ? flat_view(self, sf_model_grads(self->model)) : NULL; }
+static PyObject *CModel_adam_m(CModel *self, void *c) { return ready(self) ? flat_view(self, sf_model_adam_m(self->model)) : NULL; }
+static PyObject *CModel_adam_v(CModel *self, void *c) { return ready(self) ? flat_view(self, sf_model_adam_v(self->model)) : NULL; }
+
+static PyObject *CModel_get_step(CModel *self, void *c) {
+    if (!ready(self)) return NULL;
+    return PyLong_FromLongLong((long long)sf_model_step_count(self->model));
+}
+static int CModel_set_step(CModel *self, PyObject *v, void *c) {
+    if (!ready(self)) return -1;
+    if (!v) { PyErr_SetString(PyExc_TypeError, "cannot delete step"); return -1; }
+    long long s = PyLong_AsLongLong(v);
+    if (s == -1 && PyErr_Occurred()) return -1;
+    if (s < 0) { PyErr_SetString(PyExc_ValueError, "step must be >= 0"); return -1; }
+    sf_model_set_step_count(self->model, (int64_t)s);
+    return 0;
+}
+
+static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"input", "targets", "key_padding_mask", "ignore_index", "checkpoint", "n_threads", NULL};
+    PyObject *input, *targets_obj, *mask_obj = Py_None;
+    int ignore_index = -100, checkpoint = 0, n_threads = 0;
+    if (!ready(self)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Oipi", kwlist, &input, &targets_obj, &mask_obj,
+                                     &ignore_index, &checkpoint, &n_threads))
+        return NULL;
+    const sf_config *c = sf_model_config(self->model);
+    if (n_threads < 0 || n_threads > 1024) { PyErr_Format(PyExc_ValueError, "n_threads must be in [0, 1024], got %d", n_threads); return NULL; }
+    if (!PyArray_Check(input) || !PyArray_Check(targets_obj)) {
+        PyErr_SetString(PyExc_TypeError, "inputs and targets must be numpy arrays");
+        return NULL;
+    }
+    PyArrayObject *in = (PyArrayObject *)input, *tok = NULL, *emb = NULL, *tgt = NULL, *mask = NULL;
+    PyObject *result = NULL;
+    int kind = PyArray_DESCR(in)->kind;
+    int64_t B, T;
+    if (kind == 'i' || kind == 'u') {
+        if (!(tok = tokens_array(in, c))) goto done;
+        B = PyArray_NDIM(tok) == 2 ? PyArray_DIM(tok, 0) : 1;
+        T = PyArray_DIM(tok, PyArray_NDIM(tok) - 1);
+    } else if (kind == 'f' && PyArray_NDIM(in) == 3 && PyArray_DIM(in, 2) == c->d_model) {
+        if (!(emb = (PyArrayObject *)PyArray_FROMANY(input, NPY_FLOAT32, 3, 3, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST))) goto done;
+        B = PyArray_DIM(emb, 0);
+        T = PyArray_DIM(emb, 1);
+    } else {
+        PyErr_Format(PyExc_TypeError, "inputs must be integer token ids (T,) / (B, T) or float embeddings (B, T, d_model=%lld)", (long long)c->d_model);
+        goto done;
+    }
+    if (B < 1 || T < 1) { PyErr_Format(PyExc_ValueError, "inputs are empty: B=%lld, T=%lld", (long long)B, (long long)T); goto done; }
+    if (T > c->max_seq_len) { PyErr_Format(PyExc_ValueError, "sequence length T=%lld exceeds max_seq_len=%lld", (long long)T, (long long)c->max_seq_len); goto done; }
+    int tk = PyArray_DESCR((PyArrayObject *)targets_obj)->kind;
+    if (tk != 'i' && tk != 'u') { PyErr_SetString(PyExc_TypeError, "targets must be an integer array"); goto done; }
+    if (PyArray_SIZE((PyArrayObject *)targets_obj) != B * T) {
+        PyErr_Format(PyExc_ValueError, "targets must have shape (B=%lld, T=%lld) like the inputs", (long long)B, (long long)T);
+        goto done;
+    }
+    {
+        PyArrayObject *t64 = (PyArrayObject *)PyArray_FROMANY(targets_obj, NPY_INT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        if (!t64) goto done;
+        const int64_t *tv = (const int64_t *)PyArray_DATA(t64);
+        for (npy_intp r = 0; r < PyArray_SIZE(t64); r++)
+            if (tv[r] != ignore_index && (tv[r] < 0 || tv[r] >= c->vocab_size)) {
+                PyErr_Format(PyExc_IndexError, "target %lld at flat index %lld is outside [0, vocab_size=%lld) and is not ignore_index=%d",
+                             (long long)tv[r], (long long)r, (long long)c->vocab_size, ignore_index);
+                Py_DECREF(t64);
+                goto done;
+            }
+        tgt = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        Py_DECREF(t64);
+        if (!tgt) goto done;
+    }
+    if (mask_obj != Py_None) {
+        if (!PyArray_Check(mask_obj) || PyArray_SIZE((PyArrayObject *)mask_obj) != B * T) {
+            PyErr_Format(PyExc_ValueError, "key_padding_mask must be an array of shape (B=%lld, T=%lld)", (long long)B, (long long)T);
+            goto done;
+        }
+        if (!(mask = (PyArrayObject *)PyArray_FROMANY(mask_obj, NPY_UINT8, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST))) goto done;
+    }
+    {
+        sf_train_args ta = {tok ? (const int32_t *)PyArray_DATA(tok) : NULL,
+                            emb ? (const float *)PyArray_DATA(emb) : NULL,
+                            mask ? (const uint8_t *)PyArray_DATA(mask) : NULL,
+                            (const int32_t *)PyArray_DATA(tgt), B, T, ignore_index, checkpoint, n_threads};
+        char err[ERRLEN] = {0};
+        double loss = 0.0;
+        int64_t count = 0;
+        sf_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = sf_forward_backward(self->model, &ta, &loss, &count, err, sizeof err);
+        Py_END_ALLOW_THREADS
+        if (st == SF_ERR_BUSY) { PyErr_SetString(PyExc_RuntimeError, err); goto done; }
+        if (st != SF_OK) { status_error(st, err); goto done; }
+        result = Py_BuildValue("(dL)", loss, (long long)count);
+    }
+done:
+    Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(tgt); Py_XDECREF(mask);
+    return result;
+}
+
+static PyObject *CModel_adamw_step(CModel *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"lr", "beta1", "beta2", "eps", "weight_decay", "clip_norm", NULL};
+    sf_adamw o = {0.0f, 0.9f, 0.95f, 1e-8f, 0.0f, 0.0f};
+    if (!ready(self)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "f|fffff", kwlist, &o.lr, &o.beta1, &o.beta2, &o.eps, &o.weight_decay, &o.clip_norm))
+        return NULL;
+    char err[ERRLEN] = {0};
+    float norm = 0.0f;
+    sf_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sf_adamw_step(self->model, &o, &norm, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (st == SF_ERR_BUSY) { PyErr_SetString(PyExc_RuntimeError, err); return NULL; }
+    if (st == SF_ERR_NONFINITE) { PyErr_SetString(PyExc_FloatingPointError, err); return NULL; }
+    if (st != SF_OK) return status_error(st, err);
+    return PyFloat_FromDouble((double)norm);
+}
+
+static PyObject *CModel_train_workspace_bytes(CModel *self, PyObject *args) {
+    long long B, T;
+    int ck = 0;
+    if (!ready(self) || !PyArg_ParseTuple(args, "LL|p", &B, &T, &ck)) return NULL;
+    if (B < 1 || T < 1) { PyErr_SetString(PyExc_ValueError, "B and T must be >= 1"); return NULL; }
+    return PyLong_FromLongLong((long long)sf_train_workspace_bytes(sf_model_config(self->model), B, T, ck));
+}
+
+static PyObject *CModel_new_cache(CModel *self, PyObject *args) {
+    long long B, max_len;
+    if (!ready(self) || !PyArg_ParseTuple(args, "LL", &B, &max_len)) return NULL;
+    char err[ERRLEN] = {0};
+    sf_cache *c = NULL;
+    sf_status st = sf_cache_create(self->model, B, max_len, &c, err, sizeof err);
+    if (st != SF_OK) return status_error(st, err);
+    CCache *obj = PyObject_New(CCache, &CCacheType);
+    if (!obj) { sf_cache_free(c); return NULL; }
+    obj->cache = c;
+    Py_INCREF(self);
+    obj->owner = (PyObject *)self;
+    return (PyObject *)obj;
+}
+
+static void CCache_dealloc(CCache *self) {
+    sf_cache_free(self->cache);
+    Py_XDECREF(self->owner);
+    PyObject_Free(self);
+}
+static PyObject *CCache_len(CCache *self, void *c) { return PyLong_FromLongLong((long long)sf_cache_len(self->cache)); }
+static PyObject *CCache_reset(CCache *self, PyObject *unused) { sf_cache_reset(self->cache); Py_RETURN_NONE; }
+static PyGetSetDef CCache_getset[] = {{"length", (getter)CCache_len, NULL, "positions held", NULL}, {NULL}};
+static PyMethodDef CCache_methods[] = {{"reset", (PyCFunction)CCache_reset, METH_NOARGS, "forget all positions"}, {NULL}};
+static PyTypeObject CCacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stackformer._core.CCache",
+    .tp_basicsize = sizeof(CCache),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "key/value cache for incremental decoding (use Model.generate)",
+    .tp_dealloc = (destructor)CCache_dealloc,
+    .tp_getset = CCache_getset,
+    .tp_methods = CCache_methods,
+};
 
 static PyObject *CModel_num_params(CModel *self, void *closure) {
     if (!ready(self)) return NULL;
@@ -333,11 +522,21 @@ static PyMethodDef CModel_methods[] = {
      "forward(input, key_padding_mask=None, logits=True, hidden=False, trace=0, trace_layers=None, two_phase=True, n_threads=0) -> (logits, hidden, trace dict)"},
     {"depth_cols", (PyCFunction)CModel_depth_cols, METH_O, "depth columns of layer l in the attention trace"},
     {"num_sources", (PyCFunction)CModel_num_sources, METH_O, "AttnRes sources seen by sublayer k"},
+    {"forward_backward", (PyCFunction)(void (*)(void))CModel_forward_backward, METH_VARARGS | METH_KEYWORDS,
+     "forward_backward(input, targets, key_padding_mask=None, ignore_index=-100, checkpoint=False, n_threads=0) -> (mean loss, count)"},
+    {"adamw_step", (PyCFunction)(void (*)(void))CModel_adamw_step, METH_VARARGS | METH_KEYWORDS,
+     "adamw_step(lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0, clip_norm=0) -> grad norm"},
+    {"train_workspace_bytes", (PyCFunction)CModel_train_workspace_bytes, METH_VARARGS, "train_workspace_bytes(B, T, checkpoint=False)"},
+    {"new_cache", (PyCFunction)CModel_new_cache, METH_VARARGS, "new_cache(B, max_len) -> CCache"},
     {NULL}};
 
 static PyGetSetDef CModel_getset[] = {
     {"params", (getter)CModel_params, NULL, "flat float32 view of all parameters (writable)", NULL},
     {"num_params", (getter)CModel_num_params, NULL, "number of parameters", NULL},
+    {"grads", (getter)CModel_grads, NULL, "flat float32 view of the gradients", NULL},
+    {"adam_m", (getter)CModel_adam_m, NULL, "flat float32 view of AdamW's first moments", NULL},
+    {"adam_v", (getter)CModel_adam_v, NULL, "flat float32 view of AdamW's second moments", NULL},
+    {"step", (getter)CModel_get_step, (setter)CModel_set_step, "optimizer step count", NULL},
     {NULL}};
 
 static PyTypeObject CModelType = {
@@ -374,7 +573,7 @@ static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", "stackf
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
-    if (PyType_Ready(&CModelType) < 0) return NULL;
+    if (PyType_Ready(&CModelType) < 0 || PyType_Ready(&CCacheType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     Py_INCREF(&CModelType);

@@ -156,6 +156,29 @@ class ParamTree:
         return f"<{self._prefix or 'model'}: {items}>"
 
 
+def _as_array(x: Any) -> np.ndarray:
+    if isinstance(x, (bytes, bytearray)):
+        return np.frombuffer(bytes(x), dtype=np.uint8)
+    if isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    return x
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: Optional[int], rng) -> np.ndarray:
+    """One token id per row of logits (B, V)."""
+    logits = logits.astype(np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    z = logits / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p], dtype=np.int64)
+
+
 def _copy_checked(dst: np.ndarray, value: Any, name: str) -> None:
     arr = _checked_array(value, dst.shape, name)
     np.copyto(dst, arr, casting="unsafe")
@@ -192,15 +215,22 @@ class Model:
         self.config = config
         self._c = _core.CModel(**config._c_kwargs(), seed=int(seed))
         self._flat = self._c.params
+        self._flat_grads = self._c.grads
         self._params: Dict[str, np.ndarray] = {}
+        self._grads: Dict[str, np.ndarray] = {}
         self._no_decay: Dict[str, bool] = {}
         self._root = ParamTree("")
         for name, offset, shape, _layer, no_decay in self._c.tensors():
             size = int(np.prod(shape))
             view = self._flat[offset: offset + size].reshape(shape)
+            grad = self._flat_grads[offset: offset + size].reshape(shape)
+            grad.flags.writeable = False
             self._params[name] = view
+            self._grads[name] = grad
             self._no_decay[name] = bool(no_decay)
             self._insert(name, view)
+            self._insert(name + "_grad", grad)
+        self.last_grad_norm: Optional[float] = None
         layers = self._root._children.get("layers")
         self.layers: List[ParamTree] = [layers._children[str(i)] for i in range(config.n_layers)]
 
@@ -230,6 +260,20 @@ class Model:
     def flat_params(self) -> np.ndarray:
         """All parameters as one writable float32 view, in table order."""
         return self._flat
+
+    @property
+    def grads(self) -> Dict[str, np.ndarray]:
+        """name -> read-only float32 view of that parameter's gradient (from the last
+        forward_backward / train_step). Also reachable as e.g. layers[0].attn.q_proj.weight_grad."""
+        return dict(self._grads)
+
+    @property
+    def flat_grads(self) -> np.ndarray:
+        return self._flat_grads
+
+    def no_decay(self, name: str) -> bool:
+        """True for tensors AdamW never decays (norms, biases, AttnRes pseudo-queries/gains)."""
+        return self._no_decay[name]
 
     def named_parameters(self) -> Dict[str, np.ndarray]:
         """name -> writable float32 view of the C buffer, in buffer order."""
@@ -308,6 +352,109 @@ class Model:
         return Output(logits=logits, hidden_states=hidden, trace=trace_obj)
 
     forward = __call__
+
+    # -- training --------------------------------------------------------------------------------
+    def forward_backward(self, inputs: Any, targets: Any, key_padding_mask: Optional[np.ndarray] = None,
+                         ignore_index: int = -100, checkpoint: bool = False, n_threads: int = 0) -> float:
+        """Mean cross-entropy of logits(inputs) against targets (B, T) (entries equal to
+        ignore_index are skipped: next-token targets for decoders, masked positions for
+        encoders); gradients land in model.grads. checkpoint=True keeps only each block's
+        input and recomputes the rest during the backward pass (less memory, more time)."""
+        inputs = _as_array(inputs)
+        targets = _as_array(targets)
+        loss, count = self._c.forward_backward(inputs, targets, key_padding_mask,
+                                               ignore_index=int(ignore_index),
+                                               checkpoint=bool(checkpoint), n_threads=int(n_threads))
+        if count == 0:
+            raise ValueError("every target equals ignore_index: there is nothing to learn from")
+        return float(loss)
+
+    def optimizer_step(self, lr: float, betas: Sequence[float] = (0.9, 0.95), eps: float = 1e-8,
+                       weight_decay: float = 0.1, clip_norm: float = 1.0) -> float:
+        """One AdamW step from model.grads (decoupled weight decay on 2-D weights and
+        embeddings, none on norms, biases and AttnRes pseudo-queries/gains; global-norm
+        clipping at clip_norm, <= 0 disables). Returns the gradient norm before clipping. A
+        non-finite gradient raises FloatingPointError and leaves the model unchanged."""
+        b1, b2 = betas
+        norm = self._c.adamw_step(float(lr), beta1=float(b1), beta2=float(b2), eps=float(eps),
+                                  weight_decay=float(weight_decay), clip_norm=float(clip_norm))
+        self.last_grad_norm = float(norm)
+        return float(norm)
+
+    def train_step(self, inputs: Any, targets: Any, lr: float = 1e-3, **kw: Any) -> float:
+        """forward_backward + optimizer_step; returns the loss (before the update).
+        Keyword arguments go to forward_backward (key_padding_mask, ignore_index, checkpoint,
+        n_threads) or optimizer_step (betas, eps, weight_decay, clip_norm)."""
+        fb = {k: kw.pop(k) for k in ("key_padding_mask", "ignore_index", "checkpoint", "n_threads") if k in kw}
+        loss = self.forward_backward(inputs, targets, **fb)
+        self.optimizer_step(lr, **kw)
+        return loss
+
+    def train_memory_bytes(self, batch_size: int, seq_len: int, checkpoint: bool = False) -> int:
+        """Bytes of activation workspace one training step needs."""
+        return int(self._c.train_workspace_bytes(int(batch_size), int(seq_len), bool(checkpoint)))
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken."""
+        return int(self._c.step)
+
+    def optimizer_state(self) -> Dict[str, np.ndarray]:
+        """Copies of AdamW's moments and step, for exact resumption."""
+        return {"adam_m": self._c.adam_m.copy(), "adam_v": self._c.adam_v.copy(),
+                "step": np.array(self._c.step, dtype=np.int64)}
+
+    def load_optimizer_state(self, state: Dict[str, np.ndarray]) -> None:
+        P = self.num_params
+        for k in ("adam_m", "adam_v"):
+            v = state.get(k) if isinstance(state, dict) else None
+            if not isinstance(v, np.ndarray) or v.shape != (P,) or v.dtype.kind != "f":
+                raise ValueError(f"optimizer state {k!r} must be a float array of shape ({P},)")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"optimizer state {k!r} contains NaN or inf")
+        step = int(np.asarray(state.get("step", 0)))
+        if step < 0:
+            raise ValueError("optimizer state 'step' must be >= 0")
+        np.copyto(self._c.adam_m, state["adam_m"], casting="unsafe")
+        np.copyto(self._c.adam_v, state["adam_v"], casting="unsafe")
+        self._c.step = step
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt: Any, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
+        """Sample max_new_tokens after prompt ((T,) or (B, T) ids) with a key/value cache:
+        the prompt is run once, then each new token costs one position. temperature 0 is
+        greedy. Returns the prompt with the new tokens appended, same rank as the prompt."""
+        c = self.config
+        if not c.causal:
+            raise ValueError("generate needs a causal (decoder) model")
+        p = _as_array(prompt)
+        if p.dtype.kind not in "iu":
+            raise TypeError(f"prompt must hold integer token ids, got dtype {p.dtype}")
+        squeeze = p.ndim == 1
+        p = np.atleast_2d(p).astype(np.int64)
+        if p.ndim != 2 or p.shape[1] < 1:
+            raise ValueError("prompt must have shape (T,) or (B, T) with T >= 1")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be an int >= 0")
+        total = p.shape[1] + int(max_new_tokens)
+        if total > c.max_seq_len:
+            raise ValueError(f"prompt ({p.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({c.max_seq_len})")
+        if not (np.isfinite(temperature) and temperature >= 0):
+            raise ValueError("temperature must be a finite number >= 0")
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise ValueError("top_k must be None or an int >= 1")
+        rng = np.random.default_rng(seed)
+        cache = self._c.new_cache(p.shape[0], total)
+        out = [p]
+        logits = self._c.forward(p, cache=cache)[0][:, -1, :]
+        for step in range(int(max_new_tokens)):
+            nxt = _sample(logits, temperature, top_k, rng)
+            out.append(nxt[:, None])
+            if step + 1 < max_new_tokens:
+                logits = self._c.forward(nxt[:, None], cache=cache)[0][:, -1, :]
+        seq = np.concatenate(out, axis=1)
+        return seq[0] if squeeze else seq
 
     # -- structure ---------------------------------------------------------------------------------
     def alpha_labels(self) -> List[List[str]]:
