@@ -190,6 +190,9 @@ float *sf_model_adam_v(sf_model *m);
 int64_t sf_model_step_count(const sf_model *m);
 void sf_model_set_step_count(sf_model *m, int64_t step);
 
+/* Physical memory: larger single requests fail with SF_ERR_NOMEM before allocating. */
+int64_t sf_memory_limit_bytes(void);
+
 /* Threads used when n_threads == 0. */
 void sf_set_num_threads(int n);
 int sf_get_num_threads(void);

@@ -51,7 +51,7 @@ sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cach
     if (sf_mul_ok(B, max_len, &rows) || sf_mul_ok(rows, kvd, &kv) ||
         sf_mul_ok(kv, c->n_layers, &kv) || sf_mul_ok(rows * kvd, n_depth_slots(c), &dep) ||
         sf_add_ok(kv, dep, &total) || sf_mul_ok(total, 2 * (int64_t)sizeof(float), &bytes) ||
-        bytes > ((int64_t)1 << 40))
+        bytes > sf_memory_limit_bytes())
         return sf_fail(err, errlen, SF_ERR_NOMEM, "cache for B=%lld, max_len=%lld is too large", (long long)B, (long long)max_len);
     sf_cache *ca = calloc(1, sizeof *ca);
     float *blk = ca ? malloc((size_t)(bytes > 0 ? bytes : 4)) : NULL;
@@ -267,7 +267,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         run_free(R);
         return sf_fail(err, errlen, SF_ERR_OVERFLOW, "workspace size for B=%lld, T=%lld overflows", (long long)B, (long long)T);
     }
-    if (bytes > ((int64_t)1 << 40)) {
+    if (bytes > sf_memory_limit_bytes()) {
         run_free(R);
         return sf_fail(err, errlen, SF_ERR_NOMEM, "this call would need %.1f GiB of workspace", (double)bytes / 1073741824.0);
     }

@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L
 /* Config validation, the parameter table (names, shapes, offsets), and seeded init. */
 #include "sf_internal.h"
 #include "sf_kernels.h"
@@ -6,6 +7,8 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 /* ---- errors and checked arithmetic -------------------------------------------------------- */
 
@@ -31,6 +34,16 @@ sf_status sf_fail(char *err, size_t errlen, sf_status st, const char *fmt, ...) 
         va_end(ap);
     }
     return st;
+}
+
+/* Allocations larger than the machine's physical memory are refused up front with
+ * SF_ERR_NOMEM: with overcommit a huge malloc "succeeds" and the process dies later. */
+int64_t sf_memory_limit_bytes(void) {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && size > 0) return (int64_t)pages * (int64_t)size;
+#endif
+    return (int64_t)1 << 40;
 }
 
 int sf_mul_ok(int64_t a, int64_t b, int64_t *out) {
@@ -286,7 +299,7 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
     table_builder tb = {0};
     build_table(cfg, &tb);
     int64_t bytes;
-    if (tb.overflow || sf_mul_ok(tb.total, (int64_t)sizeof(float), &bytes) || bytes > ((int64_t)1 << 40))
+    if (tb.overflow || sf_mul_ok(tb.total, (int64_t)sizeof(float), &bytes) || bytes > sf_memory_limit_bytes())
         return sf_fail(err, errlen, SF_ERR_NOMEM, "model would need %lld parameters: too large",
                        (long long)tb.total);
     sf_model *m = calloc(1, sizeof *m);
@@ -298,7 +311,7 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
     /* parameters, gradients and the two AdamW moments in one allocation: views of any of
      * them stay valid for the model's whole life */
     int64_t all;
-    if (sf_mul_ok(tb.total, 4, &all) || all > ((int64_t)1 << 38)) {
+    if (sf_mul_ok(tb.total, 4, &all) || all > sf_memory_limit_bytes() / (int64_t)sizeof(float)) {
         sf_model_free(m);
         return sf_fail(err, errlen, SF_ERR_NOMEM, "model would need %lld parameters: too large",
                        (long long)tb.total);
@@ -370,17 +383,30 @@ float *sf_model_adam_v(sf_model *m) { return m->adam_v; }
 int64_t sf_model_step_count(const sf_model *m) { return m->step; }
 void sf_model_set_step_count(sf_model *m, int64_t step) { m->step = step < 0 ? 0 : step; }
 
+/* The guard word: >= 0 counts running forward calls; WRITE_PENDING is set by a train step that
+ * waits for them to drain (new forward calls are refused meanwhile, so it cannot starve);
+ * -1 while the step runs. Forward calls never wait: they fail fast with SF_ERR_BUSY. */
+#define WRITE_PENDING (1 << 30)
+
 int sf_model_acquire_read(sf_model *m) {
     int s = atomic_load(&m->state);
     do {
-        if (s < 0) return 0;
+        if (s < 0 || (s & WRITE_PENDING)) return 0;
     } while (!atomic_compare_exchange_weak(&m->state, &s, s + 1));
     return 1;
 }
 void sf_model_release_read(sf_model *m) { atomic_fetch_sub(&m->state, 1); }
 int sf_model_acquire_write(sf_model *m) {
-    int expected = 0;
-    return atomic_compare_exchange_strong(&m->state, &expected, -1);
+    int s = atomic_load(&m->state);
+    do {
+        if (s < 0 || (s & WRITE_PENDING)) return 0; /* another train step holds or wants it */
+    } while (!atomic_compare_exchange_weak(&m->state, &s, s | WRITE_PENDING));
+    while (atomic_load(&m->state) != WRITE_PENDING) { /* in-flight forward calls finish */
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+    atomic_store(&m->state, -1);
+    return 1;
 }
 void sf_model_release_write(sf_model *m) { atomic_store(&m->state, 0); }
 

@@ -225,6 +225,6 @@ def test_config_json_roundtrip():
 
 def test_demo_runs(tmp_path, capsys):
     from stackformer.__main__ import main
-    assert main(["--layers", "2", "--deep", "3", "--out", str(tmp_path), "--no-png"]) == 0
+    assert main(["demo", "--layers", "2", "--deep", "3", "--out", str(tmp_path), "--no-png"]) == 0
     text = capsys.readouterr().out
     assert "Stacking blocks" in text and "attnres_full" in text

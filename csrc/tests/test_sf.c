@@ -3,8 +3,8 @@
  * Every kernel is compared with a plain double-precision loop written here from the contract in
  * sf_kernels.h / sf_internal.h / DEVELOPERS.md (never with another optimized kernel), and the
  * model-level API is checked for the properties it promises: validation with messages, the
- * parameter table layout, finite outputs, causality, padding, thread-count determinism, and the
- * equivalences between AttnRes schedules.
+ * parameter table layout, finite outputs, causality, padding, thread-count determinism, the
+ * equivalences between AttnRes schedules, and cached decoding = one full pass.
  *
  *   make -C csrc test    build and run
  *   make -C csrc asan    the same under AddressSanitizer + UndefinedBehaviorSanitizer
@@ -934,7 +934,8 @@ static void expect_config_status(const sf_config *c, sf_status want, const char 
         sf_config_validate(c, small, sizeof small);
         CHECK(memchr(small, '\0', sizeof small) != NULL, "line %d, %s: short message buffer not terminated", line, what);
         /* model creation reports the same failure and creates nothing */
-        sf_model *m = (sf_model *)&m; /* any non-NULL value: must be reset to NULL */
+        static char not_a_model;
+        sf_model *m = (sf_model *)(void *)&not_a_model; /* must come back NULL */
         char err2[256] = "";
         sf_status st_create = sf_model_create(c, 0, &m, err2, sizeof err2);
         CHECK(st_create == st && m == NULL && err2[0] != '\0',
@@ -1055,8 +1056,9 @@ static void test_config_validation(void) {
           sf_status_name(st), (void *)m, err);
     if (m) sf_model_free(m);
 
-    for (int s = 0; s <= 6; s++)
-        CHECK(sf_status_name((sf_status)s) && sf_status_name((sf_status)s)[0], "status %d unnamed", s);
+    for (int s = SF_OK; s <= SF_ERR_BUSY; s++)
+        CHECK(strcmp(sf_status_name((sf_status)s), sf_status_name((sf_status)99)) != 0,
+              "status %d has no name ('%s')", s, sf_status_name((sf_status)s));
 }
 
 /* ---- the parameter table -------------------------------------------------------------------- */
@@ -1648,6 +1650,117 @@ static void test_forward_threads(void) {
     }
 }
 
+/* Incremental decoding: feeding a sequence through a cache in pieces (prefill 4, then 1, 1, 3
+ * positions) reproduces the logits of one full pass, for every causal variant. */
+static void test_cache(void) {
+    enum { B = 2, T = 9 };
+    static const int64_t pieces[] = {4, 1, 1, 3};
+    char err[256], what[200];
+    for (int vi = 0; vi < N_VARIANTS; vi++) {
+        const variant *v = &VARIANTS[vi];
+        const sf_config c = small_config(v);
+        if (!c.causal) continue;
+        sf_model *m = make_model(&c, 4, v->name);
+        if (!m) continue;
+        const int64_t V = c.vocab_size;
+        int32_t tok[B * T], piece_tok[B * T];
+        random_tokens(tok, B * T, V);
+        float *full = falloc(B * T * V), *step = falloc(B * T * V);
+        forward_ok(m, tok, NULL, B, T, 1, 1, full, NULL, v->name);
+        sf_cache *cache = NULL;
+        sf_status st = sf_cache_create(m, B, T, &cache, err, sizeof err);
+        CHECK(st == SF_OK && cache, "%s: sf_cache_create: %s", v->name, err);
+        if (!cache) { free(full); free(step); sf_model_free(m); continue; }
+        CHECK(sf_cache_batch(cache) == B && sf_cache_len(cache) == 0, "%s: new cache: batch %lld, len %lld",
+              v->name, (long long)sf_cache_batch(cache), (long long)sf_cache_len(cache));
+        for (int pass = 0; pass < 2; pass++) { /* the second pass after sf_cache_reset */
+            int64_t pos = 0;
+            for (size_t pi = 0; pi < sizeof pieces / sizeof pieces[0]; pi++) {
+                const int64_t n = pieces[pi];
+                for (int64_t b = 0; b < B; b++) memcpy(piece_tok + b * n, tok + b * T + pos, (size_t)n * sizeof(int32_t));
+                sf_forward_args a = {.tokens = piece_tok, .B = B, .T = n, .attnres_two_phase = 1,
+                                     .n_threads = 2, .cache = cache};
+                err[0] = '\0';
+                st = sf_forward(m, &a, step, NULL, NULL, err, sizeof err);
+                CHECK(st == SF_OK, "%s: cached step at %lld: %s", v->name, (long long)pos, err);
+                for (int64_t b = 0; st == SF_OK && b < B; b++) {
+                    snprintf(what, sizeof what, "%s: pass %d, positions %lld..%lld of batch row %lld, cached vs full",
+                             v->name, pass, (long long)pos, (long long)(pos + n - 1), (long long)b);
+                    CHECK_CLOSE_F(what, step + b * n * V, full + (b * T + pos) * V, n * V, 1e-5, 1e-5);
+                }
+                pos += n;
+                CHECK(sf_cache_len(cache) == pos, "%s: cache length %lld, want %lld", v->name,
+                      (long long)sf_cache_len(cache), (long long)pos);
+            }
+            /* full: one more position does not fit, and the cache is left as it was */
+            sf_forward_args a = {.tokens = tok, .B = B, .T = 1, .cache = cache};
+            err[0] = '\0';
+            st = sf_forward(m, &a, step, NULL, NULL, err, sizeof err);
+            CHECK(st == SF_ERR_INVALID_ARG && err[0] && sf_cache_len(cache) == T,
+                  "%s: full cache: %s '%s', len %lld", v->name, sf_status_name(st), err,
+                  (long long)sf_cache_len(cache));
+            sf_cache_reset(cache);
+            CHECK(sf_cache_len(cache) == 0, "%s: reset cache length %lld", v->name, (long long)sf_cache_len(cache));
+        }
+        sf_cache_free(cache);
+        free(full); free(step);
+        sf_model_free(m);
+    }
+
+    /* what a cache refuses: a mask, a trace, another batch size, another model, a
+     * bidirectional model, and sizes it cannot hold */
+    const sf_config c = small_config(&VARIANTS[0]);
+    sf_config bc = c;
+    bc.causal = 0;
+    sf_model *m = make_model(&c, 4, "cache errors"), *other = make_model(&c, 5, "cache errors"),
+             *bidir = make_model(&bc, 4, "cache errors");
+    sf_cache *cache = NULL, *bad = NULL;
+    if (m && other && bidir && sf_cache_create(m, 2, 8, &cache, err, sizeof err) == SF_OK) {
+        int32_t tok[2 * 8] = {0};
+        uint8_t pad[2 * 8];
+        memset(pad, 1, sizeof pad);
+        float *logits = falloc(2 * 8 * c.vocab_size), *hidden[4]; /* n_layers + 1 */
+        for (int i = 0; i < 4; i++) hidden[i] = falloc(2 * 8 * c.d_model);
+        sf_trace tr = {.hidden = hidden};
+        struct { const char *what; const sf_model *m; sf_forward_args a; sf_trace *tr; } cases[] = {
+            {"with a key_padding_mask", m, {.tokens = tok, .key_padding_mask = pad, .B = 2, .T = 2, .cache = cache}, NULL},
+            {"with a trace", m, {.tokens = tok, .B = 2, .T = 2, .cache = cache}, &tr},
+            {"with another batch size", m, {.tokens = tok, .B = 1, .T = 2, .cache = cache}, NULL},
+            {"with another model", other, {.tokens = tok, .B = 2, .T = 2, .cache = cache}, NULL},
+            {"longer than the cache", m, {.tokens = tok, .B = 2, .T = 9, .cache = cache}, NULL},
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            err[0] = '\0';
+            sf_status st = sf_forward(cases[i].m, &cases[i].a, logits, NULL, cases[i].tr, err, sizeof err);
+            CHECK(st == SF_ERR_INVALID_ARG && err[0] && sf_cache_len(cache) == 0,
+                  "cached forward %s: %s '%s', cache len %lld", cases[i].what, sf_status_name(st), err,
+                  (long long)sf_cache_len(cache));
+        }
+        sf_status st = sf_cache_create(bidir, 2, 8, &bad, err, sizeof err);
+        if (st == SF_OK) { /* creation may succeed; decoding a bidirectional model may not */
+            sf_forward_args a = {.tokens = tok, .B = 2, .T = 1, .cache = bad};
+            err[0] = '\0';
+            st = sf_forward(bidir, &a, logits, NULL, NULL, err, sizeof err);
+            CHECK(st == SF_ERR_INVALID_ARG && err[0], "cached forward of a bidirectional model: %s '%s'",
+                  sf_status_name(st), err);
+            sf_cache_free(bad);
+            bad = NULL;
+        }
+        err[0] = '\0';
+        st = sf_cache_create(m, 2, c.max_seq_len + 1, &bad, err, sizeof err);
+        CHECK(st == SF_ERR_INVALID_ARG && !bad && err[0], "cache longer than max_seq_len: %s '%s'", sf_status_name(st), err);
+        err[0] = '\0';
+        st = sf_cache_create(m, 0, 4, &bad, err, sizeof err);
+        CHECK(st == SF_ERR_INVALID_ARG && !bad && err[0], "cache with B = 0: %s '%s'", sf_status_name(st), err);
+        for (int i = 0; i < 4; i++) free(hidden[i]);
+        free(logits);
+    } else {
+        CHECK(0, "cache errors: setup failed: %s", err);
+    }
+    sf_cache_free(cache);
+    sf_model_free(m); sf_model_free(other); sf_model_free(bidir);
+}
+
 /* Bad arguments return the right status with a message, never crash. */
 static void test_forward_errors(void) {
     sf_config c = small_config(&(variant){"plain", v_plain});
@@ -1723,6 +1836,7 @@ int main(void) {
         {"block S=1 is full", test_block_s1_is_full},
         {"traces", test_traces},
         {"forward threads", test_forward_threads},
+        {"kv cache", test_cache},
         {"forward errors", test_forward_errors},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {

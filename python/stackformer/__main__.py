@@ -1,5 +1,7 @@
-"""`python -m stackformer`: the demo. Runs with no arguments and no downloads.
+"""`python -m stackformer`: train and compare depth wirings (see stackformer.compare);
+`python -m stackformer demo`: the random-init demo below. Both run without downloads.
 
+The demo, in two parts:
 1. Stacking blocks: the same sentence through plain stacks of 1, 2, ... N blocks; how the
    residual stream's RMS grows with depth and block by block head-0 attention patterns.
 2. Depth wiring: for one deep random-init stack, stream RMS across depth for plain residuals
@@ -84,8 +86,9 @@ def wiring(args, tokens: np.ndarray) -> None:
         print(f"wrote {path}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stackformer", description=__doc__,
+def demo(argv=None) -> int:
+    """The random-init demo (`python -m stackformer demo [options]`)."""
+    p = argparse.ArgumentParser(prog="python -m stackformer demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", default=SENTENCE, help="input sentence (bytes are tokens)")
     p.add_argument("--layers", type=int, default=6, help="blocks for the stacking demo (default 6)")
@@ -108,6 +111,18 @@ def main(argv=None) -> int:
     stacking(args, tokens, args.text)
     wiring(args, tokens)
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m stackformer demo [options]` runs the demo; anything else (including no
+    arguments, or `compare [options]`) trains and compares the depth wirings."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["demo"], ["--demo"]):
+        return demo(argv[1:])
+    if argv[:1] == ["compare"]:
+        argv = argv[1:]
+    from .compare import main as compare_main
+    return compare_main(argv)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,22 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         }
         Py_DECREF(seq);
     }
+    {   /* refuse outputs that cannot fit in memory before allocating any of them */
+        double bt = (double)B * (double)T, est = 4.0 * bt * ((want_logits ? c->vocab_size : 0) + (want_hidden ? c->d_model : 0));
+        double nsel = 0;
+        for (int64_t j = 0; j <= n; j++) nsel += sel[j];
+        if (flags & TR_ATTENTION) est += 4.0 * nsel * bt * c->n_heads * ((double)T + sf_depth_cols(c, n));
+        if (flags & (TR_HIDDEN | TR_SUBLAYER)) est += 4.0 * 3.0 * nsel * bt * c->d_model;
+        if (flags & TR_ALPHA) est += 4.0 * 2.0 * nsel * bt * (2.0 * n + 2);
+        if (est > (double)sf_memory_limit_bytes()) {
+            char msg[200];
+            PyOS_snprintf(msg, sizeof msg, "outputs and traces for B=%lld, T=%lld would need %.1f GiB, more than this machine's memory",
+                          (long long)B, (long long)T, est / 1073741824.0);
+            PyErr_SetString(PyExc_MemoryError, msg);
+            PyMem_Free(sel);
+            goto fail;
+        }
+    }
     sf_trace tr = {0};
     tdict = PyDict_New();
     ptrs = PyMem_Calloc((size_t)(6 * (L + 2)), sizeof(float *));
@@ -428,6 +444,7 @@ static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject 
         st = sf_forward_backward(self->model, &ta, &loss, &count, err, sizeof err);
         Py_END_ALLOW_THREADS
         if (st == SF_ERR_BUSY) { PyErr_SetString(PyExc_RuntimeError, err); goto done; }
+        if (st == SF_ERR_NONFINITE && !emb) { PyErr_SetString(PyExc_FloatingPointError, err); goto done; }
         if (st != SF_OK) { status_error(st, err); goto done; }
         result = Py_BuildValue("(dL)", loss, (long long)count);
     }

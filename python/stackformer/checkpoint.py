@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -45,11 +45,26 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         pass
 
 
-def save_model(model, path: str) -> None:
+OPT_M, OPT_V = "optimizer.adam_m", "optimizer.adam_v"
+
+
+def save_model(model, path: str, optimizer: bool = False, extra: Optional[dict] = None) -> None:
+    """Weights (and with optimizer=True AdamW's moments and step) plus `extra`, a JSON-able
+    dict stored in the metadata (e.g. a data RNG state), written atomically."""
     from safetensors.numpy import save
+    tensors = model.state_dict()
     meta = {"format": FORMAT, "config": model.config.to_json()}
-    data = save(model.state_dict(), metadata=meta)
-    atomic_write_bytes(path, data)
+    if optimizer:
+        st = model.optimizer_state()
+        tensors[OPT_M] = st["adam_m"]
+        tensors[OPT_V] = st["adam_v"]
+        meta["step"] = str(int(st["step"]))
+    if extra is not None:
+        try:
+            meta["extra"] = json.dumps(extra, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"extra must be JSON-serializable: {e}") from None
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def read_checkpoint(path: str) -> Tuple[Config, Dict[str, np.ndarray]]:
@@ -73,22 +88,34 @@ def read_checkpoint(path: str) -> Tuple[Config, Dict[str, np.ndarray]]:
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path}: not a stackformer checkpoint (metadata format must be {FORMAT!r})")
+    if not isinstance(meta["config"], str):
+        raise ValueError(f"{path}: config metadata must be a JSON string")
     config = Config.from_json(meta["config"])
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: corrupt checkpoint ({e})") from None
-    return config, tensors
+    return config, tensors, meta
 
 
 def load_model(cls, path: str):
-    config, tensors = read_checkpoint(path)
+    config, tensors, meta = read_checkpoint(path)
     for name, arr in tensors.items():
         if arr.dtype != np.float32:
             raise ValueError(f"{path}: tensor {name!r} has dtype {arr.dtype}, expected float32")
+    opt = {k: tensors.pop(k) for k in (OPT_M, OPT_V) if k in tensors}
     model = cls(config)
     try:
         model.load_state_dict(tensors, strict=True)
+        if opt:
+            if len(opt) != 2 or "step" not in meta:
+                raise ValueError("optimizer state is incomplete")
+            try:
+                step = int(meta["step"])
+            except ValueError:
+                raise ValueError("optimizer step is not an integer") from None
+            model.load_optimizer_state({"adam_m": opt[OPT_M], "adam_v": opt[OPT_V], "step": step})
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: checkpoint does not match its config: {e}") from None
+    model.checkpoint_extra = json.loads(meta["extra"]) if "extra" in meta else None
     return model

@@ -231,6 +231,7 @@ class Model:
             self._insert(name, view)
             self._insert(name + "_grad", grad)
         self.last_grad_norm: Optional[float] = None
+        self.checkpoint_extra: Optional[dict] = None
         layers = self._root._children.get("layers")
         self.layers: List[ParamTree] = [layers._children[str(i)] for i in range(config.n_layers)]
 
@@ -300,14 +301,18 @@ class Model:
         for k, v in checked.items():
             np.copyto(self._params[k], v, casting="unsafe")
 
-    def save(self, path: str) -> None:
-        """Write a safetensors checkpoint (config in the metadata), atomically."""
+    def save(self, path: str, optimizer: bool = False, extra: Optional[dict] = None) -> None:
+        """Write a safetensors checkpoint (config in the metadata), atomically: a crash
+        mid-save leaves the previous file intact. optimizer=True also stores AdamW's moments
+        and step; `extra` (JSON-able, e.g. a data RNG state) comes back as
+        `Model.load(path).checkpoint_extra`."""
         from .checkpoint import save_model
-        save_model(self, path)
+        save_model(self, path, optimizer=optimizer, extra=extra)
 
     @classmethod
     def load(cls, path: str) -> "Model":
-        """Read a checkpoint written by save(); validates every name, shape and dtype."""
+        """Read a checkpoint written by save(); validates every name, shape and dtype and
+        restores optimizer state when present."""
         from .checkpoint import load_model
         return load_model(cls, path)
 
