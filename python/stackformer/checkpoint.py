@@ -67,24 +67,34 @@ def save_model(model, path: str, optimizer: bool = False, extra: Optional[dict] 
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def read_checkpoint(path: str) -> Tuple[Config, Dict[str, np.ndarray]]:
-    """Parse and validate a checkpoint file; returns (config, tensors). Raises ValueError
-    naming the problem for anything that is not a well-formed stackformer checkpoint."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+def read_checkpoint(path: str) -> Tuple[Config, Dict[str, np.ndarray], dict]:
+    """Parse and validate a checkpoint file; returns (config, tensors, metadata). Raises
+    ValueError naming the problem for anything that is not a well-formed checkpoint."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
+    return parse_checkpoint(data, path)
+
+
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def parse_checkpoint(data: bytes, path: str = "<bytes>") -> Tuple[Config, Dict[str, np.ndarray], dict]:
+    """parse_checkpoint(bytes) -> (config, tensors, metadata); the fuzzed entry point."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
     if len(data) < 8:
         raise ValueError(f"{path}: not a safetensors file (only {len(data)} bytes)")
     header_len = int.from_bytes(data[:8], "little")
+    if header_len > MAX_HEADER:
+        raise ValueError(f"{path}: corrupt checkpoint (header of {header_len} bytes exceeds {MAX_HEADER})")
     if header_len > len(data) - 8:
         raise ValueError(f"{path}: truncated or corrupt checkpoint (header claims {header_len} bytes, "
                          f"file has {len(data) - 8})")
     try:
         header = json.loads(data[8: 8 + header_len])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: corrupt checkpoint header ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint header ({type(e).__name__})") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path}: not a stackformer checkpoint (metadata format must be {FORMAT!r})")

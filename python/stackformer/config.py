@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import numpy as np
+
 # String choices and the C enum values they map to (csrc/sf.h).
 POS = {"none": 0, "learned": 1, "sinusoidal": 2, "rope": 3}
 ACTIVATION = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "swiglu": 3}
@@ -87,8 +89,9 @@ class Config:
                 raise ValueError(f"Config.{name} must be one of {sorted(choices)}, got {v!r}")
         for name in ["norm_eps", "attnres_eps"]:
             v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or not (0 < float(v) < 1):
-                raise ValueError(f"Config.{name} must be a float in (0, 1), got {v!r}")
+            # the C core computes in float32: the value must survive the conversion
+            if not isinstance(v, numbers.Real) or not (0 < float(v) < 1) or float(np.float32(v)) <= 0:
+                raise ValueError(f"Config.{name} must be a float in (0, 1) representable in float32, got {v!r}")
         if not isinstance(self.rope_theta, numbers.Real) or not (1 < float(self.rope_theta) < 1e30):
             raise ValueError(f"Config.rope_theta must be a float > 1, got {self.rope_theta!r}")
         if self.d_model % self.n_heads:

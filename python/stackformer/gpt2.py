@@ -83,10 +83,16 @@ def _convert(sd: Mapping[str, Any], n_head: Optional[int], config: Any):
         if name in src:
             raise ValueError(f"{k}: given twice (with and without the 'transformer.' prefix)")
         src[name] = v
-    for req in ("wte.weight", "wpe.weight"):
-        if req not in src:
-            raise KeyError(f"not a GPT-2 state dict: {req!r} (or 'transformer.{req}') missing")
-    wte, wpe = _array(src["wte.weight"], "wte.weight"), _array(src["wpe.weight"], "wpe.weight")
+    used = set()
+
+    def take(key: str, transpose: bool = False) -> np.ndarray:
+        if key not in src:
+            raise KeyError(f"not a complete GPT-2 state dict: {key!r} (or 'transformer.{key}') missing")
+        used.add(key)
+        a = _array(src[key], key)
+        return np.ascontiguousarray(a.T) if transpose else a
+
+    wte, wpe = take("wte.weight"), take("wpe.weight")
     if wte.ndim != 2 or wpe.ndim != 2 or wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wte {wte.shape} and wpe {wpe.shape} must be (vocab, d) and (positions, d)")
     V, d = wte.shape
@@ -94,9 +100,7 @@ def _convert(sd: Mapping[str, Any], n_head: Optional[int], config: Any):
     n = len(layers)
     if n == 0 or layers != list(range(n)):
         raise ValueError(f"expected blocks h.0 ... h.{{n-1}}, found {layers}")
-    if "h.0.mlp.c_fc.weight" not in src:
-        raise KeyError("h.0.mlp.c_fc.weight missing")
-    d_ff = int(np.shape(src["h.0.mlp.c_fc.weight"])[1])
+    d_ff = int(np.shape(src.get("h.0.mlp.c_fc.weight", np.zeros((d, 0))))[1])
 
     act = _get(config, "activation_function", "gelu_new")
     if act not in _ACTIVATION:
@@ -107,34 +111,23 @@ def _convert(sd: Mapping[str, Any], n_head: Optional[int], config: Any):
         raise ValueError("cross-attention GPT-2 variants are not supported")
     tied = lm_head is None or np.array_equal(_array(lm_head, "lm_head.weight"), wte)
     cfg = Config(vocab_size=V, d_model=d, n_heads=_n_head(n_head, config, d), n_layers=n,
-                 max_seq_len=wpe.shape[0], d_ff=d_ff, causal=True, pos="learned",
+                 max_seq_len=wpe.shape[0], d_ff=max(d_ff, 1), causal=True, pos="learned",
                  activation=_ACTIVATION[act], norm="layernorm", norm_position="pre", bias=True,
                  final_norm=True, tie_embeddings=tied,
                  norm_eps=float(_get(config, "layer_norm_epsilon", 1e-5)))
 
     out = {"tok_emb.weight": wte, "pos_emb.weight": wpe}
-    used = {"wte.weight", "wpe.weight"}
     for i in range(n):
-        def take(name: str, transpose: bool) -> np.ndarray:
-            key = f"h.{i}.{name}"
-            if key not in src:
-                raise KeyError(f"{key} missing")
-            used.add(key)
-            a = _array(src[key], key)
-            return np.ascontiguousarray(a.T) if transpose else a
-        w, b = take("attn.c_attn.weight", True), take("attn.c_attn.bias", False)  # (3d, d), (3d,)
+        w, b = take(f"h.{i}.attn.c_attn.weight", True), take(f"h.{i}.attn.c_attn.bias")  # (3d, d), (3d,)
         if w.shape != (3 * d, d) or b.shape != (3 * d,):
-            raise ValueError(f"h.{i}.attn.c_attn: expected weight ({d}, {3 * d}) and bias ({3 * d},)")
-        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            raise ValueError(f"h.{i}.attn.c_attn: expected weight ({d}, {3 * d}) and bias ({3 * d},), "
+                             f"got {w.T.shape} and {b.shape}")
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):  # c_attn output = [q | k | v]
             out[f"layers.{i}.attn.{proj}.weight"] = w[j * d:(j + 1) * d]
             out[f"layers.{i}.attn.{proj}.bias"] = b[j * d:(j + 1) * d]
         for name, (target, transpose) in _LAYER.items():
-            out[f"layers.{i}.{target}"] = take(name, transpose)
-    out["final_norm.weight"] = _array(src.get("ln_f.weight"), "ln_f.weight") if "ln_f.weight" in src else None
-    out["final_norm.bias"] = _array(src.get("ln_f.bias"), "ln_f.bias") if "ln_f.bias" in src else None
-    if out["final_norm.weight"] is None or out["final_norm.bias"] is None:
-        raise KeyError("ln_f.weight / ln_f.bias missing")
-    used |= {"ln_f.weight", "ln_f.bias"}
+            out[f"layers.{i}.{target}"] = take(f"h.{i}.{name}", transpose)
+    out["final_norm.weight"], out["final_norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
     if not tied:
         out["lm_head.weight"] = _array(lm_head, "lm_head.weight")
     unknown = sorted(set(src) - used)

@@ -483,6 +483,8 @@ class Model:
         return out
 
     def __repr__(self) -> str:
+        if "_c" not in self.__dict__:
+            return "Model(<not initialized>)"
         c = self.config
         kind = c.residual + ("+moda" if c.moda else "")
         return (f"Model({kind}, {c.n_layers} blocks, d_model={c.d_model}, heads={c.n_heads}/"
