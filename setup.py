@@ -13,6 +13,25 @@ from setuptools import Extension, setup
 CSRC = ["sf_kernels.c", "sf_params.c", "sf_attention.c", "sf_attnres.c", "sf_model.c", "sf_optim.c"]
 
 compile_args = ["-std=c11", "-O3", "-Wall", "-Wno-unused-parameter"]
+
+
+def _cpu_has(*flags):
+    """True when this (the build) machine's CPU reports every flag. The package compiles from
+    source where it runs; STACKFORMER_PORTABLE=1 builds a baseline binary instead (the matmul
+    kernel still picks AVX2/FMA at run time)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return all(fl in have for fl in flags)
+    except OSError:
+        pass
+    return False
+
+
+if os.environ.get("STACKFORMER_PORTABLE") != "1" and _cpu_has("avx2", "fma"):
+    compile_args += ["-mavx2", "-mfma"]
 link_args = []
 if os.environ.get("STACKFORMER_NO_OPENMP") != "1" and sys.platform != "darwin":
     compile_args.append("-fopenmp")

@@ -22,15 +22,8 @@ int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads) {
     return (int64_t)sf_threads_resolve(n_threads) * (a->Tk + depth_cols(a));
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline void axpy(float *y, float a, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
-}
+#define dot sf_dot
+#define axpy sf_axpy
 
 static inline const float *key_row(const sf_attn_args *a, const float *base, int64_t b, int64_t u,
                                    int64_t g) {
@@ -101,7 +94,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
             }
             float sum = 0.0f;
             for (int64_t c = 0; c < width; c++) {
-                float e = s[c] == -INFINITY ? 0.0f : expf(s[c] - mx);
+                float e = sf_expf(s[c] - mx); /* exp(-inf) = 0 */
                 s[c] = e;
                 sum += e;
             }
@@ -165,7 +158,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                     float D = dot(dot_, ot, dh); /* sum_c p_c (dO . v_c) */
                     for (int64_t u = 0; u < Tk; u++) {
                         if (s[u] == -INFINITY) continue;
-                        float p = expf(s[u] - lse[row]);
+                        float p = sf_expf(s[u] - lse[row]);
                         const float *vu = key_row(a, a->v, b, u, g);
                         float ds = p * (dot(dot_, vu, dh) - D) * scale;
                         axpy(dqt, ds, key_row(a, a->k, b, u, g), dh);
@@ -176,7 +169,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                     for (int64_t c = 0; c < dcols; c++) {
                         if (s[Tk + c] == -INFINITY) continue;
                         int64_t u = cs + c / nd, i = c % nd;
-                        float p = expf(s[Tk + c] - lse[row]);
+                        float p = sf_expf(s[Tk + c] - lse[row]);
                         const float *vd = depth_row(a, a->depth_v, b, u, i, g);
                         float ds = p * (dot(dot_, vd, dh) - D) * scale;
                         axpy(dqt, ds, depth_row(a, a->depth_k, b, u, i, g), dh);

@@ -26,11 +26,7 @@ void sf_attnres_inv_rms(float *inv_rms, const float *src, int64_t N, int64_t d, 
     }
 }
 
-static float dotf(const float *a, const float *b, int64_t n) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+#define dotf sf_dot
 
 int64_t sf_attnres_scratch_floats(int64_t nsrc, int64_t d, int n_threads) {
     return (int64_t)sf_threads_resolve(n_threads) * (d + nsrc);
@@ -59,7 +55,7 @@ void sf_attnres_aggregate(float *h, float *alpha_out, const float *const *src,
                     if (s[i] > mx) mx = s[i];
                 }
                 float sum = 0.0f;
-                for (int64_t i = 0; i < nsrc; i++) { s[i] = expf(s[i] - mx); sum += s[i]; }
+                for (int64_t i = 0; i < nsrc; i++) { s[i] = sf_expf(s[i] - mx); sum += s[i]; }
                 float inv = 1.0f / sum;
                 float *hn = h + n * d;
                 for (int64_t i = 0; i < nsrc; i++) {
@@ -96,12 +92,12 @@ void sf_attnres_phase1(float *m, float *l, float *o, float *logits, const float 
                 /* online softmax: rescale the running state when the max grows */
                 float *mj = &m[j * N + n], *lj = &l[j * N + n], *on = o + (j * N + n) * d;
                 if (sc > *mj) {
-                    float r = expf(*mj - sc); /* exp(-inf) = 0 on the first source */
+                    float r = sf_expf(*mj - sc); /* exp(-inf) = 0 on the first source */
                     *lj *= r;
                     for (int64_t k = 0; k < d; k++) on[k] *= r;
                     *mj = sc;
                 }
-                float e = expf(sc - *mj);
+                float e = sf_expf(sc - *mj);
                 *lj += e;
                 for (int64_t k = 0; k < d; k++) on[k] += e * x[k];
             }
@@ -124,8 +120,8 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
             const float *p = partial + n * d;
             sp = dotf(qg, p, d) * partial_inv_rms[n];
             float mnew = sp > mx ? sp : mx;
-            rs = expf(mx - mnew);
-            ep = expf(sp - mnew);
+            rs = sf_expf(mx - mnew);
+            ep = sf_expf(sp - mnew);
             sum = sum * rs + ep;
             mx = mnew;
             float inv = 1.0f / sum;
@@ -136,7 +132,7 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
         }
         if (alpha_out && logits) {
             float inv = 1.0f / sum;
-            for (int64_t i = 0; i < nsrc; i++) alpha_out[n * na + i] = expf(logits[n * nsrc + i] - mx) * inv;
+            for (int64_t i = 0; i < nsrc; i++) alpha_out[n * na + i] = sf_expf(logits[n * nsrc + i] - mx) * inv;
             if (partial) alpha_out[n * na + nsrc] = ep * inv;
         }
     }

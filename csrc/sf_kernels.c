@@ -258,7 +258,7 @@ void sf_rmsnorm(float *y, const float *x, const float *w, int64_t N, int64_t d, 
 void sf_gelu(float *x, int64_t n, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+    for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + sf_erff(x[i] * 0.70710678118654752f));
 }
 
 void sf_gelu_tanh(float *x, int64_t n, int n_threads) {
@@ -266,7 +266,7 @@ void sf_gelu_tanh(float *x, int64_t n, int n_threads) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        x[i] = 0.5f * v * (1.0f + sf_tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     }
 }
 
@@ -281,7 +281,7 @@ void sf_swiglu(float *out, const float *gate, const float *up, int64_t n, int n_
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + sf_expf(-g)) * up[i];
     }
 }
 
@@ -413,10 +413,10 @@ void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre,
     for (int64_t i = 0; i < n; i++) {
         float x = pre[i], g;
         if (act == SF_ACT_GELU) {
-            g = 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * expf(-0.5f * x * x) * 0.3989422804014327f;
+            g = 0.5f * (1.0f + sf_erff(x * 0.70710678118654752f)) + x * sf_expf(-0.5f * x * x) * 0.3989422804014327f;
         } else if (act == SF_ACT_GELU_TANH) {
             const float c = 0.7978845608028654f;
-            float t = tanhf(c * (x + 0.044715f * x * x * x));
+            float t = sf_tanhf(c * (x + 0.044715f * x * x * x));
             g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x);
         } else {
             g = x > 0.0f ? 1.0f : 0.0f;
@@ -431,7 +431,7 @@ void sf_swiglu_backward(float *dgate, float *dup, const float *dout, const float
     int nt = sf_threads_resolve(n_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
     for (int64_t i = 0; i < n; i++) {
-        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        float g = gate[i], s = 1.0f / (1.0f + sf_expf(-g));
         dgate[i] = dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
         dup[i] = dout[i] * g * s;
     }

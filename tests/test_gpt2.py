@@ -159,3 +159,15 @@ def test_matches_transformers_logits_and_greedy_generation(n_layer):
     # the bare GPT2Model naming of published checkpoints (no prefix, no lm_head) works too
     bare = {k[len("transformer."):]: v for k, v in hf.state_dict().items() if k.startswith("transformer.")}
     assert_same_model(from_gpt2_state_dict(bare, n_head=4), model)
+
+
+def test_save_pretrained_directory(tmp_path):
+    """What a user has on disk after `save_pretrained`: model.safetensors + config.json."""
+    torch, hf = hf_gpt2(2, seed=1)
+    hf.save_pretrained(str(tmp_path))
+    model = load_gpt2_safetensors(str(tmp_path / "model.safetensors"))  # n_head from config.json
+    assert model.config.n_heads == 4
+    x = np.random.default_rng(2).integers(0, 100, size=(1, 40))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(x)).logits.numpy()
+    assert np.abs(model(x, n_threads=1).logits - want).max() <= 1e-4

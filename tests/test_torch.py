@@ -116,9 +116,9 @@ def test_state_dict_names_shapes_and_order(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_logits_match_float32(case):
     """Float32 vs float32, max abs error <= 1e-5 on logits of size ~4. Pseudo-queries N(0, 0.25^2)
-    here: at N(0, 0.5^2) the depth softmax is sharp enough that float32-level (6e-8 relative)
-    weight noise alone moves float64 logits by up to 3e-6, and the two float32 implementations
-    then differ by up to ~2e-5 (measured over seeds), each equally far from float64."""
+    here: at N(0, 0.5^2) the depth softmax is sharp enough to amplify float32 rounding, and the
+    two float32 implementations differ by up to 2.3e-5 (worst of 6 seeds; each is about as far
+    from float64); at 0.25 the worst of 6 seeds is 5.5e-6. The gradient tests use 0.5."""
     _, overrides, padding = case
     model = build(overrides, res_std=0.25)
     x, kpm, _ = inputs(model.config, padding)
@@ -273,11 +273,12 @@ FD_CASES = {
 
 @pytest.mark.parametrize("mode", list(FD_CASES))
 def test_finite_differences(mode):
-    """Central differences (L(p+e) - L(p-e)) / 2e with e = 1e-2 of the float32 C loss. Error
-    budget: the loss (~4) is computed in float32 with ~1e-6 relative rounding, i.e. ~1e-5
-    absolute noise per evaluation, ~1e-3 after dividing by 2e; the truncation error is
-    e^2/6 * L''' ~ 1e-5 * L''' for these O(1)-scaled weights. So |fd - g| <= 2e-3 + 2e-2 |g|.
-    (The activation is gelu: relu's kinks would break the expansion at e this large.)"""
+    """Central differences (L(p+e) - L(p-e)) / 2e with e = 1e-2 of the float32 C loss vs the C
+    gradient. Error budget: each loss evaluation is off by a few 1e-7 (float32 logits, loss ~4;
+    measured against float64 torch), i.e. ~2e-5 after dividing by 2e; the truncation error
+    e^2/6 * L''' is ~2e-5 * L''' with L''' = O(1) for these O(1)-scaled weights. Hence
+    |fd - g| <= 3e-4 + 5e-3 |g| (measured worst: 5e-5). The activation is gelu: relu's kinks
+    would break the Taylor expansion at e this large."""
     overrides, names = FD_CASES[mode]
     padding = "right" if overrides.get("causal") is False else None
     model = build(overrides)
@@ -298,4 +299,4 @@ def test_finite_differences(mode):
             lm = model.forward_backward(x, y, key_padding_mask=kpm, n_threads=1)
             p[j] = old
             fd = (lp - lm) / (2 * eps)
-            assert abs(fd - g[j]) <= 2e-3 + 2e-2 * abs(g[j]), (name, j, fd, g[j])
+            assert abs(fd - g[j]) <= 3e-4 + 5e-3 * abs(g[j]), (name, j, fd, g[j])

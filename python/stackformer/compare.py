@@ -141,6 +141,9 @@ def plot_comparison(results: Sequence[StackResult], unigram: float, path: str) -
     axes[1].set(xlabel="block", ylabel="RMS", title="block output RMS after training")
     axes[2].set(xlabel="block", ylabel="gradient norm", title="per-block gradient norm (2nd half mean)")
     axes[2].set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes[1:]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

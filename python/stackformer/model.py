@@ -310,6 +310,14 @@ class Model:
         save_model(self, path, optimizer=optimizer, extra=extra)
 
     @classmethod
+    def from_gpt2_state_dict(cls, state_dict: Dict[str, Any], n_head: Optional[int] = None,
+                             config: Any = None) -> "Model":
+        """Build the equivalent stackformer model from a GPT-2 state dict (HF
+        `GPT2LMHeadModel` or bare naming; NumPy or torch tensors). See stackformer.gpt2."""
+        from .gpt2 import from_gpt2_state_dict
+        return from_gpt2_state_dict(state_dict, n_head=n_head, config=config)
+
+    @classmethod
     def load(cls, path: str) -> "Model":
         """Read a checkpoint written by save(); validates every name, shape and dtype and
         restores optimizer state when present."""

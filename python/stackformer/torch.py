@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -192,14 +192,13 @@ class TorchModel(nn.Module):
     def no_decay(self, name: str) -> bool:
         """stackformer's AdamW rule: decay 2-D weights and embeddings only (never norms, biases,
         AttnRes pseudo-queries or gains)."""
-        p = dict(self.named_parameters())[name]
-        return p.dim() != 2 or "_res_proj" in name
+        return self.get_parameter(name).dim() != 2 or "_res_proj" in name
 
     def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
         """Parameter groups for torch.optim.AdamW with stackformer's decay rule."""
-        named = list(self.named_parameters())
-        return [{"params": [p for n, p in named if not self.no_decay(n)], "weight_decay": weight_decay},
-                {"params": [p for n, p in named if self.no_decay(n)], "weight_decay": 0.0}]
+        named = [(self.no_decay(n), p) for n, p in self.named_parameters()]
+        return [{"params": [p for nd, p in named if not nd], "weight_decay": weight_decay},
+                {"params": [p for nd, p in named if nd], "weight_decay": 0.0}]
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x, key_padding_mask=None) -> torch.Tensor:
@@ -212,6 +211,8 @@ class TorchModel(nn.Module):
             x = x.long()
             h = self.tok_emb(x[None] if x.dim() == 1 else x)
         B, T, d = h.shape
+        if T > c.max_seq_len:
+            raise ValueError(f"sequence length T={T} exceeds max_seq_len={c.max_seq_len}")
         t = torch.arange(T, device=dev)
         if c.pos == "learned":
             h = h + self.pos_emb.weight[:T]

@@ -109,8 +109,8 @@ def layer_grad_norms(model, groups: Optional[List[List[str]]] = None) -> np.ndar
     groups = _layer_groups(model) if groups is None else groups
     out = np.empty(len(groups))
     for i, names in enumerate(groups):
-        out[i] = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))
-                               for g in (grads[n] for n in names)))
+        # np.square + sum, not np.dot: BLAS threads would fight the C core's OpenMP threads
+        out[i] = math.sqrt(sum(float(np.square(grads[n], dtype=np.float64).sum()) for n in names))
     return out
 
 
