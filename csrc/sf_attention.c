@@ -92,12 +92,8 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                 if (depth_mass) depth_mass[row] = 0.0f;
                 continue;
             }
-            float sum = 0.0f;
-            for (int64_t c = 0; c < width; c++) {
-                float e = sf_expf(s[c] - mx); /* exp(-inf) = 0 */
-                s[c] = e;
-                sum += e;
-            }
+            for (int64_t c = 0; c < width; c++) s[c] = sf_expf(s[c] - mx); /* exp(-inf) = 0 */
+            float sum = sf_sum(s, width);
             float inv = 1.0f / sum, dmass = 0.0f;
             if (lse) lse[row] = mx + logf(sum);
             for (int64_t u = 0; u < Tk; u++) {

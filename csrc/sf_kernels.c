@@ -363,16 +363,23 @@ void sf_layernorm_backward(float *dx, float *dw, float *db, const float *dy, con
         }
     }
     if (!dw && !db) return;
+    int64_t nchunks = (d + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 32768)
-    for (int64_t i = 0; i < d; i++) {
-        float sw = 0.0f, sb = 0.0f;
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        int64_t i0 = ch * 64, w = d - i0 < 64 ? d - i0 : 64;
+        float sw[64] = {0}, sb[64] = {0};
         for (int64_t n = 0; n < N; n++) {
-            float g = dy[n * d + i];
-            sw += g * (x[n * d + i] - stats[2 * n]) * stats[2 * n + 1];
-            sb += g;
+            const float *g = dy + n * d + i0, *xr = x + n * d + i0;
+            float mu = stats[2 * n], rstd = stats[2 * n + 1];
+            for (int64_t i = 0; i < w; i++) {
+                sw[i] += g[i] * (xr[i] - mu) * rstd;
+                sb[i] += g[i];
+            }
         }
-        if (dw) dw[i] += sw;
-        if (db) db[i] += sb;
+        for (int64_t i = 0; i < w; i++) {
+            if (dw) dw[i0 + i] += sw[i];
+            if (db) db[i0 + i] += sb[i];
+        }
     }
 }
 
@@ -397,11 +404,17 @@ void sf_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, 
         }
     }
     if (!dw) return;
+    int64_t nchunks = (d + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 32768)
-    for (int64_t i = 0; i < d; i++) {
-        float sw = 0.0f;
-        for (int64_t n = 0; n < N; n++) sw += dy[n * d + i] * x[n * d + i] * stats[n];
-        dw[i] += sw;
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        int64_t i0 = ch * 64, w = d - i0 < 64 ? d - i0 : 64;
+        float sw[64] = {0};
+        for (int64_t n = 0; n < N; n++) {
+            const float *g = dy + n * d + i0, *xr = x + n * d + i0;
+            float r = stats[n];
+            for (int64_t i = 0; i < w; i++) sw[i] += g[i] * xr[i] * r;
+        }
+        for (int64_t i = 0; i < w; i++) dw[i0 + i] += sw[i];
     }
 }
 
@@ -494,12 +507,20 @@ void sf_cross_entropy(float *logits, const int32_t *targets, int64_t N, int64_t 
 }
 
 /* db(M) += column sums of x(N, M); column-parallel, rows summed in order (deterministic). */
+/* Column chunks of 64: rows outer, columns inner, so the inner loop is a vector add while
+ * each column is still summed over rows in ascending order. */
+#define SF_COLCHUNK 64
 void sf_colsum(float *db, const float *x, int64_t N, int64_t M, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
+    int64_t nchunks = (M + SF_COLCHUNK - 1) / SF_COLCHUNK;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * M > 65536)
-    for (int64_t j = 0; j < M; j++) {
-        float s = 0.0f;
-        for (int64_t n = 0; n < N; n++) s += x[n * M + j];
-        db[j] += s;
+    for (int64_t ch = 0; ch < nchunks; ch++) {
+        int64_t j0 = ch * SF_COLCHUNK, w = M - j0 < SF_COLCHUNK ? M - j0 : SF_COLCHUNK;
+        float acc[SF_COLCHUNK] = {0};
+        for (int64_t n = 0; n < N; n++) {
+            const float *xr = x + n * M + j0;
+            for (int64_t j = 0; j < w; j++) acc[j] += xr[j];
+        }
+        for (int64_t j = 0; j < w; j++) db[j0 + j] += acc[j];
     }
 }

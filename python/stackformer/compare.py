@@ -88,9 +88,11 @@ def run_stack(name: str, corpus: Corpus, n_layers: int = 8, d_model: int = 64, n
               seq_len: int = 64, batch_size: int = 16, steps: int = 300, lr: float = 3e-3,
               block_size: int = 4, seed: int = 0, eval_every: Optional[int] = None,
               eval_batches: int = 8, progress: bool = True) -> StackResult:
-    """Build stack `name` with `seed`, train it with sf.train and measure it."""
+    """Build stack `name` with `seed`, train it with sf.train (validation every steps/6 steps
+    unless eval_every says otherwise) and measure it after training."""
     model = Model(stack_config(name, n_layers, d_model, n_heads, seq_len, block_size), seed=seed)
     label = f"attnres_block(S={block_size})" if name == "attnres_block" else name
+    eval_every = max(1, steps // 6) if eval_every is None else eval_every
     hist = train(model, corpus, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
                  eval_every=eval_every, eval_batches=eval_batches, seed=seed, progress=progress,
                  desc=f"{label:>18s}")
