@@ -24,6 +24,10 @@ struct sf_model {
     float *params;
     float *grads, *adam_m, *adam_v; /* one allocation of 3*num_params, made at create */
     int64_t step;
+    /* training workspace kept between train steps (only touched under the write guard), so
+     * the step loop allocates and page-faults nothing after the first step */
+    void *train_mem;
+    int64_t train_mem_bytes;
     int64_t num_params;
     sf_tensor_info *tensors;
     int32_t num_tensors;

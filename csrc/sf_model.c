@@ -230,7 +230,7 @@ static void layout(run *R, bump *bp, want w) {
 }
 
 static void run_free(run *R) {
-    free(R->mem);
+    if (!R->training) free(R->mem); /* training memory stays with the model */
     free(R->acts);
     free(R->src_ptr);
     free(R->rms_ptr);
@@ -271,7 +271,17 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         run_free(R);
         return sf_fail(err, errlen, SF_ERR_NOMEM, "this call would need %.1f GiB of workspace", (double)bytes / 1073741824.0);
     }
-    R->mem = malloc((size_t)bytes);
+    if (training) {
+        sf_model *mm = (sf_model *)m;
+        if (mm->train_mem_bytes < bytes) {
+            free(mm->train_mem);
+            mm->train_mem = malloc((size_t)bytes);
+            mm->train_mem_bytes = mm->train_mem ? bytes : 0;
+        }
+        R->mem = mm->train_mem;
+    } else {
+        R->mem = malloc((size_t)bytes);
+    }
     if (!R->mem) {
         run_free(R);
         return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate %.1f MiB of workspace", (double)bytes / 1048576.0);
@@ -832,6 +842,14 @@ sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_
     }
     sf_model_release_read((sf_model *)m);
     return st;
+}
+
+void sf_model_release_workspace(sf_model *m) {
+    if (!sf_model_acquire_write(m)) return;
+    free(m->train_mem);
+    m->train_mem = NULL;
+    m->train_mem_bytes = 0;
+    sf_model_release_write(m);
 }
 
 int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint) {

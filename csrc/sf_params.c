@@ -364,6 +364,7 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
 
 void sf_model_free(sf_model *m) {
     if (!m) return;
+    free(m->train_mem);
     free(m->params);
     free(m->tensors);
     free(m->layers);

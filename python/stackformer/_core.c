@@ -479,6 +479,14 @@ static PyObject *CModel_train_workspace_bytes(CModel *self, PyObject *args) {
     return PyLong_FromLongLong((long long)sf_train_workspace_bytes(sf_model_config(self->model), B, T, ck));
 }
 
+static PyObject *CModel_release_workspace(CModel *self, PyObject *unused) {
+    if (!ready(self)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    sf_model_release_workspace(self->model);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *CModel_new_cache(CModel *self, PyObject *args) {
     long long B, max_len;
     if (!ready(self) || !PyArg_ParseTuple(args, "LL", &B, &max_len)) return NULL;
@@ -545,6 +553,7 @@ static PyMethodDef CModel_methods[] = {
      "adamw_step(lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0, clip_norm=0) -> grad norm"},
     {"train_workspace_bytes", (PyCFunction)CModel_train_workspace_bytes, METH_VARARGS, "train_workspace_bytes(B, T, checkpoint=False)"},
     {"new_cache", (PyCFunction)CModel_new_cache, METH_VARARGS, "new_cache(B, max_len) -> CCache"},
+    {"release_workspace", (PyCFunction)CModel_release_workspace, METH_NOARGS, "free the cached training workspace"},
     {NULL}};
 
 static PyGetSetDef CModel_getset[] = {

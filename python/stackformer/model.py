@@ -407,6 +407,11 @@ class Model:
         """Bytes of activation workspace one training step needs."""
         return int(self._c.train_workspace_bytes(int(batch_size), int(seq_len), bool(checkpoint)))
 
+    def release_memory(self) -> None:
+        """Free the activation workspace kept between train steps (it is re-created, at the
+        cost of page faults, by the next step)."""
+        self._c.release_workspace()
+
     @property
     def step(self) -> int:
         """Optimizer steps taken."""
