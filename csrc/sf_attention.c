@@ -71,7 +71,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
     const float scale = 1.0f / sqrtf((float)dh);
     const int nt = sf_threads_resolve(n_threads);
 
-#pragma omp parallel num_threads(nt) if (rows * width * dh > 32768)
+#pragma omp parallel num_threads(nt) if (rows * width * dh > (1 << 20))
     {
         int tid = 0;
 #ifdef _OPENMP
@@ -127,7 +127,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
     const int nt = sf_threads_resolve(n_threads);
     const int64_t units = B * Hkv;
 
-#pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > 32768)
+#pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > (1 << 20))
     {
         int tid = 0;
 #ifdef _OPENMP

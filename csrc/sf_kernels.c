@@ -147,6 +147,55 @@ static int have_avx2_fma(void) {
 }
 #endif
 
+/* A few rows times a Linear weight (decoding: one token per sequence). Packing would copy the
+ * whole weight for a handful of rows, so instead 8 output columns gather their weights at each
+ * k straight from w (M, K). Each output is still init + one fma per k in ascending k, so the
+ * bits equal the packed kernel's. */
+#define SF_SMALL_N 4
+static inline __attribute__((always_inline)) void
+small_n_body(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
+             const float *b, int64_t N, int64_t K, int64_t m0, int64_t mw, int accumulate) {
+    for (int64_t n = 0; n < N; n++) {
+        float acc[8];
+        for (int64_t j = 0; j < 8; j++)
+            acc[j] = j < mw ? (accumulate ? y[n * ldy + m0 + j] : (b ? b[m0 + j] : 0.0f)) : 0.0f;
+        const float *xn = a + n * a_rs;
+        for (int64_t k = 0; k < K; k++) {
+            float xv = xn[k * a_cs];
+            for (int64_t j = 0; j < mw; j++) acc[j] = fmaf(xv, w[(m0 + j) * K + k], acc[j]);
+        }
+        for (int64_t j = 0; j < mw; j++) y[n * ldy + m0 + j] = acc[j];
+    }
+}
+static void small_n_generic(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs,
+                            const float *w, const float *b, int64_t N, int64_t K, int64_t m0,
+                            int64_t mw, int accumulate) {
+    small_n_body(y, ldy, a, a_rs, a_cs, w, b, N, K, m0, mw, accumulate);
+}
+#ifdef SF_X86
+__attribute__((target("avx2,fma"))) static void
+small_n_avx2(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
+             const float *b, int64_t N, int64_t K, int64_t m0, int64_t mw, int accumulate) {
+    if (mw < 8 || K * 8 > 0x7fffffff) { /* edge block or indices past int32: plain loop */
+        small_n_body(y, ldy, a, a_rs, a_cs, w, b, N, K, m0, mw, accumulate);
+        return;
+    }
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32((int)K));
+    const float *wb = w + m0 * K;
+    for (int64_t n = 0; n < N; n++) {
+        __m256 acc = accumulate ? _mm256_loadu_ps(y + n * ldy + m0)
+                                : (b ? _mm256_loadu_ps(b + m0) : _mm256_setzero_ps());
+        const float *xn = a + n * a_rs;
+        for (int64_t k = 0; k < K; k++) {
+            __m256 wv = _mm256_i32gather_ps(wb + k, idx, 4);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(xn[k * a_cs]), wv, acc);
+        }
+        _mm256_storeu_ps(y + n * ldy + m0, acc);
+    }
+}
+#endif
+
 void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
              int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
              float *pack, int n_threads) {
@@ -158,6 +207,22 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
                 for (int64_t m = 0; m < M; m++) y[n * ldy + m] = b ? b[m] : 0.0f;
         return;
     }
+    if (N <= SF_SMALL_N && trans_w) {
+        int use_avx_small = 0;
+#ifdef SF_X86
+        use_avx_small = have_avx2_fma();
+#endif
+        int64_t nb = (M + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * K * M > (1 << 21))
+        for (int64_t blk = 0; blk < nb; blk++) {
+            int64_t m0 = blk * 8, mw = M - m0 < 8 ? M - m0 : 8;
+#ifdef SF_X86
+            if (use_avx_small) { small_n_avx2(y, ldy, a, a_rs, a_cs, w, b, N, K, m0, mw, accumulate); continue; }
+#endif
+            small_n_generic(y, ldy, a, a_rs, a_cs, w, b, N, K, m0, mw, accumulate);
+        }
+        return;
+    }
     pack_b(pack, w, trans_w, K, M, nt);
     int64_t np = (M + SF_NR - 1) / SF_NR;
     int64_t nr = (N + SF_MR - 1) / SF_MR;
@@ -165,7 +230,7 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
 #ifdef SF_X86
     use_avx = have_avx2_fma();
 #endif
-    int nthreads = (N * K * M < 65536) ? 1 : nt;
+    int nthreads = (N * K * M < (1 << 20)) ? 1 : nt; /* below ~1M MACs a team costs more than it saves */
 #pragma omp parallel num_threads(nthreads)
     {
         int tid = 0, T = 1;
