@@ -738,8 +738,11 @@ SFPROF_OPS = {"setup": p_setup, "run": p_run, "timed": p_timed}
 # -- one-shot memory worker ------------------------------------------------------------------
 
 def mem_main(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Peak RSS of one steady-state step: run the step once (warm-up: lazily created optimizer
-    state, thread pools), reset VmHWM, run it again; delta = VmHWM - VmRSS before the step."""
+    """Peak RSS of one step above the RSS just before it. A warm-up step at a tiny shape (B=1,
+    T=8) first creates everything that does not scale with the batch (optimizer moments,
+    gradient buffers, thread pools, library initialization), then VmHWM is reset and the real
+    step runs: delta_bytes = what a step of this (B, T) needs on top of the model, whether it
+    frees it afterwards or keeps it cached. steady_delta_bytes: the same for a second step."""
     threads = spec["threads"]
     impl, what = spec["impl"], spec["what"]
     import stackformer as sf
@@ -747,36 +750,46 @@ def mem_main(spec: Dict[str, Any]) -> Dict[str, Any]:
     cfg = sf.Config.from_dict(spec["config"])
     B, T = spec["B"], spec["T"]
     x, y = make_batch(cfg.vocab_size, B, T)
+    xs, ys = x[:1, :8].copy(), y[:1, :8].copy()
     if impl == "sf":
         m = sf.Model(cfg, seed=0)
+        ck = bool(spec.get("checkpoint"))
         if what == "forward":
             fn = lambda: m(x)  # noqa: E731
+            small = lambda: m(xs)  # noqa: E731
         else:
-            ck = bool(spec.get("checkpoint"))
             fn = lambda: m.train_step(x, y, lr=LR, checkpoint=ck)  # noqa: E731
+            small = lambda: m.train_step(xs, ys, lr=LR, checkpoint=ck)  # noqa: E731
     else:
         state: Dict[str, Any] = {"threads": threads}
         torch = _torch_setup_threads(threads)
         sfm, module, opt, name, _ = _torch_build(state, impl, cfg)
         del sfm
         state["impls"] = {impl: (module, opt)}
+        state["x"], state["y"] = torch.from_numpy(xs), torch.from_numpy(ys)
+        small = _torch_step(state, impl, what)
+        small()
         state["x"], state["y"] = torch.from_numpy(x), torch.from_numpy(y)
         fn = _torch_step(state, impl, what)
-    fn()
-    gc.collect()
-    method = "clear_refs"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        method = "unavailable"
-    before = proc_status_kib()
-    fn()
-    after = proc_status_kib()
-    if method != "clear_refs" or before["VmHWM"] > before["VmRSS"] + 1024:
-        method = "hwm-not-reset"
-    return {"delta_bytes": max(0, after["VmHWM"] - before["VmRSS"]) * 1024, "rss_before_bytes": before["VmRSS"] * 1024,
-            "hwm_bytes": after["VmHWM"] * 1024, "method": method}
+
+    def measure() -> Tuple[int, int, int, str]:
+        gc.collect()
+        method = "clear_refs"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            method = "unavailable"
+        before = proc_status_kib()
+        if method != "clear_refs" or before["VmHWM"] > before["VmRSS"] + 1024:
+            method = "hwm-not-reset (delta is an upper bound)"
+        fn()
+        after = proc_status_kib()
+        return max(0, after["VmHWM"] - before["VmRSS"]) * 1024, before["VmRSS"] * 1024, after["VmHWM"] * 1024, method
+    small()
+    d1, rss1, hwm1, method = measure()
+    d2, _, _, _ = measure()
+    return {"delta_bytes": d1, "steady_delta_bytes": d2, "rss_before_bytes": rss1, "hwm_bytes": hwm1, "method": method}
 
 
 def run_mem(spec: Dict[str, Any], timeout: float = 600) -> Dict[str, Any]:
@@ -1032,7 +1045,7 @@ class Bench:
             log(f"[gen {name}/{mode}] cached vs re-run, {n_new} new tokens ...")
             a, b = cached(), rerun()
             agree = float((a[0, GEN_PROMPT:] == b[0, GEN_PROMPT:]).mean())
-            tc = [timed(cached)[0] for _ in range(max(self.reps, 5))]
+            tc = [timed(cached)[0] for _ in range(self.reps if self.quick else max(self.reps, 5))]
             tr = [timed(rerun)[0] for _ in range(rerun_reps)]
             row = {"config": name, "mode": mode, "prompt": GEN_PROMPT, "new_tokens": n_new, "batch": 1,
                    "cached": stats(tc, n_new), "rerun": stats(tr, n_new),
@@ -1536,7 +1549,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.no_generation:
             plan = []
             if "S" in configs:
-                plan += [("S", mo, 2 if args.quick else 5) for mo in (["plain"] if args.quick else modes)]
+                plan += [("S", mo, 1 if args.quick else 5) for mo in (["plain"] if args.quick else modes)]
             if "M" in configs and "plain" in modes and not args.quick:
                 plan.append(("M", "plain", 1))  # re-running M 256 times is slow: one repetition
             b.generation(plan)
@@ -1549,6 +1562,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         shutil.rmtree(b.tmp, ignore_errors=True)
     b.R["meta"]["duration_s"] = time.perf_counter() - t_start
+    so_end = core_so_info()
+    if so_end["mtime"] != b.R["meta"]["core_so"]["mtime"]:
+        b.R["meta"]["core_so_changed_during_run"] = so_end["mtime"]
+        log("warning: the extension was rebuilt during the run: subprocesses may have measured a different build")
     b.R["meta"]["loadavg_end"] = loadavg()
     b.R["meta"]["loadavg_samples"] = b.load_samples
     b.R["meta"]["finished"] = now_iso()

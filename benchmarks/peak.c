@@ -83,21 +83,26 @@ typedef struct {
     int64_t iters;
     pthread_barrier_t *bar;
     float sink;
+    double t0, t1;
 } job;
 
 static volatile float g_sink;
-
-static void *worker(void *p) {
-    job *j = p;
-    pthread_barrier_wait(j->bar);
-    j->sink = run_kind(j->kind, j->iters);
-    return NULL;
-}
 
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* Each thread stamps its own start and end: the span is first start .. last end, so a
+ * caller thread that is descheduled after the barrier cannot shrink the measured time. */
+static void *worker(void *p) {
+    job *j = p;
+    pthread_barrier_wait(j->bar);
+    j->t0 = now();
+    j->sink = run_kind(j->kind, j->iters);
+    j->t1 = now();
+    return NULL;
 }
 
 /* GFLOP/s of `threads` threads each running `iters` loop iterations; -1 on error. */
@@ -112,10 +117,15 @@ double peak_gflops(int kind, int threads, int64_t iters) {
         if (pthread_create(&tid[t], NULL, worker, &jobs[t]) != 0) return -1.0;
     }
     pthread_barrier_wait(&bar);
-    double t0 = now();
     for (int t = 0; t < threads; t++) pthread_join(tid[t], NULL);
-    double dt = now() - t0;
+    double t0 = jobs[0].t0, t1 = jobs[0].t1;
+    for (int t = 1; t < threads; t++) {
+        if (jobs[t].t0 < t0) t0 = jobs[t].t0;
+        if (jobs[t].t1 > t1) t1 = jobs[t].t1;
+    }
+    double dt = t1 - t0;
     pthread_barrier_destroy(&bar);
+    if (dt <= 0) return -1.0;
     for (int t = 0; t < threads; t++) g_sink += jobs[t].sink;
     double flops = (double)threads * (double)iters * NACC * lanes(kind) * 2.0;
     return flops / dt / 1e9;

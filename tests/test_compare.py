@@ -8,7 +8,7 @@ import pytest
 
 from stackformer import compare
 from stackformer.__main__ import main
-from stackformer.data import Corpus, default_corpus
+from stackformer.data import default_corpus
 from stackformer.plotting import have_matplotlib
 
 

@@ -3,7 +3,15 @@
 Plain residual stacks, Attention Residuals and Mixture-of-Depths Attention, with traces that
 show what every layer reads. See README.md for a tour and DEVELOPERS.md for the math.
 """
-from ._core import get_num_threads, set_num_threads
+import os as _os
+
+# OpenMP threads that busy-wait between parallel regions steal the CPU from the very threads
+# they wait for whenever the machine is shared (a notebook beside a browser, a CI runner): a
+# train step measured 8x slower. Sleeping waits cost a few microseconds per region instead.
+# Set OMP_WAIT_POLICY=ACTIVE before importing stackformer to opt back in on a dedicated machine.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from ._core import get_num_threads, set_num_threads  # noqa: E402
 from .config import Config
 from .model import Model, Output, ParamTree, Trace, TraceOptions
 from . import data

@@ -61,7 +61,7 @@ def wiring(args, tokens: np.ndarray) -> None:
     variants = {
         "plain": dict(),
         "attnres_full": dict(residual="attnres_full"),
-        f"attnres_block(S=4)": dict(residual="attnres_block", attnres_block_size=4),
+        "attnres_block(S=4)": dict(residual="attnres_block", attnres_block_size=4),
         "moda": dict(moda=True),
     }
     curves = {}

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .data import IGNORE_INDEX, Corpus, TextLike, mask_tokens
+from .data import IGNORE_INDEX, Corpus, mask_tokens
 
 __all__ = ["History", "train", "lr_schedule", "evaluate", "cross_entropy", "layer_grad_norms"]
 
@@ -204,7 +204,7 @@ def train(model, data, steps: int = 1000, batch_size: int = 16, lr: float = 3e-3
             rate = lr_schedule(i, lr, steps, warmup, min_lr)
             t0 = time.perf_counter()
             loss = model.forward_backward(x, y, checkpoint=checkpoint)
-            layer_norms = layer_grad_norms(model, groups)   # before clipping touches the grads
+            layer_norms = layer_grad_norms(model, groups)   # unclipped, like grad_norm
             gnorm = model.optimizer_step(rate, betas=betas, weight_decay=weight_decay, clip_norm=clip_norm)
             dt = time.perf_counter() - t0
             n_tok = int(np.count_nonzero(y != IGNORE_INDEX))
