@@ -228,3 +228,21 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--layers", "2", "--deep", "3", "--out", str(tmp_path), "--no-png"]) == 0
     text = capsys.readouterr().out
     assert "Stacking blocks" in text and "attnres_full" in text
+
+
+def test_misaligned_and_strided_inputs(model, tokens):
+    ref = model(tokens).logits
+    raw = np.zeros(tokens.size * 8 + 1, dtype=np.uint8)
+    mis = raw[1:].view(np.int64)[: tokens.size].reshape(tokens.shape)  # not 8-byte aligned
+    mis[...] = tokens
+    assert not mis.flags.aligned
+    np.testing.assert_array_equal(model(mis).logits, ref)
+    emb = model.tok_emb.weight[tokens].astype(np.float32)
+    rawf = np.zeros(emb.size * 4 + 2, dtype=np.uint8)
+    misf = rawf[2:].view(np.float32)[: emb.size].reshape(emb.shape)
+    misf[...] = emb
+    np.testing.assert_array_equal(model(misf).logits, model(emb).logits)
+    wide = np.zeros((2, 7, 64), np.float32)
+    wide[:, :, ::2] = emb  # every other column: a strided view
+    np.testing.assert_array_equal(model(wide[:, :, ::2]).logits, model(emb).logits)
+    assert model.forward_backward(mis, mis) == model.forward_backward(tokens, tokens)
