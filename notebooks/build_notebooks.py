@@ -83,7 +83,8 @@ D_MODEL, N_HEADS = (32, 4) if QUICK else (64, 4)
 SEQ_LEN, BATCH = (32, 4) if QUICK else (64, 8)
 MAX_BLOCKS = 3 if QUICK else 4          # stacks of 1 .. MAX_BLOCKS blocks
 DEEP = 4 if QUICK else 8                # blocks of the stack used for the RMS / norm study
-STEPS = 25 if QUICK else 200            # training steps per model
+STEPS = 25 if QUICK else 300            # training steps per model
+POS = "rope"                            # rotary positions: position-based heads are quick to learn
 TEXT = "for key, value in items.items():"
 
 corpus = sf.default_corpus(max_bytes=200_000 if QUICK else 2_000_000)
@@ -95,14 +96,14 @@ print(f"QUICK={QUICK}: d_model={D_MODEL}, heads={N_HEADS}, seq_len={SEQ_LEN}, ba
 def config(n_blocks, **kw):
     """A byte-level pre-norm decoder of n_blocks blocks (kw overrides any Config field)."""
     return sf.Config(vocab_size=256, d_model=D_MODEL, n_heads=N_HEADS, n_layers=n_blocks,
-                     max_seq_len=SEQ_LEN, **kw)
+                     max_seq_len=SEQ_LEN, pos=POS, **kw)
 
 
-def fit(cfg, steps=STEPS, seed=0):
+def fit(cfg, steps=STEPS, seed=0, batch_size=BATCH, lr=3e-3):
     """A fresh model trained for `steps` steps on the corpus; returns (model, history)."""
     model = sf.Model(cfg, seed=seed)
-    hist = sf.train(model, corpus, steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, seed=seed,
-                    eval_batches=4, progress=False)
+    hist = sf.train(model, corpus, steps=steps, batch_size=batch_size, seq_len=SEQ_LEN, lr=lr,
+                    seed=seed, eval_batches=4, progress=False)
     return model, hist
 
 
@@ -155,8 +156,8 @@ for k in range(1, MAX_BLOCKS + 1):
 print(f"unigram baseline (no context at all): {corpus.unigram_loss():.3f} nats/byte")
 '''),
     code(r'''
-fig, axes = plt.subplots(MAX_BLOCKS, MAX_BLOCKS, figsize=(2.5 * MAX_BLOCKS, 2.5 * MAX_BLOCKS),
-                         squeeze=False)
+fig, axes = plt.subplots(MAX_BLOCKS, MAX_BLOCKS, figsize=(3.1 * MAX_BLOCKS + 1, 3.1 * MAX_BLOCKS),
+                         squeeze=False, layout="constrained")
 for r, k in enumerate(stacks):
     att = stacks[k](tokens, trace=["attention"]).trace.attention
     for c in range(MAX_BLOCKS):
@@ -166,14 +167,14 @@ for r, k in enumerate(stacks):
             continue
         im = ax.imshow(att[c][0, 0], cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"{k}-block stack · block {c}", fontsize=8)
-        ax.set_xticks(range(T)); ax.set_xticklabels(chars, fontsize=5)
-        ax.set_yticks(range(T)); ax.set_yticklabels(chars, fontsize=5)
+        ax.set_xticks(range(T)); ax.set_xticklabels(chars, fontsize=6)
+        ax.set_yticks(range(T)); ax.set_yticklabels(chars, fontsize=6)
         if c == 0:
             ax.set_ylabel("query")
         if r == MAX_BLOCKS - 1 or c == k - 1:
             ax.set_xlabel("key")
-fig.colorbar(im, ax=axes, shrink=0.5, label="attention probability")
-fig.suptitle(f"Head 0 attention on {TEXT!r} (trained {STEPS} steps)")
+fig.colorbar(im, ax=axes, shrink=0.4, label="attention probability")
+fig.suptitle(f"Head 0 attention on {TEXT!r}: row k = a k-block stack trained {STEPS} steps")
 plt.show()
 '''),
     md(r'''
@@ -281,7 +282,8 @@ Two things to read off the plots and the printout:
   nothing accumulates, but every earlier contribution is rescaled at every step, and gradients
   have to pass through every norm on the way down. That is why deep post-norm stacks are known
   to need learning-rate warm-up and are often harder to train. The loss curves below compare
-  the two layouts on the same data, seed and step count.
+  the two layouts on the same data, seed and step count: one short run at one learning rate,
+  so a sample rather than a verdict.
 '''),
     code(r'''
 def smooth(y, w=10):
@@ -314,25 +316,32 @@ The only architectural difference between a decoder and an encoder here is the m
 whole window. They are trained differently too: the decoder predicts the next byte, the encoder
 fills in bytes replaced by a mask byte (15 % of positions, `sf.data.mask_tokens`, which
 `sf.train` uses automatically for `causal=False`). Both stacks below have the same size and
-training budget.
+training budget; both get a larger batch and learning rate than above, because the masked-byte
+objective has targets at only 15 % of positions and needs more signal per step to grow sharp
+heads in a short run.
 '''),
     code(r'''
 N_ENC = min(2, MAX_BLOCKS)
-dec_model, dec_hist = fit(config(N_ENC, causal=True))
-enc_model, enc_hist = fit(config(N_ENC, causal=False))
+dec_model, dec_hist = fit(config(N_ENC, causal=True), batch_size=2 * BATCH, lr=1e-2)
+enc_model, enc_hist = fit(config(N_ENC, causal=False), batch_size=2 * BATCH, lr=1e-2)
 print(f"decoder: next-byte loss {dec_hist.val_loss[-1]:.3f}; encoder: masked-byte loss "
       f"{enc_hist.val_loss[-1]:.3f} (different tasks, so the numbers are not comparable)")
 
-fig, axes = plt.subplots(2, N_HEADS, figsize=(2.6 * N_HEADS, 5.6), squeeze=False)
-for r, (name, model) in enumerate((("decoder (causal)", dec_model), ("encoder (bidirectional)", enc_model))):
-    att = model(tokens, trace=["attention"]).trace.attention[N_ENC - 1]
-    for h in range(N_HEADS):
-        ax = axes[r, h]
-        ax.imshow(att[0, h], cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(f"{name}\nblock {N_ENC - 1}, head {h}", fontsize=8)
-        ax.set_xticks(range(T)); ax.set_xticklabels(chars, fontsize=5)
-        ax.set_yticks(range(T)); ax.set_yticklabels(chars, fontsize=5)
-fig.tight_layout()
+fig, axes = plt.subplots(2 * N_ENC, N_HEADS, figsize=(3.0 * N_HEADS + 1, 3.0 * 2 * N_ENC),
+                         squeeze=False, layout="constrained")
+pairs = (("decoder", dec_model), ("encoder", enc_model))
+for m, (name, model) in enumerate(pairs):
+    att = model(tokens, trace=["attention"]).trace.attention
+    for i in range(N_ENC):
+        r = 2 * i + m
+        for h in range(N_HEADS):
+            ax = axes[r, h]
+            im = ax.imshow(att[i][0, h], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"{name} · block {i} · head {h}", fontsize=8)
+            ax.set_xticks(range(T)); ax.set_xticklabels(chars, fontsize=5)
+            ax.set_yticks(range(T)); ax.set_yticklabels(chars, fontsize=5)
+fig.colorbar(im, ax=axes, shrink=0.3, label="attention probability")
+fig.suptitle(f"decoder (causal) vs encoder (bidirectional), {N_ENC} blocks each, on {TEXT!r}")
 plt.show()
 '''),
     code(r'''
@@ -399,6 +408,7 @@ D_MODEL, N_HEADS = (32, 4) if QUICK else (64, 4)
 SEQ_LEN, BATCH = (32, 4) if QUICK else (64, 8)
 STEPS = 20 if QUICK else 300
 BLOCK_SIZE = 2 if QUICK else 4          # Block AttnRes: sublayers per block
+POS = "rope"                            # rotary positions (all stacks)
 SNAP_STEPS = sorted({0, STEPS // 10, STEPS // 3, STEPS})   # when to photograph the alphas
 
 corpus = sf.default_corpus(max_bytes=200_000 if QUICK else 2_000_000)
@@ -454,7 +464,7 @@ decay). A callback photographs every stack at the steps in `SNAP_STEPS`.
 models, hists, snaps = {}, {}, {}
 for name, kw in STACKS.items():
     cfg = sf.Config(vocab_size=256, d_model=D_MODEL, n_heads=N_HEADS, n_layers=N_BLOCKS,
-                    max_seq_len=SEQ_LEN, **kw)
+                    max_seq_len=SEQ_LEN, pos=POS, **kw)
     model = sf.Model(cfg, seed=0)
     snaps[name] = {0: measure(model)}
 
@@ -483,6 +493,9 @@ for name, h in hists.items():
             label=f"{name} train (smoothed)")
     ax.plot(h.val_step, h.val_loss, "o--", color=COLORS[name], ms=4, label=f"{name} validation")
 ax.axhline(corpus.unigram_loss(), color="gray", ls=":", lw=1, label="unigram baseline")
+# zoom on the part where the stacks differ (the first steps fall from ~5.5 for everyone)
+low = min(min(h.loss) for h in hists.values())
+ax.set_ylim(low - 0.1, max(corpus.unigram_loss() + 0.6, max(h.val_loss[-1] for h in hists.values()) + 0.3))
 ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
 ax.set_title(f"{L}-sublayer stacks on {corpus.name}")
 ax.grid(alpha=0.3); ax.legend(fontsize=7, ncol=2)
@@ -558,19 +571,21 @@ def source_names(name):
     return ["emb"] + [f"b{j}" for j in range(1, n_src)]
 
 
-def alpha_heatmap(ax, a, name, title):
+def alpha_heatmap(ax, a, name, title, labels=True):
     cmap = plt.get_cmap("magma").copy()
     cmap.set_bad("#e8e8e8")
     im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     src = source_names(name)
     ax.set_xticks(range(len(src))); ax.set_xticklabels(src, rotation=90, fontsize=6)
     ax.set_yticks(range(L + 1)); ax.set_yticklabels(sub_names + ["out"], fontsize=6)
-    ax.set_xlabel("source (earlier layer)"); ax.set_ylabel("reading sublayer")
+    if labels:
+        ax.set_xlabel("source (earlier layer)"); ax.set_ylabel("reading sublayer")
     ax.set_title(title)
     return im
 
 
-fig, axes = plt.subplots(1, len(attn_stacks), figsize=(6.5 * len(attn_stacks), 5.8), squeeze=False)
+fig, axes = plt.subplots(1, len(attn_stacks), figsize=(6.5 * len(attn_stacks), 5.8), squeeze=False,
+                         layout="constrained")
 for ax, name in zip(axes[0], attn_stacks):
     im = alpha_heatmap(ax, snaps[name][STEPS]["alpha"], name, f"{name}: α after {STEPS} steps")
 fig.colorbar(im, ax=axes, shrink=0.7, label="mean depth-attention weight α")
@@ -603,14 +618,15 @@ visible sources, and it drops as a sublayer commits to a few of them.
 '''),
     code(r'''
 steps_shown = [s for s in SNAP_STEPS if s in snaps[attn_stacks[0]]]
-fig, axes = plt.subplots(len(attn_stacks), len(steps_shown),
-                         figsize=(3.6 * len(steps_shown), 3.6 * len(attn_stacks)), squeeze=False)
+fig, axes = plt.subplots(len(attn_stacks), len(steps_shown), figsize=(3.7 * len(steps_shown) + 1,
+                         4.2 * len(attn_stacks)), squeeze=False, layout="constrained")
 for r, name in enumerate(attn_stacks):
     for c, step in enumerate(steps_shown):
-        im = alpha_heatmap(axes[r, c], snaps[name][step]["alpha"], name, f"{name}\nstep {step}")
-        if c:
-            axes[r, c].set_ylabel("")
+        im = alpha_heatmap(axes[r, c], snaps[name][step]["alpha"], name, f"{name}, step {step}",
+                           labels=False)
+    axes[r, 0].set_ylabel("reading sublayer")
 fig.colorbar(im, ax=axes, shrink=0.6, label="mean α")
+fig.suptitle("depth-attention weights during training (columns: sources, rows: readers)")
 plt.show()
 
 fig, axes = plt.subplots(1, len(attn_stacks), figsize=(6.5 * len(attn_stacks), 3.4), squeeze=False)
@@ -665,6 +681,7 @@ N_BLOCKS = 3 if QUICK else 6
 D_MODEL, N_HEADS = (32, 4) if QUICK else (64, 4)
 SEQ_LEN, BATCH = (32, 4) if QUICK else (64, 8)
 STEPS = 20 if QUICK else 300
+POS = "rope"                            # rotary positions (depth keys written by attention are rotated too)
 TEXT = "while not done: x = f(x)"
 
 corpus = sf.default_corpus(max_bytes=200_000 if QUICK else 2_000_000)
@@ -675,7 +692,7 @@ print(f"QUICK={QUICK}: {N_BLOCKS} blocks, d_model={D_MODEL}, heads={N_HEADS}, se
     code(r'''
 def config(**kw):
     return sf.Config(vocab_size=256, d_model=D_MODEL, n_heads=N_HEADS, n_layers=N_BLOCKS,
-                     max_seq_len=SEQ_LEN, **kw)
+                     max_seq_len=SEQ_LEN, pos=POS, **kw)
 
 
 tokens = sf.data.encode(TEXT)[None, :]
@@ -751,6 +768,8 @@ for name, h in hists.items():
             label=f"{name} train (smoothed)")
     ax.plot(h.val_step, h.val_loss, "o--", ms=4, color=COLORS[name], label=f"{name} validation")
 ax.axhline(corpus.unigram_loss(), color="gray", ls=":", lw=1, label="unigram baseline")
+low = min(min(h.loss) for h in hists.values())
+ax.set_ylim(low - 0.1, max(corpus.unigram_loss() + 0.6, max(h.val_loss[-1] for h in hists.values()) + 0.3))
 ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
 ax.set_title(f"{N_BLOCKS}-block stacks")
 ax.grid(alpha=0.3); ax.legend(fontsize=7, ncol=2)
@@ -768,21 +787,27 @@ slots for the same position, labelled by the sublayer that wrote them. Block 0 h
 sublayers and so no depth columns.
 '''),
     code(r'''
-def moda_maps(model, head, title):
+def moda_maps(model, head, title, ncols=3):
     tr = model(tokens, trace=["attention"]).trace
-    widths = [a.shape[-1] for a in tr.attention]
-    fig, axes = plt.subplots(1, N_BLOCKS, figsize=(0.12 * sum(widths) + 2, 3.6),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
-    for i, (ax, a) in enumerate(zip(axes[0], tr.attention)):
-        ax.imshow(a[0, head], cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.axvline(tr.seq_len - 0.5, color="white", lw=1.5)
+    nrows = -(-N_BLOCKS // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 1, 4.2 * nrows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[N_BLOCKS:]:
+        ax.axis("off")
+    for i, (ax, a) in enumerate(zip(axes.flat, tr.attention)):
+        im = ax.imshow(a[0, head], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.axvline(tr.seq_len - 0.5, color="white", lw=2)
         ax.set_xticks(range(a.shape[-1]))
-        ax.set_xticklabels(chars + slot_names(i), rotation=90, fontsize=5)
-        ax.set_yticks(range(T)); ax.set_yticklabels(chars if i == 0 else [], fontsize=5)
-        ax.set_title(f"block {i}", fontsize=8)
-    axes[0, 0].set_ylabel("query")
+        ax.set_xticklabels(chars + slot_names(i), rotation=90, fontsize=6)
+        for lab in ax.get_xticklabels()[tr.seq_len:]:
+            lab.set_color("C3")
+        ax.set_yticks(range(T)); ax.set_yticklabels(chars, fontsize=6)
+        ax.set_title(f"block {i}: {tr.seq_len} sequence keys | {a.shape[-1] - tr.seq_len} depth slots",
+                     fontsize=8)
+    for r in range(nrows):
+        axes[r, 0].set_ylabel("query")
+    fig.colorbar(im, ax=axes, shrink=0.5, label="attention probability")
     fig.suptitle(title)
-    fig.tight_layout()
     plt.show()
 
 
@@ -804,7 +829,8 @@ panels = {"MoDA, init": model0,
 dm = {name: m(probe_x, trace=["depth_mass"]).trace.depth_mass_mean for name, m in panels.items()}
 vmax = max(float(np.nanmax(v)) for v in dm.values())
 
-fig, axes = plt.subplots(1, len(dm), figsize=(4 * len(dm), 3.6), squeeze=False)
+fig, axes = plt.subplots(1, len(dm), figsize=(4 * len(dm) + 1, 3.6), squeeze=False,
+                         layout="constrained")
 for ax, (name, m) in zip(axes[0], dm.items()):
     im = ax.imshow(m, cmap="magma", vmin=0, vmax=vmax, aspect="auto")
     for (i, h), v in np.ndenumerate(m):
@@ -847,7 +873,7 @@ def slot_usage(model):
 usage = {name: slot_usage(models[name]) for name in ("MoDA pre-norm", "MoDA post-norm")}
 vmax = max(float(np.nanmax(u)) for u in usage.values())
 cmap = plt.get_cmap("magma").copy(); cmap.set_bad("#e8e8e8")
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
 for ax, (name, u) in zip(axes, usage.items()):
     im = ax.imshow(np.ma.masked_invalid(u), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
     ax.set_xticks(range(u.shape[1])); ax.set_xticklabels(slot_names(N_BLOCKS - 1), rotation=90)
@@ -886,76 +912,79 @@ NB04: List[Cell] = [
 # 4 · Depth as memory
 
 Deep stacks have to *carry* information: whatever an early layer computes must survive every
-later layer that needs it. This notebook builds a small synthetic task whose answer is an
-embedding-level feature of one input token that has to reach the top of the stack, and asks
-two questions:
+later layer until the one that needs it. This notebook builds a small synthetic task in which
+a feature computed by an early block is the input of a later block, and asks two questions:
 
 1. **Accuracy vs depth**: with the same training budget, how do plain, Full AttnRes and MoDA
    stacks of 1, 2, 4, 8 blocks do on it?
 2. **Linear probes**: how well does each layer's stream (`trace.hidden[i]`) still carry the
-   features present after the first block? A least-squares probe in NumPy answers it layer by
-   layer.
+   layer-1 features? A least-squares probe in NumPy answers it layer by layer.
 '''),
     code(SETUP + r'''
 # --- sizes (QUICK shrinks them) ------------------------------------------------------------
-N_MEM, N_VAL = (6, 12) if QUICK else (12, 24)   # memory cells per sequence, value alphabet
+N_MEM = 4 if QUICK else 6                        # memory cells (and pointer values) per sequence
 D_MODEL, N_HEADS = (32, 4) if QUICK else (64, 4)
 DEPTHS = (1, 2) if QUICK else (1, 2, 4, 8)       # blocks per stack
-SEEDS = (0,) if QUICK else (0, 1)                # each (stack, depth) is trained once per seed
-STEPS, BATCH, LR = (40, 16, 3e-3) if QUICK else (300, 32, 3e-3)
-EVAL_EVERY = max(1, STEPS // 10)
+SEEDS = (0,)                                     # add seeds for firmer numbers (time x len(SEEDS))
+STEPS, BATCH, LR = (60, 16, 3e-3) if QUICK else (1000, 32, 3e-3)
+EVAL_EVERY = max(1, STEPS // 20)
 
-print(f"QUICK={QUICK}: {N_MEM} memory cells, {N_VAL} values, d_model={D_MODEL}, depths {DEPTHS}, "
-      f"seeds {SEEDS}, {STEPS} steps of batch {BATCH}")
+print(f"QUICK={QUICK}: {N_MEM} memory cells, d_model={D_MODEL}, depths {DEPTHS}, seeds {SEEDS}, "
+      f"{STEPS} steps of batch {BATCH}")
 '''),
     md(r'''
-## 4.1 The task: pointer recall
+## 4.1 The task: pointer chasing, one or two hops
 
-A sequence is `N_MEM` **memory** tokens (values drawn from an alphabet of `N_VAL`) followed by
-`N_MEM` **queries**; query token *j* means "what was in memory cell *j*?" and the target at that
-position is the value stored there. Loss is taken at the query positions only (targets elsewhere
-are `-100`, the ignore index).
+A sequence is `N_MEM` **memory** cells, each holding a pointer to a cell (a value in
+0 … N_MEM−1), followed by `N_MEM` **queries**. A query is one of two kinds of token:
 
-Solving it takes one attention hop (the query finds cell *j* by position), but the thing to
-output is the **identity of a memory token**, a feature that exists at the embedding, so it has
-to be fetched and then passed up through every block above the one that fetched it.
+* `@j` (one hop): answer the content of cell *j*, `m[j]`;
+* `@@j` (two hops): follow the pointer once more, `m[m[j]]`.
+
+Loss is taken at the query positions only (targets elsewhere are `-100`, the ignore index).
+A one-hop query needs one attention lookup. A two-hop query needs the result of the first
+lookup (`m[j]`, written into the stream by an early block) as the *address* of a second lookup
+by a later block: an early-layer feature that is needed late. A 1-block stack has a single
+attention sublayer, so two dependent lookups are out of its reach.
 '''),
     code(r'''
-V = N_VAL + N_MEM              # token ids: values 0..N_VAL-1, then one query token per cell
+V = N_MEM + 2 * N_MEM          # token ids: cell values 0..N-1, then @0..@N-1, then @@0..@@N-1
 SEQ = 2 * N_MEM
 IGNORE = -100
 
 
 def make_batch(n, rng):
-    mem = rng.integers(0, N_VAL, size=(n, N_MEM))
+    """(x, y, hops, first): inputs, targets, hop count and first-hop value per query."""
+    mem = rng.integers(0, N_MEM, size=(n, N_MEM))
     q = rng.integers(0, N_MEM, size=(n, N_MEM))
-    x = np.concatenate([mem, N_VAL + q], axis=1)
+    hops = rng.integers(1, 3, size=(n, N_MEM))
+    first = np.take_along_axis(mem, q, axis=1)
+    second = np.take_along_axis(mem, first, axis=1)
+    x = np.concatenate([mem, N_MEM + (hops - 1) * N_MEM + q], axis=1)
     y = np.full_like(x, IGNORE)
-    y[:, N_MEM:] = np.take_along_axis(mem, q, axis=1)
-    return x, y
+    y[:, N_MEM:] = np.where(hops == 1, first, second)
+    return x, y, hops, first
 
 
 def show(x, y):
-    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    mem = " ".join(letters[v] for v in x[:N_MEM])
-    qs = " ".join(f"?{v - N_VAL}" for v in x[N_MEM:])
-    ans = " ".join(letters[v] for v in y[N_MEM:])
-    return f"memory  {mem}\nqueries {qs}\nanswers {ans}"
+    mem = " ".join(str(v) for v in x[:N_MEM])
+    qs = " ".join(("@" if v < 2 * N_MEM else "@@") + str((v - N_MEM) % N_MEM) for v in x[N_MEM:])
+    return f"memory  {mem}\nqueries {qs}\nanswers {' '.join(str(v) for v in y[N_MEM:])}"
 
 
-test_x, test_y = make_batch(256, np.random.default_rng(12345))
+test_x, test_y, test_hops, test_first = make_batch(512, np.random.default_rng(12345))
 print(show(test_x[0], test_y[0]))
-print(f"\nchance accuracy: {1 / N_VAL:.3f}; always answering the most common memory value "
-      f"of the sequence scores about {np.mean([np.mean(np.bincount(r[:N_MEM]).max() / N_MEM) for r in test_x]):.3f}")
+print(f"\n{np.mean(test_hops == 2):.0%} of the test queries are two-hop; chance accuracy is {1 / N_MEM:.3f}")
 '''),
     code(r'''
 STACKS = {"plain": dict(), "Full AttnRes": dict(residual="attnres_full"), "MoDA": dict(moda=True)}
 COLORS = dict(zip(STACKS, ["C0", "C1", "C3"]))
 
 
-def accuracy(model, x, y):
-    keep = y != IGNORE
-    return float((model(x).logits.argmax(-1)[keep] == y[keep]).mean())
+def accuracy(model, x, y, hops):
+    """Test accuracy on one-hop and on two-hop queries."""
+    right = model(x).logits[:, N_MEM:].argmax(-1) == y[:, N_MEM:]
+    return float(right[hops == 1].mean()), float(right[hops == 2].mean())
 
 
 def train_task(kind, n_blocks, seed):
@@ -963,21 +992,21 @@ def train_task(kind, n_blocks, seed):
                     max_seq_len=SEQ, **STACKS[kind])
     model = sf.Model(cfg, seed=seed)
     rng = np.random.default_rng(seed)
-    curve = [(0, accuracy(model, test_x, test_y))]
+    curve = [(0, *accuracy(model, test_x, test_y, test_hops))]
     for step in range(STEPS):
-        x, y = make_batch(BATCH, rng)
-        lr = sf.lr_schedule(step, LR, STEPS, warmup=max(1, STEPS // 15))
+        x, y, _, _ = make_batch(BATCH, rng)
+        lr = sf.lr_schedule(step, LR, STEPS, warmup=max(1, STEPS // 50))
         model.train_step(x, y, lr=lr, weight_decay=0.0)
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == STEPS:
-            curve.append((step + 1, accuracy(model, test_x, test_y)))
-    return model, np.array(curve)
+            curve.append((step + 1, *accuracy(model, test_x, test_y, test_hops)))
+    return model, np.array(curve)            # curve rows: (step, one-hop acc, two-hop acc)
 '''),
     md(r'''
 ## 4.2 Accuracy vs depth
 
 Every (stack, depth) pair is trained from scratch for the same number of steps, once per seed
-in `SEEDS` (different weights *and* different batches). Accuracy is measured on a fixed test
-set of 256 fresh sequences. This is the slowest cell of the notebook.
+in `SEEDS` (a seed sets both the weights and the batches), and scored on a fixed test set of
+fresh sequences. This is the slowest cell of the notebook.
 '''),
     code(r'''
 results, curves, trained = {}, {}, {}
@@ -986,71 +1015,77 @@ for kind in STACKS:
         for seed in SEEDS:
             t0 = time.perf_counter()
             model, curve = train_task(kind, n, seed)
-            results[kind, n, seed] = curve[-1, 1]
+            results[kind, n, seed] = curve[-1, 1:]
             curves[kind, n, seed] = curve
             if seed == SEEDS[0]:
                 trained[kind, n] = model
-            print(f"{kind:>12}, {n} blocks, seed {seed}: test accuracy {curve[-1, 1]:.3f} "
-                  f"({time.perf_counter() - t0:.1f} s)")
+            print(f"{kind:>12}, {n} blocks, seed {seed}: one-hop {curve[-1, 1]:.3f}, "
+                  f"two-hop {curve[-1, 2]:.3f} ({time.perf_counter() - t0:.1f} s)")
 '''),
     code(r'''
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+def mean_acc(kind, n, hop):
+    return float(np.mean([results[kind, n, s][hop - 1] for s in SEEDS]))
+
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
+for hop, ax in zip((1, 2), axes[:2]):
+    for kind in STACKS:
+        ax.plot(DEPTHS, [mean_acc(kind, n, hop) for n in DEPTHS], "o-", color=COLORS[kind], label=kind)
+        for s in SEEDS[1:]:
+            ax.plot(DEPTHS, [results[kind, n, s][hop - 1] for n in DEPTHS], "x", color=COLORS[kind])
+    ax.axhline(1 / N_MEM, color="gray", ls=":", lw=1, label="chance")
+    ax.set_xscale("log", base=2); ax.set_xticks(DEPTHS); ax.set_xticklabels(DEPTHS)
+    ax.set_xlabel("blocks"); ax.set_ylabel(f"test accuracy after {STEPS} steps")
+    ax.set_title(f"{'one' if hop == 1 else 'two'}-hop queries")
+deepest = DEPTHS[-1]
 for kind in STACKS:
-    mean = [np.mean([results[kind, n, s] for s in SEEDS]) for n in DEPTHS]
-    axes[0].plot(DEPTHS, mean, "o-", color=COLORS[kind], label=f"{kind} (mean of {len(SEEDS)} seeds)")
-    for s in SEEDS:
-        axes[0].plot(DEPTHS, [results[kind, n, s] for n in DEPTHS], "x", color=COLORS[kind], alpha=0.6)
-    deepest = DEPTHS[-1]
-    for s in SEEDS:
-        c = curves[kind, deepest, s]
-        axes[1].plot(c[:, 0], c[:, 1], color=COLORS[kind], alpha=0.8,
-                     label=f"{kind}, seed {s}", ls="-" if s == SEEDS[0] else "--")
-axes[0].axhline(1 / N_VAL, color="gray", ls=":", lw=1, label="chance")
-axes[0].set_xscale("log", base=2); axes[0].set_xticks(DEPTHS); axes[0].set_xticklabels(DEPTHS)
-axes[0].set_xlabel("blocks"); axes[0].set_ylabel(f"test accuracy after {STEPS} steps")
-axes[0].set_title("accuracy vs depth (x = single seeds)")
-axes[1].axhline(1 / N_VAL, color="gray", ls=":", lw=1)
-axes[1].set_xlabel("step"); axes[1].set_ylabel("test accuracy")
-axes[1].set_title(f"learning curves, {DEPTHS[-1]}-block stacks")
+    c = curves[kind, deepest, SEEDS[0]]
+    axes[2].plot(c[:, 0], c[:, 2], color=COLORS[kind], label=f"{kind}, two-hop")
+    axes[2].plot(c[:, 0], c[:, 1], color=COLORS[kind], ls=":", label=f"{kind}, one-hop")
+axes[2].axhline(1 / N_MEM, color="gray", ls=":", lw=1)
+axes[2].set_xlabel("step"); axes[2].set_ylabel("test accuracy")
+axes[2].set_title(f"learning curves, {deepest}-block stacks (seed {SEEDS[0]})")
 for ax in axes:
     ax.set_ylim(0, 1.05); ax.grid(alpha=0.3); ax.legend(fontsize=7)
-fig.tight_layout()
 plt.show()
 
-print(f"{'stack':>12} " + " ".join(f"{n:>3} blk" for n in DEPTHS))
+print(f"{'two-hop accuracy':>16} " + " ".join(f"{n:>3} blk" for n in DEPTHS))
 for kind in STACKS:
-    print(f"{kind:>12} " + " ".join(f"{np.mean([results[kind, n, s] for s in SEEDS]):7.3f}" for n in DEPTHS))
+    print(f"{kind:>16} " + " ".join(f"{mean_acc(kind, n, 2):7.3f}" for n in DEPTHS))
 
 
 def steps_to(curve, level=0.9):
-    hit = np.nonzero(curve[:, 1] >= level)[0]
+    hit = np.nonzero(curve[:, 2] >= level)[0]
     return int(curve[hit[0], 0]) if hit.size else None
 
 
+print()
 for kind in STACKS:
-    reached = [steps_to(curves[kind, DEPTHS[-1], s]) for s in SEEDS]
-    print(f"{kind:>12}, {DEPTHS[-1]} blocks: first evaluation at >= 90% accuracy, per seed: "
-          + ", ".join("not reached" if r is None else f"step {r}" for r in reached))
+    reached = [steps_to(curves[kind, n, SEEDS[0]]) for n in DEPTHS]
+    print(f"{kind:>12}: first evaluation with two-hop accuracy >= 90%, by depth: "
+          + ", ".join(f"{n} blk: " + ("not reached" if r is None else f"step {r}")
+                      for n, r in zip(DEPTHS, reached)))
 '''),
     md(r'''
-With a fixed budget the result is decided by *when* a stack discovers the lookup: accuracy
-sits near the "most common value" level for a while and then jumps. That moment varies with the
-seed, which is why every configuration is trained `len(SEEDS)` times and single runs are
-plotted as crosses; read differences of one seed with care, and raise `SEEDS` for firmer
+One-hop queries are learned within the first evaluations at every depth. Two-hop queries are
+where depth matters: the 1-block stacks stay far below the others (whatever they score above
+chance comes from statistics of the pointers, not from following them), and the deeper stacks
+learn the second hop only after a plateau whose length varies with the stack and the seed. With
+one seed per configuration, read small differences with care and add seeds to `SEEDS` for firmer
 numbers.
 
 ## 4.3 Linear probes: does the stream still carry the layer-1 features?
 
-Take the deepest stack of each kind (seed `SEEDS[0]`) and trace the test set. `hidden[i]` is
-what block *i* reads (plain and MoDA: the residual stream; AttnRes: the mixture it aggregates),
-`hidden[n]` is the top of the stack. Three least-squares probes, each fitted on half the test
+Take the deepest stack of each kind and trace the test set. `hidden[i]` is what block *i* reads
+(plain and MoDA: the residual stream; AttnRes: the mixture its attention sublayer aggregates);
+`hidden[n]` is the top of the stack. Three least-squares probes, each fitted on half of the test
 sequences and scored on the other half:
 
 * **R² of the layer-1 stream**: how much of `hidden[1]` (everything present after block 0) can
-  be linearly reconstructed from `hidden[i]`. 1 means nothing was lost, only mixed.
-* **query slot**: decode the queried cell *j* at query positions: an input feature, present
-  from the embedding on.
-* **answer**: decode the value stored in cell *j*: present only after some block has fetched it.
+  still be linearly reconstructed from `hidden[i]` (1 = nothing lost, only mixed).
+* **first hop** `m[j]` at two-hop query positions: the intermediate result an early block
+  computes and a later block needs as an address.
+* **answer** `m[m[j]]` at two-hop query positions: present only once the second lookup is done.
 '''),
     code(r'''
 def lstsq_fit(X, Y, ridge=1e-3):
@@ -1067,7 +1102,7 @@ def lstsq_apply(W, X):
 
 def r2(X_tr, Y_tr, X_te, Y_te):
     pred = lstsq_apply(lstsq_fit(X_tr, Y_tr), X_te)
-    return 1 - ((Y_te - pred) ** 2).sum() / ((Y_te - Y_te.mean(0)) ** 2).sum()
+    return float(1 - ((Y_te - pred) ** 2).sum() / ((Y_te - Y_te.mean(0)) ** 2).sum())
 
 
 def classify(X_tr, c_tr, X_te, c_te, n_classes):
@@ -1076,80 +1111,85 @@ def classify(X_tr, c_tr, X_te, c_te, n_classes):
 
 
 half = test_x.shape[0] // 2
-q_slot = test_x[:, N_MEM:] - N_VAL            # (B, N_MEM) queried cell
-answer = test_y[:, N_MEM:]                    # (B, N_MEM) stored value
+two = test_hops == 2                                    # (B, N_MEM) two-hop query mask
+answer = test_y[:, N_MEM:]
+n = DEPTHS[-1]
 probes = {}
 for kind in STACKS:
-    n = DEPTHS[-1]
-    hid = trained[kind, n](test_x, trace=["hidden"]).trace.hidden   # n+1 arrays (B, SEQ, d)
+    hid = trained[kind, n](test_x, trace=["hidden"]).trace.hidden   # n + 1 arrays (B, SEQ, d)
     ref = hid[1].reshape(-1, D_MODEL)
+    split = half * SEQ
     rows = []
-    for i, h in enumerate(hid):
+    for h in hid:
         X = h.reshape(-1, D_MODEL)
-        split = half * SEQ
-        Xq = h[:, N_MEM:].reshape(len(h), -1, D_MODEL)
+        Xq = h[:, N_MEM:]                                   # query positions (B, N_MEM, d)
+        tr_, te_ = two[:half], two[half:]
         rows.append((
             r2(X[:split], ref[:split], X[split:], ref[split:]),
-            classify(Xq[:half].reshape(-1, D_MODEL), q_slot[:half].ravel(),
-                     Xq[half:].reshape(-1, D_MODEL), q_slot[half:].ravel(), N_MEM),
-            classify(Xq[:half].reshape(-1, D_MODEL), answer[:half].ravel(),
-                     Xq[half:].reshape(-1, D_MODEL), answer[half:].ravel(), N_VAL),
+            classify(Xq[:half][tr_], test_first[:half][tr_], Xq[half:][te_], test_first[half:][te_], N_MEM),
+            classify(Xq[:half][tr_], answer[:half][tr_], Xq[half:][te_], answer[half:][te_], N_MEM),
         ))
     probes[kind] = np.array(rows)
 '''),
     code(r'''
-n = DEPTHS[-1]
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-titles = ["R² of hidden[1] from hidden[i]", "probe accuracy: queried cell",
-          "probe accuracy: answer value"]
-chance = [None, 1 / N_MEM, 1 / N_VAL]
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
+titles = ["R² of hidden[1] from hidden[i]", "probe accuracy: first hop m[j] (two-hop queries)",
+          "probe accuracy: answer m[m[j]] (two-hop queries)"]
 for j, ax in enumerate(axes):
     for kind in STACKS:
         ax.plot(range(n + 1), probes[kind][:, j], "o-", color=COLORS[kind], ms=4,
-                label=f"{kind} ({results[kind, n, SEEDS[0]]:.0%} task acc.)")
-    if chance[j] is not None:
-        ax.axhline(chance[j], color="gray", ls=":", lw=1, label="chance")
+                label=f"{kind} (two-hop task acc. {results[kind, n, SEEDS[0]][1]:.0%})")
+    if j:
+        ax.axhline(1 / N_MEM, color="gray", ls=":", lw=1, label="chance")
     ax.set_xticks(range(n + 1))
     ax.set_xticklabels([f"h[{i}]" for i in range(n + 1)])
-    ax.set_xlabel("stream read by block i (h[n] = top)")
+    ax.set_xlabel("stream read by block i (h[n] = top of the stack)")
     ax.set_title(titles[j]); ax.set_ylim(-0.05, 1.05); ax.grid(alpha=0.3)
 axes[0].legend(fontsize=7)
 fig.suptitle(f"linear probes of the {n}-block stacks (seed {SEEDS[0]})")
-fig.tight_layout()
 plt.show()
 
+
+def first_at(col, level=0.9):
+    i = next((i for i in range(n + 1) if col[i] >= level), None)
+    return "no layer" if i is None else f"hidden[{i}]"
+
+
 for kind, p in probes.items():
-    first = next((i for i in range(n + 1) if p[i, 2] >= 0.9), None)
-    print(f"{kind:>12}: R² of hidden[1] at the top {p[-1, 0]:.2f}; queried cell decodable at the top "
-          f"{p[-1, 1]:.0%}; answer first >= 90% decodable at "
-          + ("no layer" if first is None else f"hidden[{first}]") + f", at the top {p[-1, 2]:.0%}")
+    print(f"{kind:>12}: R² of hidden[1] at the top {p[-1, 0]:.2f} (lowest {p[:, 0].min():.2f}); "
+          f"first hop >= 90% decodable from {first_at(p[:, 1])}, {p[-1, 1]:.0%} at the top; "
+          f"answer >= 90% decodable from {first_at(p[:, 2])}, {p[-1, 2]:.0%} at the top")
 '''),
     md(r'''
-**How to read the probes.** The answer curve shows *where* in the stack the lookup happens
-(the first block after which the stored value becomes linearly readable) and whether it is
-still there at the top. The other two curves show what the stack does with early features
-once they are no longer needed: a plain residual stream can only add, so an early feature
-fades only by being outweighed; an AttnRes layer reads a mixture it chooses, so what it reads
-can drop early features entirely and recover them later from the embedding source. MoDA
-probes look like plain ones because its stream *is* a plain residual stream: its extra memory
-is in the depth slots, which the probe does not see.
+**How to read the probes.** The first-hop curve shows where the intermediate result appears
+and how long it stays readable; the answer curve shows where the second lookup happens. The
+gap between the two is the stretch of depth over which the stack has to *keep* an early
+feature for a later block. A plain residual stream can only add to what it carries, so an early
+feature fades only by being outweighed; an AttnRes layer reads a mixture it chooses, so its
+input can drop an early feature and pick it up again later from an earlier source. MoDA's
+stream *is* a plain residual stream, so its probes look like plain ones: its extra memory is
+the depth slots, which these probes do not see.
 
-Where the AttnRes stack's last aggregation takes its input from says the same thing directly:
+Where the deep stacks take their inputs from says the same thing from the other side:
 '''),
     code(r'''
-tr = trained["Full AttnRes", DEPTHS[-1]](test_x, trace=["alpha"]).trace
-a_out = tr.alpha[-1][:, N_MEM:].mean(axis=(0, 1))       # output aggregation, query positions
-names = ["emb"] + [f"{'attn' if k % 2 == 0 else 'mlp'}{k // 2}" for k in range(2 * DEPTHS[-1])]
-order = np.argsort(a_out)[::-1][:3]
-print("Full AttnRes output aggregation at query positions, top sources: "
-      + ", ".join(f"{names[k]} ({a_out[k]:.2f})" for k in order))
+names = ["emb"] + [f"{'attn' if k % 2 == 0 else 'mlp'}{k // 2}" for k in range(2 * n)]
+tr = trained["Full AttnRes", n](test_x, trace=["alpha"]).trace
+for k in (2 * n - 2, 2 * n):        # the last block's attention sublayer, and the output
+    a = tr.alpha[k][:, N_MEM:][two].mean(axis=0)
+    order = np.argsort(a)[::-1][:3]
+    who = "output aggregation" if k == 2 * n else f"sublayer {names[k + 1]}"
+    print(f"Full AttnRes, {who}, two-hop queries: reads most from "
+          + ", ".join(f"{names[i]} ({a[i]:.2f})" for i in order))
 
-dm = trained["MoDA", DEPTHS[-1]](test_x, trace=["depth_mass"]).trace.depth_mass
-per_block = [float(d[:, :, N_MEM:].mean()) for d in dm]
-print("MoDA depth mass at query positions per block: " + ", ".join(f"{v:.2f}" for v in per_block))
+dm = trained["MoDA", n](test_x, trace=["depth_mass"]).trace.depth_mass
+per_block = [float(d[:, :, N_MEM:].mean(axis=1)[two].mean()) for d in dm]
+print("MoDA, share of attention on depth slots at two-hop queries, per block: "
+      + ", ".join(f"{v:.2f}" for v in per_block))
 '''),
     code(FOOTER),
 ]
+
 
 NOTEBOOKS = {
     "01_stacking_blocks.ipynb": NB01,
