@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import sys
 
 import pytest
 
@@ -55,9 +54,11 @@ def test_notebook_runs(path, monkeypatch):
     # the kernel inherits this process's environment
     monkeypatch.setenv("STACKFORMER_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    # make sure the kernel imports the same stackformer as the test run
-    src = os.path.join(ROOT, "python")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
+    # the kernel (same interpreter: jupyter_client maps a "python" kernelspec to sys.executable)
+    # imports the stackformer this test run imported, wherever it is installed
+    import stackformer
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(stackformer.__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
 
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
