@@ -44,6 +44,10 @@ if str(HERE) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+# OpenMP wait policy as the user set it, before `import stackformer` sets its own default
+# (PASSIVE) in os.environ: PyTorch workers get the user's setting, not stackformer's.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+
 # ---------------------------------------------------------------------------------------------
 # the benchmark matrix
 
@@ -467,6 +471,17 @@ def bench_matmul(cfg_name: str, threads: int, reps: int, tw: Optional["Worker"],
 # ---------------------------------------------------------------------------------------------
 # worker processes (PyTorch, memory, profiling)
 
+def torch_env() -> Dict[str, str]:
+    """Environment for PyTorch processes: ours, minus stackformer's OMP_WAIT_POLICY default
+    (PyTorch runs with the user's setting, i.e. its own default unless the user set one)."""
+    e = dict(os.environ)
+    if USER_OMP_WAIT_POLICY is None:
+        e.pop("OMP_WAIT_POLICY", None)
+    else:
+        e["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    return e
+
+
 class WorkerError(RuntimeError):
     pass
 
@@ -475,7 +490,7 @@ class Worker:
     """A persistent subprocess answering JSON-line requests (see worker_main)."""
 
     def __init__(self, kind: str, threads: int, env: Optional[Dict[str, str]] = None):
-        e = dict(os.environ)
+        e = torch_env() if kind == "torch" else dict(os.environ)
         e.update(env or {})
         self.p = subprocess.Popen([sys.executable, str(THIS), "--_worker", kind, "--threads", str(threads)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=e)
@@ -793,7 +808,7 @@ def mem_main(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_mem(spec: Dict[str, Any], timeout: float = 600) -> Dict[str, Any]:
-    env = dict(os.environ)
+    env = torch_env() if spec["impl"] != "sf" else dict(os.environ)
     # fixed malloc thresholds: every large buffer is a fresh mmap that is returned on free, so
     # each step's workspace is counted in that step (glibc's dynamic threshold would otherwise
     # keep the warm-up step's pages resident and hide them)
@@ -886,6 +901,8 @@ class Bench:
             "stackformer": getattr(sf, "__version__", "?"), "git": git_info(), "core_so": core_so_info(),
             "stackformer_torch_available": self.have_to_torch, "quick": self.quick, "reps": self.reps,
             "argv": sys.argv[1:], "loadavg_start": loadavg(), "busy_processes_start": busy, "stat": STAT,
+            "omp_wait_policy": {"stackformer": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
+                                "torch": USER_OMP_WAIT_POLICY or "(libgomp default)"},
         }
         if busy:
             log(f"warning: other processes are using CPU ({sum(b['cpu'] for b in busy):.1f} cores): timings will be noisy")
@@ -1370,6 +1387,8 @@ def report(R: Dict[str, Any]) -> str:
              f"threads {m['threads']}")
     L.append(f"software: python {m['python']}, numpy {m['numpy']}, torch {m['torch']}, stackformer {m['stackformer']} "
              f"(git {m['git']['commit']}{'+dirty' if m['git']['dirty'] else ''}), stackformer.torch: {'yes' if m['stackformer_torch_available'] else 'no'}")
+    if "omp_wait_policy" in m:
+        L.append(f"OMP_WAIT_POLICY: stackformer {m['omp_wait_policy']['stackformer']}, PyTorch {m['omp_wait_policy']['torch']}")
     L.append(f"load average start {m['loadavg_start']} end {m.get('loadavg_end')}"
              + (f"; OTHER PROCESSES BUSY at start: {sum(b['cpu'] for b in m['busy_processes_start']):.1f} cores" if m["busy_processes_start"] else ""))
     if "peak_1t" in pk:

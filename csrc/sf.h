@@ -59,6 +59,8 @@ typedef struct {
     int32_t moda;            /* mixture-of-depths attention */
     int32_t moda_depth_only;
     int64_t moda_chunk;      /* C >= 1: depth slots of earlier positions in the same chunk */
+    float attn_dropout;      /* training only: dropout on attention probabilities */
+    float resid_dropout;     /* training only: dropout on every sublayer's output */
 } sf_config;
 
 /* Fill a config with the documented defaults for the given sizes. */
@@ -163,6 +165,8 @@ typedef struct {
     int32_t ignore_index;
     int32_t checkpoint;              /* 1: keep only block inputs, recompute in backward */
     int32_t n_threads;
+    uint64_t dropout_seed;           /* dropout masks are a hash of (seed, optimizer step,
+                                        position): recomputed in the backward, never stored */
 } sf_train_args;
 
 /* Forward + backward of mean cross-entropy. Overwrites the model's gradient buffer (same

@@ -96,6 +96,9 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
             float sum = sf_sum(s, width);
             float inv = 1.0f / sum, dmass = 0.0f;
             if (lse) lse[row] = mx + logf(sum);
+            if (a->dropout > 0.0f) /* the trace keeps the undropped probabilities */
+                for (int64_t c = 0; c < width; c++)
+                    s[c] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + c), a->dropout);
             for (int64_t u = 0; u < Tk; u++) {
                 if (s[u] == 0.0f) continue;
                 s[u] *= inv;
@@ -151,26 +154,31 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                     memset(dqt, 0, (size_t)dh * sizeof(float));
                     if (lse[row] == -INFINITY) continue;
                     row_logits(a, qt, b, g, t, scale, s);
-                    float D = dot(dot_, ot, dh); /* sum_c p_c (dO . v_c) */
+                    /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
+                     * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
+                    float D = dot(dot_, ot, dh);
+                    const int drop = a->dropout > 0.0f;
                     for (int64_t u = 0; u < Tk; u++) {
                         if (s[u] == -INFINITY) continue;
                         float p = sf_expf(s[u] - lse[row]);
+                        float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout) : 1.0f;
                         const float *vu = key_row(a, a->v, b, u, g);
-                        float ds = p * (dot(dot_, vu, dh) - D) * scale;
+                        float ds = p * (keep * dot(dot_, vu, dh) - D) * scale;
                         axpy(dqt, ds, key_row(a, a->k, b, u, g), dh);
                         axpy(dk + b * a->kv_bstride + u * kvd + g * dh, ds, qt, dh);
-                        axpy(dv + b * a->kv_bstride + u * kvd + g * dh, p, dot_, dh);
+                        axpy(dv + b * a->kv_bstride + u * kvd + g * dh, p * keep, dot_, dh);
                     }
                     int64_t cs = (t / C) * C;
                     for (int64_t c = 0; c < dcols; c++) {
                         if (s[Tk + c] == -INFINITY) continue;
                         int64_t u = cs + c / nd, i = c % nd;
                         float p = sf_expf(s[Tk + c] - lse[row]);
+                        float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
                         const float *vd = depth_row(a, a->depth_v, b, u, i, g);
-                        float ds = p * (dot(dot_, vd, dh) - D) * scale;
+                        float ds = p * (keep * dot(dot_, vd, dh) - D) * scale;
                         axpy(dqt, ds, depth_row(a, a->depth_k, b, u, i, g), dh);
                         axpy((float *)depth_row(a, ddepth_k, b, u, i, g), ds, qt, dh);
-                        axpy((float *)depth_row(a, ddepth_v, b, u, i, g), p, dot_, dh);
+                        axpy((float *)depth_row(a, ddepth_v, b, u, i, g), p * keep, dot_, dh);
                     }
                 }
             }

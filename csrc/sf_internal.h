@@ -68,6 +68,9 @@ typedef struct {
     const float *depth_k, *depth_v;
     int64_t depth_bstride, n_slots, n_read, chunk;
     int depth_only;
+    /* attention dropout (training): probabilities p become p * keep(row, col) */
+    float dropout;
+    uint64_t dropout_seed, dropout_stream;
 } sf_attn_args;
 /* Scratch floats the attention kernels need: per thread one row of Tk + n_read*chunk. */
 int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads);

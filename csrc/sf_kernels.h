@@ -56,6 +56,17 @@ static inline float sf_expf(float x) {
     return x != x ? x : y;
 }
 
+/* Dropout keep-scale for element idx of stream `stream`: 0 with probability rate, else
+ * 1/(1-rate). A counter-based hash (splitmix64) so the backward pass recomputes the mask. */
+static inline float sf_dropout_scale(uint64_t seed, uint64_t stream, uint64_t idx, float rate) {
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull * (stream * 0x100000001B3ull + idx + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    return u < rate ? 0.0f : 1.0f / (1.0f - rate);
+}
+
 /* erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free */
 static inline float sf_erff(float x) {
     float ax = x < 0.0f ? -x : x;

@@ -105,6 +105,9 @@ typedef struct {
     /* backward */
     float *d_src, *d_acc, *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
     float *ddepth_k, *ddepth_v, *dtmp_kv;
+    float *dmask;                       /* residual dropout: a masked copy of a gradient */
+    float attn_p, resid_p;              /* dropout rates (0 outside training) */
+    uint64_t drop_seed;
     void *mem; /* the one allocation */
 } run;
 
@@ -220,6 +223,7 @@ static void layout(run *R, bump *bp, want w) {
         R->df1 = take(bp, cmul(&bad, N, R->F));
         R->df2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
         R->dg = take(bp, cmul(&bad, N, R->F));
+        R->dmask = c->resid_dropout > 0.0f ? take(bp, Nd) : NULL;
         if (c->moda) {
             int64_t arena = cmul(&bad, cmul(&bad, N, R->n_slots), R->kvd);
             R->ddepth_k = take(bp, arena);
@@ -379,7 +383,20 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.depth_k = R->depth_k; a.depth_v = R->depth_v; a.depth_bstride = R->depth_bstride;
     a.n_slots = R->n_slots; a.n_read = c->moda ? 2 * i : 0; a.chunk = c->moda_chunk;
     a.depth_only = c->moda_depth_only;
+    a.dropout = R->attn_p;
+    a.dropout_seed = R->drop_seed;
+    a.dropout_stream = 4 * (uint64_t)i;
     return a;
+}
+
+/* Residual dropout of sublayer k's output (stream 4i+1 attention, 4i+2 MLP): x *= keep. The
+ * same call on a gradient applies the same mask (the mask is a hash, not stored). */
+static void resid_dropout(const run *R, float *x, int64_t k) {
+    if (R->resid_p <= 0.0f) return;
+    const uint64_t stream = 4 * (uint64_t)(k / 2) + 1 + (uint64_t)(k % 2);
+    const int64_t n = R->N * R->d;
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (n > 65536)
+    for (int64_t j = 0; j < n; j++) x[j] *= sf_dropout_scale(R->drop_seed, stream, (uint64_t)j, R->resid_p);
 }
 
 /* ---- sublayers: forward ------------------------------------------------------------------- */
@@ -552,6 +569,7 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
         float *v = R->src + (k + 1) * Nd;
         if (R->c->pre_norm) copy(v, y, Nd);
         else norm_fwd(R, v, y, nw, nb);
+        resid_dropout(R, v, k);
         sf_attnres_inv_rms(R->src_rms + (k + 1) * N, v, N, d, eps, R->nt);
         copy(trace_out, v, Nd);
         if (R->running) sf_add(R->running, v, Nd, R->nt);
@@ -560,6 +578,7 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
     float *v = R->vtmp;
     if (R->c->pre_norm) copy(v, y, Nd);
     else norm_fwd(R, v, y, nw, nb);
+    resid_dropout(R, v, k);
     copy(trace_out, v, Nd);
     if (R->running) sf_add(R->running, v, Nd, R->nt);
     int64_t pos = k % R->S;
@@ -644,6 +663,7 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
         }
         attnres_input(R, km, A->in_m, tr && tr->alpha ? tr->alpha[km] : A->alpha_m);
     } else {
+        resid_dropout(R, A->y_a, ka);
         copy(tout, A->y_a, Nd);
         if (rms) rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_a, Nd);
         if (pre) add3(A->in_m, A->in_a, A->y_a, Nd);
@@ -663,6 +683,7 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
             rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
         }
     } else {
+        resid_dropout(R, A->y_m, km);
         copy(tout, A->y_m, Nd);
         if (rms) rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_m, Nd);
         if (pre) add3(out, A->in_m, A->y_m, Nd);
@@ -713,6 +734,7 @@ static void attnres_sublayer_backward(run *R, int64_t k) {
     const float *nb = is_attn ? Lv->attn_norm_b : Lv->mlp_norm_b;
     const float *h = is_attn ? A->in_a : A->in_m, *u = is_attn ? A->u_a : A->u_m;
     const float *y = is_attn ? A->y_a : A->y_m;
+    resid_dropout(R, R->dy, k); /* R->dy is this sublayer's own copy of dv */
     const float *dy = R->dy;
     if (!R->c->pre_norm) { norm_bwd(R, R->dx, R->dy, y, nw, nb, 0); dy = R->dx; }
     if (is_attn) attn_backward(R, i, A, u, dy, R->du);
@@ -747,17 +769,27 @@ static void stack_backward(run *R, const int32_t *tokens) {
                 copy(A->in_a, R->x_in + i * Nd, Nd);
                 block_forward(R, i, R->dfin, NULL); /* its output is not needed: a sink */
             }
+            /* dropout: the update added is y * keep, so the sublayer sees d(update) * keep */
+            const float *gm, *ga;
             if (c->pre_norm) {
-                mlp_backward(R, i, A, A->u_m, R->dx, R->du);
+                gm = R->dx;
+                if (R->dmask) { copy(R->dmask, R->dx, Nd); resid_dropout(R, R->dmask, 2 * i + 1); gm = R->dmask; }
+                mlp_backward(R, i, A, A->u_m, gm, R->du);
                 norm_bwd(R, R->dx, R->du, A->in_m, Lv->mlp_norm_w, Lv->mlp_norm_b, 1);
-                attn_backward(R, i, A, A->u_a, R->dx, R->du);
+                ga = R->dx;
+                if (R->dmask) { copy(R->dmask, R->dx, Nd); resid_dropout(R, R->dmask, 2 * i); ga = R->dmask; }
+                attn_backward(R, i, A, A->u_a, ga, R->du);
                 norm_bwd(R, R->dx, R->du, A->in_a, Lv->attn_norm_w, Lv->attn_norm_b, 1);
             } else {
                 norm_bwd(R, R->dy, R->dx, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b, 0);
-                mlp_backward(R, i, A, A->in_m, R->dy, R->du);
+                gm = R->dy;
+                if (R->dmask) { copy(R->dmask, R->dy, Nd); resid_dropout(R, R->dmask, 2 * i + 1); gm = R->dmask; }
+                mlp_backward(R, i, A, A->in_m, gm, R->du);
                 add3(R->dx, R->dy, R->du, Nd);
                 norm_bwd(R, R->dy, R->dx, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b, 0);
-                attn_backward(R, i, A, A->in_a, R->dy, R->du);
+                ga = R->dy;
+                if (R->dmask) { copy(R->dmask, R->dy, Nd); resid_dropout(R, R->dmask, 2 * i); ga = R->dmask; }
+                attn_backward(R, i, A, A->in_a, ga, R->du);
                 add3(R->dx, R->dy, R->du, Nd);
             }
         }
@@ -894,6 +926,13 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
     st = run_init(&R, m, a->B, a->T, 1, !a->checkpoint, 0, NULL, w, a->n_threads, err, errlen);
     if (st == SF_OK) {
         R.pad = a->key_padding_mask;
+        R.attn_p = c->attn_dropout;
+        R.resid_p = c->resid_dropout;
+        { /* masks depend on the seed and the optimizer step: a resumed run repeats them */
+            uint64_t z = a->dropout_seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(m->step + 1));
+            z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
+            R.drop_seed = z ^ (z >> 29);
+        }
         stack_forward(&R, a->tokens, a->embeds, NULL);
         sf_matmul(R.logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
         double sum = 0.0;

@@ -87,6 +87,8 @@ void sf_config_default(sf_config *c, int64_t vocab_size, int64_t d_model, int64_
     c->moda = 0;
     c->moda_depth_only = 0;
     c->moda_chunk = 1;
+    c->attn_dropout = 0.0f;
+    c->resid_dropout = 0.0f;
 }
 
 /* Upper bound on any single dimension: keeps every derived size far from int64 overflow
@@ -127,6 +129,8 @@ sf_status sf_config_validate(const sf_config *c, char *err, size_t errlen) {
     REQ(c->moda == 0 || c->moda == 1, "moda must be 0 or 1");
     REQ(c->moda_depth_only == 0 || c->moda_depth_only == 1, "moda_depth_only must be 0 or 1");
     REQ(!c->moda_depth_only || c->moda, "moda_depth_only needs moda=True");
+    REQ(c->attn_dropout >= 0.0f && c->attn_dropout < 1.0f, "attn_dropout must be in [0, 1)");
+    REQ(c->resid_dropout >= 0.0f && c->resid_dropout < 1.0f, "resid_dropout must be in [0, 1)");
     REQ(c->moda_chunk >= 1 && c->moda_chunk <= c->max_seq_len, "moda_chunk must be in [1, max_seq_len=%lld], got %lld", (long long)c->max_seq_len, (long long)c->moda_chunk);
     if (sf_config_num_params(c) < 0) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "parameter count overflows 64 bits");
 #undef REQ

@@ -274,9 +274,10 @@ for key, r in rms.items():
     md(r'''
 Two things to read off the plots and the printout:
 
-* **Pre-norm**: the stream only grows (each sublayer adds to it), and after training the growth is
-  much larger than at initialisation. The right panel is the dilution: the ratio of what a
-  sublayer writes to what is already there.
+* **Pre-norm**: the stream tends to grow with every sublayer (each one adds to it), and training
+  makes the sublayers' outputs, and so the growth, larger: compare the dashed and solid blue
+  lines and the printed factors. The right panel is the dilution: the ratio of what a sublayer
+  writes to what is already there.
 * **Post-norm** (`x ← Norm(x + Attn(x))`, the original 2017 layout) renormalises the stream after
   every sublayer, so its RMS is pinned near the norm's gain (about 1) from the first sublayer on:
   nothing accumulates, but every earlier contribution is rescaled at every step, and gradients
@@ -494,7 +495,7 @@ for name, h in hists.items():
     ax.plot(h.val_step, h.val_loss, "o--", color=COLORS[name], ms=4, label=f"{name} validation")
 ax.axhline(corpus.unigram_loss(), color="gray", ls=":", lw=1, label="unigram baseline")
 # zoom on the part where the stacks differ (the first steps fall from ~5.5 for everyone)
-low = min(min(h.loss) for h in hists.values())
+low = min(smooth(h.loss).min() for h in hists.values())
 ax.set_ylim(low - 0.1, max(corpus.unigram_loss() + 0.6, max(h.val_loss[-1] for h in hists.values()) + 0.3))
 ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
 ax.set_title(f"{L}-sublayer stacks on {corpus.name}")
@@ -518,8 +519,9 @@ point per sublayer:
   cannot grow past the largest of them.
 * **what each sublayer writes**: the RMS of its output.
 * **how much gradient reaches it**: the norm of the gradient of its parameters on a fixed batch.
-  In a plain pre-norm stack a sublayer's gradient is scaled down by the stream size it writes
-  into, so deep stacks tend to train their layers unevenly.
+  In a plain pre-norm stack every gradient that reaches the stream through a norm is divided by
+  the stream's RMS at that point, so as the stream grows the gradient is shared out unevenly
+  across depth; the printout puts a number (max/min) on how evenly each wiring spreads it.
 '''),
     code(r'''
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -734,9 +736,10 @@ for i in range(N_BLOCKS):
 
 Three stacks with the same size, seed, batches and schedule: MoDA with pre-norm, MoDA with
 post-norm, and a plain pre-norm stack (no depth slots) as the reference. In the post-norm
-layout the MLP reads the stream itself rather than a normalised copy, so its depth slots are
-projections of a different input; the depth keys written by attention sublayers come from
-each block's own key projection in both layouts.
+layout the MLP reads the stream itself (already normalised by the attention sublayer's norm)
+rather than a normalised copy of a growing stream, so its depth slots are projections of a
+different input; the depth keys written by attention sublayers come from each block's own key
+projection in both layouts.
 '''),
     code(r'''
 RUNS = {
@@ -768,7 +771,7 @@ for name, h in hists.items():
             label=f"{name} train (smoothed)")
     ax.plot(h.val_step, h.val_loss, "o--", ms=4, color=COLORS[name], label=f"{name} validation")
 ax.axhline(corpus.unigram_loss(), color="gray", ls=":", lw=1, label="unigram baseline")
-low = min(min(h.loss) for h in hists.values())
+low = min(smooth(h.loss).min() for h in hists.values())
 ax.set_ylim(low - 0.1, max(corpus.unigram_loss() + 0.6, max(h.val_loss[-1] for h in hists.values()) + 0.3))
 ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
 ax.set_title(f"{N_BLOCKS}-block stacks")
@@ -796,7 +799,8 @@ def moda_maps(model, head, title, ncols=3):
         ax.axis("off")
     for i, (ax, a) in enumerate(zip(axes.flat, tr.attention)):
         im = ax.imshow(a[0, head], cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.axvline(tr.seq_len - 0.5, color="white", lw=2)
+        if a.shape[-1] > tr.seq_len:
+            ax.axvline(tr.seq_len - 0.5, color="white", lw=2)
         ax.set_xticks(range(a.shape[-1]))
         ax.set_xticklabels(chars + slot_names(i), rotation=90, fontsize=6)
         for lab in ax.get_xticklabels()[tr.seq_len:]:
@@ -888,10 +892,11 @@ for name, u in usage.items():
 '''),
     md(r'''
 **What to take away.** At initialisation the depth share is just a matter of counting visible
-slots. Training changes it per head: some heads keep reading depth, others drop it in favour
-of the sequence; the tables above say which, for this run. Pre-norm and post-norm MoDA reach the
-losses printed in 3.2 and spread their depth mass differently, because in post-norm every
-stream entering an MLP (and hence every MLP depth slot) has been renormalised.
+slots. Training moves each head away from that count, in either direction: a head can come to
+read mostly depth or mostly the sequence, and the tables above say which heads did what in
+this run (the ratio to the uniform share is the quickest summary). Pre-norm and post-norm MoDA
+reach the losses printed in 3.2 and, as the heatmaps show, spread their depth mass over heads
+and slots differently.
 
 `moda_chunk=C` widens the depth window to the earlier positions of the same chunk of C tokens
 (`trace.attention[i]` then has `T + C·2i` columns), and `moda_depth_only=True` masks sequence
@@ -1189,8 +1194,8 @@ gap between the two is the stretch of depth over which the stack has to *keep* a
 feature for a later block. A plain residual stream can only add to what it carries, so an early
 feature fades only by being outweighed; an AttnRes layer reads a mixture it chooses, so its
 input can drop an early feature and pick it up again later from an earlier source. MoDA's
-stream *is* a plain residual stream, so its probes look like plain ones: its extra memory is
-the depth slots, which these probes do not see.
+stream *is* a plain residual stream, so the probes measure the same kind of object as for the
+plain stack; MoDA's extra memory, the depth slots, is invisible to them.
 
 Where the deep stacks take their inputs from says the same thing from the other side:
 '''),

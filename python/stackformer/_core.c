@@ -43,23 +43,25 @@ static int CModel_init(CModel *self, PyObject *args, PyObject *kw) {
                              "d_ff", "max_seq_len", "causal", "pos", "act", "norm", "pre_norm",
                              "bias", "final_norm", "tie_embeddings", "norm_eps", "rope_theta",
                              "residual", "attnres_block_size", "attnres_eps", "moda",
-                             "moda_depth_only", "moda_chunk", "seed", NULL};
+                             "moda_depth_only", "moda_chunk", "seed", "attn_dropout",
+                             "resid_dropout", NULL};
     sf_config c;
     unsigned long long seed = 0;
     sf_config_default(&c, 1, 1, 1, 1, 1);
     long long vs, dm, nh, nkv, nl, dff, msl, abs_, mc;
     int causal, pos, act, norm, pre, bias, fn, tie, res, moda, mdo;
-    float neps, rth, aeps;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLiiiiiiiiffiLfiiLK", kwlist, &vs, &dm, &nh,
+    float neps, rth, aeps, adrop = 0.0f, rdrop = 0.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLiiiiiiiiffiLfiiLK|ff", kwlist, &vs, &dm, &nh,
                                      &nkv, &nl, &dff, &msl, &causal, &pos, &act, &norm, &pre,
                                      &bias, &fn, &tie, &neps, &rth, &res, &abs_, &aeps, &moda,
-                                     &mdo, &mc, &seed))
+                                     &mdo, &mc, &seed, &adrop, &rdrop))
         return -1;
     c.vocab_size = vs; c.d_model = dm; c.n_heads = nh; c.n_kv_heads = nkv; c.n_layers = nl;
     c.d_ff = dff; c.max_seq_len = msl; c.causal = causal; c.pos = pos; c.act = act;
     c.norm = norm; c.pre_norm = pre; c.bias = bias; c.final_norm = fn; c.tie_embeddings = tie;
     c.norm_eps = neps; c.rope_theta = rth; c.residual = res; c.attnres_block_size = abs_;
     c.attnres_eps = aeps; c.moda = moda; c.moda_depth_only = mdo; c.moda_chunk = mc;
+    c.attn_dropout = adrop; c.resid_dropout = rdrop;
     if (self->model) { /* views of the old buffer may be alive: never swap it out */
         PyErr_SetString(PyExc_RuntimeError, "CModel is already initialized");
         return -1;
@@ -372,12 +374,13 @@ static int CModel_set_step(CModel *self, PyObject *v, void *c) {
 }
 
 static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"input", "targets", "key_padding_mask", "ignore_index", "checkpoint", "n_threads", NULL};
+    static char *kwlist[] = {"input", "targets", "key_padding_mask", "ignore_index", "checkpoint", "n_threads", "dropout_seed", NULL};
     PyObject *input, *targets_obj, *mask_obj = Py_None;
     int ignore_index = -100, checkpoint = 0, n_threads = 0;
+    unsigned long long dropout_seed = 0;
     if (!ready(self)) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Oipi", kwlist, &input, &targets_obj, &mask_obj,
-                                     &ignore_index, &checkpoint, &n_threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OipiK", kwlist, &input, &targets_obj, &mask_obj,
+                                     &ignore_index, &checkpoint, &n_threads, &dropout_seed))
         return NULL;
     const sf_config *c = sf_model_config(self->model);
     if (n_threads < 0 || n_threads > 1024) { PyErr_Format(PyExc_ValueError, "n_threads must be in [0, 1024], got %d", n_threads); return NULL; }
@@ -435,7 +438,8 @@ static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject 
         sf_train_args ta = {tok ? (const int32_t *)PyArray_DATA(tok) : NULL,
                             emb ? (const float *)PyArray_DATA(emb) : NULL,
                             mask ? (const uint8_t *)PyArray_DATA(mask) : NULL,
-                            (const int32_t *)PyArray_DATA(tgt), B, T, ignore_index, checkpoint, n_threads};
+                            (const int32_t *)PyArray_DATA(tgt), B, T, ignore_index, checkpoint, n_threads,
+                            (uint64_t)dropout_seed};
         char err[ERRLEN] = {0};
         double loss = 0.0;
         int64_t count = 0;

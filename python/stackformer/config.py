@@ -34,6 +34,8 @@ class Config:
         attnres_block_size counted in sublayers).
     moda: Mixture-of-Depths Attention; moda_chunk: depth slots visible within chunks of that
         many positions (1 = same position only); moda_depth_only: depth-only ablation.
+    attn_dropout, resid_dropout: dropout on attention probabilities / on every sublayer's
+        output, applied in training steps only (forward calls never drop); off by default.
     """
 
     vocab_size: int = 256
@@ -59,6 +61,8 @@ class Config:
     moda: bool = False
     moda_chunk: int = 1
     moda_depth_only: bool = False
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -92,6 +96,10 @@ class Config:
             # the C core computes in float32: the value must survive the conversion
             if not isinstance(v, numbers.Real) or not (0 < float(v) < 1) or float(np.float32(v)) <= 0:
                 raise ValueError(f"Config.{name} must be a float in (0, 1) representable in float32, got {v!r}")
+        for name in ["attn_dropout", "resid_dropout"]:
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not (0.0 <= float(v) < 1.0):
+                raise ValueError(f"Config.{name} must be a float in [0, 1), got {v!r}")
         if not isinstance(self.rope_theta, numbers.Real) or not (1 < float(self.rope_theta) < 1e30):
             raise ValueError(f"Config.rope_theta must be a float > 1, got {self.rope_theta!r}")
         if self.d_model % self.n_heads:
@@ -154,6 +162,7 @@ class Config:
             residual=RESIDUAL[self.residual], attnres_block_size=int(self.attnres_block_size),
             attnres_eps=float(self.attnres_eps), moda=int(bool(self.moda)),
             moda_depth_only=int(bool(self.moda_depth_only)), moda_chunk=int(self.moda_chunk),
+            attn_dropout=float(self.attn_dropout), resid_dropout=float(self.resid_dropout),
         )
 
 

@@ -368,16 +368,21 @@ class Model:
 
     # -- training --------------------------------------------------------------------------------
     def forward_backward(self, inputs: Any, targets: Any, key_padding_mask: Optional[np.ndarray] = None,
-                         ignore_index: int = -100, checkpoint: bool = False, n_threads: int = 0) -> float:
+                         ignore_index: int = -100, checkpoint: bool = False, n_threads: int = 0,
+                         dropout_seed: int = 0) -> float:
         """Mean cross-entropy of logits(inputs) against targets (B, T) (entries equal to
         ignore_index are skipped: next-token targets for decoders, masked positions for
         encoders); gradients land in model.grads. checkpoint=True keeps only each block's
-        input and recomputes the rest during the backward pass (less memory, more time)."""
+        input and recomputes the rest during the backward pass (less memory, more time).
+        With config.attn_dropout / resid_dropout > 0 the dropout masks are a hash of
+        (dropout_seed, optimizer step, position), so runs and resumed runs repeat exactly; pass
+        a different dropout_seed per micro-batch when accumulating gradients."""
         inputs = _as_array(inputs)
         targets = _as_array(targets)
         loss, count = self._c.forward_backward(inputs, targets, key_padding_mask,
                                                ignore_index=int(ignore_index),
-                                               checkpoint=bool(checkpoint), n_threads=int(n_threads))
+                                               checkpoint=bool(checkpoint), n_threads=int(n_threads),
+                                               dropout_seed=int(dropout_seed) % 2**64)
         if count == 0:
             raise ValueError("every target equals ignore_index: there is nothing to learn from")
         return float(loss)
@@ -398,7 +403,7 @@ class Model:
         """forward_backward + optimizer_step; returns the loss (before the update).
         Keyword arguments go to forward_backward (key_padding_mask, ignore_index, checkpoint,
         n_threads) or optimizer_step (betas, eps, weight_decay, clip_norm)."""
-        fb = {k: kw.pop(k) for k in ("key_padding_mask", "ignore_index", "checkpoint", "n_threads") if k in kw}
+        fb = {k: kw.pop(k) for k in ("key_padding_mask", "ignore_index", "checkpoint", "n_threads", "dropout_seed") if k in kw}
         loss = self.forward_backward(inputs, targets, **fb)
         self.optimizer_step(lr, **kw)
         return loss
