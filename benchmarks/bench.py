@@ -45,8 +45,11 @@ if str(HERE) not in sys.path:
 import numpy as np  # noqa: E402
 
 # OpenMP wait policy as the user set it, before `import stackformer` sets its own default
-# (PASSIVE) in os.environ: PyTorch workers get the user's setting, not stackformer's.
+# (PASSIVE) in os.environ. By default PyTorch workers run with the same policy as stackformer
+# (both use libgomp: equal threading-runtime behaviour); --torch-omp-wait default gives them
+# the user's setting instead (libgomp's spinning default when unset).
 USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+TORCH_OMP_WAIT = "same"
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark matrix
@@ -472,10 +475,13 @@ def bench_matmul(cfg_name: str, threads: int, reps: int, tw: Optional["Worker"],
 # worker processes (PyTorch, memory, profiling)
 
 def torch_env() -> Dict[str, str]:
-    """Environment for PyTorch processes: ours, minus stackformer's OMP_WAIT_POLICY default
-    (PyTorch runs with the user's setting, i.e. its own default unless the user set one)."""
+    """Environment for PyTorch processes: stackformer's OMP_WAIT_POLICY ("same", the default),
+    or the user's own setting ("default": libgomp's spinning default when unset)."""
     e = dict(os.environ)
-    if USER_OMP_WAIT_POLICY is None:
+    if TORCH_OMP_WAIT == "same":
+        import stackformer  # noqa: F401  (sets its default into os.environ)
+        e = dict(os.environ)
+    elif USER_OMP_WAIT_POLICY is None:
         e.pop("OMP_WAIT_POLICY", None)
     else:
         e["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
@@ -902,7 +908,7 @@ class Bench:
             "stackformer_torch_available": self.have_to_torch, "quick": self.quick, "reps": self.reps,
             "argv": sys.argv[1:], "loadavg_start": loadavg(), "busy_processes_start": busy, "stat": STAT,
             "omp_wait_policy": {"stackformer": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
-                                "torch": USER_OMP_WAIT_POLICY or "(libgomp default)"},
+                                "torch": torch_env().get("OMP_WAIT_POLICY", "(libgomp default)")},
         }
         if busy:
             log(f"warning: other processes are using CPU ({sum(b['cpu'] for b in busy):.1f} cores): timings will be noisy")
@@ -1590,6 +1596,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--torch-impl", default="auto", choices=["auto", "both", "sdpa", "to_torch"],
                     help="PyTorch baselines: auto = stackformer.torch.to_torch for every mode when present, plus the SDPA mirror for plain")
     ap.add_argument("--torch-adamw", default="fused", choices=["fused", "default"], help="torch AdamW implementation")
+    ap.add_argument("--torch-omp-wait", default="same", choices=["same", "default"],
+                    help="OMP_WAIT_POLICY of the PyTorch processes: the same as stackformer's (default; import stackformer "
+                         "makes it PASSIVE unless set), or the user's environment (libgomp spins by default)")
     ap.add_argument("--no-profile", action="store_true", help="skip the perf / torch.profiler phase breakdown")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-generation", action="store_true")
@@ -1612,8 +1621,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump(r, f)
         return 0
 
-    global STAT
+    global STAT, TORCH_OMP_WAIT
     STAT = args.stat
+    TORCH_OMP_WAIT = args.torch_omp_wait
     if args.report:
         R = json.load(open(args.report))
         R["meta"]["stat"] = STAT
