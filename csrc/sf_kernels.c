@@ -365,8 +365,10 @@ void sf_add(float *y, const float *x, int64_t n, int n_threads) {
 
 /* ---- rope -------------------------------------------------------------------------------- */
 
-void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int64_t dh,
-             int64_t ld, float theta, int n_threads) {
+/* Rotate by +angle (direction 1) or -angle (direction -1: the inverse, which is also the
+ * gradient of the rotation). */
+static void rope_rotate(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads,
+                        int64_t dh, int64_t ld, float theta, float direction, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
     int64_t half = dh / 2;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * n_heads * dh > 65536)
@@ -375,7 +377,7 @@ void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int6
         for (int64_t j = 0; j < half; j++) {
             /* angles in double: t * theta^(-2j/dh) loses digits in float at long T */
             double ang = t * pow((double)theta, -2.0 * (double)j / (double)dh);
-            float c = (float)cos(ang), s = (float)sin(ang);
+            float c = (float)cos(ang), s = direction * (float)sin(ang);
             for (int64_t h = 0; h < n_heads; h++) {
                 float *xh = x + r * ld + h * dh;
                 float a = xh[j], bb = xh[j + half];
@@ -384,6 +386,11 @@ void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int6
             }
         }
     }
+}
+
+void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int64_t dh,
+             int64_t ld, float theta, int n_threads) {
+    rope_rotate(x, N, T, pos0, n_heads, dh, ld, theta, 1.0f, n_threads);
 }
 
 double sf_rms(const float *x, int64_t n) {
@@ -515,25 +522,9 @@ void sf_swiglu_backward(float *dgate, float *dup, const float *dout, const float
     }
 }
 
-/* The gradient of a rotation is the inverse rotation. */
 void sf_rope_backward(float *dx, int64_t N, int64_t T, int64_t pos0, int64_t n_heads,
                       int64_t dh, int64_t ld, float theta, int n_threads) {
-    int nt = sf_threads_resolve(n_threads);
-    int64_t half = dh / 2;
-#pragma omp parallel for schedule(static) num_threads(nt) if (N * n_heads * dh > 65536)
-    for (int64_t r = 0; r < N; r++) {
-        double t = (double)(pos0 + r % T);
-        for (int64_t j = 0; j < half; j++) {
-            double ang = t * pow((double)theta, -2.0 * (double)j / (double)dh);
-            float c = (float)cos(ang), s = (float)sin(ang);
-            for (int64_t h = 0; h < n_heads; h++) {
-                float *xh = dx + r * ld + h * dh;
-                float a = xh[j], bb = xh[j + half];
-                xh[j] = a * c + bb * s;
-                xh[j + half] = bb * c - a * s;
-            }
-        }
-    }
+    rope_rotate(dx, N, T, pos0, n_heads, dh, ld, theta, -1.0f, n_threads);
 }
 
 /* Mean cross-entropy over rows whose target != ignore_index. Overwrites logits with
