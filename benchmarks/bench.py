@@ -243,9 +243,10 @@ def git_info() -> Dict[str, Any]:
     return {"commit": run("rev-parse", "--short", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
 
 
-def core_so_info() -> Dict[str, Any]:
-    import stackformer._core as core
-    so = Path(core.__file__)
+def core_so_info(so: Optional[Path] = None) -> Dict[str, Any]:
+    if so is None:
+        import stackformer._core as core
+        so = Path(core.__file__)
     newer = []
     for src in list((ROOT / "csrc").glob("*.[ch]")) + [ROOT / "python" / "stackformer" / "_core.c"]:
         if src.exists() and src.stat().st_mtime > so.stat().st_mtime + 1:
@@ -301,6 +302,22 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # fp32 peak (benchmarks/peak.c)
+
+def snapshot_package(tmp: Path) -> Dict[str, Any]:
+    """Copy the stackformer package (Python files and the built extension) into tmp and import
+    it from there, here and in every subprocess (PYTHONPATH): a rebuild of the working tree
+    during the run then cannot mix builds or break a worker's import half-way."""
+    import importlib.util
+    spec = importlib.util.find_spec("stackformer")
+    if spec is None or not spec.submodule_search_locations:
+        return {"snapshot": None, "error": "stackformer not importable"}
+    src = Path(list(spec.submodule_search_locations)[0])
+    dst = tmp / "pkg" / "stackformer"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(dst.parent))
+    os.environ["PYTHONPATH"] = str(dst.parent) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    return {"snapshot": str(dst), "source": str(src)}
+
 
 def measure_peak(threads: int, quick: bool, tmp: Path) -> Dict[str, Any]:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
@@ -952,19 +969,29 @@ class Bench:
                                 case["torch"][impl] = {"skipped": f"stackformer.torch would materialize ~{need / 2**30:.1f} GiB of attention tensors"}
                                 continue
                         ok_impls.append(impl)
+                    impls = []
                     if ok_impls:
-                        r = tw.call(op="setup", config=cfg.to_dict(), B=B, T=T, impls=ok_impls, adamw=self.a.torch_adamw)
-                        for impl, info in r["impls"].items():
-                            case["torch"][impl] = {"info": info}
-                        impls = [i for i in ok_impls if r["impls"][i].get("ok")]
-                    else:
-                        impls = []
+                        try:
+                            r = tw.call(op="setup", config=cfg.to_dict(), B=B, T=T, impls=ok_impls, adamw=self.a.torch_adamw)
+                            for impl, info in r["impls"].items():
+                                case["torch"][impl] = {"info": info}
+                            impls = [i for i in ok_impls if r["impls"][i].get("ok")]
+                        except WorkerError as e:
+                            tw = self._torch_failed(tw, case, ok_impls, e)
                 else:
                     impls = []
-                log(f"[{name}/{mode}] forward ...")
-                fwd = interleave(lambda: model(x), impls, tw, "forward", self.reps, self.warmup, self.min_total)
-                log(f"[{name}/{mode}] train step ...")
-                trn = interleave(lambda: model.train_step(x, y, lr=LR), impls, tw, "train", self.reps, self.warmup, self.min_total)
+                try:
+                    log(f"[{name}/{mode}] forward ...")
+                    fwd = interleave(lambda: model(x), impls, tw, "forward", self.reps, self.warmup, self.min_total)
+                    log(f"[{name}/{mode}] train step ...")
+                    trn = interleave(lambda: model.train_step(x, y, lr=LR), impls, tw, "train", self.reps, self.warmup, self.min_total)
+                except WorkerError as e:  # PyTorch died mid-case: measure stackformer alone
+                    tw = self._torch_failed(tw, case, impls, e)
+                    impls = []
+                    log(f"[{name}/{mode}] forward (without PyTorch) ...")
+                    fwd = interleave(lambda: model(x), [], None, "forward", self.reps, self.warmup, self.min_total)
+                    log(f"[{name}/{mode}] train step (without PyTorch) ...")
+                    trn = interleave(lambda: model.train_step(x, y, lr=LR), [], None, "train", self.reps, self.warmup, self.min_total)
                 for key, res, f in (("forward", fwd, fl["fwd"]), ("train", trn, fl["train"])):
                     case["sf"][key] = stats(res["sf"][0], B * T, f, peak, res["sf"][1])
                     for impl in impls:
@@ -988,6 +1015,16 @@ class Bench:
         finally:
             if tw:
                 tw.close()
+
+    def _torch_failed(self, tw: Optional[Worker], case: Dict[str, Any], impls: List[str], e: Exception) -> Optional[Worker]:
+        """Record a PyTorch worker failure in the case and start a fresh worker for the next one."""
+        msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        log(f"    PyTorch failed ({msg}); continuing")
+        for impl in impls:
+            case["torch"][impl] = {"info": {"ok": False, "error": msg}}
+        if tw:
+            tw.close()
+        return Worker("torch", self.threads) if self.torch_available else None
 
     def print_case(self, c: Dict[str, Any]) -> None:
         def tt(impl, key):
@@ -1080,7 +1117,8 @@ class Bench:
     # -- generation ---------------------------------------------------------------------------
     def generation(self, plan: List[Tuple[str, str, int]]) -> None:
         import stackformer as sf
-        out = []
+        out: List[Dict[str, Any]] = []
+        self.R["generation"] = out
         for name, mode, rerun_reps in plan:
             cfg = make_config(name, mode, max_seq_len=GEN_PROMPT + GEN_NEW)
             model = sf.Model(cfg, seed=0)
@@ -1115,11 +1153,11 @@ class Bench:
             out.append(row)
             log(f"    cached {row['cached']['tok_s']:.0f} tok/s, re-run {row['rerun']['tok_s']:.0f} tok/s: {row['speedup']:.1f}x")
             del model
-        self.R["generation"] = out
 
     # -- memory ------------------------------------------------------------------------------
     def memory(self, configs: List[str], modes: List[str]) -> None:
         mem: List[Dict[str, Any]] = []
+        self.R["memory"] = mem
 
         def one(cfg_name, mode, impl, what, T=None, checkpoint=False):
             cfg = make_config(cfg_name, mode, T=T)
@@ -1572,6 +1610,8 @@ def report(R: Dict[str, Any]) -> str:
         thr = t["threshold"]
         goal = f"{t['op']}{thr * 100:.0f}%" if t["name"].startswith(("overhead", "ckpt_time", "matmul")) else f"{t['op']}{thr}x"
         L.append(f"{mark:<3}{t['name']:<20}{vs:>10}  {goal:<8} {t['description'][:70]:<70} {t['note']}")
+    for e in R.get("errors", []):
+        L.append(f"ERROR in {e['stage']}: {e['error'].strip().splitlines()[-1][:150]}")
     met = sum(1 for t in R.get("targets", []) if t["met"])
     known = sum(1 for t in R.get("targets", []) if t["met"] is not None)
     L.append(f"{met}/{known} measured targets met")
@@ -1640,43 +1680,62 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out or (HERE / ("results-quick.json" if args.quick else "results.json")))
     t_start = time.perf_counter()
     b = Bench(args)
+    snap = snapshot_package(b.tmp)
+    src_so = None
+    if snap.get("source"):
+        cands = sorted(Path(snap["source"]).glob("_core*.so"))
+        src_so = cands[0] if cands else None
     try:
         b.meta()
+        b.R["meta"]["package_snapshot"] = snap
+        def stage(what: str, fn: Callable[[], Any]) -> None:
+            """Run one part; a failure is recorded and the rest of the run goes on."""
+            try:
+                fn()
+            except Exception:
+                tb = traceback.format_exc()
+                log(f"ERROR in {what}: {tb.strip().splitlines()[-1]}")
+                b.R.setdefault("errors", []).append({"stage": what, "error": tb[-2000:]})
+
         log(f"threads={b.threads}; measuring fp32 peak ...")
         b.R["peak"] = measure_peak(b.threads, b.quick, b.tmp)
         pk = b.R["peak"]
         peak_all, peak_1t = pk.get("peak_all"), pk.get("peak_1t")
         # matmul at M's shapes (quick: S's)
         mm_cfg = "M" if ("M" in configs or not args.quick) else configs[0]
-        log(f"isolated matmul at {mm_cfg}'s shapes ...")
-        tw = Worker("torch", b.threads) if b.torch_available else None
-        try:
-            b.R["matmul"] = bench_matmul(mm_cfg, b.threads, b.reps, tw, peak_all or 1.0, peak_1t or 1.0)
-        finally:
-            if tw:
-                tw.close()
+
+        def matmul_stage() -> None:
+            log(f"isolated matmul at {mm_cfg}'s shapes ...")
+            tw = Worker("torch", b.threads) if b.torch_available else None
+            try:
+                b.R["matmul"] = bench_matmul(mm_cfg, b.threads, b.reps, tw, peak_all or 1.0, peak_1t or 1.0)
+            finally:
+                if tw:
+                    tw.close()
+        stage("matmul", matmul_stage)
         for name in configs:
-            b.run_config(name, modes)
+            stage(f"config {name}", lambda name=name: b.run_config(name, modes))
         if not args.no_generation:
             plan = []
             if "S" in configs:
                 plan += [("S", mo, 1 if args.quick else 5) for mo in (["plain"] if args.quick else modes)]
             if "M" in configs and "plain" in modes and not args.quick:
                 plan.append(("M", "plain", 1))  # re-running M 256 times is slow: one repetition
-            b.generation(plan)
+            stage("generation", lambda: b.generation(plan))
         if not args.no_memory:
-            b.memory(configs, modes)
+            stage("memory", lambda: b.memory(configs, modes))
         if not args.no_profile and not args.quick:
             prof_cfg = "M" if "M" in configs else configs[0]
-            b.profile(prof_cfg, modes)
+            stage("profile", lambda: b.profile(prof_cfg, modes))
         b.finish_targets()
     finally:
         shutil.rmtree(b.tmp, ignore_errors=True)
     b.R["meta"]["duration_s"] = time.perf_counter() - t_start
-    so_end = core_so_info()
-    if so_end["mtime"] != b.R["meta"]["core_so"]["mtime"]:
-        b.R["meta"]["core_so_changed_during_run"] = so_end["mtime"]
-        log("warning: the extension was rebuilt during the run: subprocesses may have measured a different build")
+    if src_so is not None and src_so.exists():
+        so_end = core_so_info(src_so)
+        if so_end["mtime"] != b.R["meta"]["core_so"]["mtime"]:
+            b.R["meta"]["core_so_rebuilt_during_run"] = so_end["mtime"]
+            log("note: the working tree's extension was rebuilt during the run; this run used the snapshot taken at its start")
     b.R["meta"]["loadavg_end"] = loadavg()
     b.R["meta"]["loadavg_samples"] = b.load_samples
     b.R["meta"]["finished"] = now_iso()
