@@ -1,11 +1,20 @@
 /* Multi-head self-attention, with optional Mixture-of-Depths depth slots; forward and backward.
  *
- * One query row at a time: its visible sequence logits and depth logits go into one scratch
- * row, one softmax covers both (MoDA's joint softmax), and the output is the weighted sum of
- * sequence values and depth values. Memory is O(T) per thread, never a T x T buffer unless
- * the caller asks for the probabilities as a trace; the backward pass recomputes each row's
- * probabilities from the saved log-sum-exp (flash-attention style). Depth slots are read in
- * place from the arena (B, T, n_slots, Hkv, dh): nothing is gathered per query.
+ * Work goes in blocks of SF_ATT_BQ query rows of one (batch, head). A block's sequence logits
+ * S = Q K^T, the output P V and, in the backward pass, dP = dO V^T, dQ = dS K, dK += dS^T Q and
+ * dV += P^T dO are register-tiled products over K and V packed once per block (sf_gemm_tile):
+ * with d_head 32-128 the per-key dot products of a row-at-a-time kernel waste most of the FMA
+ * units, the tiles keep them busy. Causality trims every row tile to the keys it can see.
+ * Between the products, one pass per row applies masks, MoDA's depth columns (logits by dot
+ * products: a row's depth slots are its own, so they do not tile) and one softmax over
+ * [sequence | depth] (MoDA's joint softmax).
+ *
+ * Memory is O(SF_ATT_BQ * T) per thread, never a T x T buffer unless the caller asks for the
+ * probabilities as a trace; the backward pass recomputes the probabilities from the saved
+ * log-sum-exp (flash-attention style). Depth slots are read in place from the arena
+ * (B, T, n_slots, Hkv, dh): nothing is gathered per query. Decoding (a few query rows over a
+ * long cache) takes the row-at-a-time path instead, where packing K and V would cost as much as
+ * the products themselves.
  */
 #include "sf_internal.h"
 #include "sf_kernels.h"
@@ -18,8 +27,20 @@
 
 static int64_t depth_cols(const sf_attn_args *a) { return a->n_read * a->chunk; }
 
+#define SF_ATT_BQ 48     /* query rows per block: 8 register tiles of 6 */
+#define SF_ATT_ROWS_MAX 3 /* Tq at or below this: row-at-a-time path (decoding) */
+
+static int64_t round16(int64_t n) { return (n + SF_GEMM_NR - 1) / SF_GEMM_NR * SF_GEMM_NR; }
+
+/* Per thread: three packed copies of a head's K / V (K^T and V^T panels, K panels), packed Q
+ * and dO of one block, and two BQ x width blocks (logits / probabilities and dP / dS). */
+static int64_t per_thread_floats(const sf_attn_args *a) {
+    int64_t width = a->Tk + depth_cols(a);
+    return 3 * round16(a->Tk) * round16(a->dh) + 2 * SF_ATT_BQ * round16(a->dh) + 2 * SF_ATT_BQ * width;
+}
+
 int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads) {
-    return (int64_t)sf_threads_resolve(n_threads) * (a->Tk + depth_cols(a));
+    return (int64_t)sf_threads_resolve(n_threads) * per_thread_floats(a);
 }
 
 #define dot sf_dot
@@ -35,41 +56,178 @@ static inline const float *depth_row(const sf_attn_args *a, const float *base, i
     return base + b * a->depth_bstride + ((u * a->n_slots + i) * a->Hkv + g) * a->dh;
 }
 
-/* Logits of query row (b, h, t) into s[0 .. Tk + dcols); -inf marks invisible columns.
- * Returns the row max (-inf when nothing is visible). t is the query's absolute position. */
-static float row_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
-                        float scale, float *s) {
+static int seq_visible(const sf_attn_args *a) { return !(a->depth_only && a->n_read > 0); }
+
+/* Keys query position t may see: [0, key_limit) (before padding). */
+static int64_t key_limit(const sf_attn_args *a, int64_t t) {
+    if (!seq_visible(a)) return 0;
+    return a->causal ? (t + 1 < a->Tk ? t + 1 : a->Tk) : a->Tk;
+}
+
+/* Depth logits of query row (b, g-group head, position t) into sd[0 .. dcols), -inf where
+ * invisible; returns their max. */
+static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
+                          float scale, float *sd) {
     const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), C = a->chunk;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
-    const int seq_visible = !(a->depth_only && nd > 0); /* depth-only ablation */
-    const int64_t u_end = a->causal ? t + 1 : Tk;
     const int64_t cs = (t / C) * C; /* first position of t's chunk */
     float mx = -INFINITY;
-    for (int64_t u = 0; u < Tk; u++) {
-        float sc = -INFINITY;
-        if (seq_visible && u < u_end && (!pad || pad[u]))
-            sc = dot(qt, key_row(a, a->k, b, u, g), a->dh) * scale;
-        s[u] = sc;
-        mx = sc > mx ? sc : mx;
-    }
     for (int64_t c = 0; c < dcols; c++) {
         int64_t u = cs + c / nd, i = c % nd;
         float sc = -INFINITY;
         if (u <= t && u < Tk && (!pad || pad[u])) /* padding exposes no depth slots either */
             sc = dot(qt, depth_row(a, a->depth_k, b, u, i, g), a->dh) * scale;
-        s[Tk + c] = sc;
+        sd[c] = sc;
         mx = sc > mx ? sc : mx;
     }
+    return mx;
+}
+
+/* Logits of query row (b, h, t) into s[0 .. Tk + dcols) by dot products (the decode path);
+ * -inf marks invisible columns. Returns the row max (-inf when nothing is visible). */
+static float row_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
+                        float scale, float *s) {
+    const int64_t Tk = a->Tk;
+    const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
+    const int64_t u_end = key_limit(a, t);
+    float mx = -INFINITY;
+    /* each logit summed by fma in ascending k from 0, like the tiles, so a query decoded from
+     * the cache gets the same bits as in the full pass; 8 keys at once for parallel chains */
+    for (int64_t u0 = 0; u0 < u_end; u0 += 8) {
+        int64_t nb = u_end - u0 < 8 ? u_end - u0 : 8;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t k = 0; k < a->dh; k++)
+            for (int64_t j = 0; j < nb; j++) acc[j] = fmaf(qt[k], key_row(a, a->k, b, u0 + j, g)[k], acc[j]);
+        for (int64_t j = 0; j < nb; j++) {
+            float sc = (pad && !pad[u0 + j]) ? -INFINITY : acc[j] * scale;
+            s[u0 + j] = sc;
+            mx = sc > mx ? sc : mx;
+        }
+    }
+    for (int64_t u = u_end; u < Tk; u++) s[u] = -INFINITY;
+    float md = depth_logits(a, qt, b, g, t, scale, s + Tk);
+    return md > mx ? md : mx;
+}
+
+/* Softmax of one row, in place, over its sequence logits s[0, n) and depth logits
+ * sd[0, dcols) (scaled; -inf where invisible): probabilities, times the dropout keep-scale
+ * when training. Returns the log-sum-exp (-inf, and all zeros, when nothing is visible);
+ * *dmass gets the depth columns' share. */
+static float row_softmax(const sf_attn_args *a, int64_t row, float *s, int64_t n, float *sd,
+                         float mx, float *dmass) {
+    const int64_t Tk = a->Tk, dcols = depth_cols(a), width = Tk + dcols;
+    *dmass = 0.0f;
+    if (mx == -INFINITY) {
+        memset(s, 0, (size_t)n * sizeof(float));
+        memset(sd, 0, (size_t)dcols * sizeof(float));
+        return -INFINITY;
+    }
+    for (int64_t u = 0; u < n; u++) s[u] = sf_expf(s[u] - mx); /* exp(-inf) = 0 */
+    for (int64_t c = 0; c < dcols; c++) sd[c] = sf_expf(sd[c] - mx);
+    float sum = sf_sum(s, n) + sf_sum(sd, dcols);
+    float inv = 1.0f / sum, dm = 0.0f;
+    if (a->dropout > 0.0f) {
+        for (int64_t u = 0; u < n; u++)
+            s[u] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
+        for (int64_t c = 0; c < dcols; c++)
+            sd[c] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout);
+    }
+    for (int64_t u = 0; u < n; u++) s[u] *= inv;
+    for (int64_t c = 0; c < dcols; c++) { sd[c] *= inv; dm += sd[c]; }
+    *dmass = dm;
+    return mx + logf(sum);
+}
+
+/* After a row's sequence part of the output is in place: add its depth values and record. */
+static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, int64_t row,
+                       const float *s, int64_t n, const float *sd, float l, float dm, float *ot,
+                       float *lse, float *probs, float *depth_mass) {
+    const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), width = Tk + dcols;
+    const int64_t cs = (t / a->chunk) * a->chunk;
+    for (int64_t c = 0; c < dcols; c++)
+        if (sd[c] != 0.0f) axpy(ot, sd[c], depth_row(a, a->depth_v, b, cs + c / nd, c % nd, g), a->dh);
+    if (lse) lse[row] = l;
+    if (depth_mass) depth_mass[row] = dm;
+    if (probs) {
+        float *pr = probs + row * width;
+        memcpy(pr, s, (size_t)n * sizeof(float));
+        memset(pr + n, 0, (size_t)(Tk - n) * sizeof(float));
+        memcpy(pr + Tk, sd, (size_t)dcols * sizeof(float));
+    }
+}
+
+/* Decode path: one query row by dot products. s: scratch of Tk + dcols floats. */
+static void forward_row(const sf_attn_args *a, const float *q, float *out, float *lse,
+                        float *probs, float *depth_mass, float *s, int64_t row) {
+    const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh, G = H / a->Hkv, qd = H * dh;
+    int64_t b = row / (H * Tq), h = (row / Tq) % H, tq = row % Tq, g = h / G;
+    int64_t t = a->q_pos0 + tq, n = key_limit(a, t);
+    const float *qt = q + (b * Tq + tq) * qd + h * dh;
+    float *ot = out + (b * Tq + tq) * qd + h * dh;
+    float mx = row_logits(a, qt, b, g, t, 1.0f / sqrtf((float)dh), s), dm;
+    float l = row_softmax(a, row, s, n, s + Tk, mx, &dm);
+    memset(ot, 0, (size_t)dh * sizeof(float));
+    for (int64_t u = 0; u < n; u++) { /* ascending fma, as in the P V tiles */
+        const float *vu = key_row(a, a->v, b, u, g);
+        float pu = s[u];
+        for (int64_t e = 0; e < dh; e++) ot[e] = fmaf(pu, vu[e], ot[e]);
+    }
+    row_finish(a, b, g, t, row, s, n, s + Tk, l, dm, ot, lse, probs, depth_mass);
+}
+
+/* S = Q K^T for query rows [tq0, tq0 + nq) of head h into sblk (row stride width), each row
+ * tile only as far as its last row can see. kt: K^T panels (K = dh). Columns past a row's own
+ * key limit hold junk until the row pass masks them. */
+static void block_logits(const sf_attn_args *a, const float *q, int64_t b, int64_t h,
+                         int64_t tq0, int64_t nq, int64_t kend, const float *kt, float *sblk) {
+    const int64_t dh = a->dh, qd = a->H * dh, width = a->Tk + depth_cols(a);
+    for (int64_t i0 = 0; i0 < nq; i0 += SF_GEMM_MR) {
+        int64_t mr = nq - i0 < SF_GEMM_MR ? nq - i0 : SF_GEMM_MR;
+        int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
+        const float *qa = q + (b * a->Tq + tq0 + i0) * qd + h * dh;
+        for (int64_t c0 = 0; c0 < lim; c0 += SF_GEMM_NR)
+            sf_gemm_tile(sblk + i0 * width + c0, width, qa, qd, 1, dh, kt + c0 * dh, NULL, mr,
+                         kend - c0 < SF_GEMM_NR ? kend - c0 : SF_GEMM_NR, 0);
+    }
+}
+
+/* y rows [tq0, tq0 + nq) of head h (row stride ld) (=|+=) P_blk V where P_blk is the block in
+ * pblk (row stride width), each row tile reducing only over the keys its last row can see.
+ * vn: V panels (K = kn rows). */
+static void block_times_values(const sf_attn_args *a, float *y, int64_t ld, int64_t tq0, int64_t nq,
+                               const float *pblk, const float *vn, int64_t kn, int accumulate) {
+    const int64_t dh = a->dh, width = a->Tk + depth_cols(a);
+    for (int64_t i0 = 0; i0 < nq; i0 += SF_GEMM_MR) {
+        int64_t mr = nq - i0 < SF_GEMM_MR ? nq - i0 : SF_GEMM_MR;
+        int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
+        for (int64_t c0 = 0; c0 < dh; c0 += SF_GEMM_NR)
+            sf_gemm_tile(y + i0 * ld + c0, ld, pblk + i0 * width, width, 1, lim, vn + c0 * kn, NULL,
+                         mr, dh - c0 < SF_GEMM_NR ? dh - c0 : SF_GEMM_NR, accumulate);
+    }
+}
+
+/* Sequence logits of one block row: scale, mask padding, zero [n, kend); returns the max. */
+static float row_mask(const sf_attn_args *a, int64_t b, float *s, int64_t n, int64_t kend, float scale) {
+    const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * a->Tk : NULL;
+    float mx = -INFINITY;
+    for (int64_t u = 0; u < n; u++) {
+        float sc = (pad && !pad[u]) ? -INFINITY : s[u] * scale;
+        s[u] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    if (kend > n) memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
     return mx;
 }
 
 void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, float *lse,
                           float *probs, float *depth_mass, float *scratch, int n_threads) {
     const int64_t B = a->B, Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh;
-    const int64_t G = H / a->Hkv, qd = H * dh, C = a->chunk, nd = a->n_read;
+    const int64_t G = H / a->Hkv, qd = H * dh, kvd = a->Hkv * dh;
     const int64_t dcols = depth_cols(a), width = Tk + dcols, rows = B * H * Tq;
+    const int64_t nblk = (Tq + SF_ATT_BQ - 1) / SF_ATT_BQ, P = round16(Tk) * round16(dh);
     const float scale = 1.0f / sqrtf((float)dh);
     const int nt = sf_threads_resolve(n_threads);
+    const int rowwise = Tq <= SF_ATT_ROWS_MAX;
 
 #pragma omp parallel num_threads(nt) if (rows * width * dh > (1 << 20))
     {
@@ -77,58 +235,63 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        float *s = scratch + (int64_t)tid * width;
+        float *ws = scratch + (int64_t)tid * per_thread_floats(a);
+        if (rowwise) {
 #pragma omp for schedule(dynamic, 8)
-        for (int64_t row = 0; row < rows; row++) {
-            int64_t b = row / (H * Tq), h = (row / Tq) % H, tq = row % Tq, g = h / G;
-            int64_t t = a->q_pos0 + tq;
-            const float *qt = q + (b * Tq + tq) * qd + h * dh;
-            float *ot = out + (b * Tq + tq) * qd + h * dh;
-            float mx = row_logits(a, qt, b, g, t, scale, s);
-            memset(ot, 0, (size_t)dh * sizeof(float));
-            if (mx == -INFINITY) { /* nothing visible: p = 0, output 0 */
-                if (lse) lse[row] = -INFINITY;
-                if (probs) memset(probs + row * width, 0, (size_t)width * sizeof(float));
-                if (depth_mass) depth_mass[row] = 0.0f;
-                continue;
+            for (int64_t row = 0; row < rows; row++) forward_row(a, q, out, lse, probs, depth_mass, ws, row);
+        } else {
+            float *kt = ws, *vn = ws + P, *sblk = ws + 3 * P + 2 * SF_ATT_BQ * round16(dh);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t unit = 0; unit < B * H * nblk; unit++) {
+                int64_t b = unit / (H * nblk), h = (unit / nblk) % H, g = h / G;
+                int64_t tq0 = (unit % nblk) * SF_ATT_BQ;
+                int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
+                int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
+                if (kend > 0) {
+                    sf_pack_panels(kt, key_row(a, a->k, b, 0, g), kvd, 1, dh, kend);
+                    sf_pack_panels(vn, key_row(a, a->v, b, 0, g), kvd, 0, kend, dh);
+                    block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
+                }
+                float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
+                for (int64_t i = 0; i < nq; i++) {
+                    int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
+                    int64_t n = key_limit(a, t);
+                    float *s = sblk + i * width;
+                    float mx = row_mask(a, b, s, n, kend, scale);
+                    float md = depth_logits(a, q + (b * Tq + tq0 + i) * qd + h * dh, b, g, t, scale, s + Tk);
+                    lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, &drow[i]);
+                }
+                float *ob = out + (b * Tq + tq0) * qd + h * dh;
+                block_times_values(a, ob, qd, tq0, nq, sblk, vn, kend, 0);
+                for (int64_t i = 0; i < nq; i++) {
+                    int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
+                    float *s = sblk + i * width;
+                    row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i],
+                               ob + i * qd, lse, probs, depth_mass);
+                }
             }
-            for (int64_t c = 0; c < width; c++) s[c] = sf_expf(s[c] - mx); /* exp(-inf) = 0 */
-            float sum = sf_sum(s, width);
-            float inv = 1.0f / sum, dmass = 0.0f;
-            if (lse) lse[row] = mx + logf(sum);
-            if (a->dropout > 0.0f) /* the trace keeps the undropped probabilities */
-                for (int64_t c = 0; c < width; c++)
-                    s[c] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + c), a->dropout);
-            for (int64_t u = 0; u < Tk; u++) {
-                if (s[u] == 0.0f) continue;
-                s[u] *= inv;
-                axpy(ot, s[u], key_row(a, a->v, b, u, g), dh);
-            }
-            int64_t cs = (t / C) * C;
-            for (int64_t c = 0; c < dcols; c++) {
-                if (s[Tk + c] == 0.0f) continue;
-                s[Tk + c] *= inv;
-                dmass += s[Tk + c];
-                axpy(ot, s[Tk + c], depth_row(a, a->depth_v, b, cs + c / nd, c % nd, g), dh);
-            }
-            if (probs) memcpy(probs + row * width, s, (size_t)width * sizeof(float));
-            if (depth_mass) depth_mass[row] = dmass;
         }
     }
 }
 
 /* Backward. Work is split by (batch, kv head): a unit owns dK/dV rows of its kv head, the
  * depth-slot gradients of its kv head and dQ of the query heads that share it, so no two
- * threads ever write the same float and the result does not depend on the thread count. */
+ * threads ever write the same float and the result does not depend on the thread count.
+ * Per block: recompute S, P = exp(S - lse); dP = dO V^T; dS = P (keep dP - D) with
+ * D = dO . O; then dQ = dS K, dK += dS^T Q, dV += (P keep)^T dO. */
 void sf_attention_backward(const sf_attn_args *a, const float *q, const float *out,
                            const float *dout, const float *lse, float *dq, float *dk, float *dv,
                            float *ddepth_k, float *ddepth_v, float *scratch, int n_threads) {
     const int64_t B = a->B, Tq = a->Tq, Tk = a->Tk, H = a->H, Hkv = a->Hkv, dh = a->dh;
     const int64_t G = H / Hkv, qd = H * dh, kvd = Hkv * dh, C = a->chunk, nd = a->n_read;
     const int64_t dcols = depth_cols(a), width = Tk + dcols;
+    const int64_t P = round16(Tk) * round16(dh);
+    const int64_t QP = SF_ATT_BQ * round16(dh);
     const float scale = 1.0f / sqrtf((float)dh);
     const int nt = sf_threads_resolve(n_threads);
     const int64_t units = B * Hkv;
+    const int drop = a->dropout > 0.0f;
+    const int64_t kall = Tq > 0 ? key_limit(a, a->q_pos0 + Tq - 1) : 0;
 
 #pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > (1 << 20))
     {
@@ -136,49 +299,93 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        float *s = scratch + (int64_t)tid * width;
+        float *ws = scratch + (int64_t)tid * per_thread_floats(a);
+        float *kt = ws, *vt = ws + P, *kn = ws + 2 * P, *qn = ws + 3 * P, *dn = qn + QP;
+        float *sblk = dn + QP, *pblk = sblk + SF_ATT_BQ * width;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t b = unit / Hkv, g = unit % Hkv;
+            const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
             for (int64_t u = 0; u < Tk; u++) { /* this unit's dK, dV rows start at zero */
                 memset(dk + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));
                 memset(dv + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));
             }
+            if (kall > 0) {
+                sf_pack_panels(kt, key_row(a, a->k, b, 0, g), kvd, 1, dh, kall);
+                sf_pack_panels(vt, key_row(a, a->v, b, 0, g), kvd, 1, dh, kall);
+                sf_pack_panels(kn, key_row(a, a->k, b, 0, g), kvd, 0, kall, dh);
+            }
             for (int64_t h = g * G; h < (g + 1) * G; h++) {
-                for (int64_t tq = 0; tq < Tq; tq++) {
-                    int64_t row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
-                    const float *qt = q + (b * Tq + tq) * qd + h * dh;
-                    const float *ot = out + (b * Tq + tq) * qd + h * dh;
-                    const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
-                    float *dqt = dq + (b * Tq + tq) * qd + h * dh;
-                    memset(dqt, 0, (size_t)dh * sizeof(float));
-                    if (lse[row] == -INFINITY) continue;
-                    row_logits(a, qt, b, g, t, scale, s);
-                    /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
-                     * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
-                    float D = dot(dot_, ot, dh);
-                    const int drop = a->dropout > 0.0f;
-                    for (int64_t u = 0; u < Tk; u++) {
-                        if (s[u] == -INFINITY) continue;
-                        float p = sf_expf(s[u] - lse[row]);
-                        float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout) : 1.0f;
-                        const float *vu = key_row(a, a->v, b, u, g);
-                        float ds = p * (keep * dot(dot_, vu, dh) - D) * scale;
-                        axpy(dqt, ds, key_row(a, a->k, b, u, g), dh);
-                        axpy(dk + b * a->kv_bstride + u * kvd + g * dh, ds, qt, dh);
-                        axpy(dv + b * a->kv_bstride + u * kvd + g * dh, p * keep, dot_, dh);
+                for (int64_t tq0 = 0; tq0 < Tq; tq0 += SF_ATT_BQ) {
+                    int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
+                    int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
+                    const float *dob = dout + (b * Tq + tq0) * qd + h * dh;
+                    if (kend > 0) {
+                        block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
+                        block_logits(a, dout, b, h, tq0, nq, kend, vt, pblk); /* dP = dO V^T */
                     }
-                    int64_t cs = (t / C) * C;
-                    for (int64_t c = 0; c < dcols; c++) {
-                        if (s[Tk + c] == -INFINITY) continue;
-                        int64_t u = cs + c / nd, i = c % nd;
-                        float p = sf_expf(s[Tk + c] - lse[row]);
-                        float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
-                        const float *vd = depth_row(a, a->depth_v, b, u, i, g);
-                        float ds = p * (keep * dot(dot_, vd, dh) - D) * scale;
-                        axpy(dqt, ds, depth_row(a, a->depth_k, b, u, i, g), dh);
-                        axpy((float *)depth_row(a, ddepth_k, b, u, i, g), ds, qt, dh);
-                        axpy((float *)depth_row(a, ddepth_v, b, u, i, g), p * keep, dot_, dh);
+                    for (int64_t i = 0; i < nq; i++) {
+                        int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
+                        int64_t n = key_limit(a, t);
+                        const float *qt = q + (b * Tq + tq) * qd + h * dh;
+                        const float *ot = out + (b * Tq + tq) * qd + h * dh;
+                        const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
+                        float *dqt = dq + (b * Tq + tq) * qd + h * dh;
+                        float *s = sblk + i * width, *dp = pblk + i * width;
+                        const float l = lse[row];
+                        memset(dqt, 0, (size_t)dh * sizeof(float));
+                        if (l == -INFINITY) n = 0; /* nothing visible: no gradient */
+                        if (kend > n) {
+                            memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
+                            memset(dp + n, 0, (size_t)(kend - n) * sizeof(float));
+                        }
+                        if (l == -INFINITY) continue;
+                        /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
+                         * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
+                        float D = dot(dot_, ot, dh);
+                        for (int64_t u = 0; u < n; u++) {
+                            if (pad && !pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; continue; }
+                            float p = sf_expf(s[u] * scale - l);
+                            float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout) : 1.0f;
+                            dp[u] = p * (keep * dp[u] - D) * scale; /* dS */
+                            s[u] = p * keep;                        /* dropped P, for dV */
+                        }
+                        float *sd = s + Tk;
+                        depth_logits(a, qt, b, g, t, scale, sd);
+                        int64_t cs = (t / C) * C;
+                        for (int64_t c = 0; c < dcols; c++) {
+                            if (sd[c] == -INFINITY) continue;
+                            int64_t u = cs + c / nd, i2 = c % nd;
+                            float p = sf_expf(sd[c] - l);
+                            float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
+                            const float *vd = depth_row(a, a->depth_v, b, u, i2, g);
+                            float ds = p * (keep * dot(dot_, vd, dh) - D) * scale;
+                            axpy(dqt, ds, depth_row(a, a->depth_k, b, u, i2, g), dh);
+                            axpy((float *)depth_row(a, ddepth_k, b, u, i2, g), ds, qt, dh);
+                            axpy((float *)depth_row(a, ddepth_v, b, u, i2, g), p * keep, dot_, dh);
+                        }
+                    }
+                    if (kend == 0) continue;
+                    /* dQ += dS K */
+                    block_times_values(a, dq + (b * Tq + tq0) * qd + h * dh, qd, tq0, nq, pblk, kn, kall, 1);
+                    /* dK += dS^T Q_blk, dV += P^T dO_blk: key tiles of 6 rows, reducing over the
+                     * block's query rows from the first one that can see the tile */
+                    sf_pack_panels(qn, q + (b * Tq + tq0) * qd + h * dh, qd, 0, nq, dh);
+                    sf_pack_panels(dn, dob, qd, 0, nq, dh);
+                    for (int64_t u0 = 0; u0 < kend; u0 += SF_GEMM_MR) {
+                        int64_t mr = kend - u0 < SF_GEMM_MR ? kend - u0 : SF_GEMM_MR;
+                        int64_t j0 = a->causal ? u0 - (a->q_pos0 + tq0) : 0;
+                        if (j0 < 0) j0 = 0;
+                        if (j0 >= nq) continue;
+                        float *dkr = dk + b * a->kv_bstride + u0 * kvd + g * dh;
+                        float *dvr = dv + b * a->kv_bstride + u0 * kvd + g * dh;
+                        for (int64_t c0 = 0; c0 < dh; c0 += SF_GEMM_NR) {
+                            int64_t mw = dh - c0 < SF_GEMM_NR ? dh - c0 : SF_GEMM_NR;
+                            sf_gemm_tile(dkr + c0, kvd, pblk + j0 * width + u0, 1, width, nq - j0,
+                                         qn + c0 * nq + j0 * SF_GEMM_NR, NULL, mr, mw, 1);
+                            sf_gemm_tile(dvr + c0, kvd, sblk + j0 * width + u0, 1, width, nq - j0,
+                                         dn + c0 * nq + j0 * SF_GEMM_NR, NULL, mr, mw, 1);
+                        }
                     }
                 }
             }

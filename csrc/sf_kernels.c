@@ -55,21 +55,31 @@ int64_t sf_matmul_pack_floats(int64_t K, int64_t M) {
 }
 
 /* pack[p][k][j] = B[k][p*16 + j], zero-padded past M, where B (K x M) is w^T when trans_w
- * (w stored (M, K), the Linear-weight layout) or w itself (stored (K, M)). */
-static void pack_b(float *pack, const float *w, int trans_w, int64_t K, int64_t M, int nt) {
-    int64_t np = (M + SF_NR - 1) / SF_NR;
-#pragma omp parallel for schedule(static) num_threads(nt) if (np * K > 32768)
-    for (int64_t p = 0; p < np; p++) {
+ * (w stored (M, K) with row stride ldw, the Linear-weight layout) or w itself (stored (K, M)
+ * with row stride ldw). Panels [p0, p1) only. */
+static inline void pack_panels(float *pack, const float *w, int64_t ldw, int trans_w, int64_t K,
+                               int64_t M, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
         float *dst = pack + p * K * SF_NR;
         int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
         for (int64_t k = 0; k < K; k++) {
             float *d = dst + k * SF_NR;
             int64_t j = 0;
-            if (trans_w) for (; j < mw; j++) d[j] = w[(m0 + j) * K + k];
-            else for (; j < mw; j++) d[j] = w[k * M + m0 + j];
+            if (trans_w) for (; j < mw; j++) d[j] = w[(m0 + j) * ldw + k];
+            else for (; j < mw; j++) d[j] = w[k * ldw + m0 + j];
             for (; j < SF_NR; j++) d[j] = 0.0f;
         }
     }
+}
+
+static void pack_b(float *pack, const float *w, int trans_w, int64_t K, int64_t M, int nt) {
+    int64_t np = (M + SF_NR - 1) / SF_NR, ldw = trans_w ? K : M;
+#pragma omp parallel for schedule(static) num_threads(nt) if (np * K > 32768)
+    for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
+}
+
+void sf_pack_panels(float *pack, const float *w, int64_t ldw, int trans_w, int64_t K, int64_t M) {
+    pack_panels(pack, w, ldw, trans_w, K, M, 0, (M + SF_NR - 1) / SF_NR);
 }
 
 /* Generic tile: rows mr <= 6, columns mw <= 16 of panel `pp`. Same operation order per
@@ -155,6 +165,25 @@ static int have_avx2_fma(void) {
     return cached;
 }
 #endif
+
+void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, int64_t K,
+                  const float *panel, const float *b, int64_t mr, int64_t mw, int accumulate) {
+    if (mr <= 0 || mw <= 0) return;
+    if (K <= 0) { /* empty reduction */
+        if (!accumulate)
+            for (int64_t r = 0; r < mr; r++)
+                for (int64_t j = 0; j < mw; j++) y[r * ldy + j] = b ? b[j] : 0.0f;
+        return;
+    }
+#ifdef SF_X86
+    if (have_avx2_fma()) {
+        if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, a, a_rs, a_cs, K, panel, b, accumulate);
+        else tile_generic_fma(y, ldy, a, a_rs, a_cs, K, panel, b, mr, mw, accumulate);
+        return;
+    }
+#endif
+    tile_generic(y, ldy, a, a_rs, a_cs, K, panel, b, mr, mw, accumulate);
+}
 
 /* A few rows times a Linear weight (decoding: one token per sequence). Packing would copy the
  * whole weight for a handful of rows, so instead 8 output columns gather their weights at each

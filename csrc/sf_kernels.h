@@ -97,6 +97,19 @@ void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t
 void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
              int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
              float *pack, int n_threads);
+/* Building blocks for kernels that tile their own products (attention), in sf_gemm's layout:
+ * B (K x M) packed into 16-column panels, panel p at pack + p*K*SF_GEMM_NR (k-major, columns
+ * past M zero); B = w^T when trans_w (w stored (M, K), row stride ldw) else w (stored (K, M),
+ * row stride ldw). Needs sf_matmul_pack_floats(K, M) floats. A k-prefix of a panel is itself a
+ * valid panel for a shorter reduction. */
+#define SF_GEMM_NR 16
+#define SF_GEMM_MR 6
+void sf_pack_panels(float *pack, const float *w, int64_t ldw, int trans_w, int64_t K, int64_t M);
+/* One register tile, single-threaded: y[mr x mw] (row stride ldy) = A[mr x K] * panel[K x mw]
+ * (+ b), or += when accumulate, with A(r,k) = a[r*a_rs + k*a_cs]; mr <= 6, mw <= 16. Same
+ * per-element operation order as sf_gemm. */
+void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, int64_t K,
+                  const float *panel, const float *b, int64_t mr, int64_t mw, int accumulate);
 /* Plain triple loop, for tests. */
 void sf_matmul_naive(float *y, const float *x, const float *w, const float *b, int64_t N,
                      int64_t K, int64_t M, int accumulate);

@@ -197,6 +197,7 @@ static void layout(run *R, bump *bp, want w) {
     aa.Tk = R->cache ? R->cache->max_len : R->T;
     aa.n_read = R->n_slots;
     aa.chunk = c->moda_chunk;
+    aa.dh = R->dh;
     R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
     R->ar_scratch = R->attnres ? take(bp, sf_attnres_scratch_floats(R->nsrc_max, d, R->nt) + (int64_t)R->nt * d) : NULL;
     R->stats = take(bp, 2 * N);
