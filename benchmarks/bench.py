@@ -1329,7 +1329,9 @@ class Bench:
             note = ""
             if (2048, "forward") in lm and (LONG_SHORT_T, "forward") in lm:
                 note = f"forward {lm[(2048, 'forward')]['delta_bytes'] / lm[(LONG_SHORT_T, 'forward')]['delta_bytes']:.2f}x"
-            vals["long_mem_ratio"] = (r, (note + "; " if note else "") + "linear in T gives 2.00x, a T x T buffer ~4x")
+            tot = lm[(2048, "train")]["hwm_bytes"] / lm[(LONG_SHORT_T, "train")]["hwm_bytes"]
+            vals["long_mem_ratio"] = (r, (note + "; " if note else "") + f"whole-process peak RSS {tot:.2f}x; "
+                                      "linear in T gives 2.00x, a T x T buffer ~4x")
         else:
             vals["long_mem_ratio"] = (None, "not measured")
         g = [r for r in self.R.get("generation", []) if r["config"] == "S" and r["mode"] == "plain"]

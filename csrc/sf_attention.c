@@ -209,12 +209,15 @@ static void block_times_values(const sf_attn_args *a, float *y, int64_t ld, int6
 /* Sequence logits of one block row: scale, mask padding, zero [n, kend); returns the max. */
 static float row_mask(const sf_attn_args *a, int64_t b, float *s, int64_t n, int64_t kend, float scale) {
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * a->Tk : NULL;
+    if (pad) for (int64_t u = 0; u < n; u++) s[u] = pad[u] ? s[u] * scale : -INFINITY;
+    else for (int64_t u = 0; u < n; u++) s[u] *= scale;
+    float m8[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t u = 0;
+    for (; u + 8 <= n; u += 8) /* eight running maxima: vectorizes without fast-math */
+        for (int j = 0; j < 8; j++) m8[j] = s[u + j] > m8[j] ? s[u + j] : m8[j];
     float mx = -INFINITY;
-    for (int64_t u = 0; u < n; u++) {
-        float sc = (pad && !pad[u]) ? -INFINITY : s[u] * scale;
-        s[u] = sc;
-        mx = sc > mx ? sc : mx;
-    }
+    for (int j = 0; j < 8; j++) mx = m8[j] > mx ? m8[j] : mx;
+    for (; u < n; u++) mx = s[u] > mx ? s[u] : mx;
     if (kend > n) memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
     return mx;
 }
@@ -343,13 +346,23 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                         /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
                          * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
                         float D = dot(dot_, ot, dh);
-                        for (int64_t u = 0; u < n; u++) {
-                            if (pad && !pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; continue; }
-                            float p = sf_expf(s[u] * scale - l);
-                            float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout) : 1.0f;
-                            dp[u] = p * (keep * dp[u] - D) * scale; /* dS */
-                            s[u] = p * keep;                        /* dropped P, for dV */
+                        if (drop) {
+                            for (int64_t u = 0; u < n; u++) {
+                                float p = sf_expf(s[u] * scale - l);
+                                float keep = sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
+                                dp[u] = p * (keep * dp[u] - D) * scale; /* dS */
+                                s[u] = p * keep;                        /* dropped P, for dV */
+                            }
+                        } else { /* the common case, kept branch-free so it vectorizes */
+                            for (int64_t u = 0; u < n; u++) {
+                                float p = sf_expf(s[u] * scale - l);
+                                dp[u] = p * (dp[u] - D) * scale;
+                                s[u] = p;
+                            }
                         }
+                        if (pad) /* padded keys: no probability, no gradient */
+                            for (int64_t u = 0; u < n; u++)
+                                if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
                         float *sd = s + Tk;
                         depth_logits(a, qt, b, g, t, scale, sd);
                         int64_t cs = (t / C) * C;
