@@ -325,6 +325,31 @@ void sf_matmul_naive(float *y, const float *x, const float *w, const float *b, i
 
 /* ---- norms ------------------------------------------------------------------------------- */
 
+/* Mean and 1/sqrt(var + eps) of one row: two passes (mean, then squared deviations) with
+ * eight float partial sums each, which vectorize; accurate to a few ulp for any d we use
+ * (the two-pass form avoids the cancellation of E[x^2] - E[x]^2). */
+static inline void row_mean_rstd(const float *x, int64_t d, float eps, float *mu, float *rstd) {
+    float m = sf_sum(x, d) / (float)d;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) { float t = x[i + j] - m; acc[j] += t * t; }
+    float v = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < d; i++) { float t = x[i] - m; v += t * t; }
+    *mu = m;
+    *rstd = 1.0f / sqrtf(v / (float)d + eps);
+}
+
+static inline float row_sumsq(const float *x, int64_t d) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
+    float v = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < d; i++) v += x[i] * x[i];
+    return v;
+}
+
 void sf_layernorm(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t d,
                   float eps, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
@@ -332,18 +357,11 @@ void sf_layernorm(float *y, const float *x, const float *w, const float *b, int6
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * d;
         float *yr = y + n * d;
-        double mean = 0.0, var = 0.0;
-        for (int64_t i = 0; i < d; i++) mean += xr[i];
-        mean /= (double)d;
-        for (int64_t i = 0; i < d; i++) { double t = xr[i] - mean; var += t * t; }
-        var /= (double)d;
-        float rstd = (float)(1.0 / sqrt(var + (double)eps)), mu = (float)mean;
-        for (int64_t i = 0; i < d; i++) {
-            float t = (xr[i] - mu) * rstd;
-            if (w) t *= w[i];
-            if (b) t += b[i];
-            yr[i] = t;
-        }
+        float mu, rstd;
+        row_mean_rstd(xr, d, eps, &mu, &rstd);
+        if (w && b) for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - mu) * rstd * w[i] + b[i];
+        else if (w) for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - mu) * rstd * w[i];
+        else for (int64_t i = 0; i < d; i++) yr[i] = (xr[i] - mu) * rstd + (b ? b[i] : 0.0f);
     }
 }
 
@@ -354,10 +372,9 @@ void sf_rmsnorm(float *y, const float *x, const float *w, int64_t N, int64_t d, 
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * d;
         float *yr = y + n * d;
-        double ss = 0.0;
-        for (int64_t i = 0; i < d; i++) ss += (double)xr[i] * xr[i];
-        float r = (float)(1.0 / sqrt(ss / (double)d + (double)eps));
-        for (int64_t i = 0; i < d; i++) yr[i] = w ? xr[i] * r * w[i] : xr[i] * r;
+        float r = 1.0f / sqrtf(row_sumsq(xr, d) / (float)d + eps);
+        if (w) for (int64_t i = 0; i < d; i++) yr[i] = xr[i] * r * w[i];
+        else for (int64_t i = 0; i < d; i++) yr[i] = xr[i] * r;
     }
 }
 
@@ -456,21 +473,26 @@ void sf_layernorm_backward(float *dx, float *dw, float *db, const float *dy, con
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * d, *dyr = dy + n * d;
         float *dxr = dx + n * d;
-        double mean = 0.0, var = 0.0;
-        for (int64_t i = 0; i < d; i++) mean += xr[i];
-        mean /= (double)d;
-        for (int64_t i = 0; i < d; i++) { double t = xr[i] - mean; var += t * t; }
-        var /= (double)d;
-        float rstd = (float)(1.0 / sqrt(var + (double)eps)), mu = (float)mean;
+        float mu, rstd;
+        row_mean_rstd(xr, d, eps, &mu, &rstd);
         stats[2 * n] = mu;
         stats[2 * n + 1] = rstd;
-        double s1 = 0.0, s2 = 0.0; /* mean(dxhat), mean(dxhat * xhat) */
-        for (int64_t i = 0; i < d; i++) {
+        float a1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0; /* mean(dxhat), mean(dxhat * xhat), eight partial sums each */
+        for (; i + 8 <= d; i += 8)
+            for (int j = 0; j < 8; j++) {
+                float xh = (xr[i + j] - mu) * rstd, g = dyr[i + j] * (w ? w[i + j] : 1.0f);
+                a1[j] += g;
+                a2[j] += g * xh;
+            }
+        float s1 = ((a1[0] + a1[4]) + (a1[1] + a1[5])) + ((a1[2] + a1[6]) + (a1[3] + a1[7]));
+        float s2 = ((a2[0] + a2[4]) + (a2[1] + a2[5])) + ((a2[2] + a2[6]) + (a2[3] + a2[7]));
+        for (; i < d; i++) {
             float xh = (xr[i] - mu) * rstd, g = dyr[i] * (w ? w[i] : 1.0f);
             s1 += g;
-            s2 += (double)g * xh;
+            s2 += g * xh;
         }
-        float m1 = (float)(s1 / (double)d), m2 = (float)(s2 / (double)d);
+        float m1 = s1 / (float)d, m2 = s2 / (float)d;
         for (int64_t i = 0; i < d; i++) {
             float xh = (xr[i] - mu) * rstd, g = dyr[i] * (w ? w[i] : 1.0f);
             float v = rstd * (g - m1 - xh * m2);
@@ -506,9 +528,7 @@ void sf_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, 
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * d, *dyr = dy + n * d;
         float *dxr = dx + n * d;
-        double ss = 0.0;
-        for (int64_t i = 0; i < d; i++) ss += (double)xr[i] * xr[i];
-        float r = (float)(1.0 / sqrt(ss / (double)d + (double)eps));
+        float r = 1.0f / sqrtf(row_sumsq(xr, d) / (float)d + eps); /* as in the forward */
         stats[n] = r;
         double s = 0.0; /* mean(dxhat * x) */
         for (int64_t i = 0; i < d; i++) s += (double)(dyr[i] * (w ? w[i] : 1.0f)) * xr[i];
@@ -537,19 +557,26 @@ void sf_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, 
 void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre, int64_t n,
                      int n_threads) {
     int nt = sf_threads_resolve(n_threads);
+    /* one loop per activation: a branch inside the loop keeps it from vectorizing */
+    if (act == SF_ACT_GELU) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) {
-        float x = pre[i], g;
-        if (act == SF_ACT_GELU) {
-            g = 0.5f * (1.0f + sf_erff(x * 0.70710678118654752f)) + x * sf_expf(-0.5f * x * x) * 0.3989422804014327f;
-        } else if (act == SF_ACT_GELU_TANH) {
-            const float c = 0.7978845608028654f;
-            float t = sf_tanhf(c * (x + 0.044715f * x * x * x));
-            g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x);
-        } else {
-            g = x > 0.0f ? 1.0f : 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            float x = pre[i];
+            float g = 0.5f * (1.0f + sf_erff(x * 0.70710678118654752f)) + x * sf_expf(-0.5f * x * x) * 0.3989422804014327f;
+            dpre[i] = dpost[i] * g;
         }
-        dpre[i] = dpost[i] * g;
+    } else if (act == SF_ACT_GELU_TANH) {
+        const float c = 0.7978845608028654f;
+#pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
+        for (int64_t i = 0; i < n; i++) {
+            float x = pre[i];
+            float t = sf_tanhf(c * (x + 0.044715f * x * x * x));
+            float g = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x);
+            dpre[i] = dpost[i] * g;
+        }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
+        for (int64_t i = 0; i < n; i++) dpre[i] = pre[i] > 0.0f ? dpost[i] : 0.0f * dpost[i];
     }
 }
 
