@@ -71,14 +71,21 @@ static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int
     const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), C = a->chunk;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
     const int64_t cs = (t / C) * C; /* first position of t's chunk */
+    const int64_t slot_stride = a->Hkv * a->dh;
     float mx = -INFINITY;
-    for (int64_t c = 0; c < dcols; c++) {
-        int64_t u = cs + c / nd, i = c % nd;
-        float sc = -INFINITY;
-        if (u <= t && u < Tk && (!pad || pad[u])) /* padding exposes no depth slots either */
-            sc = dot(qt, depth_row(a, a->depth_k, b, u, i, g), a->dh) * scale;
-        sd[c] = sc;
-        mx = sc > mx ? sc : mx;
+    (void)dcols;
+    for (int64_t uc = 0; uc < C; uc++) { /* column c = uc * nd + i: slot i of position cs + uc */
+        int64_t u = cs + uc;
+        float *su = sd + uc * nd;
+        if (!(u <= t && u < Tk && (!pad || pad[u]))) { /* padding exposes no depth slots either */
+            for (int64_t i = 0; i < nd; i++) su[i] = -INFINITY;
+            continue;
+        }
+        const float *kd = depth_row(a, a->depth_k, b, u, 0, g);
+        for (int64_t i = 0; i < nd; i++) {
+            su[i] = dot(qt, kd + i * slot_stride, a->dh) * scale;
+            mx = su[i] > mx ? su[i] : mx;
+        }
     }
     return mx;
 }
@@ -144,8 +151,11 @@ static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, i
                        float *lse, float *probs, float *depth_mass) {
     const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), width = Tk + dcols;
     const int64_t cs = (t / a->chunk) * a->chunk;
-    for (int64_t c = 0; c < dcols; c++)
-        if (sd[c] != 0.0f) axpy(ot, sd[c], depth_row(a, a->depth_v, b, cs + c / nd, c % nd, g), a->dh);
+    for (int64_t uc = 0; uc < a->chunk && cs + uc < Tk; uc++) {
+        const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
+        for (int64_t i = 0; i < nd; i++)
+            if (sd[uc * nd + i] != 0.0f) axpy(ot, sd[uc * nd + i], vd + i * a->Hkv * a->dh, a->dh);
+    }
     if (lse) lse[row] = l;
     if (depth_mass) depth_mass[row] = dm;
     if (probs) {
@@ -277,6 +287,34 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
     }
 }
 
+/* The depth columns of one row in the backward pass (they do not tile: each row has its own
+ * slots). sd: scratch of dcols floats. Accumulates dq_t and the slots' dK, dV. */
+static void depth_backward_row(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, int64_t row,
+                               const float *qt, const float *dot_, float *dqt, float *ddepth_k,
+                               float *ddepth_v, float *sd, float l, float D) {
+    const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk, dh = a->dh;
+    const int64_t width = Tk + depth_cols(a), ss = a->Hkv * dh, cs = (t / C) * C;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const int drop = a->dropout > 0.0f;
+    depth_logits(a, qt, b, g, t, scale, sd);
+    for (int64_t uc = 0; uc < C && cs + uc < Tk; uc++) {
+        const float *kd = depth_row(a, a->depth_k, b, cs + uc, 0, g);
+        const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
+        float *dkd = (float *)depth_row(a, ddepth_k, b, cs + uc, 0, g);
+        float *dvd = (float *)depth_row(a, ddepth_v, b, cs + uc, 0, g);
+        for (int64_t i = 0; i < nd; i++) {
+            int64_t c = uc * nd + i;
+            if (sd[c] == -INFINITY) continue;
+            float p = sf_expf(sd[c] - l);
+            float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
+            float ds = p * (keep * dot(dot_, vd + i * ss, dh) - D) * scale;
+            axpy(dqt, ds, kd + i * ss, dh);
+            axpy(dkd + i * ss, ds, qt, dh);
+            axpy(dvd + i * ss, p * keep, dot_, dh);
+        }
+    }
+}
+
 /* Backward. Work is split by (batch, kv head): a unit owns dK/dV rows of its kv head, the
  * depth-slot gradients of its kv head and dQ of the query heads that share it, so no two
  * threads ever write the same float and the result does not depend on the thread count.
@@ -286,7 +324,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                            const float *dout, const float *lse, float *dq, float *dk, float *dv,
                            float *ddepth_k, float *ddepth_v, float *scratch, int n_threads) {
     const int64_t B = a->B, Tq = a->Tq, Tk = a->Tk, H = a->H, Hkv = a->Hkv, dh = a->dh;
-    const int64_t G = H / Hkv, qd = H * dh, kvd = Hkv * dh, C = a->chunk, nd = a->n_read;
+    const int64_t G = H / Hkv, qd = H * dh, kvd = Hkv * dh;
     const int64_t dcols = depth_cols(a), width = Tk + dcols;
     const int64_t P = round16(Tk) * round16(dh);
     const int64_t QP = SF_ATT_BQ * round16(dh);
@@ -363,20 +401,8 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                         if (pad) /* padded keys: no probability, no gradient */
                             for (int64_t u = 0; u < n; u++)
                                 if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
-                        float *sd = s + Tk;
-                        depth_logits(a, qt, b, g, t, scale, sd);
-                        int64_t cs = (t / C) * C;
-                        for (int64_t c = 0; c < dcols; c++) {
-                            if (sd[c] == -INFINITY) continue;
-                            int64_t u = cs + c / nd, i2 = c % nd;
-                            float p = sf_expf(sd[c] - l);
-                            float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
-                            const float *vd = depth_row(a, a->depth_v, b, u, i2, g);
-                            float ds = p * (keep * dot(dot_, vd, dh) - D) * scale;
-                            axpy(dqt, ds, depth_row(a, a->depth_k, b, u, i2, g), dh);
-                            axpy((float *)depth_row(a, ddepth_k, b, u, i2, g), ds, qt, dh);
-                            axpy((float *)depth_row(a, ddepth_v, b, u, i2, g), p * keep, dot_, dh);
-                        }
+                        if (dcols > 0)
+                            depth_backward_row(a, b, g, t, row, qt, dot_, dqt, ddepth_k, ddepth_v, s + Tk, l, D);
                     }
                     if (kend == 0) continue;
                     /* dQ += dS K */
