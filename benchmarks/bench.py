@@ -517,6 +517,9 @@ class Worker:
         e.update(env or {})
         self.p = subprocess.Popen([sys.executable, str(THIS), "--_worker", kind, "--threads", str(threads)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=e)
+        # wait until it has imported its libraries: a worker starting up (seconds of CPU) would
+        # otherwise take a core from whatever is measured next
+        self.call(op="ping")
 
     def call(self, **msg: Any) -> Dict[str, Any]:
         try:
@@ -554,12 +557,16 @@ def worker_main(kind: str, threads: int) -> None:
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
     state: Dict[str, Any] = {"threads": threads}
     handlers = {"torch": TORCH_OPS, "sfprof": SFPROF_OPS}[kind]
+    if kind == "torch":
+        _torch_setup_threads(threads)
+    else:
+        import stackformer  # noqa: F401
     for line in sys.stdin:
         msg = json.loads(line)
         if msg.get("op") == "quit":
             break
         try:
-            r = handlers[msg["op"]](state, msg)
+            r = {} if msg["op"] == "ping" else handlers[msg["op"]](state, msg)
         except Exception:
             r = {"error": traceback.format_exc()}
         reply_to.write("@@" + json.dumps(r) + "\n")

@@ -421,3 +421,18 @@ def test_load_state_dict_round_trip_and_copies():
     _close("logits after float64 load", np.asarray(model(tok).logits),
            R.forward(rcfg, {k: v.astype(np.float32) for k, v in p64.items()}, tokens=tok)["logits"],
            LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("name", list(EDGE_CONFIGS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_long_sequences_span_attention_blocks(name, padded):
+    """T = 112 crosses the C attention's 48-row query blocks and many 16-key tiles; with padding
+    holes and a padded tail, every position is compared with the reference."""
+    model, rcfg, params = build(**{**EDGE_CONFIGS[name], "max_seq_len": 128})
+    T = 112
+    kpm = None
+    if padded:
+        kpm = np.ones((2, T), dtype=bool)
+        kpm[0, [3, 47, 48, 60]] = False
+        kpm[1, 100:] = False
+    compare(model, rcfg, params, tokens=make_tokens(2, T, seed=11), key_padding_mask=kpm)

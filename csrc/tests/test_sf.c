@@ -572,6 +572,57 @@ static void attention_naive(const sf_attn_args *a, const float *q, double *out, 
     free(logit); free(vis); free(keys); free(vals);
 }
 
+/* Gradients of that contract in double, from the naive probabilities and output: with
+ * D = dO . out and dS_c = p_c (dO . v_c - D) / sqrt(dh), dq += dS_c k_c, dk_c += dS_c q,
+ * dv_c += p_c dO. dq, dk, dv (sequence keys) and ddk, ddv (arena-shaped) are overwritten. */
+static void attention_naive_backward(const sf_attn_args *a, const float *q, const float *dout,
+                                     const double *out, const double *probs, double *dq,
+                                     double *dk, double *dv, double *ddk, double *ddv,
+                                     int64_t arena) {
+    const int64_t B = a->B, Tq = a->Tq, Tk = a->Tk, H = a->H, Hkv = a->Hkv, dh = a->dh;
+    const int64_t G = H / Hkv, nd = a->n_read, C = a->chunk, W = Tk + nd * C;
+    const double scale = 1.0 / sqrt((double)dh);
+    memset(dq, 0, (size_t)(B * Tq * H * dh) * sizeof(double));
+    memset(dk, 0, (size_t)(B * a->kv_bstride) * sizeof(double));
+    memset(dv, 0, (size_t)(B * a->kv_bstride) * sizeof(double));
+    memset(ddk, 0, (size_t)arena * sizeof(double));
+    memset(ddv, 0, (size_t)arena * sizeof(double));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t tq = 0; tq < Tq; tq++) {
+                const int64_t row = (b * H + h) * Tq + tq, g = h / G;
+                const int64_t t = a->q_pos0 + tq, cs = (t / C) * C;
+                const float *qt = q + (b * Tq + tq) * H * dh + h * dh;
+                const float *go = dout + (b * Tq + tq) * H * dh + h * dh;
+                const double *ot = out + (b * Tq + tq) * H * dh + h * dh;
+                double *dqt = dq + (b * Tq + tq) * H * dh + h * dh, D = 0.0;
+                for (int64_t e = 0; e < dh; e++) D += (double)go[e] * ot[e];
+                for (int64_t col = 0; col < W; col++) {
+                    const double p = probs[row * W + col];
+                    if (p == 0.0) continue; /* invisible */
+                    int64_t off;
+                    const float *kb, *vb;
+                    double *gk, *gv;
+                    if (col < Tk) {
+                        off = b * a->kv_bstride + (col * Hkv + g) * dh;
+                        kb = a->k; vb = a->v; gk = dk; gv = dv;
+                    } else {
+                        int64_t c = col - Tk, u = cs + c / nd, i = c % nd;
+                        off = b * a->depth_bstride + ((u * a->n_slots + i) * Hkv + g) * dh;
+                        kb = a->depth_k; vb = a->depth_v; gk = ddk; gv = ddv;
+                    }
+                    double dpv = 0.0;
+                    for (int64_t e = 0; e < dh; e++) dpv += (double)go[e] * vb[off + e];
+                    const double ds = p * (dpv - D) * scale;
+                    for (int64_t e = 0; e < dh; e++) {
+                        dqt[e] += ds * kb[off + e];
+                        gk[off + e] += ds * qt[e];
+                        gv[off + e] += p * go[e];
+                    }
+                }
+            }
+}
+
 typedef struct {
     int64_t B, T, H, Hkv, dh, n_slots;
     const uint8_t *mask;
@@ -698,6 +749,48 @@ static void attention_case(const attn_shape *s, int causal, int64_t n_read, int6
               "the full pass in %lld (batch, head) blocks", what, (long long)diff);
         free(qd_rows); free(kc); free(vc); free(dkc); free(dvc); free(o2); free(p2); free(l2); free(sc2);
     }
+    /* backward against the naive gradients, and identical for any thread count */
+    {
+        float *dout = falloc(B * T * qd), *gq = falloc(B * T * qd), *gk = falloc(B * T * kvd);
+        float *gv = falloc(B * T * kvd), *gdk = falloc(arena), *gdv = falloc(arena);
+        double *rq = dalloc(B * T * qd), *rk = dalloc(B * T * kvd), *rv = dalloc(B * T * kvd);
+        double *rdk = dalloc(arena), *rdv = dalloc(arena);
+        fill(dout, B * T * qd, -1.0f, 1.0f);
+        fill(gq, B * T * qd, 7.0f, 7.0f); /* overwritten */
+        fill(gk, B * T * kvd, 7.0f, 7.0f);
+        fill(gv, B * T * kvd, 7.0f, 7.0f);
+        memset(gdk, 0, (size_t)arena * sizeof(float)); /* accumulated */
+        memset(gdv, 0, (size_t)arena * sizeof(float));
+        sf_attention_backward(&a, q, out, dout, lse, gq, gk, gv, gdk, gdv, scratch, nt);
+        attention_naive_backward(&a, q, dout, rout, rprobs, rq, rk, rv, rdk, rdv, arena);
+        snprintf(sub, sizeof sub, "%s: backward dq", what);
+        CHECK_CLOSE(sub, gq, rq, B * T * qd, 3e-5, 1e-4);
+        snprintf(sub, sizeof sub, "%s: backward dk", what);
+        CHECK_CLOSE(sub, gk, rk, B * T * kvd, 3e-5, 1e-4);
+        snprintf(sub, sizeof sub, "%s: backward dv", what);
+        CHECK_CLOSE(sub, gv, rv, B * T * kvd, 3e-5, 1e-4);
+        snprintf(sub, sizeof sub, "%s: backward d(depth k)", what);
+        CHECK_CLOSE(sub, gdk, rdk, arena, 3e-5, 1e-4);
+        snprintf(sub, sizeof sub, "%s: backward d(depth v)", what);
+        CHECK_CLOSE(sub, gdv, rdv, arena, 3e-5, 1e-4);
+        if (nt != 1) {
+            float *s1 = falloc(sf_attention_scratch_floats(&a, 1));
+            float *q1 = falloc(B * T * qd), *k1 = falloc(B * T * kvd), *v1 = falloc(B * T * kvd);
+            float *dk1 = falloc(arena), *dv1 = falloc(arena);
+            memset(dk1, 0, (size_t)arena * sizeof(float));
+            memset(dv1, 0, (size_t)arena * sizeof(float));
+            sf_attention_backward(&a, q, out, dout, lse, q1, k1, v1, dk1, dv1, s1, 1);
+            snprintf(sub, sizeof sub, "%s: backward threads %d vs 1", what, nt);
+            CHECK_SAME(sub, gq, q1, B * T * qd);
+            CHECK_SAME(sub, gk, k1, B * T * kvd);
+            CHECK_SAME(sub, gv, v1, B * T * kvd);
+            CHECK_SAME(sub, gdk, dk1, arena);
+            CHECK_SAME(sub, gdv, dv1, arena);
+            free(s1); free(q1); free(k1); free(v1); free(dk1); free(dv1);
+        }
+        free(dout); free(gq); free(gk); free(gv); free(gdk); free(gdv);
+        free(rq); free(rk); free(rv); free(rdk); free(rdv);
+    }
     free(q); free(k); free(v); free(dk); free(dv); free(out); free(out2); free(lse); free(probs);
     free(dmass); free(scratch); free(rout); free(rlse); free(rprobs); free(rdmass);
 }
@@ -732,6 +825,16 @@ static void test_attention(void) {
     attention_case(&big, 0, 4, 3, 0, 3);
     attn_shape big_nomask = {2, 40, 4, 2, 16, 4, NULL, "none"};
     attention_case(&big_nomask, 1, 0, 1, 0, 3);
+    /* several 48-row query blocks, key tiles past 16 columns, d_head not a multiple of 16 */
+    uint8_t long_mask[2 * 100];
+    for (int i = 0; i < 200; i++) long_mask[i] = (i % 11) != 5 && i < 190;
+    attn_shape lng = {2, 100, 4, 2, 24, 4, long_mask, "every 11th + tail"};
+    attention_case(&lng, 1, 4, 1, 0, 2);
+    attention_case(&lng, 0, 4, 2, 0, 2);
+    attention_case(&lng, 1, 0, 1, 0, 1);
+    attn_shape lng_nomask = {1, 97, 4, 4, 32, 2, NULL, "none"};
+    attention_case(&lng_nomask, 1, 2, 3, 0, 2);
+    attention_case(&lng_nomask, 1, 2, 1, 1, 3);
     /* a single position */
     attn_shape one = {1, 1, 4, 2, 8, 2, NULL, "none"};
     attention_case(&one, 1, 2, 1, 0, 1);
