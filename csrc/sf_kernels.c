@@ -72,12 +72,6 @@ static inline void pack_panels(float *pack, const float *w, int64_t ldw, int tra
     }
 }
 
-static void pack_b(float *pack, const float *w, int trans_w, int64_t K, int64_t M, int nt) {
-    int64_t np = (M + SF_NR - 1) / SF_NR, ldw = trans_w ? K : M;
-#pragma omp parallel for schedule(static) num_threads(nt) if (np * K > 32768)
-    for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
-}
-
 void sf_pack_panels(float *pack, const float *w, int64_t ldw, int trans_w, int64_t K, int64_t M) {
     pack_panels(pack, w, ldw, trans_w, K, M, 0, (M + SF_NR - 1) / SF_NR);
 }
@@ -156,6 +150,42 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(float *y, int64_t ldy,
     _mm256_storeu_ps(y + 5 * ldy, c50); _mm256_storeu_ps(y + 5 * ldy + 8, c51);
 }
 
+/* Edge row tiles (mr < 6 rows, full 16 columns): the same loop with mr fixed at compile time,
+ * so the accumulators stay in registers; same operation order as tile_avx2. */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+tile_avx2_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
+               const float *pp, const float *b, int accumulate, const int mr) {
+    __m256 c0[SF_MR], c1[SF_MR];
+    for (int r = 0; r < mr; r++) {
+        if (accumulate) { c0[r] = _mm256_loadu_ps(y + r * ldy); c1[r] = _mm256_loadu_ps(y + r * ldy + 8); }
+        else {
+            c0[r] = b ? _mm256_loadu_ps(b) : _mm256_setzero_ps();
+            c1[r] = b ? _mm256_loadu_ps(b + 8) : _mm256_setzero_ps();
+        }
+    }
+    for (int64_t k = 0; k < K; k++) {
+        __m256 w0 = _mm256_loadu_ps(pp + k * SF_NR), w1 = _mm256_loadu_ps(pp + k * SF_NR + 8);
+        for (int r = 0; r < mr; r++) {
+            __m256 a = _mm256_broadcast_ss(x + r * rs + k * cs);
+            c0[r] = _mm256_fmadd_ps(a, w0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(a, w1, c1[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++) { _mm256_storeu_ps(y + r * ldy, c0[r]); _mm256_storeu_ps(y + r * ldy + 8, c1[r]); }
+}
+
+__attribute__((target("avx2,fma"))) static void
+tile_avx2_edge(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
+               const float *pp, const float *b, int accumulate, int64_t mr) {
+    switch (mr) {
+    case 1: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 1); break;
+    case 2: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 2); break;
+    case 3: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 3); break;
+    case 4: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 4); break;
+    default: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 5); break;
+    }
+}
+
 static int have_avx2_fma(void) {
     static int cached = -1;
     if (cached < 0) {
@@ -178,6 +208,7 @@ void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a
 #ifdef SF_X86
     if (have_avx2_fma()) {
         if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, a, a_rs, a_cs, K, panel, b, accumulate);
+        else if (mw == SF_NR) tile_avx2_edge(y, ldy, a, a_rs, a_cs, K, panel, b, accumulate, mr);
         else tile_generic_fma(y, ldy, a, a_rs, a_cs, K, panel, b, mr, mw, accumulate);
         return;
     }
@@ -261,8 +292,8 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
         }
         return;
     }
-    pack_b(pack, w, trans_w, K, M, nt);
     int64_t np = (M + SF_NR - 1) / SF_NR;
+    const int64_t ldw = trans_w ? K : M;
     int64_t nr = (N + SF_MR - 1) / SF_MR;
     int use_avx = 0;
 #ifdef SF_X86
@@ -283,6 +314,10 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
         int64_t r0 = 0, r1 = nr, p0 = 0, p1 = np;
         if (nr >= T) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
         else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
+        /* packing shares the team (one fork/join per product, not two); the barrier at the end
+         * of the loop makes every panel visible before any tile reads it */
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
         for (int64_t p = p0; p < p1; p++) {
             int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
             for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
@@ -297,6 +332,7 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
 #ifdef SF_X86
                     if (use_avx) {
                         if (mr == SF_MR && mw == SF_NR) tile_avx2(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, acc);
+                        else if (mw == SF_NR) tile_avx2_edge(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, acc, mr);
                         else tile_generic_fma(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, mr, mw, acc);
                         continue;
                     }
@@ -561,9 +597,11 @@ void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre,
     if (act == SF_ACT_GELU) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
         for (int64_t i = 0; i < n; i++) {
-            float x = pre[i];
-            float g = 0.5f * (1.0f + sf_erff(x * 0.70710678118654752f)) + x * sf_expf(-0.5f * x * x) * 0.3989422804014327f;
-            dpre[i] = dpost[i] * g;
+            /* Phi(x) + x phi(x); erf's polynomial needs exp(-x^2/2) too, so compute it once */
+            float x = pre[i], ax = (x < 0.0f ? -x : x) * 0.70710678118654752f, e = sf_expf(-ax * ax);
+            float erf_abs = sf_erf_abs(ax, e);
+            float cdf = 0.5f * (1.0f + (x < 0.0f ? -erf_abs : erf_abs));
+            dpre[i] = dpost[i] * (cdf + x * e * 0.3989422804014327f);
         }
     } else if (act == SF_ACT_GELU_TANH) {
         const float c = 0.7978845608028654f;

@@ -68,11 +68,14 @@ static inline float sf_dropout_scale(uint64_t seed, uint64_t stream, uint64_t id
 }
 
 /* erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26), branch-free */
-static inline float sf_erff(float x) {
-    float ax = x < 0.0f ? -x : x;
+static inline float sf_erf_abs(float ax, float e) { /* erf(ax) for ax >= 0, given e = exp(-ax^2) */
     float t = 1.0f / (1.0f + 0.3275911f * ax);
     float y = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-    float r = 1.0f - y * sf_expf(-ax * ax);
+    return 1.0f - y * e;
+}
+static inline float sf_erff(float x) {
+    float ax = x < 0.0f ? -x : x;
+    float r = sf_erf_abs(ax, sf_expf(-ax * ax));
     return x < 0.0f ? -r : r;
 }
 
