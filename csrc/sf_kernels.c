@@ -252,16 +252,43 @@ small_n_avx2(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
     const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                            _mm256_set1_epi32((int)K));
     const float *wb = w + m0 * K;
-    for (int64_t n = 0; n < N; n++) {
-        __m256 acc = accumulate ? _mm256_loadu_ps(y + n * ldy + m0)
-                                : (b ? _mm256_loadu_ps(b + m0) : _mm256_setzero_ps());
-        const float *xn = a + n * a_rs;
-        for (int64_t k = 0; k < K; k++) {
-            __m256 wv = _mm256_i32gather_ps(wb + k, idx, 4);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(xn[k * a_cs]), wv, acc);
+    __m256 acc[SF_SMALL_N];
+    for (int64_t n = 0; n < N; n++)
+        acc[n] = accumulate ? _mm256_loadu_ps(y + n * ldy + m0)
+                            : (b ? _mm256_loadu_ps(b + m0) : _mm256_setzero_ps());
+    int64_t k = 0;
+    /* 8 k at a time: load 8 contiguous weights from each of the 8 rows and transpose them in
+     * registers (row j's w[k..k+8) -> column vectors c_i = (w[m0..m0+8)[k+i])), instead of
+     * gathering: the weights stream once, and each row of x reuses the transposed block */
+    for (; k + 8 <= K; k += 8) {
+        __m256 r0 = _mm256_loadu_ps(wb + 0 * K + k), r1 = _mm256_loadu_ps(wb + 1 * K + k);
+        __m256 r2 = _mm256_loadu_ps(wb + 2 * K + k), r3 = _mm256_loadu_ps(wb + 3 * K + k);
+        __m256 r4 = _mm256_loadu_ps(wb + 4 * K + k), r5 = _mm256_loadu_ps(wb + 5 * K + k);
+        __m256 r6 = _mm256_loadu_ps(wb + 6 * K + k), r7 = _mm256_loadu_ps(wb + 7 * K + k);
+        __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        __m256 c[8];
+        c[0] = _mm256_permute2f128_ps(u0, u4, 0x20); c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+        c[2] = _mm256_permute2f128_ps(u2, u6, 0x20); c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+        c[4] = _mm256_permute2f128_ps(u0, u4, 0x31); c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+        c[6] = _mm256_permute2f128_ps(u2, u6, 0x31); c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+        for (int64_t n = 0; n < N; n++) {
+            const float *xn = a + n * a_rs + k * a_cs;
+            for (int i = 0; i < 8; i++) acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(xn[i * a_cs]), c[i], acc[n]);
         }
-        _mm256_storeu_ps(y + n * ldy + m0, acc);
     }
+    for (; k < K; k++) {
+        __m256 wv = _mm256_i32gather_ps(wb + k, idx, 4);
+        for (int64_t n = 0; n < N; n++)
+            acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(a[n * a_rs + k * a_cs]), wv, acc[n]);
+    }
+    for (int64_t n = 0; n < N; n++) _mm256_storeu_ps(y + n * ldy + m0, acc[n]);
 }
 #endif
 
@@ -282,7 +309,7 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
         use_avx_small = have_avx2_fma();
 #endif
         int64_t nb = (M + 7) / 8;
-#pragma omp parallel for schedule(static) num_threads(nt) if (N * K * M > (1 << 21))
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * K * M > (1 << 17))
         for (int64_t blk = 0; blk < nb; blk++) {
             int64_t m0 = blk * 8, mw = M - m0 < 8 ? M - m0 : 8;
 #ifdef SF_X86

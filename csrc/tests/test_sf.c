@@ -207,7 +207,38 @@ static void matmul_case(int64_t N, int64_t K, int64_t M) {
     free(x); free(w); free(b); free(y0); free(ref); free(y); free(y1); free(pack); free(mag);
 }
 
+/* A few rows (the decode path: no packing, weights transposed in registers) must give the
+ * same bits as the same rows inside a big product (packed tiles): cached decoding relies on it. */
+static void matmul_small_n_bits(void) {
+    static const int64_t Ks[] = {1, 5, 8, 13, 64, 100}, Ms[] = {3, 8, 16, 33};
+    const int64_t NB = 12;
+    for (int ki = 0; ki < 6; ki++)
+        for (int mi = 0; mi < 4; mi++)
+            for (int acc = 0; acc <= 1; acc++) {
+                const int64_t K = Ks[ki], M = Ms[mi];
+                float *x = falloc(NB * K), *w = falloc(M * K), *b = falloc(M), *y0 = falloc(NB * M);
+                float *big = falloc(NB * M), *small = falloc(4 * M), *pack = falloc(sf_matmul_pack_floats(K, M));
+                fill(x, NB * K, -1, 1);
+                fill(w, M * K, -1, 1);
+                fill(b, M, -1, 1);
+                fill(y0, NB * M, -1, 1);
+                memcpy(big, y0, (size_t)(NB * M) * sizeof(float));
+                sf_matmul(big, x, w, b, NB, K, M, acc, pack, 2);
+                for (int64_t n = 1; n <= 4; n++) {
+                    const int64_t r0 = NB - n; /* the last n rows */
+                    memcpy(small, y0 + r0 * M, (size_t)(n * M) * sizeof(float));
+                    sf_matmul(small, x + r0 * K, w, b, n, K, M, acc, pack, 2);
+                    char what[120];
+                    snprintf(what, sizeof what, "matmul decode rows N=%lld K=%lld M=%lld acc=%d vs packed",
+                             (long long)n, (long long)K, (long long)M, acc);
+                    CHECK_SAME(what, small, big + r0 * M, n * M);
+                }
+                free(x); free(w); free(b); free(y0); free(big); free(small); free(pack);
+            }
+}
+
 static void test_matmul(void) {
+    matmul_small_n_bits();
     static const int64_t dims[] = {1, 2, 5, 6, 7, 13, 16, 17, 31, 64, 100};
     const int nd = (int)(sizeof dims / sizeof dims[0]);
     for (int i = 0; i < nd; i++)
