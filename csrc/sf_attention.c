@@ -241,6 +241,9 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
     const float scale = 1.0f / sqrtf((float)dh);
     const int nt = sf_threads_resolve(n_threads);
     const int rowwise = Tq <= SF_ATT_ROWS_MAX;
+    /* Work units: whole heads when there are enough of them to share out (K and V are then
+     * packed once per head), otherwise each head's query blocks split in nt parts. */
+    const int64_t per_head = B * H >= 2 * nt ? 1 : (nblk < nt ? nblk : nt);
 
 #pragma omp parallel num_threads(nt) if (rows * width * dh > (1 << 20))
     {
@@ -255,32 +258,38 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
         } else {
             float *kt = ws, *vn = ws + P, *sblk = ws + 3 * P + 2 * SF_ATT_BQ * round16(dh);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t unit = 0; unit < B * H * nblk; unit++) {
-                int64_t b = unit / (H * nblk), h = (unit / nblk) % H, g = h / G;
-                int64_t tq0 = (unit % nblk) * SF_ATT_BQ;
-                int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
-                int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
-                if (kend > 0) {
-                    sf_pack_panels(kt, key_row(a, a->k, b, 0, g), kvd, 1, dh, kend);
-                    sf_pack_panels(vn, key_row(a, a->v, b, 0, g), kvd, 0, kend, dh);
-                    block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
+            for (int64_t unit = 0; unit < B * H * per_head; unit++) {
+                int64_t b = unit / (H * per_head), h = (unit / per_head) % H, g = h / G;
+                /* this unit's query blocks [blk0, blk1); K and V packed once for all of them */
+                int64_t blk0 = (unit % per_head) * nblk / per_head, blk1 = (unit % per_head + 1) * nblk / per_head;
+                int64_t t_last = (blk1 * SF_ATT_BQ < Tq ? blk1 * SF_ATT_BQ : Tq) - 1;
+                int64_t kpack = key_limit(a, a->q_pos0 + t_last);
+                if (kpack > 0) {
+                    sf_pack_panels(kt, key_row(a, a->k, b, 0, g), kvd, 1, dh, kpack);
+                    sf_pack_panels(vn, key_row(a, a->v, b, 0, g), kvd, 0, kpack, dh);
                 }
-                float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
-                for (int64_t i = 0; i < nq; i++) {
-                    int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
-                    int64_t n = key_limit(a, t);
-                    float *s = sblk + i * width;
-                    float mx = row_mask(a, b, s, n, kend, scale);
-                    float md = depth_logits(a, q + (b * Tq + tq0 + i) * qd + h * dh, b, g, t, scale, s + Tk);
-                    lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, &drow[i]);
-                }
-                float *ob = out + (b * Tq + tq0) * qd + h * dh;
-                block_times_values(a, ob, qd, tq0, nq, sblk, vn, kend, 0);
-                for (int64_t i = 0; i < nq; i++) {
-                    int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
-                    float *s = sblk + i * width;
-                    row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i],
-                               ob + i * qd, lse, probs, depth_mass);
+                for (int64_t blk = blk0; blk < blk1; blk++) {
+                    int64_t tq0 = blk * SF_ATT_BQ;
+                    int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
+                    int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
+                    if (kend > 0) block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
+                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
+                    for (int64_t i = 0; i < nq; i++) {
+                        int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
+                        int64_t n = key_limit(a, t);
+                        float *s = sblk + i * width;
+                        float mx = row_mask(a, b, s, n, kend, scale);
+                        float md = depth_logits(a, q + (b * Tq + tq0 + i) * qd + h * dh, b, g, t, scale, s + Tk);
+                        lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, &drow[i]);
+                    }
+                    float *ob = out + (b * Tq + tq0) * qd + h * dh;
+                    block_times_values(a, ob, qd, tq0, nq, sblk, vn, kpack, 0);
+                    for (int64_t i = 0; i < nq; i++) {
+                        int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
+                        float *s = sblk + i * width;
+                        row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i],
+                                   ob + i * qd, lse, probs, depth_mass);
+                    }
                 }
             }
         }
