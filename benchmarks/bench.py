@@ -388,6 +388,8 @@ class CMatmul:
         f.restype = None
         lib.sf_matmul_pack_floats.argtypes = [I64, I64]
         lib.sf_matmul_pack_floats.restype = I64
+        lib.sf_gemm_pack_floats.argtypes = [I64, I64, I64, I]
+        lib.sf_gemm_pack_floats.restype = I64
         self.lib = lib
 
     def case(self, kind: str, N: int, K: int, M: int, threads: int) -> Callable[[], None]:
@@ -407,7 +409,7 @@ class CMatmul:
             args = (y.ctypes.data, M, x.ctypes.data, K, 1, w.ctypes.data, 1, b.ctypes.data, N, K, M, 0, pack.ctypes.data, threads)
         elif kind == "dW":
             dw = np.zeros((M, K), np.float32)
-            pack = np.empty(lib.sf_matmul_pack_floats(N, K), np.float32)
+            pack = np.empty(lib.sf_gemm_pack_floats(M, N, K, 1), np.float32)  # A strided: + a chunk of A
             keep += [dw, pack]
             args = (dw.ctypes.data, K, dy.ctypes.data, 1, M, x.ctypes.data, 0, None, M, N, K, 1, pack.ctypes.data, threads)
         else:

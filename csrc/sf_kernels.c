@@ -292,6 +292,26 @@ small_n_avx2(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
 }
 #endif
 
+/* One tile of sf_gemm, dispatched on shape and CPU. */
+static inline void run_tile(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
+                            const float *pp, const float *b, int64_t mr, int64_t mw, int acc,
+                            int use_avx) {
+#ifdef SF_X86
+    if (use_avx) {
+        if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, x, rs, cs, K, pp, b, acc);
+        else if (mw == SF_NR) tile_avx2_edge(y, ldy, x, rs, cs, K, pp, b, acc, mr);
+        else tile_generic_fma(y, ldy, x, rs, cs, K, pp, b, mr, mw, acc);
+        return;
+    }
+#endif
+    (void)use_avx;
+    tile_generic(y, ldy, x, rs, cs, K, pp, b, mr, mw, acc);
+}
+
+int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided) {
+    return sf_matmul_pack_floats(K, M) + (a_strided ? (N + SF_MR - 1) / SF_MR * SF_MR * SF_KC : 0);
+}
+
 void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
              int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
              float *pack, int n_threads) {
@@ -328,6 +348,8 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
 #endif
     int64_t kc_max = a_cs != 1 ? SF_KC : K;
     int nthreads = (N * K * M < (1 << 20)) ? 1 : nt; /* below ~1M MACs a team costs more than it saves */
+    /* strided A gets packed row panels when every thread has row tiles of its own */
+    const int a_packed = a_cs != 1 && nr >= nthreads;
 #pragma omp parallel num_threads(nthreads)
     {
         int tid = 0, T = 1;
@@ -345,26 +367,45 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
          * of the loop makes every panel visible before any tile reads it */
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
-        for (int64_t p = p0; p < p1; p++) {
-            int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
-            for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-                int64_t kc = K - k0 < kc_max ? K - k0 : kc_max;
-                int acc = accumulate || k0 > 0; /* later chunks continue the partial sums in y */
-                const float *pp = pack + p * K * SF_NR + k0 * SF_NR;
-                const float *bp = (b && k0 == 0) ? b + m0 : NULL;
+        if (a_packed) {
+            /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
+             * [tile][k][6] so the tiles read A contiguously; y carries the sums across chunks */
+            float *ap = pack + sf_matmul_pack_floats(K, M) + r0 * SF_MR * SF_KC;
+            for (int64_t k0 = 0; k0 < K; k0 += SF_KC) {
+                int64_t kc = K - k0 < SF_KC ? K - k0 : SF_KC;
+                int acc = accumulate || k0 > 0;
                 for (int64_t r = r0; r < r1; r++) {
                     int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                    float *yt = y + n0 * ldy + m0;
-                    const float *xt = a + n0 * a_rs + k0 * a_cs;
-#ifdef SF_X86
-                    if (use_avx) {
-                        if (mr == SF_MR && mw == SF_NR) tile_avx2(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, acc);
-                        else if (mw == SF_NR) tile_avx2_edge(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, acc, mr);
-                        else tile_generic_fma(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, mr, mw, acc);
-                        continue;
+                    float *dst = ap + (r - r0) * kc * SF_MR;
+                    for (int64_t k = 0; k < kc; k++) {
+                        const float *src = a + n0 * a_rs + (k0 + k) * a_cs;
+                        for (int64_t i = 0; i < mr; i++) dst[k * SF_MR + i] = src[i * a_rs];
                     }
-#endif
-                    tile_generic(yt, ldy, xt, a_rs, a_cs, kc, pp, bp, mr, mw, acc);
+                }
+                for (int64_t p = p0; p < p1; p++) {
+                    int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
+                    const float *pp = pack + p * K * SF_NR + k0 * SF_NR;
+                    const float *bp = (b && k0 == 0) ? b + m0 : NULL;
+                    for (int64_t r = r0; r < r1; r++) {
+                        int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
+                        run_tile(y + n0 * ldy + m0, ldy, ap + (r - r0) * kc * SF_MR, 1, SF_MR, kc, pp,
+                                 bp, mr, mw, acc, use_avx);
+                    }
+                }
+            }
+        } else {
+            for (int64_t p = p0; p < p1; p++) {
+                int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
+                for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+                    int64_t kc = K - k0 < kc_max ? K - k0 : kc_max;
+                    int acc = accumulate || k0 > 0; /* later chunks continue the partial sums in y */
+                    const float *pp = pack + p * K * SF_NR + k0 * SF_NR;
+                    const float *bp = (b && k0 == 0) ? b + m0 : NULL;
+                    for (int64_t r = r0; r < r1; r++) {
+                        int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
+                        run_tile(y + n0 * ldy + m0, ldy, a + n0 * a_rs + k0 * a_cs, a_rs, a_cs, kc, pp,
+                                 bp, mr, mw, acc, use_avx);
+                    }
                 }
             }
         }

@@ -94,12 +94,15 @@ void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t
                int64_t M, int accumulate, float *pack, int n_threads);
 /* General form: y(N,M) (row stride ldy) = A(N,K) · B(K,M) + b, where A's element (n,k) is
  * a[n*a_rs + k*a_cs] (so A may be a transposed view) and B is w^T when trans_w (w stored
- * (M,K)) or w (stored (K,M)). pack needs sf_matmul_pack_floats(K, M) floats. Same
- * determinism guarantee as sf_matmul. Used by the backward pass: dx = dy·W (trans_w=0) and
+ * (M,K)) or w (stored (K,M)). pack needs sf_gemm_pack_floats(N, K, M, a_cs != 1) floats.
+ * Same determinism guarantee as sf_matmul. Used by the backward pass: dx = dy·W (trans_w=0) and
  * dW += dyᵀ·x (A = dy viewed transposed: a_rs = 1, a_cs = M). */
 void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
              int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
              float *pack, int n_threads);
+/* Scratch floats sf_gemm needs for pack: the B panels, plus (when A is strided, a_cs != 1) a
+ * K chunk of A in row panels. sf_matmul_pack_floats(K, M) suffices when a_cs == 1. */
+int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided);
 /* Building blocks for kernels that tile their own products (attention), in sf_gemm's layout:
  * B (K x M) packed into 16-column panels, panel p at pack + p*K*SF_GEMM_NR (k-major, columns
  * past M zero); B = w^T when trans_w (w stored (M, K), row stride ldw) else w (stored (K, M),

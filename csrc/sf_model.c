@@ -191,7 +191,11 @@ static void layout(run *R, bump *bp, want w) {
     int64_t dims[] = {d, R->qd, R->kvd, R->F, R->V};
     for (int a = 0; a < 5; a++)
         for (int b = 0; b < 5; b++) pk = max64(pk, sf_matmul_pack_floats(dims[a], dims[b]));
-    if (R->training) pk = max64(pk, sf_matmul_pack_floats(N, K1));
+    if (R->training) { /* dW = dy^T x: B = x (N x K), A = dy^T strided (sf_gemm packs a chunk) */
+        int64_t widest = 0;
+        for (int a = 0; a < 5; a++) widest = max64(widest, dims[a]);
+        pk = max64(pk, sf_gemm_pack_floats(widest, N, max64(K1, widest), 1));
+    }
     R->pack = take(bp, pk);
     sf_attn_args aa = {0};
     aa.Tk = R->cache ? R->cache->max_len : R->T;

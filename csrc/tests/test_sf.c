@@ -276,7 +276,7 @@ static void gemm_case(int64_t N, int64_t K, int64_t M) {
     float *at = falloc(K * N), *w_km = falloc(K * M), *b = falloc(M), *y0 = falloc(N * ldy);
     float *a_nk = falloc(N * K), *w_mk = falloc(M * K), *y0c = falloc(N * M);
     float *want = falloc(N * M), *y = falloc(N * ldy), *ref = falloc(N * M);
-    float *pack = falloc(sf_matmul_pack_floats(K, M));
+    float *pack = falloc(sf_gemm_pack_floats(N, K, M, 1));
     fill(at, K * N, -1, 1);
     fill(w_km, K * M, -1, 1);
     fill(b, M, -1, 1);
@@ -321,6 +321,8 @@ static void test_gemm(void) {
         for (int j = 0; j < 7; j++)
             for (int k = 0; k < 7; k++) gemm_case(dims[i], dims[j], dims[k]);
     gemm_case(150, 64, 70); /* threaded */
+    gemm_case(40, 300, 33); /* several K chunks of the strided-A path, edge tiles */
+    gemm_case(97, 257, 48);
 }
 
 /* ============================================================================================
