@@ -72,7 +72,8 @@ typedef struct {
     float dropout;
     uint64_t dropout_seed, dropout_stream;
 } sf_attn_args;
-/* Scratch floats the attention kernels need: per thread one row of Tk + n_read*chunk. */
+/* Scratch floats the attention kernels need (needs Tk, dh, n_read, chunk set): per thread,
+ * packed K / V panels of one head and two 48-row blocks of Tk + n_read*chunk columns. */
 int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads);
 /* q (B,Tq,H*dh) -> out (B,Tq,H*dh). Optional: lse (B,H,Tq) row log-sum-exp for the backward
  * pass, probs (B,H,Tq,Tk+n_read*chunk) and depth_mass (B,H,Tq) recordings. */
