@@ -90,8 +90,9 @@ static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int
     return mx;
 }
 
-/* Logits of query row (b, h, t) into s[0 .. Tk + dcols) by dot products (the decode path);
- * -inf marks invisible columns. Returns the row max (-inf when nothing is visible). */
+/* Logits of query row (b, h, t) into s[0 .. Tk + dcols) by dot products (the decode path):
+ * sequence columns unscaled (as the tiles leave them), depth columns scaled; -inf marks
+ * invisible columns. Returns the max of the scaled row (-inf when nothing is visible). */
 static float row_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
                         float scale, float *s) {
     const int64_t Tk = a->Tk;
@@ -106,51 +107,61 @@ static float row_logits(const sf_attn_args *a, const float *qt, int64_t b, int64
         for (int64_t k = 0; k < a->dh; k++)
             for (int64_t j = 0; j < nb; j++) acc[j] = fmaf(qt[k], key_row(a, a->k, b, u0 + j, g)[k], acc[j]);
         for (int64_t j = 0; j < nb; j++) {
-            float sc = (pad && !pad[u0 + j]) ? -INFINITY : acc[j] * scale;
+            float sc = (pad && !pad[u0 + j]) ? -INFINITY : acc[j];
             s[u0 + j] = sc;
             mx = sc > mx ? sc : mx;
         }
     }
     for (int64_t u = u_end; u < Tk; u++) s[u] = -INFINITY;
     float md = depth_logits(a, qt, b, g, t, scale, s + Tk);
+    mx *= scale; /* scale > 0: the max of the scaled logits, bit for bit */
     return md > mx ? md : mx;
 }
 
-/* Softmax of one row, in place, over its sequence logits s[0, n) and depth logits
- * sd[0, dcols) (scaled; -inf where invisible): probabilities, times the dropout keep-scale
- * when training. Returns the log-sum-exp (-inf, and all zeros, when nothing is visible);
- * *dmass gets the depth columns' share. */
+/* Softmax of one row, in place, over its unscaled sequence logits s[0, n) and scaled depth
+ * logits sd[0, dcols) (-inf where invisible), mx the max of the scaled row. The sequence part
+ * is left unnormalized, e_u = exp(scale s_u - mx) (times the dropout keep-scale when training):
+ * P V is computed from it and scaled by *inv once per output row, which saves a pass over the
+ * row. The depth part is normalized (*dmass gets its share). Returns the log-sum-exp (-inf,
+ * all zeros and *inv = 0 when nothing is visible). */
 static float row_softmax(const sf_attn_args *a, int64_t row, float *s, int64_t n, float *sd,
-                         float mx, float *dmass) {
+                         float mx, float scale, float *dmass, float *inv_out) {
     const int64_t Tk = a->Tk, dcols = depth_cols(a), width = Tk + dcols;
     *dmass = 0.0f;
+    *inv_out = 0.0f;
     if (mx == -INFINITY) {
         memset(s, 0, (size_t)n * sizeof(float));
         memset(sd, 0, (size_t)dcols * sizeof(float));
         return -INFINITY;
     }
-    for (int64_t u = 0; u < n; u++) s[u] = sf_expf(s[u] - mx); /* exp(-inf) = 0 */
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t u = 0;
+    for (; u + 8 <= n; u += 8) /* exp and sum in one pass (exp(-inf) = 0) */
+        for (int j = 0; j < 8; j++) { s[u + j] = sf_expf(s[u + j] * scale - mx); acc[j] += s[u + j]; }
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; u < n; u++) { s[u] = sf_expf(s[u] * scale - mx); sum += s[u]; }
     for (int64_t c = 0; c < dcols; c++) sd[c] = sf_expf(sd[c] - mx);
-    float sum = sf_sum(s, n) + sf_sum(sd, dcols);
+    sum += sf_sum(sd, dcols);
     float inv = 1.0f / sum, dm = 0.0f;
     if (a->dropout > 0.0f) {
-        for (int64_t u = 0; u < n; u++)
-            s[u] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
+        for (int64_t v = 0; v < n; v++)
+            s[v] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + v), a->dropout);
         for (int64_t c = 0; c < dcols; c++)
             sd[c] *= sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout);
     }
-    for (int64_t u = 0; u < n; u++) s[u] *= inv;
     for (int64_t c = 0; c < dcols; c++) { sd[c] *= inv; dm += sd[c]; }
     *dmass = dm;
+    *inv_out = inv;
     return mx + logf(sum);
 }
 
 /* After a row's sequence part of the output is in place: add its depth values and record. */
 static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, int64_t row,
-                       const float *s, int64_t n, const float *sd, float l, float dm, float *ot,
-                       float *lse, float *probs, float *depth_mass) {
+                       const float *s, int64_t n, const float *sd, float l, float dm, float inv,
+                       float *ot, float *lse, float *probs, float *depth_mass) {
     const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), width = Tk + dcols;
     const int64_t cs = (t / a->chunk) * a->chunk;
+    for (int64_t e = 0; e < a->dh; e++) ot[e] *= inv; /* the sequence part was unnormalized */
     for (int64_t uc = 0; uc < a->chunk && cs + uc < Tk; uc++) {
         const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
         for (int64_t i = 0; i < nd; i++)
@@ -160,7 +171,7 @@ static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, i
     if (depth_mass) depth_mass[row] = dm;
     if (probs) {
         float *pr = probs + row * width;
-        memcpy(pr, s, (size_t)n * sizeof(float));
+        for (int64_t u = 0; u < n; u++) pr[u] = s[u] * inv;
         memset(pr + n, 0, (size_t)(Tk - n) * sizeof(float));
         memcpy(pr + Tk, sd, (size_t)dcols * sizeof(float));
     }
@@ -174,15 +185,16 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
     int64_t t = a->q_pos0 + tq, n = key_limit(a, t);
     const float *qt = q + (b * Tq + tq) * qd + h * dh;
     float *ot = out + (b * Tq + tq) * qd + h * dh;
-    float mx = row_logits(a, qt, b, g, t, 1.0f / sqrtf((float)dh), s), dm;
-    float l = row_softmax(a, row, s, n, s + Tk, mx, &dm);
+    const float scale = 1.0f / sqrtf((float)dh);
+    float mx = row_logits(a, qt, b, g, t, scale, s), dm, inv;
+    float l = row_softmax(a, row, s, n, s + Tk, mx, scale, &dm, &inv);
     memset(ot, 0, (size_t)dh * sizeof(float));
     for (int64_t u = 0; u < n; u++) { /* ascending fma, as in the P V tiles */
         const float *vu = key_row(a, a->v, b, u, g);
         float pu = s[u];
         for (int64_t e = 0; e < dh; e++) ot[e] = fmaf(pu, vu[e], ot[e]);
     }
-    row_finish(a, b, g, t, row, s, n, s + Tk, l, dm, ot, lse, probs, depth_mass);
+    row_finish(a, b, g, t, row, s, n, s + Tk, l, dm, inv, ot, lse, probs, depth_mass);
 }
 
 /* S = Q K^T for query rows [tq0, tq0 + nq) of head h into sblk (row stride width), each row
@@ -217,10 +229,13 @@ static void block_times_values(const sf_attn_args *a, float *y, int64_t ld, int6
 }
 
 /* Sequence logits of one block row: scale, mask padding, zero [n, kend); returns the max. */
+/* Sequence logits of one block row, unscaled: -inf at padded keys, zeros over [n, kend)
+ * (so the row tile's P V reduction sees nothing there); returns the max of the scaled row's
+ * sequence part. */
 static float row_mask(const sf_attn_args *a, int64_t b, float *s, int64_t n, int64_t kend, float scale) {
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * a->Tk : NULL;
-    if (pad) for (int64_t u = 0; u < n; u++) s[u] = pad[u] ? s[u] * scale : -INFINITY;
-    else for (int64_t u = 0; u < n; u++) s[u] *= scale;
+    if (pad)
+        for (int64_t u = 0; u < n; u++) s[u] = pad[u] ? s[u] : -INFINITY;
     float m8[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     int64_t u = 0;
     for (; u + 8 <= n; u += 8) /* eight running maxima: vectorizes without fast-math */
@@ -229,7 +244,7 @@ static float row_mask(const sf_attn_args *a, int64_t b, float *s, int64_t n, int
     for (int j = 0; j < 8; j++) mx = m8[j] > mx ? m8[j] : mx;
     for (; u < n; u++) mx = s[u] > mx ? s[u] : mx;
     if (kend > n) memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
-    return mx;
+    return mx * scale; /* scale > 0: the max of the scaled logits, bit for bit */
 }
 
 void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, float *lse,
@@ -273,14 +288,14 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                     int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
                     int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
                     if (kend > 0) block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
-                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
+                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], irow[SF_ATT_BQ];
                     for (int64_t i = 0; i < nq; i++) {
                         int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
                         int64_t n = key_limit(a, t);
                         float *s = sblk + i * width;
                         float mx = row_mask(a, b, s, n, kend, scale);
                         float md = depth_logits(a, q + (b * Tq + tq0 + i) * qd + h * dh, b, g, t, scale, s + Tk);
-                        lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, &drow[i]);
+                        lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &irow[i]);
                     }
                     float *ob = out + (b * Tq + tq0) * qd + h * dh;
                     block_times_values(a, ob, qd, tq0, nq, sblk, vn, kpack, 0);
@@ -288,7 +303,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                         int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
                         float *s = sblk + i * width;
                         row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i],
-                                   ob + i * qd, lse, probs, depth_mass);
+                                   irow[i], ob + i * qd, lse, probs, depth_mass);
                     }
                 }
             }
