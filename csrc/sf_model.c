@@ -347,7 +347,9 @@ static void copy(float *dst, const float *src, int64_t n) {
     if (dst && dst != src) memcpy(dst, src, (size_t)n * sizeof(float));
 }
 
-static void add3(float *out, const float *a, const float *b, int64_t n) {
+/* out = a + b over n floats (residual adds: memory-bound, so both cores' bandwidth helps) */
+static void add3(const run *R, float *out, const float *a, const float *b, int64_t n) {
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (n > 65536)
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
@@ -597,7 +599,7 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
         dst = R->part + part_index(R, k + 1) * Nd;
         dst_rms = R->part_rms + part_index(R, k + 1) * N;
     }
-    if (prev) add3(dst, prev, v, Nd);
+    if (prev) add3(R, dst, prev, v, Nd);
     else copy(dst, v, Nd);
     sf_attnres_inv_rms(dst_rms, dst, N, d, eps, R->nt);
 }
@@ -671,8 +673,8 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
         resid_dropout(R, A->y_a, ka);
         copy(tout, A->y_a, Nd);
         if (rms) rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_a, Nd);
-        if (pre) add3(A->in_m, A->in_a, A->y_a, Nd);
-        else { add3(A->z_a, A->in_a, A->y_a, Nd); norm_fwd(R, A->in_m, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b); }
+        if (pre) add3(R, A->in_m, A->in_a, A->y_a, Nd);
+        else { add3(R, A->z_a, A->in_a, A->y_a, Nd); norm_fwd(R, A->in_m, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b); }
         if (rms) rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(A->in_m, Nd);
     }
 
@@ -691,8 +693,8 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
         resid_dropout(R, A->y_m, km);
         copy(tout, A->y_m, Nd);
         if (rms) rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_m, Nd);
-        if (pre) add3(out, A->in_m, A->y_m, Nd);
-        else { add3(A->z_m, A->in_m, A->y_m, Nd); norm_fwd(R, out, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b); }
+        if (pre) add3(R, out, A->in_m, A->y_m, Nd);
+        else { add3(R, A->z_m, A->in_m, A->y_m, Nd); norm_fwd(R, out, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b); }
         if (rms) rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(out, Nd);
     }
 }
@@ -790,12 +792,12 @@ static void stack_backward(run *R, const int32_t *tokens) {
                 gm = R->dy;
                 if (R->dmask) { copy(R->dmask, R->dy, Nd); resid_dropout(R, R->dmask, 2 * i + 1); gm = R->dmask; }
                 mlp_backward(R, i, A, A->in_m, gm, R->du);
-                add3(R->dx, R->dy, R->du, Nd);
+                add3(R, R->dx, R->dy, R->du, Nd);
                 norm_bwd(R, R->dy, R->dx, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b, 0);
                 ga = R->dy;
                 if (R->dmask) { copy(R->dmask, R->dy, Nd); resid_dropout(R, R->dmask, 2 * i); ga = R->dmask; }
                 attn_backward(R, i, A, A->in_a, ga, R->du);
-                add3(R->dx, R->dy, R->du, Nd);
+                add3(R, R->dx, R->dy, R->du, Nd);
             }
         }
         embed_backward(R, tokens, R->dx);
@@ -816,7 +818,7 @@ static void stack_backward(run *R, const int32_t *tokens) {
         } else {
             int64_t pos = k % R->S, mblk = k / R->S + 1;
             if (pos == R->S - 1 || k == L - 1) memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
-            add3(R->dy, R->d_src + mblk * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
+            add3(R, R->dy, R->d_src + mblk * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
         }
         attnres_sublayer_backward(R, k);
     }
