@@ -42,6 +42,7 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 import stackformer as sf
+from stackformer.plotting import plot_loss_curves
 
 # STACKFORMER_QUICK=1 (set by the test suite) shrinks every size and step count below so the
 # notebook runs in seconds; the default settings take a few minutes on a 2-core CPU.
@@ -287,20 +288,9 @@ Two things to read off the plots and the printout:
   so a sample rather than a verdict.
 '''),
     code(r'''
-def smooth(y, w=10):
-    y = np.asarray(y, dtype=float)
-    w = max(1, min(w, len(y)))
-    return np.convolve(y, np.ones(w) / w, mode="valid")
-
-
 fig, ax = plt.subplots(figsize=(6.5, 3.6))
-for pos, color in (("pre", "C0"), ("post", "C3")):
-    h = deep[(pos, "trained")][1]
-    s = smooth(h.loss)
-    ax.plot(np.arange(len(s)) + len(h.loss) - len(s) + 1, s, color=color, label=f"{pos}-norm train (smoothed)")
-    ax.plot(h.val_step, h.val_loss, "o--", color=color, ms=4, label=f"{pos}-norm validation")
-ax.axhline(corpus.unigram_loss(), color="gray", lw=1, ls=":", label="unigram baseline")
-ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
+plot_loss_curves(ax, {f"{pos}-norm": deep[(pos, "trained")][1] for pos in ("pre", "post")},
+                 {"pre-norm": "C0", "post-norm": "C3"}, corpus.unigram_loss(), window=10)
 ax.set_title(f"{DEEP}-block stacks: pre-norm vs post-norm")
 ax.grid(alpha=0.3); ax.legend(fontsize=8)
 plt.show()
@@ -481,23 +471,8 @@ for name, kw in STACKS.items():
           f"{hists[name].val_loss[-1]:.3f}, {time.perf_counter() - t0:.0f} s")
 '''),
     code(r'''
-def smooth(y, w=15):
-    y = np.asarray(y, dtype=float)
-    w = max(1, min(w, len(y)))
-    return np.convolve(y, np.ones(w) / w, mode="valid")
-
-
 fig, ax = plt.subplots(figsize=(7, 3.8))
-for name, h in hists.items():
-    s = smooth(h.loss)
-    ax.plot(np.arange(len(s)) + len(h.loss) - len(s) + 1, s, color=COLORS[name], alpha=0.6,
-            label=f"{name} train (smoothed)")
-    ax.plot(h.val_step, h.val_loss, "o--", color=COLORS[name], ms=4, label=f"{name} validation")
-ax.axhline(corpus.unigram_loss(), color="gray", ls=":", lw=1, label="unigram baseline")
-# zoom on the part where the stacks differ (the first steps fall from ~5.5 for everyone)
-low = min(smooth(h.loss).min() for h in hists.values())
-ax.set_ylim(low - 0.1, max(corpus.unigram_loss() + 0.6, max(h.val_loss[-1] for h in hists.values()) + 0.3))
-ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
+plot_loss_curves(ax, hists, COLORS, corpus.unigram_loss())  # zoomed on where the stacks differ
 ax.set_title(f"{L}-sublayer stacks on {corpus.name}")
 ax.grid(alpha=0.3); ax.legend(fontsize=7, ncol=2)
 plt.show()
@@ -758,22 +733,8 @@ for name, cfg in RUNS.items():
           f"{hists[name].val_loss[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
 '''),
     code(r'''
-def smooth(y, w=15):
-    y = np.asarray(y, dtype=float)
-    w = max(1, min(w, len(y)))
-    return np.convolve(y, np.ones(w) / w, mode="valid")
-
-
 fig, ax = plt.subplots(figsize=(7, 3.8))
-for name, h in hists.items():
-    s = smooth(h.loss)
-    ax.plot(np.arange(len(s)) + len(h.loss) - len(s) + 1, s, color=COLORS[name], alpha=0.6,
-            label=f"{name} train (smoothed)")
-    ax.plot(h.val_step, h.val_loss, "o--", ms=4, color=COLORS[name], label=f"{name} validation")
-ax.axhline(corpus.unigram_loss(), color="gray", ls=":", lw=1, label="unigram baseline")
-low = min(smooth(h.loss).min() for h in hists.values())
-ax.set_ylim(low - 0.1, max(corpus.unigram_loss() + 0.6, max(h.val_loss[-1] for h in hists.values()) + 0.3))
-ax.set_xlabel("step"); ax.set_ylabel("loss (nats/byte)")
+plot_loss_curves(ax, hists, COLORS, corpus.unigram_loss())  # zoomed on where the stacks differ
 ax.set_title(f"{N_BLOCKS}-block stacks")
 ax.grid(alpha=0.3); ax.legend(fontsize=7, ncol=2)
 plt.show()

@@ -72,3 +72,27 @@ def plot_rms_curves(curves: Dict[str, np.ndarray], path: str, ylabel: str = "RMS
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def smooth(y: Sequence[float], window: int = 15) -> np.ndarray:
+    """Running mean over `window` points (shortened to len(y)); 'valid' part only."""
+    y = np.asarray(y, dtype=float)
+    w = max(1, min(window, len(y)))
+    return np.convolve(y, np.ones(w) / w, mode="valid")
+
+
+def plot_loss_curves(ax, histories: Dict[str, "object"], colors: Dict[str, str], baseline: float,
+                     window: int = 15) -> None:
+    """Training loss (smoothed) and validation loss of each `sf.train` History on `ax`, one
+    colour per name, the unigram `baseline` as a dotted line, and the y range zoomed on where
+    the runs differ (the first steps fall from ~ln(vocab) for everyone)."""
+    for name, h in histories.items():
+        s = smooth(h.loss, window)
+        ax.plot(np.arange(len(s)) + len(h.loss) - len(s) + 1, s, color=colors[name], alpha=0.6,
+                label=f"{name} train (smoothed)")
+        ax.plot(h.val_step, h.val_loss, "o--", color=colors[name], ms=4, label=f"{name} validation")
+    ax.axhline(baseline, color="gray", ls=":", lw=1, label="unigram baseline")
+    low = min(smooth(h.loss, window).min() for h in histories.values())
+    ax.set_ylim(low - 0.1, max(baseline + 0.6, max(h.val_loss[-1] for h in histories.values()) + 0.3))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
