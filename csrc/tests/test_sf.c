@@ -537,6 +537,23 @@ static void test_rope(void) {
  * 3. Attention (with MoDA depth slots) vs a direct double-precision implementation
  * ============================================================================================ */
 
+/* Column col of query row (b, kv head g, position t) under the contract below: its float
+ * offset into (k, v) when a sequence column, into (depth_k, depth_v) when a depth column
+ * (returns 1 then), and the key position u it belongs to. */
+static int naive_column(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, int64_t col,
+                        int64_t *off, int64_t *u) {
+    const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk, dh = a->dh, Hkv = a->Hkv;
+    if (col < Tk) {
+        *u = col;
+        *off = b * a->kv_bstride + (col * Hkv + g) * dh;
+        return 0;
+    }
+    int64_t c = col - Tk, i = c % nd;
+    *u = (t / C) * C + c / nd;
+    *off = b * a->depth_bstride + ((*u * a->n_slots + i) * Hkv + g) * dh;
+    return 1;
+}
+
 /* The contract (sf_internal.h, DEVELOPERS.md "The math", moda_visibility in tests/reference.py):
  * query row (b, h, tq) sits at absolute position t = q_pos0 + tq and has Tk + n_read*chunk
  * columns; query head h reads kv head h / (H/Hkv).
@@ -559,26 +576,14 @@ static void attention_naive(const sf_attn_args *a, const float *q, double *out, 
         for (int64_t h = 0; h < H; h++)
             for (int64_t tq = 0; tq < Tq; tq++) {
                 const int64_t row = (b * H + h) * Tq + tq, g = h / G;
-                const int64_t t = a->q_pos0 + tq, cs = (t / C) * C;
+                const int64_t t = a->q_pos0 + tq;
                 const float *qt = q + (b * Tq + tq) * H * dh + h * dh;
                 double mx = -INFINITY;
                 for (int64_t col = 0; col < W; col++) {
                     int64_t u, off;
-                    const float *kb, *vb;
-                    if (col < Tk) {
-                        u = col;
-                        vis[col] = !(a->depth_only && nd > 0) && (!a->causal || u <= t);
-                        off = b * a->kv_bstride + (u * Hkv + g) * dh;
-                        kb = a->k;
-                        vb = a->v;
-                    } else {
-                        int64_t c = col - Tk, i = c % nd;
-                        u = cs + c / nd;
-                        vis[col] = u <= t;
-                        off = b * a->depth_bstride + ((u * a->n_slots + i) * Hkv + g) * dh;
-                        kb = a->depth_k;
-                        vb = a->depth_v;
-                    }
+                    const int depth = naive_column(a, b, g, t, col, &off, &u);
+                    const float *kb = depth ? a->depth_k : a->k, *vb = depth ? a->depth_v : a->v;
+                    vis[col] = depth ? u <= t : !(a->depth_only && nd > 0) && (!a->causal || u <= t);
                     if (vis[col] && a->key_padding_mask && !a->key_padding_mask[b * Tk + u]) vis[col] = 0;
                     if (!vis[col]) continue;
                     keys[col] = kb + off;
@@ -624,7 +629,7 @@ static void attention_naive_backward(const sf_attn_args *a, const float *q, cons
         for (int64_t h = 0; h < H; h++)
             for (int64_t tq = 0; tq < Tq; tq++) {
                 const int64_t row = (b * H + h) * Tq + tq, g = h / G;
-                const int64_t t = a->q_pos0 + tq, cs = (t / C) * C;
+                const int64_t t = a->q_pos0 + tq;
                 const float *qt = q + (b * Tq + tq) * H * dh + h * dh;
                 const float *go = dout + (b * Tq + tq) * H * dh + h * dh;
                 const double *ot = out + (b * Tq + tq) * H * dh + h * dh;
@@ -633,17 +638,10 @@ static void attention_naive_backward(const sf_attn_args *a, const float *q, cons
                 for (int64_t col = 0; col < W; col++) {
                     const double p = probs[row * W + col];
                     if (p == 0.0) continue; /* invisible */
-                    int64_t off;
-                    const float *kb, *vb;
-                    double *gk, *gv;
-                    if (col < Tk) {
-                        off = b * a->kv_bstride + (col * Hkv + g) * dh;
-                        kb = a->k; vb = a->v; gk = dk; gv = dv;
-                    } else {
-                        int64_t c = col - Tk, u = cs + c / nd, i = c % nd;
-                        off = b * a->depth_bstride + ((u * a->n_slots + i) * Hkv + g) * dh;
-                        kb = a->depth_k; vb = a->depth_v; gk = ddk; gv = ddv;
-                    }
+                    int64_t off, u;
+                    const int depth = naive_column(a, b, g, t, col, &off, &u);
+                    const float *kb = depth ? a->depth_k : a->k, *vb = depth ? a->depth_v : a->v;
+                    double *gk = depth ? ddk : dk, *gv = depth ? ddv : dv;
                     double dpv = 0.0;
                     for (int64_t e = 0; e < dh; e++) dpv += (double)go[e] * vb[off + e];
                     const double ds = p * (dpv - D) * scale;
