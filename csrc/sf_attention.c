@@ -68,12 +68,11 @@ static int64_t key_limit(const sf_attn_args *a, int64_t t) {
  * invisible; returns their max. */
 static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
                           float scale, float *sd) {
-    const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), C = a->chunk;
+    const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
     const int64_t cs = (t / C) * C; /* first position of t's chunk */
     const int64_t slot_stride = a->Hkv * a->dh;
     float mx = -INFINITY;
-    (void)dcols;
     for (int64_t uc = 0; uc < C; uc++) { /* column c = uc * nd + i: slot i of position cs + uc */
         int64_t u = cs + uc;
         float *su = sd + uc * nd;
@@ -138,7 +137,7 @@ static float row_softmax(const sf_attn_args *a, int64_t row, float *s, int64_t n
     int64_t u = 0;
     for (; u + 8 <= n; u += 8) /* exp and sum in one pass (exp(-inf) = 0) */
         for (int j = 0; j < 8; j++) { s[u + j] = sf_expf(s[u + j] * scale - mx); acc[j] += s[u + j]; }
-    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float sum = sf_hsum8(acc);
     for (; u < n; u++) { s[u] = sf_expf(s[u] * scale - mx); sum += s[u]; }
     for (int64_t c = 0; c < dcols; c++) sd[c] = sf_expf(sd[c] - mx);
     sum += sf_sum(sd, dcols);

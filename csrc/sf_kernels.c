@@ -438,7 +438,7 @@ static inline void row_mean_rstd(const float *x, int64_t d, float eps, float *mu
     int64_t i = 0;
     for (; i + 8 <= d; i += 8)
         for (int j = 0; j < 8; j++) { float t = x[i + j] - m; acc[j] += t * t; }
-    float v = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float v = sf_hsum8(acc);
     for (; i < d; i++) { float t = x[i] - m; v += t * t; }
     *mu = m;
     *rstd = 1.0f / sqrtf(v / (float)d + eps);
@@ -449,7 +449,7 @@ static inline float row_sumsq(const float *x, int64_t d) {
     int64_t i = 0;
     for (; i + 8 <= d; i += 8)
         for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
-    float v = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float v = sf_hsum8(acc);
     for (; i < d; i++) v += x[i] * x[i];
     return v;
 }
@@ -589,8 +589,8 @@ void sf_layernorm_backward(float *dx, float *dw, float *db, const float *dy, con
                 a1[j] += g;
                 a2[j] += g * xh;
             }
-        float s1 = ((a1[0] + a1[4]) + (a1[1] + a1[5])) + ((a1[2] + a1[6]) + (a1[3] + a1[7]));
-        float s2 = ((a2[0] + a2[4]) + (a2[1] + a2[5])) + ((a2[2] + a2[6]) + (a2[3] + a2[7]));
+        float s1 = sf_hsum8(a1);
+        float s2 = sf_hsum8(a2);
         for (; i < d; i++) {
             float xh = (xr[i] - mu) * rstd, g = dyr[i] * (w ? w[i] : 1.0f);
             s1 += g;

@@ -12,12 +12,17 @@
  * has it): dot products keep 8 independent partial sums (a fixed reassociation, so results stay
  * deterministic), and exp is a branch-free Cephes-style polynomial instead of a libm call. */
 
+/* The fixed combination of eight partial sums every 8-lane reduction here ends with. */
+static inline float sf_hsum8(const float acc[8]) {
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 static inline float sf_dot(const float *a, const float *b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float s = sf_hsum8(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -27,7 +32,7 @@ static inline float sf_sum(const float *a, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++) acc[j] += a[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    float s = sf_hsum8(acc);
     for (; i < n; i++) s += a[i];
     return s;
 }
