@@ -78,6 +78,8 @@ TARGETS_DOC = [
     ("train_S_vs_torch", ">=", 1.5, "train step tokens/s, S plain, stackformer / PyTorch"),
     ("train_M_vs_torch", ">=", 1.1, "train step tokens/s, M plain, stackformer / PyTorch"),
     ("matmul_M_peak", ">=", 0.70, "C matmul at M's forward shapes, fraction of measured fp32 peak"),
+    ("matmul_M_vs_openblas", ">=", 0.90, "C matmul at M's shapes (fwd + dW + dX), speed / OpenBLAS's speed"),
+    ("perhead_vs_openblas", ">", 1.0, "per-head attention products (S, M), 1 thread per call: speed / OpenBLAS's"),
     ("overhead_full_M", "<=", 0.05, "train step time vs plain at M: Full AttnRes"),
     ("overhead_block_M", "<=", 0.03, "train step time vs plain at M: Block AttnRes (S=4)"),
     ("overhead_moda_M", "<=", 0.15, "train step time vs plain at M: MoDA"),
@@ -319,20 +321,27 @@ def snapshot_package(tmp: Path) -> Dict[str, Any]:
     return {"snapshot": str(dst), "source": str(src)}
 
 
-def measure_peak(threads: int, quick: bool, tmp: Path) -> Dict[str, Any]:
+def build_c(src: str, tmp: Path, flags: List[str]) -> Tuple[Optional[Path], str]:
+    """Compile benchmarks/<src> into a shared library under tmp: (path or None, command or error)."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    res: Dict[str, Any] = {"threads": threads}
     if not cc:
-        res["error"] = "no C compiler (cc) found"
-        return res
-    so = tmp / "libsfpeak.so"
-    flags = ["-O2", "-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64", "i686") else ["-O2"]
-    cmd = [cc, *flags, "-shared", "-fPIC", "-pthread", str(HERE / "peak.c"), "-o", str(so)]
+        return None, "no C compiler (cc) found"
+    so = tmp / ("lib" + Path(src).stem + ".so")
+    cmd = [cc, *flags, "-shared", "-fPIC", str(HERE / src), "-o", str(so)]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    res["compile"] = " ".join(cmd[:-2] + ["-o", "libsfpeak.so"])
     if r.returncode != 0:
-        res["error"] = "compile failed: " + r.stderr[-500:]
+        return None, "compile failed: " + r.stderr[-500:]
+    return so, " ".join(cmd[:-2] + ["-o", so.name])
+
+
+def measure_peak(threads: int, quick: bool, tmp: Path) -> Dict[str, Any]:
+    res: Dict[str, Any] = {"threads": threads}
+    flags = ["-O2", "-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64", "i686") else ["-O2"]
+    so, how = build_c("peak.c", tmp, flags + ["-pthread"])
+    if so is None:
+        res["error"] = how
         return res
+    res["compile"] = how
     lib = ctypes.CDLL(str(so))
     lib.peak_gflops.restype = ctypes.c_double
     lib.peak_gflops.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
@@ -395,11 +404,7 @@ class CMatmul:
     def case(self, kind: str, N: int, K: int, M: int, threads: int) -> Callable[[], None]:
         """A closure running one product of a Linear (x (N,K), W (M,K)):
         fwd: y = x W^T + b;  dW: dW += dy^T x;  dX: dx = dy W  (as sf_model.c calls them)."""
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((N, K), dtype=np.float32)
-        w = rng.standard_normal((M, K), dtype=np.float32)
-        b = rng.standard_normal(M, dtype=np.float32)
-        dy = rng.standard_normal((N, M), dtype=np.float32)
+        x, w, b, dy = linear_operands(N, K, M)
         lib = self.lib
         keep = [x, w, b, dy]
         if kind == "fwd":
@@ -491,6 +496,231 @@ def bench_matmul(cfg_name: str, threads: int, reps: int, tw: Optional["Worker"],
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenBLAS as a yardstick for sf_gemm (the benchmark only: stackformer never links a BLAS).
+# It runs in its own worker process: OpenBLAS's threads spin for a while after every call, and
+# in our process they would take a core from the OpenMP team measured next (and vice versa).
+
+CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
+
+
+def find_openblas() -> Optional[str]:
+    """A loadable OpenBLAS (SF_BENCH_OPENBLAS=path overrides the search), or None."""
+    if os.environ.get("SF_BENCH_OPENBLAS"):
+        return os.environ["SF_BENCH_OPENBLAS"]
+    import ctypes.util
+    return ctypes.util.find_library("openblas")
+
+
+def perhead_shapes(cfg_names: List[str]) -> List[Dict[str, Any]]:
+    """The two per-head products of causal attention for one (sequence, head), per config."""
+    out = []
+    for c in cfg_names:
+        cf = CONFIGS[c]
+        T, dh, heads = cf["T"], cf["d_model"] // cf["n_heads"], cf["B"] * cf["n_heads"]
+        out.append(dict(config=c, which=0, name="S = Q K^T", heads=heads, T=T, dh=dh, N=T, K=dh, M=T))
+        out.append(dict(config=c, which=1, name="O = P V", heads=heads, T=T, dh=dh, N=T, K=T, M=dh))
+    return out
+
+
+def perhead_buffers(sh: Dict[str, Any]) -> List[np.ndarray]:
+    """a, b, y of benchmarks/gemm_loop.c for one per-head shape (all heads, one after another)."""
+    rng = np.random.default_rng(0)
+    H, T, dh = sh["heads"], sh["T"], sh["dh"]
+    a_shape = (H, T, dh) if sh["which"] == 0 else (H, T, T)
+    y_shape = (H, T, T) if sh["which"] == 0 else (H, T, dh)
+    return [rng.standard_normal(a_shape, dtype=np.float32), rng.standard_normal((H, T, dh), dtype=np.float32),
+            np.empty(y_shape, np.float32)]
+
+
+def time_calls(fn: Callable[[], Any], reps: int, warm_s: float = 0.06) -> List[float]:
+    """reps timings of fn after >= warm_s seconds (and >= 2 calls) of warm-up. On the VM this was
+    written on, the second core runs the first ~25 ms of work after an idle pause at about half
+    speed (2 threads measure like 1), so a block that starts after a pause warms up first."""
+    t_end = time.perf_counter() + warm_s
+    fn(); fn()
+    while time.perf_counter() < t_end:
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def load_gemm_loop(path: str):
+    lib = ctypes.CDLL(path)
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.loop_sf.argtypes = [P, I, I64, I64, I64, P, P, P, P, I, I]
+    lib.loop_blas.argtypes = [P, I, I64, I64, I64, P, P, P, I]
+    return lib
+
+
+def b_setup(state, msg):
+    lib = ctypes.CDLL(msg["path"])
+    lib.openblas_set_num_threads.argtypes = [ctypes.c_int]
+    lib.openblas_set_num_threads(state["threads"])
+    P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.cblas_sgemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
+    state["blas"] = lib
+    state["loop"] = load_gemm_loop(msg["loop_so"]) if msg.get("loop_so") else None
+    info = {"path": msg["path"]}
+    try:
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        info["config"] = lib.openblas_get_config().decode()
+        lib.openblas_get_num_threads.restype = ctypes.c_int
+        info["threads"] = lib.openblas_get_num_threads()
+    except AttributeError:
+        pass
+    return info
+
+
+def b_linear(state, msg):
+    """The products of CMatmul.case with cblas_sgemm. No bias in the forward (beta = 0): BLAS
+    has no bias, and adding one would cost it an extra pass over y; leaving it out favours BLAS."""
+    lib, N, K, M, kind = state["blas"], msg["N"], msg["K"], msg["M"], msg["kind"]
+    x, w, _, dy = linear_operands(N, K, M)
+    R, NT, TR = CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS
+    if kind == "fwd":  # y = x W^T
+        y = np.empty((N, M), np.float32)
+        args = (R, NT, TR, N, M, K, 1.0, x.ctypes.data, K, w.ctypes.data, K, 0.0, y.ctypes.data, M)
+    elif kind == "dW":  # dW += dy^T x
+        y = np.zeros((M, K), np.float32)
+        args = (R, TR, NT, M, K, N, 1.0, dy.ctypes.data, M, x.ctypes.data, K, 1.0, y.ctypes.data, K)
+    else:  # dx = dy W
+        y = np.empty((N, K), np.float32)
+        args = (R, NT, NT, N, K, M, 1.0, dy.ctypes.data, M, w.ctypes.data, K, 0.0, y.ctypes.data, K)
+    lib.cblas_sgemm(*args)  # one call on the fresh output first: its corners check the layout flags
+    probe = [y[0, :8].tolist(), y[-1, -8:].tolist()]
+    return {"times": time_calls(lambda: lib.cblas_sgemm(*args), msg["reps"]), "probe": probe}
+
+
+def linear_operands(N: int, K: int, M: int) -> List[np.ndarray]:
+    """x (N,K), W (M,K), b (M,), dy (N,M): the operands of CMatmul.case, in its order."""
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((N, K), dtype=np.float32), rng.standard_normal((M, K), dtype=np.float32),
+            rng.standard_normal(M, dtype=np.float32), rng.standard_normal((N, M), dtype=np.float32)]
+
+
+def check_blas_probe(kind: str, N: int, K: int, M: int, probe: List[List[float]]) -> float:
+    """Relative error of OpenBLAS's output corners against float64 NumPy: a wrong transpose or
+    leading dimension in the cblas call would time a different product; this catches it."""
+    x, w, _, dy = (a.astype(np.float64) for a in linear_operands(N, K, M))
+    if kind == "fwd":  # y = x W^T (no bias for BLAS)
+        first, last = x[0] @ w.T, x[-1] @ w.T
+    elif kind == "dW":  # dW = dy^T x, rows 0 and M-1
+        first, last = dy[:, 0] @ x, dy[:, -1] @ x
+    else:  # dx = dy W
+        first, last = dy[0] @ w, dy[-1] @ w
+    ref = np.concatenate([first[:8], last[-8:]])
+    got = np.array(probe[0] + probe[1])
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def b_perhead(state, msg):
+    lib, loop, sh = state["blas"], state["loop"], msg["shape"]
+    if state.get("perhead_key") != sh:  # buffers made once per shape, not once per block
+        state["perhead_key"], state["perhead_bufs"] = sh, perhead_buffers(sh)
+    a, b, y = state["perhead_bufs"]
+    fn = ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
+    lib.openblas_set_num_threads(msg["threads"])
+    try:
+        ts = time_calls(lambda: loop.loop_blas(fn, sh["which"], sh["heads"], sh["T"], sh["dh"], a.ctypes.data,
+                                               b.ctypes.data, y.ctypes.data, 1), msg["reps"])
+        return {"times": ts, "probe": [y[0].ravel()[:8].tolist(), y[-1].ravel()[-8:].tolist()]}
+    finally:
+        lib.openblas_set_num_threads(state["threads"])
+
+
+BLAS_OPS = {"setup": b_setup, "linear": b_linear, "perhead": b_perhead}
+
+
+def bench_openblas(mm: Dict[str, Any], threads: int, reps: int, tmp: Path) -> Dict[str, Any]:
+    """sf_gemm against OpenBLAS on the Linear products of bench_matmul and on the per-head
+    attention products at S's and M's shapes (one library call per (sequence, head); 1 thread
+    per call, as the attention kernel runs a head on one thread, and all threads).
+
+    The two are timed in alternating blocks (sf here, OpenBLAS in its worker process), with a
+    pause after each OpenBLAS block: its threads spin ~0.1 s after a call before sleeping, and
+    would otherwise take a core from the sf block that follows. Load changes hit both alike."""
+    path = find_openblas()
+    if not path:
+        return {"error": "libopenblas not found (Debian/Ubuntu: apt install libopenblas-dev; or set SF_BENCH_OPENBLAS)"}
+    loop_so, how = build_c("gemm_loop.c", tmp, ["-O2"])
+    if loop_so is None:
+        return {"error": how}
+    res: Dict[str, Any] = {"compile": how}
+    cm = CMatmul()
+    loop = load_gemm_loop(str(loop_so))
+    sf_gemm_ptr = ctypes.cast(cm.lib.sf_gemm, ctypes.c_void_p).value
+    bw = Worker("blas", threads)
+
+    def alternate(sf_fn: Callable[[], Any], blas_msg: Dict[str, Any], n: int, rounds: int = 5):
+        sf_ts: List[float] = []
+        bl_ts: List[float] = []
+        per = max(2, math.ceil(n / rounds))
+        for _ in range(rounds):
+            sf_ts += time_calls(sf_fn, per)
+            bl_ts += bw.call(**blas_msg, reps=per)["times"]
+            time.sleep(0.15)
+        return sf_ts, bl_ts
+
+    try:
+        res["library"] = bw.call(op="setup", path=path, loop_so=str(loop_so))
+        time.sleep(0.15)
+        lin = []
+        for row in mm["rows"]:
+            fl = row["flops"]
+            sf_ts, bl_ts = alternate(cm.case(row["kind"], row["N"], row["K"], row["M"], threads),
+                                     dict(op="linear", kind=row["kind"], N=row["N"], K=row["K"], M=row["M"]),
+                                     row["sf"]["reps"])
+            probe = bw.call(op="linear", kind=row["kind"], N=row["N"], K=row["K"], M=row["M"], reps=1)["probe"]
+            err = check_blas_probe(row["kind"], row["N"], row["K"], row["M"], probe)
+            if not err < 1e-4:
+                raise RuntimeError(f"OpenBLAS {row['kind']} {row['N']}x{row['K']}x{row['M']} differs from NumPy "
+                                   f"(relative error {err:.1e}): the yardstick's cblas call is wrong")
+            lin.append({k: row[k] for k in ("kind", "name", "N", "K", "M", "count", "flops")}
+                       | {"sf": stats(sf_ts, fl=fl), "blas": stats(bl_ts, fl=fl), "blas_check_rel_err": err})
+        heads = []
+        for sh in perhead_shapes(["S", "M"]):
+            a, b, y = perhead_buffers(sh)
+            pack = np.empty(cm.lib.sf_gemm_pack_floats(sh["N"], sh["K"], sh["M"], 0), np.float32)
+            fl = 2.0 * sh["heads"] * sh["N"] * sh["K"] * sh["M"]
+            for nt in sorted({1, threads}):
+                def sf_fn(nt=nt, a=a, b=b, y=y, pack=pack, sh=sh):
+                    loop.loop_sf(sf_gemm_ptr, sh["which"], sh["heads"], sh["T"], sh["dh"], a.ctypes.data,
+                                 b.ctypes.data, y.ctypes.data, pack.ctypes.data, nt, 1)
+                sf_ts, bl_ts = alternate(sf_fn, dict(op="perhead", threads=nt,
+                                                     shape={k: sh[k] for k in ("which", "heads", "T", "dh")}),
+                                         max(reps, 15))
+                probe = bw.call(op="perhead", threads=nt, shape={k: sh[k] for k in ("which", "heads", "T", "dh")},
+                                reps=1)["probe"]
+                a64, b64 = a.astype(np.float64), b.astype(np.float64)
+                ref = [a64[h] @ (b64[h].T if sh["which"] == 0 else b64[h]) for h in (0, -1)]
+                ref = np.concatenate([ref[0].ravel()[:8], ref[1].ravel()[-8:]])
+                err = float(np.max(np.abs(np.array(probe[0] + probe[1]) - ref)) / np.max(np.abs(ref)))
+                if not err < 1e-4:
+                    raise RuntimeError(f"OpenBLAS per-head {sh['name']} differs from NumPy (relative error {err:.1e})")
+                heads.append({**sh, "threads": nt, "flops": fl, "sf": stats(sf_ts, fl=fl), "blas": stats(bl_ts, fl=fl),
+                              "blas_check_rel_err": err})
+    finally:
+        bw.close()
+    res["linear"] = lin
+    res["perhead"] = heads
+    res["note"] = ("timed in alternating blocks; the forward is y = x W^T + b for sf and x W^T (no bias, "
+                   "beta = 0) for BLAS; per-head: one library call per (sequence, head), heads in a C loop")
+    return res
+
+
+def openblas_ratio_linear(mm: Dict[str, Any], kinds: Tuple[str, ...]) -> Optional[float]:
+    """FLOP-weighted speed of sf_gemm / OpenBLAS over one pass's Linear calls of these kinds."""
+    ob = mm.get("openblas", {})
+    if "linear" not in ob:
+        return None
+    sf_t = sum(pick(r["sf"], "median_s") * r["count"] for r in ob["linear"] if r["kind"] in kinds)
+    bl_t = sum(pick(r["blas"], "median_s") * r["count"] for r in ob["linear"] if r["kind"] in kinds)
+    return bl_t / sf_t if sf_t else None
+
+
+# ---------------------------------------------------------------------------------------------
 # worker processes (PyTorch, memory, profiling)
 
 def torch_env() -> Dict[str, str]:
@@ -558,10 +788,10 @@ def worker_main(kind: str, threads: int) -> None:
     reply_to = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
     state: Dict[str, Any] = {"threads": threads}
-    handlers = {"torch": TORCH_OPS, "sfprof": SFPROF_OPS}[kind]
+    handlers = {"torch": TORCH_OPS, "sfprof": SFPROF_OPS, "blas": BLAS_OPS}[kind]
     if kind == "torch":
         _torch_setup_threads(threads)
-    else:
+    elif kind == "sfprof":
         import stackformer  # noqa: F401
     for line in sys.stdin:
         msg = json.loads(line)
@@ -1316,6 +1546,23 @@ class Bench:
                                      f"1 thread {pick(a1, 'peak_frac') * 100:.0f}% of 1-thread peak")
         else:
             vals["matmul_M_peak"] = (None, "M not measured")
+        ob = (mm or {}).get("openblas", {})
+        if mm and mm["config"] == "M" and "linear" in ob:
+            per = ", ".join(f"{k} {openblas_ratio_linear(mm, (k,)) * 100:.0f}%" for k in ("fwd", "dW", "dX"))
+            vals["matmul_M_vs_openblas"] = (openblas_ratio_linear(mm, ("fwd", "dW", "dX")), per)
+        else:
+            vals["matmul_M_vs_openblas"] = (None, ob.get("error", "M not measured"))
+        if "perhead" in ob:
+            def ratio(r):
+                return pick(r["blas"], "median_s") / pick(r["sf"], "median_s")
+            one = [r for r in ob["perhead"] if r["threads"] == 1]
+            alln = [r for r in ob["perhead"] if r["threads"] != 1]
+            note = "min over " + ", ".join(f"{r['config']} {r['name']} {ratio(r):.2f}x" for r in one)
+            if alln:
+                note += f"; {alln[0]['threads']} threads: min {min(ratio(r) for r in alln):.2f}x"
+            vals["perhead_vs_openblas"] = (min(ratio(r) for r in one), note)
+        else:
+            vals["perhead_vs_openblas"] = (None, ob.get("error", "not measured"))
         p = self.find("M", "plain")
         ov = self.R["extras"].get("overhead_M_train", {})
         for key, mode in (("overhead_full_M", "attnres_full"), ("overhead_block_M", "attnres_block"), ("overhead_moda_M", "moda")):
@@ -1386,7 +1633,7 @@ class Bench:
             v, note = vals.get(key, (None, ""))
             met = None
             if v is not None:
-                met = {">=": v >= thr, "<=": v <= thr, "<": v < thr}[op]
+                met = {">=": v >= thr, "<=": v <= thr, "<": v < thr, ">": v > thr}[op]
             out.append({"name": key, "description": desc, "value": v, "op": op, "threshold": thr, "met": met, "note": note})
         self.R["targets"] = out
 
@@ -1525,6 +1772,31 @@ def report(R: Dict[str, Any]) -> str:
             L.append(f"  weighted {k:<18} {pick(a, 'gflops'):7.1f} GF/s = {pick(a, 'peak_frac') * 100:4.0f}% of peak"
                      + (f"; 1 thread {pick(a1, 'gflops'):.1f} GF/s = {pick(a1, 'peak_frac') * 100:.0f}% of 1-thread peak" if a1 and mm['threads'] > 1 else "")
                      + (f"; torch {tg:.1f} GF/s" if tg else ""))
+        ob = mm.get("openblas", {})
+        if "error" in ob:
+            L.append(f"  OpenBLAS yardstick: {ob['error']}")
+        elif "linear" in ob:
+            lib = ob.get("library", {})
+            L.append("")
+            L.append(f"sf_gemm vs OpenBLAS ({lib.get('config', lib.get('path', '?'))}; cblas_sgemm in its own process, same threads)")
+            hdr = f"{'product':<6}{'layer':<14}{'N x K x M':>18}{'sf GF/s':>9}{'BLAS':>8}{'sf/BLAS':>9}"
+            L.append(hdr)
+            L.append("-" * len(hdr))
+            for r in ob["linear"]:
+                sg, bg = pick(r["sf"], "gflops"), pick(r["blas"], "gflops")
+                L.append(f"{r['kind']:<6}{r['name']:<14}{r['N']:>6}x{r['K']:>5}x{r['M']:>5}{sg:>9.1f}{bg:>8.1f}{sg / bg:>8.2f}x")
+            for k in ("fwd", "dW", "dX"):
+                v = openblas_ratio_linear(mm, (k,))
+                L.append(f"  weighted {k:<4} sf / BLAS {v:.2f}x" if v else f"  weighted {k}: -")
+            v = openblas_ratio_linear(mm, ("fwd", "dW", "dX"))
+            L.append(f"  weighted fwd+dW+dX sf / BLAS {v:.2f}x" if v else "")
+            hdr = f"{'per head':<6}{'':<8}{'heads x (N x K x M)':>24}{'thr':>4}{'sf GF/s':>9}{'BLAS':>8}{'sf/BLAS':>9}{'sf us/call':>11}{'BLAS':>7}"
+            L.append(hdr)
+            L.append("-" * len(hdr))
+            for r in ob["perhead"]:
+                sg, bg = pick(r["sf"], "gflops"), pick(r["blas"], "gflops")
+                L.append(f"{r['config']:<6}{r['name']:<8}{r['heads']:>6} x ({r['N']:>4}x{r['K']:>4}x{r['M']:>4}){r['threads']:>4}{sg:>9.1f}{bg:>8.1f}"
+                         f"{sg / bg:>8.2f}x{pick(r['sf'], 'median_s') / r['heads'] * 1e6:>11.1f}{pick(r['blas'], 'median_s') / r['heads'] * 1e6:>7.1f}")
     # extras
     ex = R.get("extras", {})
     if ex.get("threads_M_train") or ex.get("checkpoint_Deep") or R.get("generation"):
@@ -1653,6 +1925,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the perf / torch.profiler phase breakdown")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--no-openblas", action="store_true", help="skip the OpenBLAS yardstick for the matmul")
     ap.add_argument("--stat", default="median", choices=["median", "best"],
                     help="statistic for the table and the targets (the JSON has both): median of the repetitions, or the best one "
                          "(use best on a machine other processes are loading)")
@@ -1723,6 +1996,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             finally:
                 if tw:
                     tw.close()
+            if not args.no_openblas:
+                log("OpenBLAS yardstick ...")
+                b.R["matmul"]["openblas"] = bench_openblas(b.R["matmul"], b.threads, b.reps, b.tmp)
         stage("matmul", matmul_stage)
         for name in configs:
             stage(f"config {name}", lambda name=name: b.run_config(name, modes))

@@ -1,5 +1,5 @@
 /* fp32 FMA-throughput probe for benchmarks/bench.py (built at run time with
- *   cc -O2 -mavx2 -mfma -shared -fPIC -pthread peak.c -o libsfpeak.so).
+ *   cc -O2 -mavx2 -mfma -shared -fPIC -pthread peak.c -o libpeak.so).
  * Each thread runs NACC independent accumulator chains of vector FMAs, enough to cover
  * FMA latency x FMA ports on current x86 cores, so the loop is throughput-bound.
  * peak_gflops(kind, threads, iters) -> GFLOP/s (2 flops per lane per FMA); kind 0 = AVX2
