@@ -360,16 +360,24 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
         tid = omp_get_thread_num();
         T = omp_get_num_threads();
 #endif
-        /* Each thread owns a contiguous range of row tiles (or of panels when there are fewer
-         * row tiles than threads) and walks panels in the outer loop, so one K x 16 panel stays
-         * in L1 while its row tiles stream through. */
+        /* Each thread owns a contiguous range of panels (or of row tiles: see below) and walks
+         * panels in the outer loop, so one K x 16 panel stays in L1/L2 while its row tiles
+         * stream through. Owning panels, a thread packs exactly the panels it reads: no barrier,
+         * and no panel crosses to the other core's cache (for small products that transfer cost
+         * more than the tiles). Row ranges are used when the panels do not split evenly, and
+         * for a strided A, whose row panels are copied per thread. */
         int64_t r0 = 0, r1 = nr, p0 = 0, p1 = np;
-        if (nr >= T) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
+        const int by_rows = nr >= T && (a_packed || (np % T != 0 && np < 4 * T));
+        if (by_rows) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
         else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
-        /* packing shares the team (one fork/join per product, not two); the barrier at the end
-         * of the loop makes every panel visible before any tile reads it */
+        if (by_rows) {
+            /* packing shares the team (one fork/join per product, not two); the barrier at the
+             * end of the loop makes every panel visible before any tile reads it */
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
+            for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
+        } else {
+            pack_panels(pack, w, ldw, trans_w, K, M, p0, p1);
+        }
         if (a_packed) {
             /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
              * [tile][k][6] so the tiles read A contiguously; y carries the sums across chunks */
