@@ -176,7 +176,8 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *args, double *lo
                               int64_t *count, char *err, size_t errlen);
 /* Gradient buffer (num_params floats; zeros before the first backward). */
 float *sf_model_grads(sf_model *m);
-/* The training workspace is kept by the model between steps; this frees it. */
+/* The training workspace (kept between train steps) and the forward workspace (kept between
+ * forward calls) are the model's; this frees both. */
 void sf_model_release_workspace(sf_model *m);
 /* Activation memory (bytes) one forward_backward call needs for (B, T). */
 int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint);

@@ -109,6 +109,7 @@ typedef struct {
     float attn_p, resid_p;              /* dropout rates (0 outside training) */
     uint64_t drop_seed;
     void *mem; /* the one allocation */
+    int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
 } run;
 
 /* bump allocator over floats: measure with base == NULL, then assign */
@@ -239,7 +240,9 @@ static void layout(run *R, bump *bp, want w) {
 }
 
 static void run_free(run *R) {
-    if (!R->training) free(R->mem); /* training memory stays with the model */
+    /* training memory and the cached forward workspace stay with the model */
+    if (R->fwd_cached) atomic_store(&((sf_model *)R->m)->fwd_busy, 0);
+    else if (!R->training) free(R->mem);
     free(R->acts);
     free(R->src_ptr);
     free(R->rms_ptr);
@@ -289,7 +292,18 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         }
         R->mem = mm->train_mem;
     } else {
-        R->mem = malloc((size_t)bytes);
+        sf_model *mm = (sf_model *)m;
+        int idle = 0;
+        if (atomic_compare_exchange_strong(&mm->fwd_busy, &idle, 1)) {
+            if (mm->fwd_mem_bytes < bytes) {
+                free(mm->fwd_mem);
+                mm->fwd_mem = malloc((size_t)bytes);
+                mm->fwd_mem_bytes = mm->fwd_mem ? bytes : 0;
+            }
+            if (mm->fwd_mem) { R->mem = mm->fwd_mem; R->fwd_cached = 1; }
+            else atomic_store(&mm->fwd_busy, 0);
+        }
+        if (!R->mem) R->mem = malloc((size_t)bytes);
     }
     if (!R->mem) {
         run_free(R);
@@ -888,6 +902,9 @@ void sf_model_release_workspace(sf_model *m) {
     free(m->train_mem);
     m->train_mem = NULL;
     m->train_mem_bytes = 0;
+    free(m->fwd_mem); /* no forward is in flight under the write guard */
+    m->fwd_mem = NULL;
+    m->fwd_mem_bytes = 0;
     sf_model_release_write(m);
 }
 

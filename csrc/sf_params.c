@@ -327,6 +327,7 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
         m->adam_v = m->adam_m + tb.total;
     }
     atomic_init(&m->state, 0);
+    atomic_init(&m->fwd_busy, 0);
     m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
     if (!m->tensors || !m->params || !m->layers) {
         sf_model_free(m);
@@ -369,6 +370,7 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
 void sf_model_free(sf_model *m) {
     if (!m) return;
     free(m->train_mem);
+    free(m->fwd_mem);
     free(m->params);
     free(m->tensors);
     free(m->layers);

@@ -182,21 +182,43 @@ def test_threads_bitwise_identical(tokens):
 
 
 def test_concurrent_forward_matches_serial():
-    m = sf.Model(small_config(d_model=64, n_layers=3), seed=0)
-    inputs = [np.random.default_rng(i).integers(0, 50, size=(2, 16)) for i in range(8)]
+    # different shapes, several rounds: one call at a time holds the model's kept forward
+    # workspace (growing it for a larger call), the others run on their own
+    m = sf.Model(small_config(d_model=64, n_layers=3, max_seq_len=32), seed=0)
+    inputs = [np.random.default_rng(i).integers(0, 50, size=(1 + i % 3, 8 * (1 + i % 4))) for i in range(8)]
     serial = [m(x).logits for x in inputs]
-    results = [None] * 8
+    m.release_memory()
+    results = [[None] * 8 for _ in range(5)]
 
     def work(i):
-        results[i] = m(inputs[i]).logits
+        for r in range(5):
+            results[r][i] = m(inputs[i]).logits
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for a, b in zip(serial, results):
-        np.testing.assert_array_equal(a, b)
+    for rnd in results:
+        for a, b in zip(serial, rnd):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_forward_workspace_reuse_does_not_leak_between_calls():
+    """The forward workspace is kept between calls (grown for a larger call, reused by smaller
+    ones, dropped by release_memory): a call's result must not depend on what ran before."""
+    cfg = small_config(d_model=64, n_layers=3, moda=True, max_seq_len=32)
+    m = sf.Model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 50, size=s) for s in [(1, 4), (3, 16), (2, 8), (4, 32), (1, 1), (2, 5)]]
+    fresh = [sf.Model(cfg, seed=0)(x).logits for x in xs]  # each on a model that never ran before
+    for rnd in range(3):
+        for x, ref in zip(xs, fresh):
+            np.testing.assert_array_equal(m(x).logits, ref)
+            if rnd == 1:
+                m(x, trace=True)  # a traced call (another workspace layout) in between
+        if rnd == 0:
+            m.release_memory()
 
 
 def test_set_num_threads_roundtrip():

@@ -557,7 +557,7 @@ static PyMethodDef CModel_methods[] = {
      "adamw_step(lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0, clip_norm=0) -> grad norm"},
     {"train_workspace_bytes", (PyCFunction)CModel_train_workspace_bytes, METH_VARARGS, "train_workspace_bytes(B, T, checkpoint=False)"},
     {"new_cache", (PyCFunction)CModel_new_cache, METH_VARARGS, "new_cache(B, max_len) -> CCache"},
-    {"release_workspace", (PyCFunction)CModel_release_workspace, METH_NOARGS, "free the cached training workspace"},
+    {"release_workspace", (PyCFunction)CModel_release_workspace, METH_NOARGS, "free the cached training and forward workspaces"},
     {NULL}};
 
 static PyGetSetDef CModel_getset[] = {

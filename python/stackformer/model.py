@@ -413,8 +413,9 @@ class Model:
         return int(self._c.train_workspace_bytes(int(batch_size), int(seq_len), bool(checkpoint)))
 
     def release_memory(self) -> None:
-        """Free the activation workspace kept between train steps (it is re-created, at the
-        cost of page faults, by the next step)."""
+        """Free the activation workspaces the model keeps between calls: the training one
+        (between train steps) and the forward one (between forward calls; sized by the largest
+        call so far). The next call re-creates what it needs, at the cost of page faults."""
         self._c.release_workspace()
 
     @property
