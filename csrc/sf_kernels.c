@@ -54,6 +54,47 @@ int64_t sf_matmul_pack_floats(int64_t K, int64_t M) {
     return K * ((M + SF_NR - 1) / SF_NR) * SF_NR;
 }
 
+#ifdef SF_X86
+/* c[i] = (src[0*ld + i], src[1*ld + i], ..., src[7*ld + i]): an 8x8 block transposed in
+ * registers (8 loads, 24 shuffles), for reading rows of w as columns without gathers. */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+transpose8_avx2(const float *src, int64_t ld, __m256 c[8]) {
+    __m256 r0 = _mm256_loadu_ps(src + 0 * ld), r1 = _mm256_loadu_ps(src + 1 * ld);
+    __m256 r2 = _mm256_loadu_ps(src + 2 * ld), r3 = _mm256_loadu_ps(src + 3 * ld);
+    __m256 r4 = _mm256_loadu_ps(src + 4 * ld), r5 = _mm256_loadu_ps(src + 5 * ld);
+    __m256 r6 = _mm256_loadu_ps(src + 6 * ld), r7 = _mm256_loadu_ps(src + 7 * ld);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    c[0] = _mm256_permute2f128_ps(u0, u4, 0x20); c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    c[2] = _mm256_permute2f128_ps(u2, u6, 0x20); c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    c[4] = _mm256_permute2f128_ps(u0, u4, 0x31); c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    c[6] = _mm256_permute2f128_ps(u2, u6, 0x31); c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* One full panel of w^T: dst[k][j] = w[j*ldw + k], j < 16. Packing the forward's W^T (and
+ * attention's K^T) element by element is a strided gather, ~1/8 of the tiles' time for
+ * K = 32-64 products; two 8x8 register transposes per 8 k make it a copy. */
+__attribute__((target("avx2,fma"))) static void pack_panel_t_avx2(float *dst, const float *w,
+                                                                  int64_t ldw, int64_t K) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256 c[8];
+            transpose8_avx2(w + h * 8 * ldw + k, ldw, c);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (k + i) * SF_NR + h * 8, c[i]);
+        }
+    for (; k < K; k++)
+        for (int j = 0; j < SF_NR; j++) dst[k * SF_NR + j] = w[j * ldw + k];
+}
+static int have_avx2_fma(void);
+#endif
+
 /* pack[p][k][j] = B[k][p*16 + j], zero-padded past M, where B (K x M) is w^T when trans_w
  * (w stored (M, K) with row stride ldw, the Linear-weight layout) or w itself (stored (K, M)
  * with row stride ldw). Panels [p0, p1) only. */
@@ -62,6 +103,12 @@ static inline void pack_panels(float *pack, const float *w, int64_t ldw, int tra
     for (int64_t p = p0; p < p1; p++) {
         float *dst = pack + p * K * SF_NR;
         int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
+#ifdef SF_X86
+        if (trans_w && mw == SF_NR && have_avx2_fma()) {
+            pack_panel_t_avx2(dst, w + m0 * ldw, ldw, K);
+            continue;
+        }
+#endif
         for (int64_t k = 0; k < K; k++) {
             float *d = dst + k * SF_NR;
             int64_t j = 0;
@@ -264,23 +311,8 @@ small_n_avx2(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
      * registers (row j's w[k..k+8) -> column vectors c_i = (w[m0..m0+8)[k+i])), instead of
      * gathering: the weights stream once, and each row of x reuses the transposed block */
     for (; k + 8 <= K; k += 8) {
-        __m256 r0 = _mm256_loadu_ps(wb + 0 * K + k), r1 = _mm256_loadu_ps(wb + 1 * K + k);
-        __m256 r2 = _mm256_loadu_ps(wb + 2 * K + k), r3 = _mm256_loadu_ps(wb + 3 * K + k);
-        __m256 r4 = _mm256_loadu_ps(wb + 4 * K + k), r5 = _mm256_loadu_ps(wb + 5 * K + k);
-        __m256 r6 = _mm256_loadu_ps(wb + 6 * K + k), r7 = _mm256_loadu_ps(wb + 7 * K + k);
-        __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-        __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-        __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-        __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-        __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-        __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
         __m256 c[8];
-        c[0] = _mm256_permute2f128_ps(u0, u4, 0x20); c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-        c[2] = _mm256_permute2f128_ps(u2, u6, 0x20); c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-        c[4] = _mm256_permute2f128_ps(u0, u4, 0x31); c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-        c[6] = _mm256_permute2f128_ps(u2, u6, 0x31); c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+        transpose8_avx2(wb + k, K, c);
         for (int64_t n = 0; n < N; n++) {
             const float *xn = a + n * a_rs + k * a_cs;
             for (int i = 0; i < 8; i++) acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(xn[i * a_cs]), c[i], acc[n]);
