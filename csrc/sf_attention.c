@@ -12,7 +12,8 @@
  * Memory is O(SF_ATT_BQ * T) per thread, never a T x T buffer unless the caller asks for the
  * probabilities as a trace; the backward pass recomputes the probabilities from the saved
  * log-sum-exp (flash-attention style). Depth slots are read in place from the arena
- * (B, T, n_slots, Hkv, dh): nothing is gathered per query. Decoding (a few query rows over a
+ * (B, Hkv, T, n_slots, dh): nothing is gathered per query, and a block of query rows of one
+ * head reads its slots as one contiguous stream. Decoding (a few query rows over a
  * long cache) takes the row-at-a-time path instead, where packing K and V would cost as much as
  * the products themselves.
  */
@@ -53,7 +54,7 @@ static inline const float *key_row(const sf_attn_args *a, const float *base, int
 
 static inline const float *depth_row(const sf_attn_args *a, const float *base, int64_t b,
                                      int64_t u, int64_t i, int64_t g) {
-    return base + b * a->depth_bstride + ((u * a->n_slots + i) * a->Hkv + g) * a->dh;
+    return base + b * a->depth_bstride + ((g * a->depth_len + u) * a->n_slots + i) * a->dh;
 }
 
 static int seq_visible(const sf_attn_args *a) { return !(a->depth_only && a->n_read > 0); }
@@ -71,7 +72,6 @@ static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int
     const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
     const int64_t cs = (t / C) * C; /* first position of t's chunk */
-    const int64_t slot_stride = a->Hkv * a->dh;
     float mx = -INFINITY;
     for (int64_t uc = 0; uc < C; uc++) { /* column c = uc * nd + i: slot i of position cs + uc */
         int64_t u = cs + uc;
@@ -82,7 +82,7 @@ static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int
         }
         const float *kd = depth_row(a, a->depth_k, b, u, 0, g);
         for (int64_t i = 0; i < nd; i++) {
-            su[i] = dot(qt, kd + i * slot_stride, a->dh) * scale;
+            su[i] = dot(qt, kd + i * a->dh, a->dh) * scale;
             mx = su[i] > mx ? su[i] : mx;
         }
     }
@@ -164,7 +164,7 @@ static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, i
     for (int64_t uc = 0; uc < a->chunk && cs + uc < Tk; uc++) {
         const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
         for (int64_t i = 0; i < nd; i++)
-            if (sd[uc * nd + i] != 0.0f) axpy(ot, sd[uc * nd + i], vd + i * a->Hkv * a->dh, a->dh);
+            if (sd[uc * nd + i] != 0.0f) axpy(ot, sd[uc * nd + i], vd + i * a->dh, a->dh);
     }
     if (lse) lse[row] = l;
     if (depth_mass) depth_mass[row] = dm;
@@ -316,7 +316,7 @@ static void depth_backward_row(const sf_attn_args *a, int64_t b, int64_t g, int6
                                const float *qt, const float *dot_, float *dqt, float *ddepth_k,
                                float *ddepth_v, float *sd, float l, float D) {
     const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk, dh = a->dh;
-    const int64_t width = Tk + depth_cols(a), ss = a->Hkv * dh, cs = (t / C) * C;
+    const int64_t width = Tk + depth_cols(a), ss = dh, cs = (t / C) * C;
     const float scale = 1.0f / sqrtf((float)dh);
     const int drop = a->dropout > 0.0f;
     depth_logits(a, qt, b, g, t, scale, sd);

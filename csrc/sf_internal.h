@@ -70,10 +70,11 @@ typedef struct {
     /* key/value row (b, u) at k + b*kv_bstride + u*Hkv*dh (a cache may hold more rows) */
     const float *k, *v;
     int64_t kv_bstride;
-    /* MoDA depth slots: slot i of position u of batch b at
-     * depth + b*depth_bstride + (u*n_slots + i)*Hkv*dh; this layer reads slots [0, n_read). */
+    /* MoDA depth slots, (B, Hkv, depth_len, n_slots, dh): slot i of position u of batch b,
+     * kv head g at depth + b*depth_bstride + ((g*depth_len + u)*n_slots + i)*dh, so a head's
+     * slots for a run of positions are one contiguous stream; this layer reads [0, n_read). */
     const float *depth_k, *depth_v;
-    int64_t depth_bstride, n_slots, n_read, chunk;
+    int64_t depth_bstride, depth_len, n_slots, n_read, chunk;
     int depth_only;
     /* attention dropout (training): probabilities p become p * keep(row, col) */
     float dropout;

@@ -34,7 +34,7 @@ struct sf_cache {
     const sf_model *m;
     int64_t B, max_len, len;
     float *k, *v;             /* (n_layers, B, max_len, kvd) */
-    float *depth_k, *depth_v; /* (B, max_len, n_slots, kvd) */
+    float *depth_k, *depth_v; /* (B, Hkv, max_len, n_slots, dh) */
 };
 
 static int64_t n_depth_slots(const sf_config *c) { return c->moda ? 2 * (c->n_layers - 1) : 0; }
@@ -97,7 +97,7 @@ typedef struct {
     float *alpha_out;              /* AttnRes output aggregator weights (training) */
     float *kvtmp;                  /* MoDA: an FFN's depth k or v rows before they are placed */
     float *depth_k, *depth_v; /* MoDA arena (own, or the cache's) */
-    int64_t depth_bstride, kv_bstride;
+    int64_t depth_bstride, depth_len, kv_bstride;
     float *pack, *attn_scratch, *ar_scratch, *stats;
     float *p1_m, *p1_l, *p1_o, *p1_qg, *p1_logits;
     const float **src_ptr, **rms_ptr;
@@ -315,9 +315,11 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->depth_k = cache->depth_k;
         R->depth_v = cache->depth_v;
         R->depth_bstride = cache->max_len * R->n_slots * R->kvd;
+        R->depth_len = cache->max_len;
         R->kv_bstride = cache->max_len * R->kvd;
     } else {
         R->depth_bstride = T * R->n_slots * R->kvd;
+        R->depth_len = T;
         R->kv_bstride = T * R->kvd;
     }
     return SF_OK;
@@ -367,25 +369,31 @@ static void add3(const run *R, float *out, const float *a, const float *b, int64
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* depth slot `slot` of row r (batch r / T, position pos0 + r % T) in an arena */
-static float *depth_at(const run *R, float *arena, int64_t r, int64_t slot) {
+/* depth slot `slot` of row r (batch r / T, position pos0 + r % T), kv head g, in an arena
+ * laid out (B, Hkv, depth_len, n_slots, dh) (see sf_attn_args) */
+static float *depth_at(const run *R, float *arena, int64_t r, int64_t g, int64_t slot) {
     int64_t b = r / R->T, t = R->pos0 + r % R->T;
-    return arena + b * R->depth_bstride + (t * R->n_slots + slot) * R->kvd;
+    return arena + b * R->depth_bstride + ((g * R->depth_len + t) * R->n_slots + slot) * R->dh;
 }
 
+/* rows (N, Hkv*dh) -> the arena's slot `slot`, one head's d_head floats at a time */
 static void write_depth(const run *R, float *arena, int64_t slot, const float *rows) {
+    const int64_t Hkv = R->c->n_kv_heads;
     for (int64_t r = 0; r < R->N; r++)
-        memcpy(depth_at(R, arena, r, slot), rows + r * R->kvd, (size_t)R->kvd * sizeof(float));
+        for (int64_t g = 0; g < Hkv; g++)
+            memcpy(depth_at(R, arena, r, g, slot), rows + r * R->kvd + g * R->dh, (size_t)R->dh * sizeof(float));
 }
 
 /* rows (+)= the gradient arena's slot `slot` */
 static void read_depth(const run *R, float *rows, const float *arena, int64_t slot, int accumulate) {
-    for (int64_t r = 0; r < R->N; r++) {
-        const float *src = depth_at(R, (float *)arena, r, slot);
-        float *dst = rows + r * R->kvd;
-        if (accumulate) for (int64_t j = 0; j < R->kvd; j++) dst[j] += src[j];
-        else memcpy(dst, src, (size_t)R->kvd * sizeof(float));
-    }
+    const int64_t Hkv = R->c->n_kv_heads;
+    for (int64_t r = 0; r < R->N; r++)
+        for (int64_t g = 0; g < Hkv; g++) {
+            const float *src = depth_at(R, (float *)arena, r, g, slot);
+            float *dst = rows + r * R->kvd + g * R->dh;
+            if (accumulate) for (int64_t j = 0; j < R->dh; j++) dst[j] += src[j];
+            else memcpy(dst, src, (size_t)R->dh * sizeof(float));
+        }
 }
 
 static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
@@ -402,6 +410,7 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
         a.Tk = R->pos0 + R->T;
     }
     a.depth_k = R->depth_k; a.depth_v = R->depth_v; a.depth_bstride = R->depth_bstride;
+    a.depth_len = R->depth_len;
     a.n_slots = R->n_slots; a.n_read = c->moda ? 2 * i : 0; a.chunk = c->moda_chunk;
     a.depth_only = c->moda_depth_only;
     a.dropout = R->attn_p;

@@ -550,7 +550,7 @@ static int naive_column(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, 
     }
     int64_t c = col - Tk, i = c % nd;
     *u = (t / C) * C + c / nd;
-    *off = b * a->depth_bstride + ((*u * a->n_slots + i) * Hkv + g) * dh;
+    *off = b * a->depth_bstride + ((g * a->depth_len + *u) * a->n_slots + i) * dh; /* (B, Hkv, len, n_slots, dh) */
     return 1;
 }
 
@@ -687,7 +687,7 @@ static void attention_case(const attn_shape *s, int causal, int64_t n_read, int6
     sf_attn_args a = {.B = B, .Tq = T, .Tk = T, .q_pos0 = 0, .H = H, .Hkv = Hkv, .dh = dh,
                       .causal = causal, .key_padding_mask = s->mask, .k = k, .v = v,
                       .kv_bstride = T * kvd, .depth_k = dk, .depth_v = dv,
-                      .depth_bstride = T * ns * kvd, .n_slots = ns, .n_read = n_read,
+                      .depth_bstride = T * ns * kvd, .depth_len = T, .n_slots = ns, .n_read = n_read,
                       .chunk = chunk, .depth_only = depth_only};
 
     float *out = falloc(B * T * qd), *out2 = falloc(B * T * qd), *lse = falloc(rows);
@@ -758,12 +758,13 @@ static void attention_case(const attn_shape *s, int causal, int64_t n_read, int6
         for (int64_t b = 0; b < B; b++)
             memcpy(qd_rows + b * Tq * qd, q + (b * T + T - Tq) * qd, (size_t)(Tq * qd) * sizeof(float));
         float *kc = to_capacity(k, B, T, cap, kvd), *vc = to_capacity(v, B, T, cap, kvd);
-        float *dkc = to_capacity(dk, B, T, cap, ns * kvd), *dvc = to_capacity(dv, B, T, cap, ns * kvd);
+        /* depth arenas are (B, Hkv, len, n_slots, dh): B*Hkv runs of T positions */
+        float *dkc = to_capacity(dk, B * Hkv, T, cap, ns * dh), *dvc = to_capacity(dv, B * Hkv, T, cap, ns * dh);
         sf_attn_args a2 = a;
         a2.Tq = Tq;
         a2.q_pos0 = T - Tq;
         a2.k = kc; a2.v = vc; a2.kv_bstride = cap * kvd;
-        a2.depth_k = dkc; a2.depth_v = dvc; a2.depth_bstride = cap * ns * kvd;
+        a2.depth_k = dkc; a2.depth_v = dvc; a2.depth_bstride = cap * ns * kvd; a2.depth_len = cap;
         float *o2 = falloc(B * Tq * qd), *p2 = falloc(B * H * Tq * W), *l2 = falloc(B * H * Tq);
         float *sc2 = falloc(sf_attention_scratch_floats(&a2, nt));
         sf_attention_forward(&a2, qd_rows, o2, l2, p2, NULL, sc2, nt);
