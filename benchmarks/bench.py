@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 # (both use libgomp: equal threading-runtime behaviour); --torch-omp-wait default gives them
 # the user's setting instead (libgomp's spinning default when unset).
 USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+USER_GOMP_SPINCOUNT = os.environ.get("GOMP_SPINCOUNT")
 TORCH_OMP_WAIT = "same"
 
 # ---------------------------------------------------------------------------------------------
@@ -724,16 +725,19 @@ def openblas_ratio_linear(mm: Dict[str, Any], kinds: Tuple[str, ...]) -> Optiona
 # worker processes (PyTorch, memory, profiling)
 
 def torch_env() -> Dict[str, str]:
-    """Environment for PyTorch processes: stackformer's OMP_WAIT_POLICY ("same", the default),
-    or the user's own setting ("default": libgomp's spinning default when unset)."""
+    """Environment for PyTorch processes: stackformer's OMP_WAIT_POLICY and GOMP_SPINCOUNT
+    ("same", the default), or the user's own settings ("default": libgomp's spinning default
+    when unset)."""
     e = dict(os.environ)
     if TORCH_OMP_WAIT == "same":
         import stackformer  # noqa: F401  (sets its default into os.environ)
         e = dict(os.environ)
-    elif USER_OMP_WAIT_POLICY is None:
-        e.pop("OMP_WAIT_POLICY", None)
     else:
-        e["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+        for key, user in (("OMP_WAIT_POLICY", USER_OMP_WAIT_POLICY), ("GOMP_SPINCOUNT", USER_GOMP_SPINCOUNT)):
+            if user is None:
+                e.pop(key, None)
+            else:
+                e[key] = user
     return e
 
 
@@ -1165,6 +1169,8 @@ class Bench:
             "argv": sys.argv[1:], "loadavg_start": loadavg(), "busy_processes_start": busy, "stat": STAT,
             "omp_wait_policy": {"stackformer": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
                                 "torch": torch_env().get("OMP_WAIT_POLICY", "(libgomp default)")},
+            "gomp_spincount": {"stackformer": os.environ.get("GOMP_SPINCOUNT", "(libgomp default)"),
+                               "torch": torch_env().get("GOMP_SPINCOUNT", "(libgomp default)")},
         }
         if busy:
             log(f"warning: other processes are using CPU ({sum(b['cpu'] for b in busy):.1f} cores): timings will be noisy")
@@ -1693,7 +1699,9 @@ def report(R: Dict[str, Any]) -> str:
     L.append(f"software: python {m['python']}, numpy {m['numpy']}, torch {m['torch']}, stackformer {m['stackformer']} "
              f"(git {m['git']['commit']}{'+dirty' if m['git']['dirty'] else ''}), stackformer.torch: {'yes' if m['stackformer_torch_available'] else 'no'}")
     if "omp_wait_policy" in m:
-        L.append(f"OMP_WAIT_POLICY: stackformer {m['omp_wait_policy']['stackformer']}, PyTorch {m['omp_wait_policy']['torch']}")
+        sc = m.get("gomp_spincount")
+        L.append(f"OMP_WAIT_POLICY: stackformer {m['omp_wait_policy']['stackformer']}, PyTorch {m['omp_wait_policy']['torch']}"
+                 + (f"; GOMP_SPINCOUNT: stackformer {sc['stackformer']}, PyTorch {sc['torch']}" if sc else ""))
     L.append(f"load average start {m['loadavg_start']} end {m.get('loadavg_end')}"
              + (f"; OTHER PROCESSES BUSY at start: {sum(b['cpu'] for b in m['busy_processes_start']):.1f} cores" if m["busy_processes_start"] else ""))
     if "peak_1t" in pk:

@@ -1,5 +1,7 @@
 """Behaviour of the public Python API: views, state_dict, checkpoints, traces, threads."""
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -268,3 +270,18 @@ def test_misaligned_and_strided_inputs(model, tokens):
     wide[:, :, ::2] = emb  # every other column: a strided view
     np.testing.assert_array_equal(model(wide[:, :, ::2]).logits, model(emb).logits)
     assert model.forward_backward(mis, mis) == model.forward_backward(tokens, tokens)
+
+
+def test_import_sets_openmp_wait_defaults_only_when_unset():
+    """import stackformer makes OpenMP waits sleep after a short spin, unless the user chose a
+    wait policy (then neither variable is touched)."""
+    code = "import os, stackformer; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "1000"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ACTIVE", "None"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "5"]
