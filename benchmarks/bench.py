@@ -1649,14 +1649,14 @@ class Bench:
 
 SF_PHASES = [
     ("matmul", ("tile_avx2", "tile_generic", "pack_b", "sf_gemm", "sf_matmul")),
-    ("attention", ("row_logits", "sf_attention")),
+    ("attention", ("row_logits", "depth_logits", "block_logits", "row_softmax", "row_finish", "depth_backward_row",
+                   "sf_attention", "attn_backward", "sf_pack_panels", "sf_gemm_tile")),
     ("attnres", ("sf_attnres",)),
     ("norm", ("sf_layernorm", "sf_rmsnorm")),
     ("activation", ("sf_gelu", "sf_act_backward", "sf_swiglu", "sf_relu", "erff", "sf_activation")),
     ("loss", ("sf_cross_entropy",)),
     ("optimizer", ("sf_adamw",)),
     ("embed/copies", ("embed", "memmove", "memcpy", "memset", "add3", "sf_add", "sf_colsum", "write_depth", "read_depth", "copy")),
-    ("libm exp/log", ("expf", "__exp", "__log", "exp", "log")),
 ]
 
 
@@ -1665,6 +1665,8 @@ def sf_phase(dso: str, kind: str, sym: str) -> str:
         return "kernel (page faults, scheduling)"
     if "libgomp" in dso or sym.startswith("gomp_") or sym.startswith("GOMP_"):
         return "OpenMP wait/sync"
+    if "libm" in dso:  # by library: a name pattern like "log" would also catch depth_logits
+        return "libm exp/log"
     for phase, pats in SF_PHASES:
         if any(p in sym for p in pats):
             return phase
