@@ -487,16 +487,6 @@ static inline void row_mean_rstd(const float *x, int64_t d, float eps, float *mu
     *rstd = 1.0f / sqrtf(v / (float)d + eps);
 }
 
-static inline float row_sumsq(const float *x, int64_t d) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += x[i + j] * x[i + j];
-    float v = sf_hsum8(acc);
-    for (; i < d; i++) v += x[i] * x[i];
-    return v;
-}
-
 void sf_layernorm(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t d,
                   float eps, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
@@ -519,7 +509,7 @@ void sf_rmsnorm(float *y, const float *x, const float *w, int64_t N, int64_t d, 
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * d;
         float *yr = y + n * d;
-        float r = 1.0f / sqrtf(row_sumsq(xr, d) / (float)d + eps);
+        float r = 1.0f / sqrtf(sf_dot(xr, xr, d) / (float)d + eps);
         if (w) for (int64_t i = 0; i < d; i++) yr[i] = xr[i] * r * w[i];
         else for (int64_t i = 0; i < d; i++) yr[i] = xr[i] * r;
     }
@@ -675,7 +665,7 @@ void sf_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, 
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * d, *dyr = dy + n * d;
         float *dxr = dx + n * d;
-        float r = 1.0f / sqrtf(row_sumsq(xr, d) / (float)d + eps); /* as in the forward */
+        float r = 1.0f / sqrtf(sf_dot(xr, xr, d) / (float)d + eps); /* as in the forward */
         stats[n] = r;
         double s = 0.0; /* mean(dxhat * x) */
         for (int64_t i = 0; i < d; i++) s += (double)(dyr[i] * (w ? w[i] : 1.0f)) * xr[i];
