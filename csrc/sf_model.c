@@ -249,6 +249,17 @@ static void run_free(run *R) {
     free(R->dsrc_ptr);
 }
 
+/* A workspace the model keeps between calls, grown to `bytes` when smaller (NULL if that
+ * fails; the caller holds the guard that makes it its own). */
+static void *kept_workspace(void **mem, int64_t *have, int64_t bytes) {
+    if (*have < bytes) {
+        free(*mem);
+        *mem = malloc((size_t)bytes);
+        *have = *mem ? bytes : 0;
+    }
+    return *mem;
+}
+
 /* Set up sizes and allocate everything; on failure nothing is left allocated. */
 static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int training,
                           int per_block, int two_phase, sf_cache *cache, want w, int n_threads,
@@ -283,24 +294,14 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         run_free(R);
         return sf_fail(err, errlen, SF_ERR_NOMEM, "this call would need %.1f GiB of workspace", (double)bytes / 1073741824.0);
     }
+    sf_model *mm = (sf_model *)m;
     if (training) {
-        sf_model *mm = (sf_model *)m;
-        if (mm->train_mem_bytes < bytes) {
-            free(mm->train_mem);
-            mm->train_mem = malloc((size_t)bytes);
-            mm->train_mem_bytes = mm->train_mem ? bytes : 0;
-        }
-        R->mem = mm->train_mem;
+        R->mem = kept_workspace(&mm->train_mem, &mm->train_mem_bytes, bytes);
     } else {
-        sf_model *mm = (sf_model *)m;
         int idle = 0;
         if (atomic_compare_exchange_strong(&mm->fwd_busy, &idle, 1)) {
-            if (mm->fwd_mem_bytes < bytes) {
-                free(mm->fwd_mem);
-                mm->fwd_mem = malloc((size_t)bytes);
-                mm->fwd_mem_bytes = mm->fwd_mem ? bytes : 0;
-            }
-            if (mm->fwd_mem) { R->mem = mm->fwd_mem; R->fwd_cached = 1; }
+            R->mem = kept_workspace(&mm->fwd_mem, &mm->fwd_mem_bytes, bytes);
+            if (R->mem) R->fwd_cached = 1;
             else atomic_store(&mm->fwd_busy, 0);
         }
         if (!R->mem) R->mem = malloc((size_t)bytes);
