@@ -189,3 +189,51 @@ void sf_attnres_backward(float *const *dsrc, const float *const *src,
             dg[j] += q[j] * partial[t * d + j];
         }
 }
+
+/* Per token, for each reader j of this source x (r = inv_rms, a = alpha_j's column col):
+ *   ds = a (dh_j·x − S_j);  dx += a dh_j + ds r (qg_j − (qg_j·x) r² x / d);  e_j += ds r x
+ * the same terms as sf_attnres_backward, summed for one source instead of scattered from one
+ * reader. Why gather: scattering makes every reader read and write the gradient of every
+ * earlier source (L²/2 read-modify-writes of N×d, on top of the reads of the sources), while
+ * here each reader's dh row is read once per source it covers and dx is written once. At
+ * Full AttnRes' sizes those passes are memory-bound, so a third of the traffic is the gain. */
+void sf_attnres_source_backward(float *dx, const float *src, const float *inv_rms, int64_t col,
+                                const sf_attnres_reader *rd, int64_t nr, int64_t e_tstride,
+                                int64_t N, int64_t d, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel num_threads(nt) if (N * d * nr > 65536)
+    {
+        int64_t eoff = 0;
+#ifdef _OPENMP
+        eoff = (int64_t)omp_get_thread_num() * e_tstride;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const float *x = src + n * d;
+            float *dxn = dx + n * d;
+            float r = inv_rms[n], c2 = 0.0f;
+            memset(dxn, 0, (size_t)d * sizeof(float));
+            for (int64_t j = 0; j < nr; j++) {
+                const float *g = rd[j].dh + n * d, *qg = rd[j].qg;
+                float *e = rd[j].e + eoff;
+                float a = rd[j].alpha[n * rd[j].ld + col];
+                float ds = a * (dotf(g, x, d) - rd[j].S[n]);
+                float c1 = ds * r;
+                c2 += c1 * dotf(qg, x, d) * r * r;
+                for (int64_t k = 0; k < d; k++) {
+                    dxn[k] += a * g[k] + c1 * qg[k];
+                    e[k] += c1 * x[k];
+                }
+            }
+            c2 /= (float)d;
+            for (int64_t k = 0; k < d; k++) dxn[k] -= c2 * x[k];
+        }
+    }
+}
+
+void sf_attnres_row_dots(float *S, const float *a, const float *b, int64_t N, int64_t d,
+                         int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 65536)
+    for (int64_t n = 0; n < N; n++) S[n] = dotf(a + n * d, b + n * d, d);
+}

@@ -103,6 +103,8 @@ typedef struct {
     const float **src_ptr, **rms_ptr;
     float **dsrc_ptr;
     /* backward */
+    sf_attnres_reader *readers;         /* Full AttnRes: the L+1 aggregations, by reader index */
+    float *ar_S, *ar_qg, *ar_e;         /* their dh·h (L+1, N), q⊙g (L+1, d), e (nt, L+1, d) */
     float *d_src, *d_acc, *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
     float *ddepth_k, *ddepth_v, *dtmp_kv;
     float *dmask;                       /* residual dropout: a masked copy of a gradient */
@@ -160,8 +162,8 @@ static void layout(run *R, bump *bp, want w) {
             A->g = take(bp, cmul(&bad, N, R->F));
             A->y_m = take(bp, Nd);
             A->z_m = post_plain ? take(bp, Nd) : NULL;
-            A->alpha_a = (R->attnres && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
-            A->alpha_m = (R->attnres && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+            A->alpha_a = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+            A->alpha_m = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
             if (i == 0) shared = *A;
         } else {
             *A = shared;
@@ -179,7 +181,21 @@ static void layout(run *R, bump *bp, want w) {
     R->running = (R->attnres && w.rms) ? take(bp, Nd) : NULL;
     R->fin_h = take(bp, Nd);
     R->fin_u = c->final_norm ? take(bp, Nd) : R->fin_h;
-    R->alpha_out = (R->attnres && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+    R->alpha_out = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+    if (R->attnres && !R->block && R->training) {
+        /* Full: the gathered backward reads every reader's weights at every source, so all of
+         * them are kept (also when checkpointing), reader j's (N, j+1) at N j(j+1)/2 */
+        float *al = take(bp, cmul(&bad, N, (L + 1) * (L + 2) / 2));
+        for (int64_t j = 0; al && j <= L; j++) {
+            float *aj = al + N * (j * (j + 1) / 2);
+            if (j == L) R->alpha_out = aj;
+            else if (j % 2 == 0) R->acts[j / 2].alpha_a = aj;
+            else R->acts[j / 2].alpha_m = aj;
+        }
+        R->ar_S = take(bp, cmul(&bad, L + 1, N));
+        R->ar_qg = take(bp, cmul(&bad, L + 1, d));
+        R->ar_e = take(bp, cmul(&bad, R->nt, cmul(&bad, L + 1, d)));
+    }
     R->kvtmp = c->moda ? take(bp, cmul(&bad, N, R->kvd)) : NULL;
     R->logits = R->training ? take(bp, cmul(&bad, N, R->V)) : NULL;
     if (c->moda && !R->cache) {
@@ -247,6 +263,7 @@ static void run_free(run *R) {
     free(R->src_ptr);
     free(R->rms_ptr);
     free(R->dsrc_ptr);
+    free(R->readers);
 }
 
 /* A workspace the model keeps between calls, grown to `bytes` when smaller (NULL if that
@@ -282,7 +299,8 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
     R->src_ptr = calloc((size_t)nptr, sizeof *R->src_ptr);
     R->rms_ptr = calloc((size_t)nptr, sizeof *R->rms_ptr);
     R->dsrc_ptr = calloc((size_t)nptr, sizeof *R->dsrc_ptr);
-    if (!R->acts || !R->src_ptr || !R->rms_ptr || !R->dsrc_ptr) goto nomem;
+    R->readers = calloc((size_t)nptr, sizeof *R->readers);
+    if (!R->acts || !R->src_ptr || !R->rms_ptr || !R->dsrc_ptr || !R->readers) goto nomem;
     bump bp = {NULL, 0, 0};
     layout(R, &bp, w);
     int64_t bytes;
@@ -768,14 +786,62 @@ static void attnres_sublayer_backward(run *R, int64_t k) {
     resid_dropout(R, R->dy, k); /* R->dy is this sublayer's own copy of dv */
     const float *dy = R->dy;
     if (!R->c->pre_norm) { norm_bwd(R, R->dx, R->dy, y, nw, nb, 0); dy = R->dx; }
-    if (is_attn) attn_backward(R, i, A, u, dy, R->du);
-    else mlp_backward(R, i, A, u, dy, R->du);
-    const float *dh = R->du;
-    if (R->c->pre_norm) { norm_bwd(R, R->dx, R->du, h, nw, nb, 0); dh = R->dx; }
+    /* the input gradient: Full keeps it as reader k's dh, Block scatters it right away */
+    float *dh = !R->block ? R->d_src + k * R->N * R->d : R->c->pre_norm ? R->dx : R->du;
+    float *dsub = R->c->pre_norm ? R->du : dh;
+    if (is_attn) attn_backward(R, i, A, u, dy, dsub);
+    else mlp_backward(R, i, A, u, dy, dsub);
+    if (R->c->pre_norm) norm_bwd(R, dh, R->du, h, nw, nb, 0);
+    if (!R->block) {
+        sf_attnres_row_dots(R->ar_S + k * R->N, dh, h, R->N, R->d, R->nt);
+        return;
+    }
     int64_t ns = gather_sources(R, k);
     sf_attnres_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, ns, is_attn ? A->alpha_a : A->alpha_m,
                         res_q(R, k), res_g(R, k), dh, GRAD(R, res_q(R, k)), GRAD(R, res_g(R, k)),
                         R->N, R->d, R->ar_scratch, R->nt);
+}
+
+/* dv_s (N, d) of Full AttnRes source s (the embedding, or sublayer s-1's output), gathered from
+ * its readers s .. L, whose input gradients are all known by the time it is needed. */
+static void full_source_grad(run *R, int64_t s, float *dv) {
+    const int64_t N = R->N, d = R->d, L = R->L;
+    sf_attnres_source_backward(dv, R->src + s * N * d, R->src_rms + s * N, s, R->readers + s,
+                               L + 1 - s, (L + 1) * d, N, d, R->nt);
+}
+
+/* Full AttnRes: walk back from the output aggregation, gathering each source's gradient when
+ * the sublayer that wrote it is reached (sf_attnres_source_backward); reader j's input gradient
+ * waits in d_src slot j, its dh·h in ar_S. */
+static void full_backward(run *R, const int32_t *tokens, const float *dfin_h) {
+    const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L;
+    for (int64_t j = 0; j <= L; j++) {
+        const float *q = res_q(R, j), *g = res_g(R, j);
+        float *qg = R->ar_qg + j * d;
+        for (int64_t e = 0; e < d; e++) qg[e] = q[e] * g[e];
+        R->readers[j] = (sf_attnres_reader){
+            .dh = R->d_src + j * Nd,
+            .alpha = j == L ? R->alpha_out : j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m,
+            .ld = j + 1, .S = R->ar_S + j * N, .qg = qg, .e = R->ar_e + j * d};
+    }
+    memset(R->ar_e, 0, (size_t)(R->nt * (L + 1) * d) * sizeof(float));
+    copy(R->d_src + L * Nd, dfin_h, Nd);
+    sf_attnres_row_dots(R->ar_S + L * N, dfin_h, R->fin_h, N, d, R->nt);
+    for (int64_t k = L - 1; k >= 0; k--) {
+        if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */
+        full_source_grad(R, k + 1, R->dy);
+        attnres_sublayer_backward(R, k);
+    }
+    full_source_grad(R, 0, R->dy);
+    embed_backward(R, tokens, R->dy);
+    for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, threads' partials in order */
+        const float *q = res_q(R, j), *g = res_g(R, j);
+        float *dq = GRAD(R, q), *dg = GRAD(R, g);
+        for (int t = 0; t < R->nt; t++) {
+            const float *e = R->ar_e + ((int64_t)t * (L + 1) + j) * d;
+            for (int64_t i = 0; i < d; i++) { dq[i] += g[i] * e[i]; dg[i] += q[i] * e[i]; }
+        }
+    }
 }
 
 /* Backward from dlogits (in R->logits) to every parameter gradient. */
@@ -827,9 +893,9 @@ static void stack_backward(run *R, const int32_t *tokens) {
         embed_backward(R, tokens, R->dx);
         return;
     }
-    /* AttnRes: gradients of every source accumulate in d_src while walking back */
-    int64_t nsrc_store = R->block ? R->nb + 1 : L + 1;
-    memset(R->d_src, 0, (size_t)(nsrc_store * Nd) * sizeof(float));
+    if (!R->block) { full_backward(R, tokens, dfin_h); return; }
+    /* Block AttnRes: gradients of every block sum accumulate in d_src while walking back */
+    memset(R->d_src, 0, (size_t)((R->nb + 1) * Nd) * sizeof(float));
     if (dfin_h != R->dy) copy(R->dy, dfin_h, Nd);
     int64_t ns = gather_sources(R, L);
     sf_attnres_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, ns, R->alpha_out, m->out_res_q,
@@ -837,13 +903,9 @@ static void stack_backward(run *R, const int32_t *tokens) {
                         R->ar_scratch, R->nt);
     for (int64_t k = L - 1; k >= 0; k--) {
         if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */
-        if (!R->block) {
-            copy(R->dy, R->d_src + (k + 1) * Nd, Nd);
-        } else {
-            int64_t pos = k % R->S, mblk = k / R->S + 1;
-            if (pos == R->S - 1 || k == L - 1) memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
-            add3(R, R->dy, R->d_src + mblk * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
-        }
+        int64_t pos = k % R->S, mblk = k / R->S + 1;
+        if (pos == R->S - 1 || k == L - 1) memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
+        add3(R, R->dy, R->d_src + mblk * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
         attnres_sublayer_backward(R, k);
     }
     embed_backward(R, tokens, R->d_src);
