@@ -105,8 +105,9 @@ void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t
 void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
              int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
              float *pack, int n_threads);
-/* Scratch floats sf_gemm needs for pack: the B panels, plus (when A is strided, a_cs != 1) a
- * K chunk of A in row panels. sf_matmul_pack_floats(K, M) suffices when a_cs == 1. */
+/* Scratch floats sf_gemm needs for pack: the B panels (a_cs == 1: the same as
+ * sf_matmul_pack_floats(K, M)), or when A is strided (a_cs != 1) a K chunk of A in row panels
+ * and a chunk of one B panel per thread. */
 int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided);
 /* Building blocks for kernels that tile their own products (attention), in sf_gemm's layout:
  * B (K x M) packed into 16-column panels, panel p at pack + p*K*SF_GEMM_NR (k-major, columns

@@ -276,7 +276,8 @@ static void gemm_case(int64_t N, int64_t K, int64_t M) {
     float *at = falloc(K * N), *w_km = falloc(K * M), *b = falloc(M), *y0 = falloc(N * ldy);
     float *a_nk = falloc(N * K), *w_mk = falloc(M * K), *y0c = falloc(N * M);
     float *want = falloc(N * M), *y = falloc(N * ldy), *ref = falloc(N * M);
-    float *pack = falloc(sf_gemm_pack_floats(N, K, M, 1));
+    int64_t pk = sf_gemm_pack_floats(N, K, M, 1), pk_matmul = sf_matmul_pack_floats(K, M);
+    float *pack = falloc(pk > pk_matmul ? pk : pk_matmul); /* sf_gemm here, sf_matmul for want */
     fill(at, K * N, -1, 1);
     fill(w_km, K * M, -1, 1);
     fill(b, M, -1, 1);
