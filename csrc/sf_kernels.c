@@ -352,15 +352,32 @@ int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided) {
     return a_strided ? (N + SF_MR - 1) / SF_MR * SF_KC * (SF_MR + SF_NR) : sf_matmul_pack_floats(K, M);
 }
 
-void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
-             int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
-             float *pack, int n_threads) {
+/* out[i] = act(pre[i]), i < n; one loop per activation so each vectorizes */
+static inline void act_row(int act, float *out, const float *pre, int64_t n) {
+    if (act == SF_ACT_GELU) for (int64_t i = 0; i < n; i++) out[i] = sf_gelu1(pre[i]);
+    else if (act == SF_ACT_GELU_TANH) for (int64_t i = 0; i < n; i++) out[i] = sf_gelu_tanh1(pre[i]);
+    else for (int64_t i = 0; i < n; i++) out[i] = sf_relu1(pre[i]);
+}
+
+/* The epilogue on rows [n0, n0+mr) x columns [m0, m0+mw) of y (act < 0: none); act_out has
+ * y's row stride. */
+static inline void act_block(int act, float *act_out, const float *y, int64_t ldy, int64_t n0,
+                             int64_t mr, int64_t m0, int64_t mw) {
+    if (act < 0) return;
+    for (int64_t r = n0; r < n0 + mr; r++) act_row(act, act_out + r * ldy + m0, y + r * ldy + m0, mw);
+}
+
+/* sf_gemm, and act_out = act(y) when act >= 0 */
+static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
+                 int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
+                 float *pack, int n_threads, int act, float *act_out) {
     if (N <= 0 || M <= 0) return;
     int nt = sf_threads_resolve(n_threads);
     if (K <= 0) { /* empty reduction: y = b (or unchanged) */
         if (!accumulate)
             for (int64_t n = 0; n < N; n++)
                 for (int64_t m = 0; m < M; m++) y[n * ldy + m] = b ? b[m] : 0.0f;
+        act_block(act, act_out, y, ldy, 0, N, 0, M);
         return;
     }
     if (N <= SF_SMALL_N && trans_w) {
@@ -377,6 +394,7 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
 #endif
             small_n_generic(y, ldy, a, a_rs, a_cs, w, b, N, K, m0, mw, accumulate);
         }
+        act_block(act, act_out, y, ldy, 0, N, 0, M);
         return;
     }
     int64_t np = (M + SF_NR - 1) / SF_NR;
@@ -450,6 +468,10 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
                     }
                 }
             }
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t n0 = r * SF_MR;
+                act_block(act, act_out, y, ldy, n0, N - n0 < SF_MR ? N - n0 : SF_MR, 0, M);
+            }
         } else {
             for (int64_t p = p0; p < p1; p++) {
                 int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
@@ -462,6 +484,7 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
                         int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
                         run_tile(y + n0 * ldy + m0, ldy, a + n0 * a_rs + k0 * a_cs, a_rs, a_cs, kc, pp,
                                  bp, mr, mw, acc, use_avx);
+                        if (k0 + kc == K) act_block(act, act_out, y, ldy, n0, mr, m0, mw);
                     }
                 }
             }
@@ -469,9 +492,20 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
     }
 }
 
+void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
+             int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
+             float *pack, int n_threads) {
+    gemm(y, ldy, a, a_rs, a_cs, w, trans_w, b, N, K, M, accumulate, pack, n_threads, -1, NULL);
+}
+
 void sf_matmul(float *y, const float *x, const float *w, const float *b, int64_t N, int64_t K,
                int64_t M, int accumulate, float *pack, int n_threads) {
     sf_gemm(y, M, x, K, 1, w, 1, b, N, K, M, accumulate, pack, n_threads);
+}
+
+void sf_matmul_act(float *y, float *act_out, int act, const float *x, const float *w,
+                   const float *b, int64_t N, int64_t K, int64_t M, float *pack, int n_threads) {
+    gemm(y ? y : act_out, M, x, K, 1, w, 1, b, N, K, M, 0, pack, n_threads, act, act_out);
 }
 
 void sf_matmul_naive(float *y, const float *x, const float *w, const float *b, int64_t N,
@@ -531,26 +565,19 @@ void sf_rmsnorm(float *y, const float *x, const float *w, int64_t N, int64_t d, 
 
 /* ---- activations ------------------------------------------------------------------------- */
 
-void sf_gelu(float *x, int64_t n, int n_threads) {
+void sf_activation(int act, float *out, const float *pre, int64_t n, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
+    const int64_t chunk = 4096;
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + sf_erff(x[i] * 0.70710678118654752f));
-}
-
-void sf_gelu_tanh(float *x, int64_t n, int n_threads) {
-    int nt = sf_threads_resolve(n_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + sf_tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    for (int64_t c = 0; c < (n + chunk - 1) / chunk; c++) {
+        int64_t i0 = c * chunk;
+        act_row(act, out + i0, pre + i0, n - i0 < chunk ? n - i0 : chunk);
     }
 }
 
-void sf_relu(float *x, int64_t n, int n_threads) {
-    int nt = sf_threads_resolve(n_threads);
-#pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
-}
+void sf_gelu(float *x, int64_t n, int n_threads) { sf_activation(SF_ACT_GELU, x, x, n, n_threads); }
+void sf_gelu_tanh(float *x, int64_t n, int n_threads) { sf_activation(SF_ACT_GELU_TANH, x, x, n, n_threads); }
+void sf_relu(float *x, int64_t n, int n_threads) { sf_activation(SF_ACT_RELU, x, x, n, n_threads); }
 
 void sf_swiglu(float *out, const float *gate, const float *up, int64_t n, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
@@ -561,12 +588,6 @@ void sf_swiglu(float *out, const float *gate, const float *up, int64_t n, int n_
     }
 }
 
-void sf_activation(int act, float *out, const float *pre, int64_t n, int n_threads) {
-    if (out != pre) memcpy(out, pre, (size_t)n * sizeof(float));
-    if (act == SF_ACT_GELU) sf_gelu(out, n, n_threads);
-    else if (act == SF_ACT_GELU_TANH) sf_gelu_tanh(out, n, n_threads);
-    else sf_relu(out, n, n_threads);
-}
 
 void sf_add(float *y, const float *x, int64_t n, int n_threads) {
     int nt = sf_threads_resolve(n_threads);

@@ -87,6 +87,14 @@ static inline float sf_erff(float x) {
 /* tanh via exp: 1 - 2/(exp(2x)+1); saturates cleanly at +-1 */
 static inline float sf_tanhf(float x) { return 1.0f - 2.0f / (sf_expf(2.0f * x) + 1.0f); }
 
+/* The activations of one element: every path that applies them (sf_activation, the matmul
+ * epilogue) calls these, so they agree bit for bit. */
+static inline float sf_gelu1(float x) { return 0.5f * x * (1.0f + sf_erff(x * 0.70710678118654752f)); }
+static inline float sf_gelu_tanh1(float x) {
+    return 0.5f * x * (1.0f + sf_tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+static inline float sf_relu1(float x) { return x > 0.0f ? x : 0.0f; }
+
 /* Threads for the parallel kernels (0 = library default). */
 int sf_threads_resolve(int n_threads);
 
@@ -109,6 +117,12 @@ void sf_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
  * sf_matmul_pack_floats(K, M)), or when A is strided (a_cs != 1) a K chunk of A in row panels
  * and a chunk of one B panel per thread. */
 int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided);
+/* sf_matmul with an activation epilogue: y = x W^T + b, act_out = act(y) (act as in
+ * sf_activation), applied to each register tile's output while it is still in L1 instead of
+ * in a second pass over y. y may be NULL (only act(y) is wanted): act_out then holds y until
+ * its tile is transformed in place. Bitwise the same as sf_matmul, then sf_activation. */
+void sf_matmul_act(float *y, float *act_out, int act, const float *x, const float *w,
+                   const float *b, int64_t N, int64_t K, int64_t M, float *pack, int n_threads);
 /* Building blocks for kernels that tile their own products (attention), in sf_gemm's layout:
  * B (K x M) packed into 16-column panels, panel p at pack + p*K*SF_GEMM_NR (k-major, columns
  * past M zero); B = w^T when trans_w (w stored (M, K), row stride ldw) else w (stored (K, M),
@@ -138,7 +152,8 @@ void sf_gelu_tanh(float *x, int64_t n, int n_threads);
 void sf_relu(float *x, int64_t n, int n_threads);
 /* out = silu(gate) * up (out may alias gate) */
 void sf_swiglu(float *out, const float *gate, const float *up, int64_t n, int n_threads);
-/* out = act(pre) for act in SF_ACT_GELU / SF_ACT_GELU_TANH / SF_ACT_RELU (out may alias pre) */
+/* out = act(pre) for act in SF_ACT_GELU / SF_ACT_GELU_TANH / SF_ACT_RELU (out may alias pre):
+ * one pass */
 void sf_activation(int act, float *out, const float *pre, int64_t n, int n_threads);
 
 /* y += x, n floats */

@@ -488,8 +488,9 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         linear(R, A->f2, u, Lv->up_w, Lv->up_b, R->d, R->F);
         sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
-        linear(R, A->f1, u, Lv->up_w, Lv->up_b, R->d, R->F);
-        sf_activation(c->act, A->g, A->f1, nF, R->nt);
+        /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
+        sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
+                      R->F, R->pack, R->nt);
     }
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && i < c->n_layers - 1) {

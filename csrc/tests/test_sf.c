@@ -316,7 +316,42 @@ static void gemm_case(int64_t N, int64_t K, int64_t M) {
     free(y); free(ref); free(pack);
 }
 
+/* sf_matmul_act = sf_matmul then sf_activation, bit for bit: every path (the decode rows
+ * N <= 4, full and edge tiles, a team of threads), with y kept and with y NULL (in place). */
+static void matmul_act_case(int64_t N, int64_t K, int64_t M) {
+    float *x = falloc(N * K), *w = falloc(M * K), *b = falloc(M), *pack = falloc(sf_matmul_pack_floats(K, M));
+    float *pre = falloc(N * M), *want = falloc(N * M), *y = falloc(N * M), *post = falloc(N * M);
+    fill(x, N * K, -2, 2);
+    fill(w, M * K, -1, 1);
+    fill(b, M, -1, 1);
+    sf_matmul(pre, x, w, b, N, K, M, 0, pack, 1);
+    static const int acts[] = {SF_ACT_GELU, SF_ACT_GELU_TANH, SF_ACT_RELU};
+    char what[160];
+    for (int a = 0; a < 3; a++) {
+        sf_activation(acts[a], want, pre, N * M, 1);
+        for (int nt = 1; nt <= 3; nt += 2) {
+            fill(y, N * M, -9, 9);
+            fill(post, N * M, -9, 9);
+            sf_matmul_act(y, post, acts[a], x, w, b, N, K, M, pack, nt);
+            snprintf(what, sizeof what, "matmul_act N=%lld K=%lld M=%lld act=%d threads=%d: y",
+                     (long long)N, (long long)K, (long long)M, acts[a], nt);
+            CHECK_SAME(what, y, pre, N * M);
+            snprintf(what, sizeof what, "matmul_act N=%lld K=%lld M=%lld act=%d threads=%d: act(y)",
+                     (long long)N, (long long)K, (long long)M, acts[a], nt);
+            CHECK_SAME(what, post, want, N * M);
+            fill(post, N * M, -9, 9);
+            sf_matmul_act(NULL, post, acts[a], x, w, b, N, K, M, pack, nt);
+            snprintf(what, sizeof what, "matmul_act N=%lld K=%lld M=%lld act=%d threads=%d: y NULL",
+                     (long long)N, (long long)K, (long long)M, acts[a], nt);
+            CHECK_SAME(what, post, want, N * M);
+        }
+    }
+    free(x); free(w); free(b); free(pack); free(pre); free(want); free(y); free(post);
+}
+
 static void test_gemm(void) {
+    static const int64_t acts_shapes[][3] = {{1, 7, 9}, {4, 33, 40}, {5, 16, 16}, {13, 20, 37}, {300, 64, 96}};
+    for (int i = 0; i < 5; i++) matmul_act_case(acts_shapes[i][0], acts_shapes[i][1], acts_shapes[i][2]);
     static const int64_t dims[] = {1, 5, 6, 7, 16, 17, 33};
     for (int i = 0; i < 7; i++)
         for (int j = 0; j < 7; j++)
