@@ -109,6 +109,10 @@ static inline void pack_panel(float *dst, const float *w, int64_t ldw, int trans
         return;
     }
 #endif
+    if (!trans_w && mw == SF_NR) { /* rows of w are the panel's rows: 64-byte copies */
+        for (int64_t k = 0; k < K; k++) memcpy(dst + k * SF_NR, w + k * ldw + m0, SF_NR * sizeof(float));
+        return;
+    }
     for (int64_t k = 0; k < K; k++) {
         float *d = dst + k * SF_NR;
         int64_t j = 0;
