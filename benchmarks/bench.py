@@ -1654,7 +1654,7 @@ class Bench:
 
 
 SF_PHASES = [
-    ("matmul", ("tile_avx2", "tile_generic", "pack_b", "sf_gemm", "sf_matmul")),
+    ("matmul", ("tile_avx2", "tile_generic", "pack_b", "pack_panel", "gemm", "sf_matmul")),
     ("attention", ("row_logits", "depth_logits", "block_logits", "row_softmax", "row_finish", "depth_backward_row",
                    "sf_attention", "attn_backward", "sf_pack_panels", "sf_gemm_tile")),
     ("attnres", ("sf_attnres",)),
@@ -1676,6 +1676,8 @@ def sf_phase(dso: str, kind: str, sym: str) -> str:
     for phase, pats in SF_PHASES:
         if any(p in sym for p in pats):
             return phase
+    if "stackformer" in dso or "_core." in dso:  # the C core's .so is named like a CPython module
+        return "other (C core)"
     if "python" in dso or "numpy" in dso or "_multiarray" in dso:
         return "python/numpy"
     return "other"
