@@ -138,96 +138,49 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
     }
 }
 
-/* Per token, with r_i = inv_rms_i, P_i = (q⊙g)·src_i, s_i = r_i P_i, alpha = softmax(s):
- *   dalpha_i = dh·src_i;  ds_i = alpha_i (dalpha_i − Σ_j alpha_j dalpha_j)
- *   dsrc_i  += alpha_i dh + ds_i r_i (q⊙g − s_i r_i src_i / d)      (r_i depends on src_i)
- *   e        = Σ_i ds_i r_i src_i;  dq += g ⊙ e;  dg += q ⊙ e
- * e is summed over tokens in per-thread partials, combined in thread order. */
-void sf_attnres_backward(float *const *dsrc, const float *const *src,
-                         const float *const *inv_rms, int64_t nsrc, const float *alpha,
-                         const float *q, const float *g, const float *dh, float *dq, float *dg,
-                         int64_t N, int64_t d, float *scratch, int n_threads) {
-    int nt = sf_threads_resolve(n_threads);
-    int64_t stride = d + nsrc;
-    float *partial = scratch + (int64_t)nt * stride; /* nt x d */
-    memset(partial, 0, (size_t)(nt * d) * sizeof(float));
-    int used = 1;
-#pragma omp parallel num_threads(nt) if (N * d * nsrc > 65536)
-    {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#pragma omp single
-        used = omp_get_num_threads();
-#endif
-        float *qg = scratch + (int64_t)tid * stride, *da = qg + d, *e = partial + (int64_t)tid * d;
-        for (int64_t j = 0; j < d; j++) qg[j] = q[j] * g[j];
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const float *dhn = dh + n * d, *an = alpha + n * nsrc;
-            float S = 0.0f;
-            for (int64_t i = 0; i < nsrc; i++) {
-                da[i] = dotf(dhn, src[i] + n * d, d);
-                S += an[i] * da[i];
-            }
-            for (int64_t i = 0; i < nsrc; i++) {
-                const float *x = src[i] + n * d;
-                float *dx = dsrc[i] + n * d;
-                float r = inv_rms[i][n], ds = an[i] * (da[i] - S);
-                float sc = dotf(qg, x, d) * r;
-                float c1 = ds * r, c2 = ds * r * sc * r / (float)d;
-                for (int64_t j = 0; j < d; j++) {
-                    dx[j] += an[i] * dhn[j] + c1 * qg[j] - c2 * x[j];
-                    e[j] += c1 * x[j];
-                }
-            }
-        }
-    }
-    for (int t = 0; t < used; t++)
-        for (int64_t j = 0; j < d; j++) {
-            dq[j] += g[j] * partial[t * d + j];
-            dg[j] += q[j] * partial[t * d + j];
-        }
-}
-
-/* Per token, for each reader j of this source x (r = inv_rms, a = alpha_j's column col):
+/* Per token, for source x_i (r = inv_rms_i) and each reader j (a = its alpha for x_i, S_j =
+ * dh_j·h_j = Σ_i' alpha_i' dh_j·x_i'; the softmax's backward needs exactly this sum):
  *   ds = a (dh_j·x − S_j);  dx += a dh_j + ds r (qg_j − (qg_j·x) r² x / d);  e_j += ds r x
- * the same terms as sf_attnres_backward, summed for one source instead of scattered from one
- * reader. Why gather: scattering makes every reader read and write the gradient of every
- * earlier source (L²/2 read-modify-writes of N×d, on top of the reads of the sources), while
- * here each reader's dh row is read once per source it covers and dx is written once. At
- * Full AttnRes' sizes those passes are memory-bound, so a third of the traffic is the gain. */
-void sf_attnres_source_backward(float *dx, const float *src, const float *inv_rms, int64_t col,
-                                const sf_attnres_reader *rd, int64_t nr, int64_t e_tstride,
-                                int64_t N, int64_t d, int n_threads) {
+ * Why readers are batched: each reader's terms touch every source it read, and scattering them
+ * one reader at a time reads and writes every earlier source's gradient at every reader
+ * (L²/2 read-modify-writes of N×d for Full AttnRes, on top of the reads of the sources). Here a
+ * token's dh rows of all nr readers stay in L1 while its sources are read once and their
+ * gradients written once: for Full, one source at a time gathered from all of its readers;
+ * for Block, the readers of one block at a time over all completed blocks. These passes are
+ * memory-bound, so the traffic is the cost. */
+void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
+                                 const float *const *inv_rms, int64_t nsrc, int64_t col0,
+                                 int accumulate, const sf_attnres_reader *rd, int64_t nr,
+                                 int64_t e_tstride, int64_t N, int64_t d, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
-#pragma omp parallel num_threads(nt) if (N * d * nr > 65536)
+#pragma omp parallel num_threads(nt) if (N * d * nr * nsrc > 65536)
     {
         int64_t eoff = 0;
 #ifdef _OPENMP
         eoff = (int64_t)omp_get_thread_num() * e_tstride;
 #endif
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const float *x = src + n * d;
-            float *dxn = dx + n * d;
-            float r = inv_rms[n], c2 = 0.0f;
-            memset(dxn, 0, (size_t)d * sizeof(float));
-            for (int64_t j = 0; j < nr; j++) {
-                const float *g = rd[j].dh + n * d, *qg = rd[j].qg;
-                float *e = rd[j].e + eoff;
-                float a = rd[j].alpha[n * rd[j].ld + col];
-                float ds = a * (dotf(g, x, d) - rd[j].S[n]);
-                float c1 = ds * r;
-                c2 += c1 * dotf(qg, x, d) * r * r;
-                for (int64_t k = 0; k < d; k++) {
-                    dxn[k] += a * g[k] + c1 * qg[k];
-                    e[k] += c1 * x[k];
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t i = 0; i < nsrc; i++) {
+                const float *x = src[i] + n * d;
+                float *dx = dsrc[i] + n * d;
+                float r = inv_rms[i][n], c2 = 0.0f;
+                if (!accumulate) memset(dx, 0, (size_t)d * sizeof(float));
+                for (int64_t j = 0; j < nr; j++) {
+                    const float *g = rd[j].dh + n * d, *qg = rd[j].qg;
+                    float *e = rd[j].e + eoff;
+                    float a = rd[j].alpha[n * rd[j].ld + col0 + i];
+                    float ds = a * (dotf(g, x, d) - rd[j].S[n]);
+                    float c1 = ds * r;
+                    c2 += c1 * dotf(qg, x, d) * r * r;
+                    for (int64_t k = 0; k < d; k++) {
+                        dx[k] += a * g[k] + c1 * qg[k];
+                        e[k] += c1 * x[k];
+                    }
                 }
+                c2 /= (float)d;
+                for (int64_t k = 0; k < d; k++) dx[k] -= c2 * x[k];
             }
-            c2 /= (float)d;
-            for (int64_t k = 0; k < d; k++) dxn[k] -= c2 * x[k];
-        }
     }
 }
 

@@ -117,30 +117,23 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
                        const float *partial_inv_rms, const float *qg, int64_t N, int64_t d,
                        int n_threads);
 
-/* Backward of sf_attnres_aggregate: dsrc[i] += d h / d src_i (including the path through
- * each source's RMS), dq and dg accumulate (d floats each). alpha (N, nsrc) is the forward's.
- * scratch: sf_attnres_scratch_floats(nsrc, d, n_threads) + n_threads*d floats. */
-void sf_attnres_backward(float *const *dsrc, const float *const *src,
-                         const float *const *inv_rms, int64_t nsrc, const float *alpha,
-                         const float *q, const float *g, const float *dh, float *dq, float *dg,
-                         int64_t N, int64_t d, float *scratch, int n_threads);
-
-/* The backward the other way round, for Full AttnRes: the whole gradient of one source,
- * gathered from the nr aggregations that read it (each a later sublayer, or the output),
- * once all their input gradients are known. dx (N, d) is overwritten; each reader's e (d
- * floats per thread, at e + tid * e_tstride) accumulates Σ_n ds r src, its dq = g ⊙ e and
- * dg = q ⊙ e once every source is done. */
+/* Backward of sf_attnres_aggregate for nr aggregations ("readers") at once, over nsrc of
+ * their sources: dsrc[i] (N, d) (=, or += when accumulate) Σ_j d h_j / d src_i, including the
+ * path through each source's RMS; source i is column col0 + i of every reader's alpha. Each
+ * reader's e (d floats per thread, at e + tid * e_tstride) accumulates Σ_n ds r src; its
+ * dq = g ⊙ e and dg = q ⊙ e once all of its sources are done. */
 typedef struct {
     const float *dh;    /* (N, d) the reader's input gradient */
-    const float *alpha; /* (N, ld) its forward weights; this source is column col */
+    const float *alpha; /* (N, ld) its forward weights */
     int64_t ld;
     const float *S;     /* (N) dh · h: Σ_i alpha_i (dh · src_i), since h = Σ_i alpha_i src_i */
     const float *qg;    /* (d) q ⊙ g */
     float *e;           /* (d) thread 0's accumulator */
 } sf_attnres_reader;
-void sf_attnres_source_backward(float *dx, const float *src, const float *inv_rms, int64_t col,
-                                const sf_attnres_reader *rd, int64_t nr, int64_t e_tstride,
-                                int64_t N, int64_t d, int n_threads);
+void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
+                                 const float *const *inv_rms, int64_t nsrc, int64_t col0,
+                                 int accumulate, const sf_attnres_reader *rd, int64_t nr,
+                                 int64_t e_tstride, int64_t N, int64_t d, int n_threads);
 /* S (N) = row-wise dot products of a and b (N, d): a reader's dh · h */
 void sf_attnres_row_dots(float *S, const float *a, const float *b, int64_t N, int64_t d,
                          int n_threads);

@@ -103,8 +103,9 @@ typedef struct {
     const float **src_ptr, **rms_ptr;
     float **dsrc_ptr;
     /* backward */
-    sf_attnres_reader *readers;         /* Full AttnRes: the L+1 aggregations, by reader index */
+    sf_attnres_reader *readers;         /* AttnRes: the L+1 aggregations (sublayers, output) */
     float *ar_S, *ar_qg, *ar_e;         /* their dh·h (L+1, N), q⊙g (L+1, d), e (nt, L+1, d) */
+    float *ar_dh, *ar_alpha;            /* Block: one block's readers' dh and (checkpointing) alpha */
     float *d_src, *d_acc, *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
     float *ddepth_k, *ddepth_v, *dtmp_kv;
     float *dmask;                       /* residual dropout: a masked copy of a gradient */
@@ -182,15 +183,22 @@ static void layout(run *R, bump *bp, want w) {
     R->fin_h = take(bp, Nd);
     R->fin_u = c->final_norm ? take(bp, Nd) : R->fin_h;
     R->alpha_out = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
-    if (R->attnres && !R->block && R->training) {
-        /* Full: the gathered backward reads every reader's weights at every source, so all of
-         * them are kept (also when checkpointing), reader j's (N, j+1) at N j(j+1)/2 */
-        float *al = take(bp, cmul(&bad, N, (L + 1) * (L + 2) / 2));
-        for (int64_t j = 0; al && j <= L; j++) {
-            float *aj = al + N * (j * (j + 1) / 2);
-            if (j == L) R->alpha_out = aj;
-            else if (j % 2 == 0) R->acts[j / 2].alpha_a = aj;
-            else R->acts[j / 2].alpha_m = aj;
+    if (R->attnres && R->training) {
+        if (!R->block) {
+            /* Full: the gathered backward reads every reader's weights at every source, so all
+             * of them are kept (also when checkpointing), reader j's (N, j+1) at N j(j+1)/2 */
+            float *al = take(bp, cmul(&bad, N, (L + 1) * (L + 2) / 2));
+            for (int64_t j = 0; al && j <= L; j++) {
+                float *aj = al + N * (j * (j + 1) / 2);
+                if (j == L) R->alpha_out = aj;
+                else if (j % 2 == 0) R->acts[j / 2].alpha_a = aj;
+                else R->acts[j / 2].alpha_m = aj;
+            }
+        } else {
+            /* Block: the readers of one block wait for their batched backward; with
+             * checkpointing their alphas are copied out of the shared block activations */
+            R->ar_dh = take(bp, cmul(&bad, R->S, Nd));
+            R->ar_alpha = R->per_block ? NULL : take(bp, cmul(&bad, cmul(&bad, R->S, N), R->nsrc_max));
         }
         R->ar_S = take(bp, cmul(&bad, L + 1, N));
         R->ar_qg = take(bp, cmul(&bad, L + 1, d));
@@ -220,7 +228,7 @@ static void layout(run *R, bump *bp, want w) {
     aa.chunk = c->moda_chunk;
     aa.dh = R->dh;
     R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
-    R->ar_scratch = R->attnres ? take(bp, sf_attnres_scratch_floats(R->nsrc_max, d, R->nt) + (int64_t)R->nt * d) : NULL;
+    R->ar_scratch = R->attnres ? take(bp, sf_attnres_scratch_floats(R->nsrc_max, d, R->nt)) : NULL;
     R->stats = take(bp, 2 * N);
     if (R->block && R->two_phase) {
         int64_t nq = R->S < L ? R->S : L;
@@ -299,7 +307,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
     R->src_ptr = calloc((size_t)nptr, sizeof *R->src_ptr);
     R->rms_ptr = calloc((size_t)nptr, sizeof *R->rms_ptr);
     R->dsrc_ptr = calloc((size_t)nptr, sizeof *R->dsrc_ptr);
-    R->readers = calloc((size_t)nptr, sizeof *R->readers);
+    R->readers = calloc((size_t)R->L + 1, sizeof *R->readers); /* every sublayer, the output */
     if (!R->acts || !R->src_ptr || !R->rms_ptr || !R->dsrc_ptr || !R->readers) goto nomem;
     bump bp = {NULL, 0, 0};
     layout(R, &bp, w);
@@ -787,54 +795,106 @@ static void attnres_sublayer_backward(run *R, int64_t k) {
     resid_dropout(R, R->dy, k); /* R->dy is this sublayer's own copy of dv */
     const float *dy = R->dy;
     if (!R->c->pre_norm) { norm_bwd(R, R->dx, R->dy, y, nw, nb, 0); dy = R->dx; }
-    /* the input gradient: Full keeps it as reader k's dh, Block scatters it right away */
-    float *dh = !R->block ? R->d_src + k * R->N * R->d : R->c->pre_norm ? R->dx : R->du;
+    /* this sublayer's input gradient: reader k's dh, kept until its sources' gradients are
+     * gathered (Full: d_src slot k; Block: its slot among the block's waiting readers) */
+    const int64_t N = R->N, d = R->d, L = R->L;
+    float *dh = !R->block ? R->d_src + k * N * d : R->ar_dh + (k % R->S) * N * d;
     float *dsub = R->c->pre_norm ? R->du : dh;
     if (is_attn) attn_backward(R, i, A, u, dy, dsub);
     else mlp_backward(R, i, A, u, dy, dsub);
     if (R->c->pre_norm) norm_bwd(R, dh, R->du, h, nw, nb, 0);
-    if (!R->block) {
-        sf_attnres_row_dots(R->ar_S + k * R->N, dh, h, R->N, R->d, R->nt);
-        return;
+    sf_attnres_row_dots(R->ar_S + k * N, dh, h, N, d, R->nt);
+    if (!R->block) return;
+    sf_attnres_reader *rd = &R->readers[k];
+    rd->dh = dh;
+    rd->alpha = is_attn ? A->alpha_a : A->alpha_m;
+    if (R->ar_alpha) { /* checkpointing: the next recompute reuses the block activations */
+        float *keep = R->ar_alpha + (k % R->S) * N * R->nsrc_max;
+        copy(keep, rd->alpha, N * rd->ld);
+        rd->alpha = keep;
     }
-    int64_t ns = gather_sources(R, k);
-    sf_attnres_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, ns, is_attn ? A->alpha_a : A->alpha_m,
-                        res_q(R, k), res_g(R, k), dh, GRAD(R, res_q(R, k)), GRAD(R, res_g(R, k)),
-                        R->N, R->d, R->ar_scratch, R->nt);
+    if (k % R->S != 0) { /* the partial sum it read: its gradient joins d_acc now */
+        int64_t p = part_index(R, k);
+        const float *ps = R->part + p * N * d, *pr = R->part_rms + p * N;
+        float *dacc = R->d_acc;
+        sf_attnres_sources_backward(&dacc, &ps, &pr, 1, k / R->S + 1, 1, rd, 1, (L + 1) * d, N, d, R->nt);
+    }
 }
 
-/* dv_s (N, d) of Full AttnRes source s (the embedding, or sublayer s-1's output), gathered from
- * its readers s .. L, whose input gradients are all known by the time it is needed. */
+/* Full: dv_s (N, d) of source s (the embedding, or sublayer s-1's output), gathered from its
+ * readers s .. L, whose input gradients are all known by the time it is needed. */
 static void full_source_grad(run *R, int64_t s, float *dv) {
     const int64_t N = R->N, d = R->d, L = R->L;
-    sf_attnres_source_backward(dv, R->src + s * N * d, R->src_rms + s * N, s, R->readers + s,
-                               L + 1 - s, (L + 1) * d, N, d, R->nt);
+    const float *x = R->src + s * N * d, *r = R->src_rms + s * N;
+    sf_attnres_sources_backward(&dv, &x, &r, 1, s, 0, R->readers + s, L + 1 - s, (L + 1) * d, N, d,
+                                R->nt);
 }
 
-/* Full AttnRes: walk back from the output aggregation, gathering each source's gradient when
- * the sublayer that wrote it is reached (sf_attnres_source_backward); reader j's input gradient
- * waits in d_src slot j, its dh·h in ar_S. */
-static void full_backward(run *R, const int32_t *tokens, const float *dfin_h) {
+/* Block: the waiting readers of block m+1 (or the output, m = nb) over the completed blocks
+ * they read, b_0 .. b_m; afterwards d b_m is complete. */
+static void block_flush(run *R, int64_t m) {
     const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L;
+    int64_t j0 = m == R->nb ? L : m * R->S, nr = m == R->nb ? 1 : (L - j0 < R->S ? L - j0 : R->S);
+    for (int64_t c = 0; c <= m; c++) {
+        R->src_ptr[c] = R->src + c * Nd;
+        R->rms_ptr[c] = R->src_rms + c * N;
+        R->dsrc_ptr[c] = R->d_src + c * Nd;
+    }
+    sf_attnres_sources_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, m + 1, 0, 1, R->readers + j0, nr,
+                                (L + 1) * d, N, d, R->nt);
+}
+
+/* AttnRes: walk back from the output aggregation. Each aggregation ("reader": sublayer j, or
+ * the output, j = L) leaves its input gradient dh_j and dh_j·h_j; the gradients of the sources
+ * it read are then computed in batches (sf_attnres_sources_backward): Full gathers each source
+ * from all of its readers when the walk reaches the sublayer that wrote it; Block runs one
+ * block's readers at once over the completed blocks when the walk leaves that block, and each
+ * reader's partial-sum source right away. */
+static void attnres_backward(run *R, const int32_t *tokens, const float *dfin_h) {
+    const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L, S = R->S;
     for (int64_t j = 0; j <= L; j++) {
         const float *q = res_q(R, j), *g = res_g(R, j);
         float *qg = R->ar_qg + j * d;
         for (int64_t e = 0; e < d; e++) qg[e] = q[e] * g[e];
-        R->readers[j] = (sf_attnres_reader){
-            .dh = R->d_src + j * Nd,
-            .alpha = j == L ? R->alpha_out : j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m,
-            .ld = j + 1, .S = R->ar_S + j * N, .qg = qg, .e = R->ar_e + j * d};
+        sf_attnres_reader *rd = &R->readers[j];
+        *rd = (sf_attnres_reader){.S = R->ar_S + j * N, .qg = qg, .e = R->ar_e + j * d};
+        if (!R->block) {
+            rd->dh = R->d_src + j * Nd;
+            rd->alpha = j == L ? R->alpha_out : j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m;
+            rd->ld = j + 1;
+        } else {
+            rd->ld = j == L ? R->nb + 1 : j / S + 1 + (j % S != 0);
+        }
     }
     memset(R->ar_e, 0, (size_t)(R->nt * (L + 1) * d) * sizeof(float));
-    copy(R->d_src + L * Nd, dfin_h, Nd);
+    if (R->block) {
+        memset(R->d_src, 0, (size_t)((R->nb + 1) * Nd) * sizeof(float));
+        R->readers[L].dh = R->ar_dh; /* the output waits alone, before any sublayer */
+        R->readers[L].alpha = R->alpha_out;
+    }
+    copy((float *)R->readers[L].dh, dfin_h, Nd);
     sf_attnres_row_dots(R->ar_S + L * N, dfin_h, R->fin_h, N, d, R->nt);
     for (int64_t k = L - 1; k >= 0; k--) {
         if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */
-        full_source_grad(R, k + 1, R->dy);
+        if (!R->block) {
+            full_source_grad(R, k + 1, R->dy);
+        } else {
+            int64_t m = k / S + 1;
+            if (k % S == S - 1 || k == L - 1) { /* entering block m from above */
+                block_flush(R, m);
+                memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
+            }
+            add3(R, R->dy, R->d_src + m * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
+        }
         attnres_sublayer_backward(R, k);
     }
-    full_source_grad(R, 0, R->dy);
-    embed_backward(R, tokens, R->dy);
+    if (!R->block) {
+        full_source_grad(R, 0, R->dy);
+        embed_backward(R, tokens, R->dy);
+    } else {
+        block_flush(R, 0);
+        embed_backward(R, tokens, R->d_src);
+    }
     for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, threads' partials in order */
         const float *q = res_q(R, j), *g = res_g(R, j);
         float *dq = GRAD(R, q), *dg = GRAD(R, g);
@@ -849,7 +909,7 @@ static void full_backward(run *R, const int32_t *tokens, const float *dfin_h) {
 static void stack_backward(run *R, const int32_t *tokens) {
     const sf_config *c = R->c;
     const sf_model *m = R->m;
-    const int64_t N = R->N, d = R->d, Nd = N * d, n = c->n_layers, L = R->L, V = R->V;
+    const int64_t N = R->N, d = R->d, Nd = N * d, n = c->n_layers, V = R->V;
     /* head: logits = fin_u head^T */
     sf_gemm(GRAD(R, m->lm_head), d, R->logits, 1, V, R->fin_u, 0, NULL, V, N, d, 1, R->pack, R->nt);
     sf_gemm(R->dfin, d, R->logits, V, 1, m->lm_head, 0, NULL, N, V, d, 0, R->pack, R->nt);
@@ -894,22 +954,7 @@ static void stack_backward(run *R, const int32_t *tokens) {
         embed_backward(R, tokens, R->dx);
         return;
     }
-    if (!R->block) { full_backward(R, tokens, dfin_h); return; }
-    /* Block AttnRes: gradients of every block sum accumulate in d_src while walking back */
-    memset(R->d_src, 0, (size_t)((R->nb + 1) * Nd) * sizeof(float));
-    if (dfin_h != R->dy) copy(R->dy, dfin_h, Nd);
-    int64_t ns = gather_sources(R, L);
-    sf_attnres_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, ns, R->alpha_out, m->out_res_q,
-                        m->out_res_g, R->dy, GRAD(R, m->out_res_q), GRAD(R, m->out_res_g), N, d,
-                        R->ar_scratch, R->nt);
-    for (int64_t k = L - 1; k >= 0; k--) {
-        if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */
-        int64_t pos = k % R->S, mblk = k / R->S + 1;
-        if (pos == R->S - 1 || k == L - 1) memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
-        add3(R, R->dy, R->d_src + mblk * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
-        attnres_sublayer_backward(R, k);
-    }
-    embed_backward(R, tokens, R->d_src);
+    attnres_backward(R, tokens, dfin_h);
 }
 
 /* ---- public entry points ------------------------------------------------------------------ */
