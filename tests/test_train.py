@@ -154,3 +154,29 @@ def test_bad_arguments(corpus):
         sf.train(byte_model(seq_len=16), corpus, steps=1, seq_len=17, progress=False)
     with pytest.raises(ValueError, match="vocab_size"):
         sf.train(sf.Model(sf.Config(vocab_size=50, d_model=16, n_heads=2, n_layers=1)), corpus, steps=1)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(residual="attnres_full"),
+    dict(residual="attnres_block", attnres_block_size=2),
+    dict(residual="attnres_block", attnres_block_size=3),  # 8 sublayers: the last block is short
+    dict(residual="attnres_block", attnres_block_size=3, norm_position="post"),
+    dict(residual="attnres_full", moda=True),
+], ids=lambda kw: "-".join(f"{v}" for v in kw.values()) or "plain")
+def test_checkpointing_gives_the_same_gradients(kw):
+    """Checkpointing recomputes the block activations during the backward pass, and the shared
+    activation buffers are overwritten block by block: every gradient must still match the run
+    that keeps them all (AttnRes readers keep their own copies of the weights they need)."""
+    m = sf.Model(sf.Config(vocab_size=40, d_model=32, n_heads=4, n_layers=4, max_seq_len=12, **kw), seed=3)
+    rng = np.random.default_rng(3)
+    for name, v in m.named_parameters().items():  # peaked, unequal AttnRes weights
+        if name.endswith("res_proj.weight"):
+            v[:] = rng.normal(0, 0.5, v.shape)
+    x, y = rng.integers(0, 40, (3, 12)), rng.integers(0, 40, (3, 12))
+    a = m.forward_backward(x, y)
+    ga = {k: v.copy() for k, v in m.grads.items()}
+    b = m.forward_backward(x, y, checkpoint=True)
+    assert abs(a - b) < 1e-6
+    for k, v in m.grads.items():
+        np.testing.assert_allclose(v, ga[k], rtol=1e-5, atol=1e-7, err_msg=k)
