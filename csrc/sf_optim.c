@@ -12,6 +12,19 @@
 #include <math.h>
 #include <string.h>
 
+#define SF_NORM_CHUNK 65536
+
+/* Σ x², 8 double partial sums combined in a fixed order */
+static double sumsq(const float *x, int64_t n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
+    double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
 sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *err,
                         size_t errlen) {
     if (!m || !o) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or optimizer is NULL");
@@ -23,9 +36,18 @@ sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *
     if (!isfinite(o->clip_norm)) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "clip_norm must be finite (<= 0 disables clipping)");
     if (!sf_model_acquire_write(m))
         return sf_fail(err, errlen, SF_ERR_BUSY, "the model is in use by another thread (an optimizer step needs it alone)");
-    const int64_t P = m->num_params;
+    const int64_t P = m->num_params, nchunks = (P + SF_NORM_CHUNK - 1) / SF_NORM_CHUNK;
+    /* The global norm in fixed chunks, each summed in 8 double lanes, the chunk sums added in
+     * chunk order: the same bits for any thread count. One serial double chain over all
+     * parameters was a latency-bound loop that ran on one core: ~2% of M's train step. */
     double ss = 0.0;
-    for (int64_t j = 0; j < P; j++) ss += (double)m->grads[j] * m->grads[j];
+#pragma omp parallel for ordered schedule(static, 1) num_threads(sf_threads_resolve(0)) if (nchunks > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t j0 = c * SF_NORM_CHUNK;
+        double s = sumsq(m->grads + j0, P - j0 < SF_NORM_CHUNK ? P - j0 : SF_NORM_CHUNK);
+#pragma omp ordered
+        ss += s;
+    }
     double norm = sqrt(ss);
     if (grad_norm) *grad_norm = (float)norm;
     if (!isfinite(norm)) {
