@@ -433,16 +433,6 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
         if (by_rows) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
         else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
         if (a_packed) {
-            /* B is packed chunk by chunk below */
-        } else if (by_rows) {
-            /* packing shares the team (one fork/join per product, not two); the barrier at the
-             * end of the loop makes every panel visible before any tile reads it */
-#pragma omp for schedule(static)
-            for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
-        } else {
-            pack_panels(pack, w, ldw, trans_w, K, M, p0, p1);
-        }
-        if (a_packed) {
             /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
              * [tile][k][6] so the tiles read A contiguously; y carries the sums across chunks.
              * B is copied one (chunk, panel) slice at a time into this thread's own 8 KB, right
@@ -479,6 +469,14 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
                 act_block(act, act_out, y, ldy, n0, N - n0 < SF_MR ? N - n0 : SF_MR, 0, M);
             }
         } else {
+            if (by_rows) {
+                /* packing shares the team (one fork/join per product, not two); the barrier at
+                 * the end of the loop makes every panel visible before any tile reads it */
+#pragma omp for schedule(static)
+                for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
+            } else {
+                pack_panels(pack, w, ldw, trans_w, K, M, p0, p1);
+            }
             /* Row blocks of SF_ROW_BLOCK tiles (96 rows of A: 147 KB at K = 384, 590 KB at
              * K = 1536) stay in L2 while every panel of this thread passes over them; walking
              * all rows per panel streamed A from L3 once per panel (24 times at M's shapes).

@@ -592,6 +592,12 @@ static const float *res_g(const run *R, int64_t k) {
     return k % 2 == 0 ? Lv->attn_res_g : Lv->mlp_res_g;
 }
 
+/* The forward weights aggregation j (sublayer j, or j = L the output) keeps for training */
+static float *reader_alpha(const run *R, int64_t j) {
+    if (j >= R->L) return R->alpha_out;
+    return j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m;
+}
+
 /* h = AttnRes_k(sources); alpha (N, nsrc) optional */
 static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
     const int64_t N = R->N, d = R->d;
@@ -807,7 +813,7 @@ static void attnres_sublayer_backward(run *R, int64_t k) {
     if (!R->block) return;
     sf_attnres_reader *rd = &R->readers[k];
     rd->dh = dh;
-    rd->alpha = is_attn ? A->alpha_a : A->alpha_m;
+    rd->alpha = reader_alpha(R, k);
     if (R->ar_alpha) { /* checkpointing: the next recompute reuses the block activations */
         float *keep = R->ar_alpha + (k % R->S) * N * R->nsrc_max;
         copy(keep, rd->alpha, N * rd->ld);
@@ -860,19 +866,20 @@ static void attnres_backward(run *R, const int32_t *tokens, const float *dfin_h)
         *rd = (sf_attnres_reader){.S = R->ar_S + j * N, .qg = qg, .e = R->ar_e + j * d};
         if (!R->block) {
             rd->dh = R->d_src + j * Nd;
-            rd->alpha = j == L ? R->alpha_out : j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m;
+            rd->alpha = reader_alpha(R, j);
             rd->ld = j + 1;
         } else {
             rd->ld = j == L ? R->nb + 1 : j / S + 1 + (j % S != 0);
         }
     }
     memset(R->ar_e, 0, (size_t)(R->nt * (L + 1) * d) * sizeof(float));
+    float *dh_out = R->block ? R->ar_dh : R->d_src + L * Nd; /* Block: the output waits alone */
     if (R->block) {
         memset(R->d_src, 0, (size_t)((R->nb + 1) * Nd) * sizeof(float));
-        R->readers[L].dh = R->ar_dh; /* the output waits alone, before any sublayer */
-        R->readers[L].alpha = R->alpha_out;
+        R->readers[L].dh = dh_out;
+        R->readers[L].alpha = reader_alpha(R, L);
     }
-    copy((float *)R->readers[L].dh, dfin_h, Nd);
+    copy(dh_out, dfin_h, Nd);
     sf_attnres_row_dots(R->ar_S + L * N, dfin_h, R->fin_h, N, d, R->nt);
     for (int64_t k = L - 1; k >= 0; k--) {
         if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */

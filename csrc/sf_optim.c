@@ -39,7 +39,7 @@ sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *
     const int64_t P = m->num_params, nchunks = (P + SF_NORM_CHUNK - 1) / SF_NORM_CHUNK;
     /* The global norm in fixed chunks, each summed in 8 double lanes, the chunk sums added in
      * chunk order: the same bits for any thread count. One serial double chain over all
-     * parameters was a latency-bound loop that ran on one core: ~2% of M's train step. */
+     * parameters was a latency-bound loop on one core: an AdamW step at M 46 -> 31 ms. */
     double ss = 0.0;
 #pragma omp parallel for ordered schedule(static, 1) num_threads(sf_threads_resolve(0)) if (nchunks > 1)
     for (int64_t c = 0; c < nchunks; c++) {
