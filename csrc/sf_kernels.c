@@ -618,17 +618,31 @@ void sf_add(float *y, const float *x, int64_t n, int n_threads) {
 
 /* Rotate by +angle (direction 1) or -angle (direction -1: the inverse, which is also the
  * gradient of the rotation). */
-static void rope_rotate(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads,
-                        int64_t dh, int64_t ld, float theta, float direction, int n_threads) {
+/* cos/sin of RoPE's angles for positions pos0 .. pos0+T-1: cs[(t*half + j)*2 + {0, 1}]. One
+ * table per forward call serves every layer, q and k, forward and backward: computing the
+ * angles per row and layer was 1-2% of a forward at M (pow, cos and sin per element). */
+void sf_rope_table(float *cs, int64_t T, int64_t pos0, int64_t dh, float theta) {
+    int64_t half = dh / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < half; j++) {
+            /* angles in double: t * theta^(-2j/dh) loses digits in float at long T */
+            double ang = (double)(pos0 + t) * pow((double)theta, -2.0 * (double)j / (double)dh);
+            cs[(t * half + j) * 2] = (float)cos(ang);
+            cs[(t * half + j) * 2 + 1] = (float)sin(ang);
+        }
+}
+
+/* Rotate pairs (j, j + half) of every head of rows x[r*ld ...] (position r % T of the table)
+ * by +angle, or by -angle (direction -1: the inverse, which is the backward). */
+static void rope_rotate(float *x, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
+                        const float *cs, float direction, int n_threads) {
     int nt = sf_threads_resolve(n_threads);
     int64_t half = dh / 2;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * n_heads * dh > 65536)
     for (int64_t r = 0; r < N; r++) {
-        double t = (double)(pos0 + r % T);
+        const float *row = cs + (r % T) * half * 2;
         for (int64_t j = 0; j < half; j++) {
-            /* angles in double: t * theta^(-2j/dh) loses digits in float at long T */
-            double ang = t * pow((double)theta, -2.0 * (double)j / (double)dh);
-            float c = (float)cos(ang), s = direction * (float)sin(ang);
+            float c = row[2 * j], s = direction * row[2 * j + 1];
             for (int64_t h = 0; h < n_heads; h++) {
                 float *xh = x + r * ld + h * dh;
                 float a = xh[j], bb = xh[j + half];
@@ -639,9 +653,9 @@ static void rope_rotate(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_
     }
 }
 
-void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int64_t dh,
-             int64_t ld, float theta, int n_threads) {
-    rope_rotate(x, N, T, pos0, n_heads, dh, ld, theta, 1.0f, n_threads);
+void sf_rope(float *x, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
+             const float *cs, int n_threads) {
+    rope_rotate(x, N, T, n_heads, dh, ld, cs, 1.0f, n_threads);
 }
 
 double sf_rms(const float *x, int64_t n) {
@@ -785,9 +799,9 @@ void sf_swiglu_backward(float *dgate, float *dup, const float *dout, const float
     }
 }
 
-void sf_rope_backward(float *dx, int64_t N, int64_t T, int64_t pos0, int64_t n_heads,
-                      int64_t dh, int64_t ld, float theta, int n_threads) {
-    rope_rotate(dx, N, T, pos0, n_heads, dh, ld, theta, -1.0f, n_threads);
+void sf_rope_backward(float *dx, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
+                      const float *cs, int n_threads) {
+    rope_rotate(dx, N, T, n_heads, dh, ld, cs, -1.0f, n_threads);
 }
 
 /* Mean cross-entropy over rows whose target != ignore_index. Overwrites logits with

@@ -159,10 +159,12 @@ void sf_activation(int act, float *out, const float *pre, int64_t n, int n_threa
 /* y += x, n floats */
 void sf_add(float *y, const float *x, int64_t n, int n_threads);
 
-/* RoPE, half-split convention, in place on x viewed as (N rows, n_heads, dh) with row stride
- * ld floats; row r has position pos0 + r % T. */
-void sf_rope(float *x, int64_t N, int64_t T, int64_t pos0, int64_t n_heads, int64_t dh,
-             int64_t ld, float theta, int n_threads);
+/* RoPE, half-split convention. sf_rope_table fills cs (T * dh floats: cos, sin per position
+ * and pair) for positions pos0 .. pos0+T-1; sf_rope rotates x in place, viewed as (N rows,
+ * n_heads, dh) with row stride ld floats, row r at table position r % T. */
+void sf_rope_table(float *cs, int64_t T, int64_t pos0, int64_t dh, float theta);
+void sf_rope(float *x, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
+             const float *cs, int n_threads);
 
 /* ---- backward ---- (dx: accumulate=1 adds into dx; dw/db always accumulate; may be NULL)
  * stats: scratch of 2N (layernorm) or N (rmsnorm) floats. */
@@ -177,8 +179,8 @@ void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre,
                      int n_threads);
 void sf_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                         const float *up, int64_t n, int n_threads);
-void sf_rope_backward(float *dx, int64_t N, int64_t T, int64_t pos0, int64_t n_heads,
-                      int64_t dh, int64_t ld, float theta, int n_threads);
+void sf_rope_backward(float *dx, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
+                      const float *cs, int n_threads);
 void sf_cross_entropy(float *logits, const int32_t *targets, int64_t N, int64_t V,
                       int32_t ignore_index, double *loss_sum, int64_t *count, float *row_loss,
                       int n_threads);

@@ -99,6 +99,7 @@ typedef struct {
     float *depth_k, *depth_v; /* MoDA arena (own, or the cache's) */
     int64_t depth_bstride, depth_len, kv_bstride;
     float *pack, *attn_scratch, *ar_scratch, *stats;
+    float *rope; /* RoPE cos/sin for this call's T positions (sf_rope_table), or NULL */
     float *p1_m, *p1_l, *p1_o, *p1_qg, *p1_logits;
     const float **src_ptr, **rms_ptr;
     float **dsrc_ptr;
@@ -230,6 +231,7 @@ static void layout(run *R, bump *bp, want w) {
     R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
     R->ar_scratch = R->attnres ? take(bp, sf_attnres_scratch_floats(R->nsrc_max, d, R->nt)) : NULL;
     R->stats = take(bp, 2 * N);
+    R->rope = c->pos == SF_POS_ROPE ? take(bp, cmul(&bad, R->T, R->dh)) : NULL;
     if (R->block && R->two_phase) {
         int64_t nq = R->S < L ? R->S : L;
         R->p1_m = take(bp, cmul(&bad, nq, N));
@@ -349,6 +351,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->depth_len = T;
         R->kv_bstride = T * R->kvd;
     }
+    if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, c->rope_theta);
     return SF_OK;
 nomem:
     run_free(R);
@@ -467,8 +470,8 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
     linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
     linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
     if (c->pos == SF_POS_ROPE) {
-        sf_rope(A->q, R->N, R->T, R->pos0, c->n_heads, R->dh, R->qd, c->rope_theta, R->nt);
-        sf_rope(A->k, R->N, R->T, R->pos0, c->n_kv_heads, R->dh, R->kvd, c->rope_theta, R->nt);
+        sf_rope(A->q, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
+        sf_rope(A->k, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
     }
     sf_attn_args a = attn_args(R, i, A);
     if (R->cache) { /* append this call's keys/values after the cached positions */
@@ -525,8 +528,8 @@ static void attn_backward(const run *R, int64_t i, block_acts *A, const float *u
         read_depth(R, R->dv, R->ddepth_v, 2 * i, 1);
     }
     if (c->pos == SF_POS_ROPE) {
-        sf_rope_backward(R->dq, R->N, R->T, R->pos0, c->n_heads, R->dh, R->qd, c->rope_theta, R->nt);
-        sf_rope_backward(R->dk, R->N, R->T, R->pos0, c->n_kv_heads, R->dh, R->kvd, c->rope_theta, R->nt);
+        sf_rope_backward(R->dq, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
+        sf_rope_backward(R->dk, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
     }
     linear_bwd(R, du, 0, R->dq, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear_bwd(R, du, 1, R->dk, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
