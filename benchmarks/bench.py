@@ -1320,10 +1320,14 @@ class Bench:
         x, y = make_batch(256, B, T)
         log(f"[M] train step overheads, modes interleaved ({', '.join(modes)}) ...")
         fns = {mode: (lambda m=m: m.train_step(x, y, lr=LR)) for mode, m in models.items()}
-        for fn in fns.values():
-            fn()
+        # Two warm-up rounds and at least 7 measured ones: with one warm-up call per mode the
+        # first two rounds of every mode ran 10-20% slow on the 2-core VM this was tuned on
+        # (the run of 2026-11-25), and with 5 rounds that drift decided the median.
+        for _ in range(2):
+            for fn in fns.values():
+                fn()
         times: Dict[str, List[float]] = {mode: [] for mode in modes}
-        for r in range(self.reps):
+        for r in range(max(self.reps, 7)):
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
             for mode in order:
                 times[mode].append(timed(fns[mode])[0])
