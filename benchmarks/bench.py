@@ -450,9 +450,10 @@ def bench_matmul(cfg_name: str, threads: int, reps: int, tw: Optional["Worker"],
             fn()
             t0 = time.perf_counter(); fn(); first = time.perf_counter() - t0
             n = adaptive_reps(first, reps, 0.3, cap=30)
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+            # time_calls warms up for 0.1 s first: in the run of 2026-11-26 the first shape's
+            # first 15 two-thread calls ran at exactly the one-thread time (the second core
+            # busy or idle-throttled after the previous section), 57% instead of ~90% of peak
+            ts = time_calls(fn, n, warm_s=0.1)
             fl = 2.0 * N * K * M
             row = {"kind": kind, "name": name, "N": N, "K": K, "M": M, "count": count, "flops": fl,
                    "sf": stats(ts, fl=fl, peak=peak_all)}
