@@ -616,13 +616,12 @@ void sf_add(float *y, const float *x, int64_t n, int n_threads) {
 
 /* ---- rope -------------------------------------------------------------------------------- */
 
-/* Rotate by +angle (direction 1) or -angle (direction -1: the inverse, which is also the
- * gradient of the rotation). */
 /* cos/sin of RoPE's angles for positions pos0 .. pos0+T-1: cs[(t*half + j)*2 + {0, 1}]. One
  * table per forward call serves every layer, q and k, forward and backward: computing the
  * angles per row and layer was 1-2% of a forward at M (pow, cos and sin per element). */
-void sf_rope_table(float *cs, int64_t T, int64_t pos0, int64_t dh, float theta) {
+void sf_rope_table(float *cs, int64_t T, int64_t pos0, int64_t dh, float theta, int n_threads) {
     int64_t half = dh / 2;
+#pragma omp parallel for schedule(static) num_threads(sf_threads_resolve(n_threads)) if (T * half > 4096)
     for (int64_t t = 0; t < T; t++)
         for (int64_t j = 0; j < half; j++) {
             /* angles in double: t * theta^(-2j/dh) loses digits in float at long T */

@@ -162,7 +162,7 @@ void sf_add(float *y, const float *x, int64_t n, int n_threads);
 /* RoPE, half-split convention. sf_rope_table fills cs (T * dh floats: cos, sin per position
  * and pair) for positions pos0 .. pos0+T-1; sf_rope rotates x in place, viewed as (N rows,
  * n_heads, dh) with row stride ld floats, row r at table position r % T. */
-void sf_rope_table(float *cs, int64_t T, int64_t pos0, int64_t dh, float theta);
+void sf_rope_table(float *cs, int64_t T, int64_t pos0, int64_t dh, float theta, int n_threads);
 void sf_rope(float *x, int64_t N, int64_t T, int64_t n_heads, int64_t dh, int64_t ld,
              const float *cs, int n_threads);
 

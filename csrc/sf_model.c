@@ -351,7 +351,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->depth_len = T;
         R->kv_bstride = T * R->kvd;
     }
-    if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, c->rope_theta);
+    if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, c->rope_theta, R->nt);
     return SF_OK;
 nomem:
     run_free(R);

@@ -554,7 +554,7 @@ static void test_rope(void) {
         rope_naive(ref, x, N, T, pos0, H, dh, ld, cases[ci].theta);
         memcpy(y1, x, (size_t)(N * ld) * sizeof(float));
         float *cs = falloc(T * dh);
-        sf_rope_table(cs, T, pos0, dh, cases[ci].theta);
+        sf_rope_table(cs, T, pos0, dh, cases[ci].theta, 2);
         sf_rope(y1, N, T, H, dh, ld, cs, 1);
         snprintf(what, sizeof what, "rope N=%lld T=%lld pos0=%lld H=%lld dh=%lld ld=%lld theta=%g",
                  (long long)N, (long long)T, (long long)pos0, (long long)H, (long long)dh,
