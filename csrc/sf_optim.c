@@ -76,13 +76,13 @@ sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *
         T = omp_get_num_threads();
 #endif
         const int64_t r0 = P * tid / T, r1 = P * (tid + 1) / T;
+        float *p = m->params, *g = m->grads, *mm = m->adam_m, *vv = m->adam_v;
         for (int32_t t = 0; t < m->num_tensors; t++) {
             const sf_tensor_info *ti = &m->tensors[t];
             const int64_t lo = ti->offset > r0 ? ti->offset : r0;
             const int64_t hi = ti->offset + ti->numel < r1 ? ti->offset + ti->numel : r1;
             if (lo >= hi) continue;
             const float decay = ti->no_decay ? 0.0f : lr * o->weight_decay;
-            float *p = m->params, *g = m->grads, *mm = m->adam_m, *vv = m->adam_v;
             for (int64_t j = lo; j < hi; j++) {
                 float gj = g[j] * scale;
                 mm[j] = b1 * mm[j] + (1.0f - b1) * gj;
