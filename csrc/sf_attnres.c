@@ -41,6 +41,13 @@ static inline void prefetch_rows(const float *p, int64_t nfloats) {
     for (int64_t k = 0; k < nfloats; k += 16) __builtin_prefetch(p + k, 0, 2);
 }
 
+/* 8 floats as one value (GCC/Clang vector extension; one AVX register, or two SSE ones), for
+ * the backward's register-held chunks: there a plain float array was kept on the stack (the
+ * backward gather ran ~7% slower). Element-wise, the same arithmetic as the scalar code. */
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
 int64_t sf_attnres_scratch_floats(int64_t nsrc, int64_t d, int n_threads) {
     return (int64_t)sf_threads_resolve(n_threads) * (d + AR_TILE * nsrc);
 }
@@ -168,6 +175,7 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
 #define AR_RG 32
 #define AR_CH 32 /* floats of dx and x held in registers across a group's readers */
 
+
 /* dx += Σ_j a_j dh_j + c_j qg_j and e_j += c_j x for one token (row offset off) and readers
  * rd[0..jn): per element the same sums in the same order as a reader-at-a-time loop. */
 static void backward_updates(float *dx, const float *x, const sf_attnres_reader *rd, int64_t jn,
@@ -175,17 +183,17 @@ static void backward_updates(float *dx, const float *x, const sf_attnres_reader 
                              int64_t d) {
     int64_t k0 = 0;
     for (; k0 + AR_CH <= d; k0 += AR_CH) {
-        float acc[AR_CH], xv[AR_CH];
-        for (int k = 0; k < AR_CH; k++) { acc[k] = dx[k0 + k]; xv[k] = x[k0 + k]; }
+        v8 acc[AR_CH / 8], xv[AR_CH / 8];
+        for (int c = 0; c < AR_CH / 8; c++) { acc[c] = ld8(dx + k0 + 8 * c); xv[c] = ld8(x + k0 + 8 * c); }
         for (int64_t j = 0; j < jn; j++) {
             const float *g = rd[j].dh + off + k0, *qg = rd[j].qg + k0;
-            float *e = rd[j].e + eoff + k0, a = av[j], c = cv[j];
-            for (int k = 0; k < AR_CH; k++) {
-                acc[k] += a * g[k] + c * qg[k];
-                e[k] += c * xv[k];
+            float *e = rd[j].e + eoff + k0, a = av[j], c1 = cv[j];
+            for (int c = 0; c < AR_CH / 8; c++) {
+                acc[c] += a * ld8(g + 8 * c) + c1 * ld8(qg + 8 * c);
+                st8(e + 8 * c, ld8(e + 8 * c) + c1 * xv[c]);
             }
         }
-        for (int k = 0; k < AR_CH; k++) dx[k0 + k] = acc[k];
+        for (int c = 0; c < AR_CH / 8; c++) st8(dx + k0 + 8 * c, acc[c]);
     }
     if (k0 < d)
         for (int64_t j = 0; j < jn; j++) {
