@@ -1072,6 +1072,86 @@ static void attnres_two_phase_case(int64_t nsrc, int64_t nq, int64_t N, int64_t 
     free(alpha_d); free(scratch); free(rh); free(ralpha);
 }
 
+/* sf_attnres_sources_backward against the formula in double: per token, source x (r its
+ * inv_rms) and reader j (weight a, input gradient g, S_j, qg_j):
+ *   ds = a (g·x − S);  dx += a g + ds r (qg − (qg·x) r² x / d);  e_j += ds r x.
+ * Sizes cover partial token tiles, d with and without a vector-chunk tail, more readers than
+ * one group, several sources with accumulate (Block), and threads (dx the same bits for any
+ * count; e summed over the threads' partials). */
+static void attnres_backward_case(int64_t nsrc, int64_t nr, int64_t N, int64_t d, int accumulate,
+                                  int nt) {
+    const int64_t col0 = 1, ld = col0 + nsrc + 1; /* the sources sit at columns col0.. of alpha */
+    float **src = make_sources(nsrc, N, d), **irms = xmalloc((size_t)nsrc * sizeof(float *));
+    float **dsrc = xmalloc((size_t)nsrc * sizeof(float *)), **dsrc1 = xmalloc((size_t)nsrc * sizeof(float *));
+    float *dh = falloc(nr * N * d), *alpha = falloc(nr * N * ld), *S = falloc(nr * N);
+    float *qg = falloc(nr * d), *e = falloc(nt * nr * d), *e1 = falloc(nr * d);
+    fill(dh, nr * N * d, -1.0f, 1.0f);
+    fill(alpha, nr * N * ld, 0.05f, 1.0f);
+    fill(S, nr * N, -1.0f, 1.0f);
+    fill(qg, nr * d, -1.0f, 1.0f);
+    float *init = falloc(N * d);
+    fill(init, N * d, -0.5f, 0.5f);
+    for (int64_t i = 0; i < nsrc; i++) {
+        irms[i] = falloc(N);
+        sf_attnres_inv_rms(irms[i], src[i], N, d, 1e-6f, 1);
+        dsrc[i] = falloc(N * d);
+        dsrc1[i] = falloc(N * d);
+        memcpy(dsrc[i], init, (size_t)(N * d) * sizeof(float)); /* overwritten unless accumulate */
+        memcpy(dsrc1[i], init, (size_t)(N * d) * sizeof(float));
+    }
+    sf_attnres_reader *rd = xmalloc((size_t)nr * sizeof *rd), *rd1 = xmalloc((size_t)nr * sizeof *rd1);
+    for (int64_t j = 0; j < nr; j++) {
+        rd[j] = (sf_attnres_reader){.dh = dh + j * N * d, .alpha = alpha + j * N * ld, .ld = ld,
+                                    .S = S + j * N, .qg = qg + j * d, .e = e + j * d};
+        rd1[j] = rd[j];
+        rd1[j].e = e1 + j * d;
+    }
+    memset(e, 0, (size_t)(nt * nr * d) * sizeof(float));
+    memset(e1, 0, (size_t)(nr * d) * sizeof(float));
+    const float *const *csrc = (const float *const *)src, *const *cirms = (const float *const *)irms;
+    sf_attnres_sources_backward(dsrc, csrc, cirms, nsrc, col0, accumulate, rd, nr, nr * d, N, d, nt);
+    sf_attnres_sources_backward(dsrc1, csrc, cirms, nsrc, col0, accumulate, rd1, nr, nr * d, N, d, 1);
+
+    double *rdx = dalloc(N * d), *re = dalloc(nr * d);
+    for (int64_t k = 0; k < nr * d; k++) re[k] = 0.0;
+    char what[200], sub[260];
+    snprintf(what, sizeof what, "attnres backward nsrc=%lld readers=%lld N=%lld d=%lld acc=%d threads=%d",
+             (long long)nsrc, (long long)nr, (long long)N, (long long)d, accumulate, nt);
+    for (int64_t i = 0; i < nsrc; i++) {
+        double top = 0.0;
+        for (int64_t n = 0; n < N; n++) {
+            const float *x = src[i] + n * d;
+            double r = irms[i][n];
+            double *dx = rdx + n * d;
+            for (int64_t k = 0; k < d; k++) dx[k] = accumulate ? init[n * d + k] : 0.0;
+            for (int64_t j = 0; j < nr; j++) {
+                const float *g = dh + (j * N + n) * d, *q = qg + j * d;
+                double a = alpha[(j * N + n) * ld + col0 + i], gx = 0.0, qx = 0.0;
+                for (int64_t k = 0; k < d; k++) { gx += (double)g[k] * x[k]; qx += (double)q[k] * x[k]; }
+                double ds = a * (gx - S[j * N + n]);
+                for (int64_t k = 0; k < d; k++) {
+                    dx[k] += a * g[k] + ds * r * (q[k] - qx * r * r * x[k] / (double)d);
+                    re[j * d + k] += ds * r * x[k];
+                }
+            }
+            for (int64_t k = 0; k < d; k++) top = fmax(top, fabs(dx[k]));
+        }
+        snprintf(sub, sizeof sub, "%s: d src %lld", what, (long long)i);
+        CHECK_CLOSE(sub, dsrc[i], rdx, N * d, 1e-5 * (1.0 + top), 1e-5);
+        snprintf(sub, sizeof sub, "%s: d src %lld vs 1 thread", what, (long long)i);
+        CHECK_SAME(sub, dsrc[i], dsrc1[i], N * d);
+    }
+    for (int t = 1; t < nt; t++) /* thread partials, summed in thread order */
+        for (int64_t k = 0; k < nr * d; k++) e[k] += e[t * nr * d + k];
+    double etop = 0.0;
+    for (int64_t k = 0; k < nr * d; k++) etop = fmax(etop, fabs(re[k]));
+    snprintf(sub, sizeof sub, "%s: e", what);
+    CHECK_CLOSE(sub, e, re, nr * d, 1e-5 * (1.0 + etop), 1e-5);
+    for (int64_t i = 0; i < nsrc; i++) { free(irms[i]); free(dsrc[i]); free(dsrc1[i]); }
+    free(irms); free(dsrc); free(dsrc1); free_sources(src, nsrc); free(dh); free(alpha); free(S);
+    free(qg); free(e); free(e1); free(init); free(rd); free(rd1); free(rdx); free(re);
+}
+
 static void test_attnres(void) {
     static const int64_t nsrcs[] = {1, 2, 5};
     static const int64_t Ns[] = {1, 7};
@@ -1085,6 +1165,15 @@ static void test_attnres(void) {
     for (int a = 0; a < 3; a++)
         for (int c = 0; c < 3; c++) attnres_two_phase_case(nsrcs[a], 3, 9, ds[c], 1 + c % 2);
     attnres_two_phase_case(4, 2, 600, 40, 3); /* threaded */
+
+    static const int64_t bN[] = {1, 7, 37};
+    static const int64_t bd[] = {1, 33, 64};
+    static const int64_t bnr[] = {1, 5, 40};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int c = 0; c < 3; c++)
+                for (int acc = 0; acc <= 1; acc++)
+                    attnres_backward_case(1 + 2 * acc, bnr[c], bN[a], bd[b], acc, 1 + (a + b + c) % 3);
 }
 
 /* ============================================================================================
