@@ -704,6 +704,15 @@ static void embed_backward(const run *R, const int32_t *tokens, const float *dx0
 
 static float rms_of(const float *x, int64_t n) { return (float)sf_rms(x, n); }
 
+/* Where sublayer k writes its output y. Under AttnRes pre-norm the output is stored as is (v =
+ * y), so the sublayer writes it straight to where it is kept (Full: its source slot; Block: the
+ * staging row vtmp) instead of to its activation buffer and a copy; post-norm keeps y for the
+ * norm's backward. */
+static float *sublayer_out(const run *R, int64_t k, float *own) {
+    if (!R->attnres || !R->c->pre_norm) return own;
+    return R->block ? R->vtmp : R->src + (k + 1) * R->N * R->d;
+}
+
 /* One transformer block forward. Its input is already in A->in_a (plain) or in the sources
  * (AttnRes). Plain blocks leave their output in `out` (the next block's in_a, or fin_h). */
 static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
@@ -719,11 +728,12 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
     if (tr && tr->hidden) copy(tr->hidden[i], A->in_a, Nd);
     if (rms) rms[ka * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(A->in_a, Nd);
     if (pre) norm_fwd(R, A->u_a, A->in_a, Lv->attn_norm_w, Lv->attn_norm_b);
-    attn_forward(R, i, A, A->u_a, A->y_a, tr && tr->attention ? tr->attention[i] : NULL,
+    float *ya = sublayer_out(R, ka, A->y_a);
+    attn_forward(R, i, A, A->u_a, ya, tr && tr->attention ? tr->attention[i] : NULL,
                  tr && tr->depth_mass ? tr->depth_mass[i] : NULL);
     float *tout = tr && tr->attn_out ? tr->attn_out[i] : NULL;
     if (R->attnres) {
-        attnres_output(R, ka, A->y_a, Lv->attn_norm_w, Lv->attn_norm_b, tout);
+        attnres_output(R, ka, ya, Lv->attn_norm_w, Lv->attn_norm_b, tout);
         if (rms) {
             rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(tout ? tout : (R->block ? R->vtmp : R->src + (ka + 1) * Nd), Nd);
             rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
@@ -741,10 +751,11 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
     /* MLP sublayer */
     if (rms) rms[km * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(A->in_m, Nd);
     if (pre) norm_fwd(R, A->u_m, A->in_m, Lv->mlp_norm_w, Lv->mlp_norm_b);
-    mlp_forward(R, i, A, A->u_m, A->y_m);
+    float *ym = sublayer_out(R, km, A->y_m);
+    mlp_forward(R, i, A, A->u_m, ym);
     tout = tr && tr->mlp_out ? tr->mlp_out[i] : NULL;
     if (R->attnres) {
-        attnres_output(R, km, A->y_m, Lv->mlp_norm_w, Lv->mlp_norm_b, tout);
+        attnres_output(R, km, ym, Lv->mlp_norm_w, Lv->mlp_norm_b, tout);
         if (rms) {
             rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(tout ? tout : (R->block ? R->vtmp : R->src + (km + 1) * Nd), Nd);
             rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
