@@ -155,14 +155,14 @@ static void layout(run *R, bump *bp, want w) {
             A->v = take(bp, cmul(&bad, N, R->kvd));
             A->att = take(bp, cmul(&bad, N, R->qd));
             A->lse = R->training ? take(bp, cmul(&bad, N, c->n_heads)) : NULL;
-            A->y_a = take(bp, Nd);
+            A->y_a = (R->attnres && pre) ? NULL : take(bp, Nd); /* see sublayer_out */
             A->z_a = post_plain ? take(bp, Nd) : NULL;
             A->in_m = take(bp, Nd);
             A->u_m = pre ? take(bp, Nd) : NULL;
             A->f1 = take(bp, cmul(&bad, N, R->F));
             A->f2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
             A->g = take(bp, cmul(&bad, N, R->F));
-            A->y_m = take(bp, Nd);
+            A->y_m = (R->attnres && pre) ? NULL : take(bp, Nd);
             A->z_m = post_plain ? take(bp, Nd) : NULL;
             A->alpha_a = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
             A->alpha_m = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
