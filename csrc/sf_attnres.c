@@ -39,7 +39,7 @@ void sf_attnres_inv_rms(float *inv_rms, const float *src, int64_t N, int64_t d, 
  * rows sit in nsrc different buffers, and interleaving that many streams row by row outruns
  * the hardware prefetchers, leaving every row's first load a cache miss (70% of the pass's
  * time, measured at Full AttnRes M). A tile's rows stay in L1/L2 between the passes over them,
- * and every token still sees its sources in the same order, so the results keep their bits. */
+ * and every token still sees its sources in the same order (the aggregation kept its bits). */
 #define AR_TILE 16
 
 /* Ask for the next stretch (rows n0.. of the next buffer) while this one is being used. */
@@ -177,10 +177,9 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
  * stream past: for Full, one source at a time gathered from all of its readers; for Block, the
  * readers of one block at a time over all completed blocks. The RMS path's Σ_j ds r (qg_j·x)
  * comes from dx·x at the end (see xd below) rather than from a second dot per reader. */
-/* Readers per group in the backward's two passes (their weights wait in a fixed array). */
-#define AR_RG 32
-#define AR_CH 32 /* floats of dx and x held in registers across a group's readers */
 
+#define AR_RG 32 /* readers per group in the two passes (their weights wait in fixed arrays) */
+#define AR_CH 32 /* floats of dx and x held in registers across a group's readers */
 
 /* dx += Σ_j a_j dh_j + c_j qg_j and e_j += c_j x for one token (row offset off) and readers
  * rd[0..jn): per element the same sums in the same order as a reader-at-a-time loop. */
@@ -242,7 +241,8 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                 }
                 for (int64_t j0 = 0; j0 < nr; j0 += AR_RG) {
                     int64_t jn = nr - j0 < AR_RG ? nr - j0 : AR_RG;
-                    /* pass 1, reader-major: the dots, streaming each reader's dh rows */
+                    /* pass 1, reader-major: the dots, streaming each reader's dh rows (and
+                     * asking for the next reader's while this one's are read) */
                     for (int64_t j = 0; j < jn; j++) {
                         const sf_attnres_reader *R = &rd[j0 + j];
                         if (j0 + j + 1 < nr) prefetch_rows(rd[j0 + j + 1].dh + n0 * d, nn * d);
