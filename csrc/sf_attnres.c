@@ -51,8 +51,10 @@ static inline void prefetch_rows(const float *p, int64_t nfloats) {
  * the backward's register-held chunks: there a plain float array was kept on the stack (the
  * backward gather ran ~7% slower). Element-wise, the same arithmetic as the scalar code. */
 typedef float v8 __attribute__((vector_size(32)));
-static inline v8 ld8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+/* loads and stores as memcpy (no alignment assumed); macros, since a function taking or
+ * returning a v8 has a different ABI without AVX (GCC warns in the portable build) */
+#define LD8(v, p) memcpy(&(v), (p), sizeof(v8))
+#define ST8(p, v) memcpy((p), &(v), sizeof(v8))
 
 int64_t sf_attnres_scratch_floats(int64_t nsrc, int64_t d, int n_threads) {
     return (int64_t)sf_threads_resolve(n_threads) * (d + AR_TILE * nsrc);
@@ -189,16 +191,30 @@ static void backward_updates(float *dx, const float *x, const sf_attnres_reader 
     int64_t k0 = 0;
     for (; k0 + AR_CH <= d; k0 += AR_CH) {
         v8 acc[AR_CH / 8], xv[AR_CH / 8];
-        for (int c = 0; c < AR_CH / 8; c++) { acc[c] = ld8(dx + k0 + 8 * c); xv[c] = ld8(x + k0 + 8 * c); }
+        for (int c = 0; c < AR_CH / 8; c++) { /* via locals: acc and xv never have their address taken */
+            v8 t, u;
+            LD8(t, dx + k0 + 8 * c);
+            LD8(u, x + k0 + 8 * c);
+            acc[c] = t;
+            xv[c] = u;
+        }
         for (int64_t j = 0; j < jn; j++) {
             const float *g = rd[j].dh + off + k0, *qg = rd[j].qg + k0;
             float *e = rd[j].e + eoff + k0, a = av[j], c1 = cv[j];
             for (int c = 0; c < AR_CH / 8; c++) {
-                acc[c] += a * ld8(g + 8 * c) + c1 * ld8(qg + 8 * c);
-                st8(e + 8 * c, ld8(e + 8 * c) + c1 * xv[c]);
+                v8 gv, qv, ev;
+                LD8(gv, g + 8 * c);
+                LD8(qv, qg + 8 * c);
+                LD8(ev, e + 8 * c);
+                acc[c] += a * gv + c1 * qv;
+                ev += c1 * xv[c];
+                ST8(e + 8 * c, ev);
             }
         }
-        for (int c = 0; c < AR_CH / 8; c++) st8(dx + k0 + 8 * c, acc[c]);
+        for (int c = 0; c < AR_CH / 8; c++) {
+            v8 t = acc[c];
+            ST8(dx + k0 + 8 * c, t);
+        }
     }
     if (k0 < d)
         for (int64_t j = 0; j < jn; j++) {
