@@ -3,6 +3,7 @@
 #include "sf.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -245,11 +246,15 @@ tile_avx2_edge(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, in
     }
 }
 
+/* STACKFORMER_NO_AVX2=1 in the environment makes the kernels take their generic paths, as on a
+ * CPU without AVX2/FMA (so those paths can be tested on any machine). */
 static int have_avx2_fma(void) {
     static int cached = -1;
     if (cached < 0) {
+        const char *off = getenv("STACKFORMER_NO_AVX2");
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        cached = !(off && strcmp(off, "1") == 0) && __builtin_cpu_supports("avx2") &&
+                 __builtin_cpu_supports("fma");
     }
     return cached;
 }
