@@ -3,6 +3,7 @@
 #include "sf.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -249,14 +250,17 @@ tile_avx2_edge(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, in
 /* STACKFORMER_NO_AVX2=1 in the environment makes the kernels take their generic paths, as on a
  * CPU without AVX2/FMA (so those paths can be tested on any machine). */
 static int have_avx2_fma(void) {
-    static int cached = -1;
-    if (cached < 0) {
+    /* atomic: the first calls can come from several threads at once (all store the same) */
+    static _Atomic int cached = -1;
+    int have = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (have < 0) {
         const char *off = getenv("STACKFORMER_NO_AVX2");
         __builtin_cpu_init();
-        cached = !(off && strcmp(off, "1") == 0) && __builtin_cpu_supports("avx2") &&
-                 __builtin_cpu_supports("fma");
+        have = !(off && strcmp(off, "1") == 0) && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma");
+        atomic_store_explicit(&cached, have, memory_order_relaxed);
     }
-    return cached;
+    return have;
 }
 #endif
 
