@@ -227,6 +227,45 @@ static void backward_updates(float *dx, const float *x, const sf_attnres_reader 
         }
 }
 
+#define AR_FUSE 4 /* sources whose pass-1 dots share one load of each dh row */
+
+/* out[i] = dotf(g, x[i] + off, d) for i < NI, bit for bit (the same eight lanes, the same
+ * final combination), loading g once for all of them. NI is a constant at each call site. */
+static inline __attribute__((always_inline)) void dots_n(float *out, const float *g,
+                                                           const float *const *x, int64_t off,
+                                                           const int NI, int64_t d) {
+    v8 acc[AR_FUSE];
+    for (int i = 0; i < NI; i++) acc[i] = (v8){0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) {
+        v8 gv;
+        LD8(gv, g + k);
+        for (int i = 0; i < NI; i++) {
+            v8 xv;
+            LD8(xv, x[i] + off + k);
+            acc[i] += gv * xv;
+        }
+    }
+    for (int i = 0; i < NI; i++) {
+        float lanes[8];
+        v8 t = acc[i];
+        memcpy(lanes, &t, sizeof lanes);
+        float s = sf_hsum8(lanes);
+        for (int64_t kk = k; kk < d; kk++) s += g[kk] * x[i][off + kk];
+        out[i] = s;
+    }
+}
+
+static void dots_fused(float *out, const float *g, const float *const *x, int64_t off, int ni,
+                       int64_t d) {
+    switch (ni) {
+    case 1: dots_n(out, g, x, off, 1, d); break;
+    case 2: dots_n(out, g, x, off, 2, d); break;
+    case 3: dots_n(out, g, x, off, 3, d); break;
+    default: dots_n(out, g, x, off, 4, d); break;
+    }
+}
+
 void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                                  const float *const *inv_rms, int64_t nsrc, int64_t col0,
                                  int accumulate, const sf_attnres_reader *rd, int64_t nr,
@@ -239,22 +278,25 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
 #ifdef _OPENMP
         eoff = (int64_t)omp_get_thread_num() * e_tstride;
 #endif
-        float xd[AR_TILE], av[AR_TILE][AR_RG], cv[AR_TILE][AR_RG];
+        float xd[AR_FUSE][AR_TILE], av[AR_FUSE][AR_TILE][AR_RG], cv[AR_FUSE][AR_TILE][AR_RG];
         /* A tile at a time (see AR_TILE), reader-major inside it: one reader's dh rows for the
-         * tile are one contiguous stretch, and the tile's x and dx rows stay in L1/L2. */
+         * tile are one contiguous stretch, and the tile's x and dx rows stay in L1/L2. Up to
+         * AR_FUSE sources share pass 1: each dh row is loaded once for all of their dots. */
 #pragma omp for schedule(static)
         for (int64_t tb = 0; tb < ntiles; tb++) {
             int64_t n0 = tb * AR_TILE, nn = N - n0 < AR_TILE ? N - n0 : AR_TILE;
-            for (int64_t i = 0; i < nsrc; i++) {
+            for (int64_t i0 = 0; i0 < nsrc; i0 += AR_FUSE) {
+                const int ni = (int)(nsrc - i0 < AR_FUSE ? nsrc - i0 : AR_FUSE);
                 /* xd = (dx before this call) · x + Σ_j a (dh_j · x): subtracted from dx · x at
                  * the end, it leaves Σ_j c1 (qg_j · x), so the RMS path costs one dot per token
                  * instead of one per reader */
-                for (int64_t t = 0; t < nn; t++) {
-                    const float *x = src[i] + (n0 + t) * d;
-                    float *dx = dsrc[i] + (n0 + t) * d;
-                    if (accumulate) xd[t] = dotf(dx, x, d);
-                    else { xd[t] = 0.0f; memset(dx, 0, (size_t)d * sizeof(float)); }
-                }
+                for (int i = 0; i < ni; i++)
+                    for (int64_t t = 0; t < nn; t++) {
+                        const float *x = src[i0 + i] + (n0 + t) * d;
+                        float *dx = dsrc[i0 + i] + (n0 + t) * d;
+                        if (accumulate) xd[i][t] = dotf(dx, x, d);
+                        else { xd[i][t] = 0.0f; memset(dx, 0, (size_t)d * sizeof(float)); }
+                    }
                 for (int64_t j0 = 0; j0 < nr; j0 += AR_RG) {
                     int64_t jn = nr - j0 < AR_RG ? nr - j0 : AR_RG;
                     /* pass 1, reader-major: the dots, streaming each reader's dh rows (and
@@ -264,26 +306,31 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                         if (j0 + j + 1 < nr) prefetch_rows(rd[j0 + j + 1].dh + n0 * d, nn * d);
                         for (int64_t t = 0; t < nn; t++) {
                             int64_t n = n0 + t;
-                            float a = R->alpha[n * R->ld + col0 + i];
-                            float gx = dotf(R->dh + n * d, src[i] + n * d, d);
-                            av[t][j] = a;
-                            cv[t][j] = a * (gx - R->S[n]) * inv_rms[i][n];
-                            xd[t] += a * gx;
+                            float gx[AR_FUSE];
+                            dots_fused(gx, R->dh + n * d, src + i0, n * d, ni, d);
+                            for (int i = 0; i < ni; i++) {
+                                float a = R->alpha[n * R->ld + col0 + i0 + i];
+                                av[i][t][j] = a;
+                                cv[i][t][j] = a * (gx[i] - R->S[n]) * inv_rms[i0 + i][n];
+                                xd[i][t] += a * gx[i];
+                            }
                         }
                     }
                     /* pass 2, token-major over the rows pass 1 left in L2: a chunk of dx and x
                      * stays in registers across all readers */
-                    for (int64_t t = 0; t < nn; t++)
-                        backward_updates(dsrc[i] + (n0 + t) * d, src[i] + (n0 + t) * d, rd + j0, jn,
-                                         av[t], cv[t], (n0 + t) * d, eoff, d);
+                    for (int i = 0; i < ni; i++)
+                        for (int64_t t = 0; t < nn; t++)
+                            backward_updates(dsrc[i0 + i] + (n0 + t) * d, src[i0 + i] + (n0 + t) * d,
+                                             rd + j0, jn, av[i][t], cv[i][t], (n0 + t) * d, eoff, d);
                 }
-                for (int64_t t = 0; t < nn; t++) {
-                    int64_t n = n0 + t;
-                    const float *x = src[i] + n * d;
-                    float *dx = dsrc[i] + n * d, r = inv_rms[i][n];
-                    float c2 = (dotf(dx, x, d) - xd[t]) * r * r / (float)d;
-                    for (int64_t k = 0; k < d; k++) dx[k] -= c2 * x[k];
-                }
+                for (int i = 0; i < ni; i++)
+                    for (int64_t t = 0; t < nn; t++) {
+                        int64_t n = n0 + t;
+                        const float *x = src[i0 + i] + n * d;
+                        float *dx = dsrc[i0 + i] + n * d, r = inv_rms[i0 + i][n];
+                        float c2 = (dotf(dx, x, d) - xd[i][t]) * r * r / (float)d;
+                        for (int64_t k = 0; k < d; k++) dx[k] -= c2 * x[k];
+                    }
             }
         }
     }
