@@ -634,27 +634,26 @@ static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
                          R->ar_scratch, R->nt);
 }
 
+/* Where sublayer k's output v is kept: Full, its source slot k+1; Block, the staging row. */
+static float *attnres_v(const run *R, int64_t k) {
+    return R->block ? R->vtmp : R->src + (k + 1) * R->N * R->d;
+}
+
 /* Sublayer k produced y; store its output v (post-norm: Norm(y)) where later readers find it. */
 static void attnres_output(run *R, int64_t k, const float *y, const float *nw, const float *nb,
                            float *trace_out) {
     const int64_t N = R->N, d = R->d, Nd = N * d;
     const float eps = R->c->attnres_eps;
-    if (!R->block) {
-        float *v = R->src + (k + 1) * Nd;
-        if (R->c->pre_norm) copy(v, y, Nd);
-        else norm_fwd(R, v, y, nw, nb);
-        resid_dropout(R, v, k);
-        sf_attnres_inv_rms(R->src_rms + (k + 1) * N, v, N, d, eps, R->nt);
-        copy(trace_out, v, Nd);
-        if (R->running) sf_add(R->running, v, Nd, R->nt);
-        return;
-    }
-    float *v = R->vtmp;
-    if (R->c->pre_norm) copy(v, y, Nd);
+    float *v = attnres_v(R, k);
+    if (R->c->pre_norm) copy(v, y, Nd); /* nothing to copy when y was written there */
     else norm_fwd(R, v, y, nw, nb);
     resid_dropout(R, v, k);
     copy(trace_out, v, Nd);
     if (R->running) sf_add(R->running, v, Nd, R->nt);
+    if (!R->block) {
+        sf_attnres_inv_rms(R->src_rms + (k + 1) * N, v, N, d, eps, R->nt);
+        return;
+    }
     int64_t pos = k % R->S;
     const float *prev = pos ? R->part + part_index(R, k) * Nd : NULL;
     float *dst, *dst_rms;
@@ -716,8 +715,7 @@ static float rms_of(const float *x, int64_t n) { return (float)sf_rms(x, n); }
  * staging row vtmp) instead of to its activation buffer and a copy; post-norm keeps y for the
  * norm's backward. */
 static float *sublayer_out(const run *R, int64_t k, float *own) {
-    if (!R->attnres || !R->c->pre_norm) return own;
-    return R->block ? R->vtmp : R->src + (k + 1) * R->N * R->d;
+    return R->attnres && R->c->pre_norm ? attnres_v(R, k) : own;
 }
 
 /* One transformer block forward. Its input is already in A->in_a (plain) or in the sources
@@ -742,7 +740,7 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
     if (R->attnres) {
         attnres_output(R, ka, ya, Lv->attn_norm_w, Lv->attn_norm_b, tout);
         if (rms) {
-            rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(tout ? tout : (R->block ? R->vtmp : R->src + (ka + 1) * Nd), Nd);
+            rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(attnres_v(R, ka), Nd);
             rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
         }
         attnres_input(R, km, A->in_m, tr && tr->alpha ? tr->alpha[km] : A->alpha_m);
@@ -764,7 +762,7 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
     if (R->attnres) {
         attnres_output(R, km, ym, Lv->mlp_norm_w, Lv->mlp_norm_b, tout);
         if (rms) {
-            rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(tout ? tout : (R->block ? R->vtmp : R->src + (km + 1) * Nd), Nd);
+            rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(attnres_v(R, km), Nd);
             rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
         }
     } else {
