@@ -51,8 +51,10 @@ int sf_threads_resolve(int n_threads) { return n_threads > 0 ? n_threads : sf_ge
 #ifndef SF_KC
 #define SF_KC 128
 #endif
-/* Row tiles per block of A that the contiguous-A products keep in L2 across panels. */
+/* 6-row tiles per block of A that the contiguous-A products keep in L2 across panels. */
 #define SF_ROW_BLOCK 16
+/* Largest B (floats) the contiguous-A products read in place when it needs no transpose. */
+#define SF_DIRECT_FLOATS (64 * 256)
 
 int64_t sf_matmul_pack_floats(int64_t K, int64_t M) {
     return K * ((M + SF_NR - 1) / SF_NR) * SF_NR;
@@ -134,17 +136,18 @@ void sf_pack_panels(float *pack, const float *w, int64_t ldw, int trans_w, int64
     pack_panels(pack, w, ldw, trans_w, K, M, 0, (M + SF_NR - 1) / SF_NR);
 }
 
-/* Generic tile: rows mr <= 6, columns mw <= 16 of panel `pp`. Same operation order per
+/* Generic tile: rows mr <= 6, columns mw <= 16 of panel `pp` (rows ps floats apart; all 16
+ * columns are read, those past mw are not stored). Same operation order per
  * element as the vector tile (init, then one fused multiply-add per k, ascending). */
 static inline __attribute__((always_inline)) void
 tile_generic_body(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
-                  const float *pp, const float *b, int64_t mr, int64_t mw, int accumulate) {
+                  const float *pp, int64_t ps, const float *b, int64_t mr, int64_t mw, int accumulate) {
     float acc[SF_MR][SF_NR];
     for (int64_t r = 0; r < mr; r++)
         for (int64_t j = 0; j < SF_NR; j++)
             acc[r][j] = j < mw ? (accumulate ? y[r * ldy + j] : (b ? b[j] : 0.0f)) : 0.0f;
     for (int64_t k = 0; k < K; k++) {
-        const float *wk = pp + k * SF_NR;
+        const float *wk = pp + k * ps;
         for (int64_t r = 0; r < mr; r++) {
             float xv = x[r * rs + k * cs];
             for (int64_t j = 0; j < SF_NR; j++) acc[r][j] = fmaf(xv, wk[j], acc[r][j]);
@@ -155,16 +158,16 @@ tile_generic_body(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs,
 }
 
 static void tile_generic(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs,
-                         int64_t K, const float *pp, const float *b, int64_t mr, int64_t mw,
+                         int64_t K, const float *pp, int64_t ps, const float *b, int64_t mr, int64_t mw,
                          int accumulate) {
-    tile_generic_body(y, ldy, x, rs, cs, K, pp, b, mr, mw, accumulate);
+    tile_generic_body(y, ldy, x, rs, cs, K, pp, ps, b, mr, mw, accumulate);
 }
 #if defined(__x86_64__) || defined(__i386__)
 /* Same body with hardware FMA, so edge tiles round exactly like the AVX2 tile. */
 __attribute__((target("avx2,fma"))) static void
 tile_generic_fma(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
-                 const float *pp, const float *b, int64_t mr, int64_t mw, int accumulate) {
-    tile_generic_body(y, ldy, x, rs, cs, K, pp, b, mr, mw, accumulate);
+                 const float *pp, int64_t ps, const float *b, int64_t mr, int64_t mw, int accumulate) {
+    tile_generic_body(y, ldy, x, rs, cs, K, pp, ps, b, mr, mw, accumulate);
 }
 #endif
 
@@ -174,8 +177,8 @@ tile_generic_fma(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, 
  * slower. */
 __attribute__((target("avx2,fma"))) static void tile_avx2(float *y, int64_t ldy, const float *x,
                                                           int64_t rs, int64_t cs, int64_t K,
-                                                          const float *pp, const float *b,
-                                                          int accumulate) {
+                                                          const float *pp, int64_t ps,
+                                                          const float *b, int accumulate) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     if (accumulate) {
         c00 = _mm256_loadu_ps(y + 0 * ldy); c01 = _mm256_loadu_ps(y + 0 * ldy + 8);
@@ -193,7 +196,7 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(float *y, int64_t ldy,
     const float *x0 = x, *x1 = x + rs, *x2 = x + 2 * rs, *x3 = x + 3 * rs, *x4 = x + 4 * rs,
                 *x5 = x + 5 * rs;
     for (int64_t k = 0; k < K; k++) {
-        __m256 w0 = _mm256_loadu_ps(pp + k * SF_NR), w1 = _mm256_loadu_ps(pp + k * SF_NR + 8);
+        __m256 w0 = _mm256_loadu_ps(pp + k * ps), w1 = _mm256_loadu_ps(pp + k * ps + 8);
         __m256 a;
         int64_t o = k * cs;
         a = _mm256_broadcast_ss(x0 + o); c00 = _mm256_fmadd_ps(a, w0, c00); c01 = _mm256_fmadd_ps(a, w1, c01);
@@ -215,7 +218,7 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(float *y, int64_t ldy,
  * so the accumulators stay in registers; same operation order as tile_avx2. */
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
 tile_avx2_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
-               const float *pp, const float *b, int accumulate, const int mr) {
+               const float *pp, int64_t ps, const float *b, int accumulate, const int mr) {
     __m256 c0[SF_MR], c1[SF_MR];
     for (int r = 0; r < mr; r++) {
         if (accumulate) { c0[r] = _mm256_loadu_ps(y + r * ldy); c1[r] = _mm256_loadu_ps(y + r * ldy + 8); }
@@ -225,7 +228,7 @@ tile_avx2_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, in
         }
     }
     for (int64_t k = 0; k < K; k++) {
-        __m256 w0 = _mm256_loadu_ps(pp + k * SF_NR), w1 = _mm256_loadu_ps(pp + k * SF_NR + 8);
+        __m256 w0 = _mm256_loadu_ps(pp + k * ps), w1 = _mm256_loadu_ps(pp + k * ps + 8);
         for (int r = 0; r < mr; r++) {
             __m256 a = _mm256_broadcast_ss(x + r * rs + k * cs);
             c0[r] = _mm256_fmadd_ps(a, w0, c0[r]);
@@ -237,14 +240,66 @@ tile_avx2_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, in
 
 __attribute__((target("avx2,fma"))) static void
 tile_avx2_edge(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
-               const float *pp, const float *b, int accumulate, int64_t mr) {
+               const float *pp, int64_t ps, const float *b, int accumulate, int64_t mr) {
     switch (mr) {
-    case 1: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 1); break;
-    case 2: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 2); break;
-    case 3: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 3); break;
-    case 4: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 4); break;
-    default: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, b, accumulate, 5); break;
+    case 1: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, ps, b, accumulate, 1); break;
+    case 2: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, ps, b, accumulate, 2); break;
+    case 3: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, ps, b, accumulate, 3); break;
+    case 4: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, ps, b, accumulate, 4); break;
+    default: tile_avx2_rows(y, ldy, x, rs, cs, K, pp, ps, b, accumulate, 5); break;
     }
+}
+
+/* The AVX-512 tile: up to 8 rows x 32 columns (two panels), two zmm accumulators per row.
+ * On Zen 4, whose 512-bit FMAs take both 256-bit pipes, the peak is AVX2's, but a k step
+ * issues half the instructions per multiply-add, and eight rows need only eight row pointers
+ * (sixteen rows of one panel kept most of them on the stack: 103 against 113 GFLOP/s on S's
+ * per-head P V). np = 1 or 2 panels, the second np1 floats after the first. Same per-element
+ * operations as tile_avx2 (init, one fma per k ascending): the same bits. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+tile_avx512_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, const float *pp,
+                 int64_t ps, int64_t np1, const float *b, int accumulate, const int mr, const int np) {
+    __m512 c0[8], c1[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < mr; r++) {
+        if (accumulate) {
+            c0[r] = _mm512_loadu_ps(y + r * ldy);
+            c1[r] = np == 2 ? _mm512_loadu_ps(y + r * ldy + 16) : _mm512_setzero_ps();
+        } else {
+            c0[r] = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+            c1[r] = b && np == 2 ? _mm512_loadu_ps(b + 16) : _mm512_setzero_ps();
+        }
+    }
+    for (int64_t k = 0; k < K; k++) {
+        __m512 w0 = _mm512_loadu_ps(pp + k * ps);
+        __m512 w1 = np == 2 ? _mm512_loadu_ps(pp + np1 + k * ps) : w0;
+#pragma GCC unroll 8
+        for (int r = 0; r < mr; r++) {
+            __m512 a = _mm512_set1_ps(x[r * rs + k]);
+            c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
+            if (np == 2) c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < mr; r++) {
+        _mm512_storeu_ps(y + r * ldy, c0[r]);
+        if (np == 2) _mm512_storeu_ps(y + r * ldy + 16, c1[r]);
+    }
+}
+
+__attribute__((target("avx512f"))) static void
+tile_avx512(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, const float *pp,
+            int64_t ps, int64_t np1, const float *b, int accumulate, int64_t mr, int np) {
+#define SF_T512(n)                                                                               \
+    case n:                                                                                      \
+        if (np == 2) tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 2);       \
+        else tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 1);               \
+        break;
+    switch (mr) {
+    SF_T512(1) SF_T512(2) SF_T512(3) SF_T512(4) SF_T512(5) SF_T512(6) SF_T512(7)
+    default: SF_T512(8)
+    }
+#undef SF_T512
 }
 
 /* STACKFORMER_NO_AVX2=1 in the environment makes the kernels take their generic paths, as on a
@@ -262,6 +317,20 @@ static int have_avx2_fma(void) {
     }
     return have;
 }
+
+/* STACKFORMER_NO_AVX512=1 keeps the products on the AVX2 tiles (same bits, so tests compare
+ * the two paths on one machine). */
+static int have_avx512(void) {
+    static _Atomic int cached = -1;
+    int have = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (have < 0) {
+        const char *off = getenv("STACKFORMER_NO_AVX512");
+        __builtin_cpu_init();
+        have = have_avx2_fma() && !(off && strcmp(off, "1") == 0) && __builtin_cpu_supports("avx512f");
+        atomic_store_explicit(&cached, have, memory_order_relaxed);
+    }
+    return have;
+}
 #endif
 
 void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, int64_t K,
@@ -275,13 +344,13 @@ void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a
     }
 #ifdef SF_X86
     if (have_avx2_fma()) {
-        if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, a, a_rs, a_cs, K, panel, b, accumulate);
-        else if (mw == SF_NR) tile_avx2_edge(y, ldy, a, a_rs, a_cs, K, panel, b, accumulate, mr);
-        else tile_generic_fma(y, ldy, a, a_rs, a_cs, K, panel, b, mr, mw, accumulate);
+        if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, a, a_rs, a_cs, K, panel, SF_NR, b, accumulate);
+        else if (mw == SF_NR) tile_avx2_edge(y, ldy, a, a_rs, a_cs, K, panel, SF_NR, b, accumulate, mr);
+        else tile_generic_fma(y, ldy, a, a_rs, a_cs, K, panel, SF_NR, b, mr, mw, accumulate);
         return;
     }
 #endif
-    tile_generic(y, ldy, a, a_rs, a_cs, K, panel, b, mr, mw, accumulate);
+    tile_generic(y, ldy, a, a_rs, a_cs, K, panel, SF_NR, b, mr, mw, accumulate);
 }
 
 /* A few rows times a Linear weight (decoding: one token per sequence). Packing would copy the
@@ -345,20 +414,38 @@ small_n_avx2(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, 
 }
 #endif
 
-/* One tile of sf_gemm, dispatched on shape and CPU. */
+/* One tile of sf_gemm (mr <= 6 rows; panel rows ps floats apart), dispatched on shape and CPU. */
 static inline void run_tile(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, int64_t K,
-                            const float *pp, const float *b, int64_t mr, int64_t mw, int acc,
-                            int use_avx) {
+                            const float *pp, int64_t ps, const float *b, int64_t mr, int64_t mw,
+                            int acc, int use_avx) {
 #ifdef SF_X86
     if (use_avx) {
-        if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, x, rs, cs, K, pp, b, acc);
-        else if (mw == SF_NR) tile_avx2_edge(y, ldy, x, rs, cs, K, pp, b, acc, mr);
-        else tile_generic_fma(y, ldy, x, rs, cs, K, pp, b, mr, mw, acc);
+        if (mr == SF_MR && mw == SF_NR) tile_avx2(y, ldy, x, rs, cs, K, pp, ps, b, acc);
+        else if (mw == SF_NR) tile_avx2_edge(y, ldy, x, rs, cs, K, pp, ps, b, acc, mr);
+        else tile_generic_fma(y, ldy, x, rs, cs, K, pp, ps, b, mr, mw, acc);
         return;
     }
 #endif
     (void)use_avx;
-    tile_generic(y, ldy, x, rs, cs, K, pp, b, mr, mw, acc);
+    tile_generic(y, ldy, x, rs, cs, K, pp, ps, b, mr, mw, acc);
+}
+
+/* A row tile of the contiguous-A products: mr <= mrt rows (8 with AVX-512, else 6) times np
+ * panels (2 only with AVX-512, both full; panel 2 starts np1 floats after panel 1). Partial
+ * panels, and CPUs without AVX-512, take 6-row tiles. */
+static inline void run_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K,
+                            const float *pp, int64_t ps, int64_t np1, const float *b, int64_t mr,
+                            int64_t mw, int np, int acc, int use_avx, int use512) {
+#ifdef SF_X86
+    if (use512 && mw == SF_NR) {
+        tile_avx512(y, ldy, x, rs, K, pp, ps, np1, b, acc, mr, np);
+        return;
+    }
+#endif
+    (void)use512; (void)np; (void)np1;
+    for (int64_t i = 0; i < mr; i += SF_MR)
+        run_tile(y + i * ldy, ldy, x + i * rs, rs, 1, K, pp, ps, b, mr - i < SF_MR ? mr - i : SF_MR,
+                 mw, acc, use_avx);
 }
 
 int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided) {
@@ -380,6 +467,116 @@ static inline void act_block(int act, float *act_out, const float *y, int64_t ld
                              int64_t mr, int64_t m0, int64_t mw) {
     if (act < 0) return;
     for (int64_t r = n0; r < n0 + mr; r++) act_row(act, act_out + r * ldy + m0, y + r * ldy + m0, mw);
+}
+
+/* What one thread of a contiguous or strided-A product needs (gemm below). */
+typedef struct {
+    float *y, *pack, *act_out;
+    const float *a, *w, *b;
+    int64_t ldy, a_rs, a_cs, N, K, M, np, ldw, mrt, rblk, nr, kc_max;
+    int trans_w, accumulate, act, a_packed, use_avx, use512, direct;
+} gemm_plan;
+
+/* Thread tid of T's share of a product. Called directly when the product runs on one
+ * thread: entering a parallel region of one thread still allocated a team and woke a futex
+ * (~5% of a 128 x 128 x 32 product). */
+static void gemm_part(const gemm_plan *g, int tid, int T) {
+    float *y = g->y, *pack = g->pack, *act_out = g->act_out;
+    const float *a = g->a, *w = g->w, *b = g->b;
+    const int64_t ldy = g->ldy, a_rs = g->a_rs, a_cs = g->a_cs, N = g->N, K = g->K, M = g->M;
+    const int64_t np = g->np, ldw = g->ldw, mrt = g->mrt, rblk = g->rblk, nr = g->nr, kc_max = g->kc_max;
+    const int trans_w = g->trans_w, accumulate = g->accumulate, act = g->act, a_packed = g->a_packed;
+    const int use_avx = g->use_avx, use512 = g->use512, direct = g->direct;
+    /* Each thread owns a contiguous range of panels (or of row tiles: see below) and walks
+     * panels in the outer loop, so one K x 16 panel stays in L1/L2 while its row tiles
+     * stream through. Owning panels, a thread packs exactly the panels it reads: no barrier,
+     * and no panel crosses to the other core's cache (for small products that transfer cost
+     * more than the tiles). Row ranges are used when the panels do not split evenly, and
+     * for a strided A, whose row panels are copied per thread. */
+    int64_t r0 = 0, r1 = nr, p0 = 0, p1 = np;
+    const int by_rows = nr >= T && (a_packed || (np % T != 0 && np < 4 * T));
+    if (by_rows) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
+    else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
+    if (a_packed) {
+        /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
+         * [tile][k][6] so the tiles read A contiguously; y carries the sums across chunks.
+         * B is copied one (chunk, panel) slice at a time into this thread's own 8 KB, right
+         * before its tiles read it from L1. Packing all of B up front wrote and re-read K x M
+         * floats through L3 (x, 3 MB for M's dW), and on two threads half of the panels
+         * crossed cores; both threads now copy every slice, ~1% of the tiles' work. dW at
+         * M's shapes: 153 -> 186 GFLOP/s on 2 threads, 93 -> 97 on one. */
+        float *ap = pack + r0 * SF_MR * SF_KC;
+        float *bs = pack + nr * SF_MR * SF_KC + (int64_t)tid * SF_KC * SF_NR;
+        for (int64_t k0 = 0; k0 < K; k0 += SF_KC) {
+            int64_t kc = K - k0 < SF_KC ? K - k0 : SF_KC;
+            int acc = accumulate || k0 > 0;
+            for (int64_t r = r0; r < r1; r++) {
+                int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
+                float *dst = ap + (r - r0) * kc * SF_MR;
+                for (int64_t k = 0; k < kc; k++) {
+                    const float *src = a + n0 * a_rs + (k0 + k) * a_cs;
+                    for (int64_t i = 0; i < mr; i++) dst[k * SF_MR + i] = src[i * a_rs];
+                }
+            }
+            for (int64_t p = p0; p < p1; p++) {
+                int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
+                pack_panel(bs, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p);
+                const float *bp = (b && k0 == 0) ? b + m0 : NULL;
+                for (int64_t r = r0; r < r1; r++) {
+                    int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
+                    run_tile(y + n0 * ldy + m0, ldy, ap + (r - r0) * kc * SF_MR, 1, SF_MR, kc, bs,
+                             SF_NR, bp, mr, mw, acc, use_avx);
+                }
+            }
+        }
+        for (int64_t r = r0; r < r1; r++) {
+            int64_t n0 = r * SF_MR;
+            act_block(act, act_out, y, ldy, n0, N - n0 < SF_MR ? N - n0 : SF_MR, 0, M);
+        }
+    } else if (!direct) {
+        if (by_rows) {
+            /* packing shares the team (one fork/join per product, not two); the barrier at
+             * the end of the loop makes every panel visible before any tile reads it */
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
+        } else {
+            pack_panels(pack, w, ldw, trans_w, K, M, p0, p1);
+        }
+    }
+    if (!a_packed) {
+        /* Row blocks of 96 rows of A (147 KB at K = 384, 590 KB at K = 1536) stay in L2
+         * while every panel of this thread passes over them; walking all rows per panel
+         * streamed A from L3 once per panel (24 times at M's shapes). M's Linear products:
+         * 97 -> 105 GFLOP/s on one core, 197 -> 207 on two. */
+        for (int64_t rb = r0; rb < r1; rb += rblk) {
+            int64_t rb1 = rb + rblk < r1 ? rb + rblk : r1;
+            for (int64_t p = p0, two; p < p1; p += 1 + two) {
+                int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
+                two = use512 && p + 1 < p1 && M - m0 >= 2 * SF_NR; /* AVX-512: two full panels at once */
+                const int64_t ps = direct ? ldw : SF_NR, np1 = direct ? SF_NR : K * SF_NR;
+                for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+                    int64_t kc = K - k0 < kc_max ? K - k0 : kc_max;
+                    int acc = accumulate || k0 > 0; /* later chunks continue the partial sums in y */
+                    const float *pp = direct ? w + k0 * ldw + m0 : pack + p * K * SF_NR + k0 * SF_NR;
+                    const float *bp = (b && k0 == 0) ? b + m0 : NULL;
+                    for (int64_t r = rb; r < rb1; r++) {
+                        int64_t n0 = r * mrt, mr = N - n0 < mrt ? N - n0 : mrt;
+                        run_rows(y + n0 * ldy + m0, ldy, a + n0 * a_rs + k0, a_rs, kc, pp, ps, np1, bp,
+                                 mr, mw, two ? 2 : 1, acc, use_avx, use512);
+                    }
+                }
+            }
+            /* The epilogue once per row of the block, over all of this thread's columns
+             * (the block is still in L2). Per 6x16 tile it ran 16-wide loops that reloaded
+             * their ~20 constants for every row and measured 1.6x the cost per element: the
+             * GELU was 15% of S's forward. */
+            if (act >= 0) {
+                int64_t c0 = p0 * SF_NR, c1 = p1 * SF_NR < M ? p1 * SF_NR : M;
+                int64_t n0 = rb * mrt, n1 = rb1 * mrt < N ? rb1 * mrt : N;
+                if (c1 > c0) act_block(act, act_out, y, ldy, n0, n1 - n0, c0, c1 - c0);
+            }
+        }
+    }
 }
 
 /* sf_gemm, and act_out = act(y) when act >= 0 */
@@ -414,16 +611,29 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
     }
     int64_t np = (M + SF_NR - 1) / SF_NR;
     const int64_t ldw = trans_w ? K : M;
-    int64_t nr = (N + SF_MR - 1) / SF_MR;
-    int use_avx = 0;
-#ifdef SF_X86
-    use_avx = have_avx2_fma();
-#endif
-    int64_t kc_max = a_cs != 1 ? SF_KC : K;
-    int nthreads = (N * K * M < (1 << 20)) ? 1 : nt; /* below ~1M MACs a team costs more than it saves */
     /* strided A gets packed row panels, and threads split its row tiles */
     const int a_packed = a_cs != 1;
+    int use_avx = 0, use512 = 0;
+#ifdef SF_X86
+    use_avx = have_avx2_fma();
+    use512 = !a_packed && have_avx512();
+#endif
+    const int64_t mrt = use512 ? 8 : SF_MR;                /* rows per row tile */
+    const int64_t rblk = SF_ROW_BLOCK * SF_MR / mrt;       /* row tiles per L2 block (96 rows) */
+    int64_t nr = (N + mrt - 1) / mrt;
+    /* A small B (K x M) that is not transposed and whose columns fill whole panels is read in
+     * place, its rows ldw apart, instead of copied into panels: it stays in L1/L2 anyway, and
+     * for a per-head P V (128 x 32) the copy was ~5% of the product. */
+    const int direct = !a_packed && !trans_w && M % SF_NR == 0 && K * M <= SF_DIRECT_FLOATS;
+    int64_t kc_max = a_cs != 1 ? SF_KC : K;
+    int nthreads = (N * K * M < (1 << 20)) ? 1 : nt; /* below ~1M MACs a team costs more than it saves */
     if (a_packed && nthreads > nr) nthreads = (int)nr;
+    const gemm_plan g = {y, pack, act_out, a, w, b, ldy, a_rs, a_cs, N, K, M, np, ldw, mrt, rblk, nr,
+                         kc_max, trans_w, accumulate, act, a_packed, use_avx, use512, direct};
+    if (nthreads == 1) {
+        gemm_part(&g, 0, 1);
+        return;
+    }
 #pragma omp parallel num_threads(nthreads)
     {
         int tid = 0, T = 1;
@@ -431,92 +641,7 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
         tid = omp_get_thread_num();
         T = omp_get_num_threads();
 #endif
-        /* Each thread owns a contiguous range of panels (or of row tiles: see below) and walks
-         * panels in the outer loop, so one K x 16 panel stays in L1/L2 while its row tiles
-         * stream through. Owning panels, a thread packs exactly the panels it reads: no barrier,
-         * and no panel crosses to the other core's cache (for small products that transfer cost
-         * more than the tiles). Row ranges are used when the panels do not split evenly, and
-         * for a strided A, whose row panels are copied per thread. */
-        int64_t r0 = 0, r1 = nr, p0 = 0, p1 = np;
-        const int by_rows = nr >= T && (a_packed || (np % T != 0 && np < 4 * T));
-        if (by_rows) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
-        else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
-        if (a_packed) {
-            /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
-             * [tile][k][6] so the tiles read A contiguously; y carries the sums across chunks.
-             * B is copied one (chunk, panel) slice at a time into this thread's own 8 KB, right
-             * before its tiles read it from L1. Packing all of B up front wrote and re-read K x M
-             * floats through L3 (x, 3 MB for M's dW), and on two threads half of the panels
-             * crossed cores; both threads now copy every slice, ~1% of the tiles' work. dW at
-             * M's shapes: 153 -> 186 GFLOP/s on 2 threads, 93 -> 97 on one. */
-            float *ap = pack + r0 * SF_MR * SF_KC;
-            float *bs = pack + nr * SF_MR * SF_KC + (int64_t)tid * SF_KC * SF_NR;
-            for (int64_t k0 = 0; k0 < K; k0 += SF_KC) {
-                int64_t kc = K - k0 < SF_KC ? K - k0 : SF_KC;
-                int acc = accumulate || k0 > 0;
-                for (int64_t r = r0; r < r1; r++) {
-                    int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                    float *dst = ap + (r - r0) * kc * SF_MR;
-                    for (int64_t k = 0; k < kc; k++) {
-                        const float *src = a + n0 * a_rs + (k0 + k) * a_cs;
-                        for (int64_t i = 0; i < mr; i++) dst[k * SF_MR + i] = src[i * a_rs];
-                    }
-                }
-                for (int64_t p = p0; p < p1; p++) {
-                    int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
-                    pack_panel(bs, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p);
-                    const float *bp = (b && k0 == 0) ? b + m0 : NULL;
-                    for (int64_t r = r0; r < r1; r++) {
-                        int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                        run_tile(y + n0 * ldy + m0, ldy, ap + (r - r0) * kc * SF_MR, 1, SF_MR, kc, bs,
-                                 bp, mr, mw, acc, use_avx);
-                    }
-                }
-            }
-            for (int64_t r = r0; r < r1; r++) {
-                int64_t n0 = r * SF_MR;
-                act_block(act, act_out, y, ldy, n0, N - n0 < SF_MR ? N - n0 : SF_MR, 0, M);
-            }
-        } else {
-            if (by_rows) {
-                /* packing shares the team (one fork/join per product, not two); the barrier at
-                 * the end of the loop makes every panel visible before any tile reads it */
-#pragma omp for schedule(static)
-                for (int64_t p = 0; p < np; p++) pack_panels(pack, w, ldw, trans_w, K, M, p, p + 1);
-            } else {
-                pack_panels(pack, w, ldw, trans_w, K, M, p0, p1);
-            }
-            /* Row blocks of SF_ROW_BLOCK tiles (96 rows of A: 147 KB at K = 384, 590 KB at
-             * K = 1536) stay in L2 while every panel of this thread passes over them; walking
-             * all rows per panel streamed A from L3 once per panel (24 times at M's shapes).
-             * M's Linear products: 97 -> 105 GFLOP/s on one core, 197 -> 207 on two. */
-            for (int64_t rb = r0; rb < r1; rb += SF_ROW_BLOCK) {
-                int64_t rb1 = rb + SF_ROW_BLOCK < r1 ? rb + SF_ROW_BLOCK : r1;
-                for (int64_t p = p0; p < p1; p++) {
-                    int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
-                    for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-                        int64_t kc = K - k0 < kc_max ? K - k0 : kc_max;
-                        int acc = accumulate || k0 > 0; /* later chunks continue the partial sums in y */
-                        const float *pp = pack + p * K * SF_NR + k0 * SF_NR;
-                        const float *bp = (b && k0 == 0) ? b + m0 : NULL;
-                        for (int64_t r = rb; r < rb1; r++) {
-                            int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                            run_tile(y + n0 * ldy + m0, ldy, a + n0 * a_rs + k0 * a_cs, a_rs, a_cs, kc, pp,
-                                     bp, mr, mw, acc, use_avx);
-                        }
-                    }
-                }
-                /* The epilogue once per row of the block, over all of this thread's columns
-                 * (the block is still in L2). Per 6x16 tile it ran 16-wide loops that reloaded
-                 * their ~20 constants for every row and measured 1.6x the cost per element: the
-                 * GELU was 15% of S's forward. */
-                if (act >= 0) {
-                    int64_t c0 = p0 * SF_NR, c1 = p1 * SF_NR < M ? p1 * SF_NR : M;
-                    int64_t n0 = rb * SF_MR, n1 = rb1 * SF_MR < N ? rb1 * SF_MR : N;
-                    if (c1 > c0) act_block(act, act_out, y, ldy, n0, n1 - n0, c0, c1 - c0);
-                }
-            }
-        }
+        gemm_part(&g, tid, T);
     }
 }
 

@@ -349,6 +349,42 @@ static void matmul_act_case(int64_t N, int64_t K, int64_t M) {
     free(x); free(w); free(b); free(pack); free(pre); free(want); free(y); free(post);
 }
 
+/* sf_gemm with a contiguous A (row stride lda > K), against the operation order it promises:
+ * each output starts at b (or 0, or y when accumulating) and takes one fmaf per k in ascending
+ * order, written here as a scalar loop. Bitwise, so every tile path must agree with it: the
+ * AVX-512 8 x 32 tiles (panel pairs, lone and partial panels, row edges), the AVX2 6 x 16
+ * tiles (STACKFORMER_NO_AVX512=1) and the generic ones (STACKFORMER_NO_AVX2=1); B packed or,
+ * small and untransposed, read in place; one thread or a team. */
+static void gemm_order_case(int64_t N, int64_t K, int64_t M, int64_t nt) {
+    const int64_t lda = K + 5, ldy = M + 3;
+    float *a = falloc(N * lda), *w = falloc(K * M), *b = falloc(M), *y0 = falloc(N * ldy);
+    float *y = falloc(N * ldy), *want = falloc(N * ldy), *pack = falloc(sf_gemm_pack_floats(N, K, M, 0));
+    fill(a, N * lda, -1, 1);
+    fill(w, K * M, -1, 1);
+    fill(b, M, -1, 1);
+    fill(y0, N * ldy, -1, 1);
+    for (int trans_w = 0; trans_w <= 1; trans_w++)
+        for (int mode = 0; mode < 3; mode++) { /* 0: bias, 1: no bias, 2: accumulate */
+            const float *bp = mode == 0 ? b : NULL;
+            const int acc = mode == 2;
+            memcpy(want, y0, (size_t)(N * ldy) * sizeof(float));
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t m = 0; m < M; m++) {
+                    float s = acc ? y0[n * ldy + m] : (bp ? bp[m] : 0.0f);
+                    for (int64_t k = 0; k < K; k++)
+                        s = fmaf(a[n * lda + k], trans_w ? w[m * K + k] : w[k * M + m], s);
+                    want[n * ldy + m] = s;
+                }
+            memcpy(y, y0, (size_t)(N * ldy) * sizeof(float));
+            sf_gemm(y, ldy, a, lda, 1, w, trans_w, bp, N, K, M, acc, pack, (int)nt);
+            char what[160];
+            snprintf(what, sizeof what, "gemm order N=%lld K=%lld M=%lld trans_w=%d mode=%d threads=%lld",
+                     (long long)N, (long long)K, (long long)M, trans_w, mode, (long long)nt);
+            CHECK_SAME(what, y, want, N * ldy); /* also: the columns past M are left alone */
+        }
+    free(a); free(w); free(b); free(y0); free(y); free(want); free(pack);
+}
+
 static void test_gemm(void) {
     static const int64_t acts_shapes[][3] = {{1, 7, 9}, {4, 33, 40}, {5, 16, 16}, {13, 20, 37}, {300, 64, 96}};
     for (int i = 0; i < 5; i++) matmul_act_case(acts_shapes[i][0], acts_shapes[i][1], acts_shapes[i][2]);
@@ -359,6 +395,16 @@ static void test_gemm(void) {
     gemm_case(150, 64, 70); /* threaded */
     gemm_case(40, 300, 33); /* several K chunks of the strided-A path, edge tiles */
     gemm_case(97, 257, 48);
+    /* rows: one 8-row tile, edges of 1-7 rows, 6-row AVX2 edges; columns: one panel, a pair,
+     * a pair and a lone panel, a partial panel; K from 1 past the in-place limit for B */
+    static const int64_t on[] = {1, 7, 8, 13, 16, 37}, ok[] = {1, 9, 32, 128}, om[] = {5, 16, 32, 48, 64, 72};
+    for (int i = 0; i < 6; i++)
+        for (int j = 0; j < 4; j++)
+            for (int k = 0; k < 6; k++) gemm_order_case(on[i], ok[j], om[k], 1);
+    gemm_order_case(128, 128, 32, 1);  /* S's per-head P V: B read in place */
+    gemm_order_case(130, 600, 64, 2);  /* B too big to read in place, packed; a team of two */
+    gemm_order_case(200, 96, 176, 3);  /* 11 panels over three threads */
+    gemm_order_case(300, 64, 96, 2);   /* threads split rows */
 }
 
 /* ============================================================================================
