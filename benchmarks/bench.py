@@ -1170,6 +1170,7 @@ class Bench:
         self.R["meta"] = {
             "started": now_iso(), "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(),
             "affinity_cpus": n_cores(), "threads": self.threads, "cpu_flags": cpu_flags(),
+            "matmul_kernel": getattr(sf, "matmul_kernel", lambda: "?")(),
             "python": platform.python_version(), "numpy": np.__version__, "torch": tv,
             "stackformer": getattr(sf, "__version__", "?"), "git": git_info(), "core_so": core_so_info(),
             "stackformer_torch_available": self.have_to_torch, "quick": self.quick, "reps": self.reps,
@@ -1659,7 +1660,7 @@ class Bench:
 
 
 SF_PHASES = [
-    ("matmul", ("tile_avx2", "tile_generic", "pack_b", "pack_panel", "gemm", "sf_matmul")),
+    ("matmul", ("tile_avx2", "tile_avx512", "tile_generic", "pack_b", "pack_panel", "gemm", "sf_matmul")),
     # attention's own products (sf_gemm_tile, sf_pack_panels) are matched above, as matmul
     ("attention", ("row_logits", "depth_logits", "block_logits", "row_softmax", "row_finish", "depth_backward_row",
                    "sf_attention", "attn_backward")),
@@ -1711,7 +1712,7 @@ def report(R: Dict[str, Any]) -> str:
     L.append("=" * 110)
     L.append(f"stackformer benchmark  {m['started']}  ({'quick' if m['quick'] else 'full'}, {m.get('duration_s', 0):.0f} s)")
     L.append(f"machine: {m['cpu_model']}, {m['affinity_cpus']} cores used ({m['logical_cpus']} logical), flags {' '.join(m['cpu_flags'])}; "
-             f"threads {m['threads']}")
+             f"threads {m['threads']}; matmul tile {m.get('matmul_kernel', '?')}")
     L.append(f"software: python {m['python']}, numpy {m['numpy']}, torch {m['torch']}, stackformer {m['stackformer']} "
              f"(git {m['git']['commit']}{'+dirty' if m['git']['dirty'] else ''}), stackformer.torch: {'yes' if m['stackformer_torch_available'] else 'no'}")
     if "omp_wait_policy" in m:

@@ -204,6 +204,12 @@ int64_t sf_memory_limit_bytes(void);
 void sf_set_num_threads(int n);
 int sf_get_num_threads(void);
 
+/* The register tile the matrix products run on this CPU: "avx512" (8 x 32), "avx2" (6 x 16)
+ * or "generic" (portable C). Chosen once at the first call from CPU features and the
+ * STACKFORMER_NO_AVX512 / STACKFORMER_NO_AVX2 environment variables; every tile gives the
+ * same bits. */
+const char *sf_matmul_kernel(void);
+
 #ifdef __cplusplus
 }
 #endif

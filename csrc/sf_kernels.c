@@ -333,6 +333,14 @@ static int have_avx512(void) {
 }
 #endif
 
+const char *sf_matmul_kernel(void) {
+#ifdef SF_X86
+    if (have_avx512()) return "avx512";
+    if (have_avx2_fma()) return "avx2";
+#endif
+    return "generic";
+}
+
 void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, int64_t K,
                   const float *panel, const float *b, int64_t mr, int64_t mw, int accumulate) {
     if (mr <= 0 || mw <= 0) return;

@@ -234,6 +234,30 @@ def test_set_num_threads_roundtrip():
     sf.set_num_threads(old if old else 0)
 
 
+def test_matmul_kernels_give_the_same_bits():
+    """Every register tile (AVX-512 8x32, AVX2 6x16, portable C) computes each product element
+    as the same chain of fused multiply-adds in ascending k, so a forward, a train step and the
+    forward after it give identical bits whichever tile the CPU (or STACKFORMER_NO_AVX512 /
+    STACKFORMER_NO_AVX2) selects. Shapes with edge rows, lone and partial panels."""
+    code = ("import hashlib, numpy as np, stackformer as sf\n"
+            "m = sf.Model(sf.Config(vocab_size=61, d_model=48, n_heads=3, n_layers=2, max_seq_len=40), seed=3)\n"
+            "x = np.random.default_rng(1).integers(0, 61, (3, 37))\n"
+            "h = hashlib.sha256(m(x).logits.tobytes())\n"
+            "h.update(np.float64(m.train_step(x, np.roll(x, -1, 1), lr=1e-2)).tobytes())\n"
+            "h.update(m(x).logits.tobytes())\n"
+            "print(sf.matmul_kernel(), h.hexdigest())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACKFORMER_NO_AVX")}
+    got = []
+    for flags in ({}, {"STACKFORMER_NO_AVX512": "1"}, {"STACKFORMER_NO_AVX2": "1"}):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **flags}, capture_output=True, text=True,
+                             check=True)
+        got.append(out.stdout.split())
+    (k_default, h_default), (k_no512, h_no512), (k_generic, h_generic) = got
+    assert k_default in ("avx512", "avx2", "generic") and k_no512 in ("avx2", "generic") and k_generic == "generic"
+    assert sf.matmul_kernel() in ("avx512", "avx2", "generic")
+    assert h_default == h_no512 == h_generic
+
+
 def test_repr_and_attribute_errors(model):
     assert "plain" in repr(model) and "params" in repr(model)
     with pytest.raises(AttributeError, match="no parameter or submodule 'q'"):

@@ -594,9 +594,15 @@ static PyObject *core_get_num_threads(PyObject *m, PyObject *unused) {
     return PyLong_FromLong(sf_get_num_threads());
 }
 
+static PyObject *core_matmul_kernel(PyObject *m, PyObject *unused) {
+    return PyUnicode_FromString(sf_matmul_kernel());
+}
+
 static PyMethodDef core_methods[] = {
     {"set_num_threads", core_set_num_threads, METH_O, "set the default thread count (0 = all cores)"},
     {"get_num_threads", core_get_num_threads, METH_NOARGS, "default thread count"},
+    {"matmul_kernel", core_matmul_kernel, METH_NOARGS,
+     "the matrix products' register tile on this CPU: 'avx512', 'avx2' or 'generic' (same bits)"},
     {NULL}};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", "stackformer C core binding", -1, core_methods};
