@@ -133,12 +133,8 @@ static float row_softmax(const sf_attn_args *a, int64_t row, float *s, int64_t n
         memset(sd, 0, (size_t)dcols * sizeof(float));
         return -INFINITY;
     }
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t u = 0;
-    for (; u + 8 <= n; u += 8) /* exp and sum in one pass (exp(-inf) = 0) */
-        for (int j = 0; j < 8; j++) { s[u + j] = sf_expf(s[u + j] * scale - mx); acc[j] += s[u + j]; }
-    float sum = sf_hsum8(acc);
-    for (; u < n; u++) { s[u] = sf_expf(s[u] * scale - mx); sum += s[u]; }
+    sf_exp_row(s, n, scale, mx); /* exp(-inf) = 0 */
+    float sum = sf_sum(s, n);
     for (int64_t c = 0; c < dcols; c++) sd[c] = sf_expf(sd[c] - mx);
     sum += sf_sum(sd, dcols);
     float inv = 1.0f / sum, dm = 0.0f;
@@ -414,12 +410,8 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                                 dp[u] = p * (keep * dp[u] - D) * scale; /* dS */
                                 s[u] = p * keep;                        /* dropped P, for dV */
                             }
-                        } else { /* the common case, kept branch-free so it vectorizes */
-                            for (int64_t u = 0; u < n; u++) {
-                                float p = sf_expf(s[u] * scale - l);
-                                dp[u] = p * (dp[u] - D) * scale;
-                                s[u] = p;
-                            }
+                        } else { /* the common case: dS and P in one vectorized pass */
+                            sf_softmax_grad_row(s, dp, n, scale, l, D);
                         }
                         if (pad) /* padded keys: no probability, no gradient */
                             for (int64_t u = 0; u < n; u++)

@@ -971,6 +971,49 @@ void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre,
     (void)use512;
 }
 
+/* Attention's row passes (sf_attention.c), here beside the activations for the same 512-bit
+ * clones: the exps are most of a softmax row's cost. */
+static inline __attribute__((always_inline)) void exp_row_body(float *s, int64_t n, float scale, float shift) {
+    for (int64_t u = 0; u < n; u++) s[u] = sf_expf(s[u] * scale - shift);
+}
+static inline __attribute__((always_inline)) void softmax_grad_row_body(float *s, float *dp, int64_t n, float scale,
+                                                                        float lse, float D) {
+    for (int64_t u = 0; u < n; u++) {
+        float p = sf_expf(s[u] * scale - lse);
+        dp[u] = p * (dp[u] - D) * scale;
+        s[u] = p;
+    }
+}
+#ifdef SF_X86
+SF_TARGET_AVX512_WIDE static void exp_row_avx512(float *s, int64_t n, float scale, float shift) {
+    exp_row_body(s, n, scale, shift);
+}
+SF_TARGET_AVX512_WIDE static void softmax_grad_row_avx512(float *s, float *dp, int64_t n, float scale, float lse,
+                                                          float D) {
+    softmax_grad_row_body(s, dp, n, scale, lse, D);
+}
+#endif
+
+void sf_exp_row(float *s, int64_t n, float scale, float shift) {
+#ifdef SF_X86
+    if (have_avx512()) {
+        exp_row_avx512(s, n, scale, shift);
+        return;
+    }
+#endif
+    exp_row_body(s, n, scale, shift);
+}
+
+void sf_softmax_grad_row(float *s, float *dp, int64_t n, float scale, float lse, float D) {
+#ifdef SF_X86
+    if (have_avx512()) {
+        softmax_grad_row_avx512(s, dp, n, scale, lse, D);
+        return;
+    }
+#endif
+    softmax_grad_row_body(s, dp, n, scale, lse, D);
+}
+
 /* out = silu(gate) * up:  dgate = dout * up * silu'(gate), dup = dout * silu(gate) */
 void sf_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                         const float *up, int64_t n, int n_threads) {

@@ -95,6 +95,12 @@ static inline float sf_gelu_tanh1(float x) {
 }
 static inline float sf_relu1(float x) { return x > 0.0f ? x : 0.0f; }
 
+/* Attention's softmax rows: s[u] = sf_expf(s[u]*scale - shift), u < n; and the backward's
+ * p = sf_expf(s[u]*scale - lse), dp[u] = p (dp[u] - D) scale, s[u] = p. Element-wise, so every
+ * vector width gives the same bits. */
+void sf_exp_row(float *s, int64_t n, float scale, float shift);
+void sf_softmax_grad_row(float *s, float *dp, int64_t n, float scale, float lse, float D);
+
 /* Threads for the parallel kernels (0 = library default). */
 int sf_threads_resolve(int n_threads);
 
