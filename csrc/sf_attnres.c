@@ -19,15 +19,8 @@ void sf_attnres_inv_rms(float *inv_rms, const float *src, int64_t N, int64_t d, 
     int nt = sf_threads_resolve(n_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 65536)
     for (int64_t n = 0; n < N; n++) {
-        const float *x = src + n * d;
-        /* eight partial sums (in double, as before): one running sum made this a chain of
-         * d dependent double adds per token, ~0.4% of a Block AttnRes train step at M */
-        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j + 8 <= d; j += 8)
-            for (int k = 0; k < 8; k++) acc[k] += (double)x[j + k] * x[j + k];
-        double ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; j < d; j++) ss += (double)x[j] * x[j];
+        /* partial sums: one running sum was ~0.4% of a Block AttnRes train step at M */
+        double ss = sf_sumsq_d(src + n * d, d);
         inv_rms[n] = (float)(1.0 / sqrt(ss / (double)d + (double)eps));
     }
 }

@@ -481,15 +481,14 @@ static inline __attribute__((always_inline)) void act_row_body(int act, float *o
 SF_TARGET_AVX512_WIDE static void act_row_avx512(int act, float *out, const float *pre, int64_t n) {
     act_row_body(act, out, pre, n);
 }
+/* the 512-bit clone's call where the CPU allows it (have_avx512), else the plain body's */
+#define SF_WIDE_OR(wide_call, plain_call) \
+    do { if (have_avx512()) wide_call; else plain_call; } while (0)
+#else
+#define SF_WIDE_OR(wide_call, plain_call) plain_call
 #endif
 static inline void act_row(int act, float *out, const float *pre, int64_t n) {
-#ifdef SF_X86
-    if (have_avx512()) {
-        act_row_avx512(act, out, pre, n);
-        return;
-    }
-#endif
-    act_row_body(act, out, pre, n);
+    SF_WIDE_OR(act_row_avx512(act, out, pre, n), act_row_body(act, out, pre, n));
 }
 
 /* The epilogue on rows [n0, n0+mr) x columns [m0, m0+mw) of y (act < 0: none); act_out has
@@ -957,22 +956,12 @@ void sf_act_backward(int act, float *dpre, const float *dpost, const float *pre,
                      int n_threads) {
     int nt = sf_threads_resolve(n_threads);
     const int64_t chunk = 4096;
-    int use512 = 0;
-#ifdef SF_X86
-    use512 = have_avx512();
-#endif
 #pragma omp parallel for schedule(static) num_threads(nt) if (n > 65536)
     for (int64_t c = 0; c < (n + chunk - 1) / chunk; c++) {
         int64_t i0 = c * chunk, m = n - i0 < chunk ? n - i0 : chunk;
-#ifdef SF_X86
-        if (use512) {
-            act_backward_avx512(act, dpre + i0, dpost + i0, pre + i0, m);
-            continue;
-        }
-#endif
-        act_backward_body(act, dpre + i0, dpost + i0, pre + i0, m);
+        SF_WIDE_OR(act_backward_avx512(act, dpre + i0, dpost + i0, pre + i0, m),
+                   act_backward_body(act, dpre + i0, dpost + i0, pre + i0, m));
     }
-    (void)use512;
 }
 
 /* Attention's row passes (sf_attention.c), here beside the activations for the same 512-bit
@@ -999,23 +988,11 @@ SF_TARGET_AVX512_WIDE static void softmax_grad_row_avx512(float *s, float *dp, i
 #endif
 
 void sf_exp_row(float *s, int64_t n, float scale, float shift) {
-#ifdef SF_X86
-    if (have_avx512()) {
-        exp_row_avx512(s, n, scale, shift);
-        return;
-    }
-#endif
-    exp_row_body(s, n, scale, shift);
+    SF_WIDE_OR(exp_row_avx512(s, n, scale, shift), exp_row_body(s, n, scale, shift));
 }
 
 void sf_softmax_grad_row(float *s, float *dp, int64_t n, float scale, float lse, float D) {
-#ifdef SF_X86
-    if (have_avx512()) {
-        softmax_grad_row_avx512(s, dp, n, scale, lse, D);
-        return;
-    }
-#endif
-    softmax_grad_row_body(s, dp, n, scale, lse, D);
+    SF_WIDE_OR(softmax_grad_row_avx512(s, dp, n, scale, lse, D), softmax_grad_row_body(s, dp, n, scale, lse, D));
 }
 
 /* out = silu(gate) * up:  dgate = dout * up * silu'(gate), dup = dout * silu(gate) */

@@ -37,6 +37,18 @@ static inline float sf_sum(const float *a, int64_t n) {
     return s;
 }
 
+/* Σ x² in double: eight partial sums combined in sf_hsum8's order (one running sum is a chain
+ * of n dependent double adds) */
+static inline double sf_sumsq_d(const float *x, int64_t n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
+    double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
 static inline void sf_axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }

@@ -17,17 +17,6 @@
 
 #define SF_NORM_CHUNK 65536
 
-/* Σ x², 8 double partial sums combined in a fixed order */
-static double sumsq(const float *x, int64_t n) {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * x[i + j];
-    double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += (double)x[i] * x[i];
-    return s;
-}
-
 sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *err,
                         size_t errlen) {
     if (!m || !o) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or optimizer is NULL");
@@ -47,7 +36,7 @@ sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *
 #pragma omp parallel for ordered schedule(static, 1) num_threads(sf_threads_resolve(0)) if (nchunks > 1)
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t j0 = c * SF_NORM_CHUNK;
-        double s = sumsq(m->grads + j0, P - j0 < SF_NORM_CHUNK ? P - j0 : SF_NORM_CHUNK);
+        double s = sf_sumsq_d(m->grads + j0, P - j0 < SF_NORM_CHUNK ? P - j0 : SF_NORM_CHUNK);
 #pragma omp ordered
         ss += s;
     }
