@@ -1312,6 +1312,44 @@ class Bench:
                                                "speedup": s1["median_s"] / sn["median_s"],
                                                "speedup_best": s1["min_s"] / sn["min_s"]}
 
+    def blas_backend_rows(self, configs: List[str]) -> None:
+        """stackformer with its optional BLAS backend (stackformer.use_blas, OpenBLAS here)
+        against its own tiles: forward and train step of plain S and M, the two taking turns
+        within each repetition. Not a target: it shows what the fallback costs or gains."""
+        import stackformer as sf
+        path = find_openblas()
+        if not path:
+            self.R["extras"]["blas_backend"] = {"error": "libopenblas not found"}
+            return
+        sf.set_num_threads(self.threads)
+        info = sf.use_blas(path, threads=self.threads)
+        sf.use_builtin_matmul()
+        rows = []
+        try:
+            for name in [c for c in ("S", "M") if c in configs]:
+                B, T = CONFIGS[name]["B"], CONFIGS[name]["T"]
+                cfg = make_config(name, "plain")
+                model = sf.Model(cfg, seed=0)
+                x, y = make_batch(cfg.vocab_size, B, T)
+                for what, step in (("forward", lambda: model(x)), ("train", lambda: model.train_step(x, y, lr=LR))):
+                    log(f"[{name}/plain] {what}: BLAS backend vs tiles ...")
+                    tt, tb = [], []
+                    for r in range(2 + max(self.reps, 5)):  # two warm-up rounds
+                        sf.use_builtin_matmul()
+                        t_tiles = timed(step)[0]
+                        sf.use_blas(path, threads=self.threads)
+                        t_blas = timed(step)[0]
+                        if r >= 2:
+                            tt.append(t_tiles)
+                            tb.append(t_blas)
+                    st, sb = stats(tt, B * T), stats(tb, B * T)
+                    rows.append({"config": name, "what": what, "tiles": st, "blas": sb,
+                                 "blas_vs_tiles": st["median_s"] / sb["median_s"]})
+                del model
+        finally:
+            sf.use_builtin_matmul()
+        self.R["extras"]["blas_backend"] = {"library": info, "rows": rows}
+
     def overhead_row(self, modes: List[str]) -> None:
         """Train step of every mode at M, the modes taking turns within each repetition, so a
         change of machine load between the matrix's cases cannot pose as an overhead."""
@@ -1827,7 +1865,7 @@ def report(R: Dict[str, Any]) -> str:
                          f"{sg / bg:>8.2f}x{pick(r['sf'], 'median_s') / r['heads'] * 1e6:>11.1f}{pick(r['blas'], 'median_s') / r['heads'] * 1e6:>7.1f}")
     # extras
     ex = R.get("extras", {})
-    if ex.get("threads_M_train") or ex.get("checkpoint_Deep") or R.get("generation"):
+    if ex.get("threads_M_train") or ex.get("checkpoint_Deep") or ex.get("blas_backend") or R.get("generation"):
         L.append("")
         L.append("Extra rows")
     th = ex.get("threads_M_train")
@@ -1843,6 +1881,12 @@ def report(R: Dict[str, Any]) -> str:
         if rr and r0 and "delta_bytes" in rr and "delta_bytes" in r0:
             s += f"; measured RSS delta {fmt_bytes(r0['delta_bytes'])} -> {fmt_bytes(rr['delta_bytes'])}"
         L.append(s)
+    bb = ex.get("blas_backend")
+    if bb and bb.get("rows"):
+        L.append(f"  BLAS backend (stackformer.use_blas: {bb['library']}):")
+        for r in bb["rows"]:
+            L.append(f"    {r['config']} plain {r['what']:<8} tiles {pick(r['tiles'], 'median_s') * 1e3:7.1f} ms, "
+                     f"BLAS {pick(r['blas'], 'median_s') * 1e3:7.1f} ms -> BLAS speed {r['blas_vs_tiles']:.2f}x the tiles'")
     ov = ex.get("overhead_M_train")
     if ov:
         parts = [f"{mode} {pick(v, 'overhead'):+.1%} (paired {v['overhead_paired_median']:+.1%})"
@@ -2030,6 +2074,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         stage("matmul", matmul_stage)
         for name in configs:
             stage(f"config {name}", lambda name=name: b.run_config(name, modes))
+        if not args.no_openblas and not args.quick and "plain" in modes and ("S" in configs or "M" in configs):
+            stage("blas backend", lambda: b.blas_backend_rows(configs))
         if not args.no_generation:
             plan = []
             if "S" in configs:

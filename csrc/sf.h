@@ -210,6 +210,16 @@ int sf_get_num_threads(void);
  * same bits. */
 const char *sf_matmul_kernel(void);
 
+/* Optional BLAS backend. stackformer links no BLAS; a caller that has loaded one passes its
+ * row-major cblas_sgemm here (ilp64 = 0: 32-bit integer arguments, 1: 64-bit, as in
+ * OpenBLAS's INTERFACE64 builds), and from then on every Linear product (sf_gemm, sf_matmul,
+ * sf_matmul_act) runs in it, with the library's own threads; attention keeps its tiles. The
+ * function is checked first on three small products against a double-precision loop:
+ * wrong results return SF_ERR_INVALID_ARG and keep the previous backend. NULL restores the
+ * built-in tiles. With a BLAS the bitwise guarantees (same bits for any thread count, cached
+ * decoding equal to the full pass) are the BLAS's, not ours; sf_matmul_kernel() says "blas". */
+sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

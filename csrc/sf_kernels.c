@@ -3,7 +3,9 @@
 #include "sf.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -99,6 +101,7 @@ __attribute__((target("avx2,fma"))) static void pack_panel_t_avx2(float *dst, co
         for (int j = 0; j < SF_NR; j++) dst[k * SF_NR + j] = w[j * ldw + k];
 }
 static int have_avx2_fma(void);
+static int blas_active(void);
 #endif
 
 /* dst[k][j] = B[k][p*16 + j], zero-padded past M, where B (K x M) is w^T when trans_w (w
@@ -334,6 +337,7 @@ static int have_avx512(void) {
 #endif
 
 const char *sf_matmul_kernel(void) {
+    if (blas_active()) return "blas";
 #ifdef SF_X86
     if (have_avx512()) return "avx512";
     if (have_avx2_fma()) return "avx2";
@@ -609,6 +613,137 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
     }
 }
 
+/* ---- optional BLAS backend -------------------------------------------------------------- */
+/* The library links no BLAS. A caller that has loaded one (stackformer.use_blas) hands over
+ * its cblas_sgemm, and every sf_gemm product then runs there instead of on the tiles: for a
+ * CPU without AVX2 (the tiles' portable path is several times slower than a tuned BLAS) or
+ * to compare against one. Attention keeps its own tiles (sf_gemm_tile). Two slots, one per
+ * integer width, so a product never pairs a function with the other width's signature even
+ * while another thread switches backends; the 64-bit slot wins when both are set. */
+typedef void (*cblas32_fn)(int, int, int, int32_t, int32_t, int32_t, float, const float *,
+                           int32_t, const float *, int32_t, float, float *, int32_t);
+typedef void (*cblas64_fn)(int, int, int, int64_t, int64_t, int64_t, float, const float *,
+                           int64_t, const float *, int64_t, float, float *, int64_t);
+static _Atomic(uintptr_t) g_blas32, g_blas64;
+enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_TRANS = 112 };
+
+/* C (rows x cols, row stride ldc) = op(A) op(B) + beta C through whichever slot is set;
+ * returns 0 when none is or a size does not fit the library's integers. */
+static int blas_call(int ta, int tb, int64_t rows, int64_t cols, int64_t K, const float *A,
+                     int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    uintptr_t f64 = atomic_load_explicit(&g_blas64, memory_order_acquire);
+    if (f64) {
+        ((cblas64_fn)f64)(CBLAS_ROW_MAJOR, ta, tb, rows, cols, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+        return 1;
+    }
+    uintptr_t f32 = atomic_load_explicit(&g_blas32, memory_order_acquire);
+    const int64_t lim = INT32_MAX;
+    if (!f32 || rows > lim || cols > lim || K > lim || lda > lim || ldb > lim || ldc > lim) return 0;
+    ((cblas32_fn)f32)(CBLAS_ROW_MAJOR, ta, tb, (int32_t)rows, (int32_t)cols, (int32_t)K, 1.0f, A,
+                      (int32_t)lda, B, (int32_t)ldb, beta, C, (int32_t)ldc);
+    return 1;
+}
+
+static int blas_active(void) {
+    return atomic_load_explicit(&g_blas64, memory_order_relaxed) ||
+           atomic_load_explicit(&g_blas32, memory_order_relaxed);
+}
+
+/* sf_gemm's product through the BLAS: A contiguous along K (a_cs == 1) or along N (a_rs == 1,
+ * the weight gradient's dy^T); other strides, and leading dimensions CBLAS would reject, stay
+ * on the tiles (returns 0). The bias is written into y first and kept with beta = 1; the
+ * activation runs afterwards, rows split over the threads. */
+static int blas_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs,
+                     const float *w, int trans_w, const float *b, int64_t N, int64_t K, int64_t M,
+                     int accumulate, int nt, int act, float *act_out) {
+    if (!blas_active()) return 0;
+    int ta;
+    int64_t lda;
+    if (a_cs == 1 && (a_rs >= K || N == 1)) { ta = CBLAS_NO_TRANS; lda = a_rs > K ? a_rs : K; }
+    else if (a_rs == 1 && a_cs >= N) { ta = CBLAS_TRANS; lda = a_cs; }
+    else return 0;
+    if (ldy < M) return 0;
+    const int64_t ldb = trans_w ? K : M;
+    float beta = accumulate ? 1.0f : 0.0f;
+    if (!accumulate && b) {
+        for (int64_t n = 0; n < N; n++) memcpy(y + n * ldy, b, (size_t)M * sizeof(float));
+        beta = 1.0f;
+    }
+    if (!blas_call(ta, trans_w ? CBLAS_TRANS : CBLAS_NO_TRANS, N, M, K, a, lda, w, ldb, beta, y, ldy)) {
+        return 0; /* sizes past 32 bits: the tiles overwrite (or, accumulating, never saw) the bias */
+    }
+    if (act >= 0) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * M > 65536)
+        for (int64_t n = 0; n < N; n++) act_block(act, act_out, y, ldy, n, 1, 0, M);
+    }
+    return 1;
+}
+
+static void blas_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* Probe a candidate: three small products (both transposes of A and B, a bias-like beta = 1)
+ * against a double-precision loop. A function with another signature or ABI shows up as
+ * wrong numbers (or, unluckily, a crash; the Python side checks the integer width first). */
+static int blas_probe(char *err, size_t errlen) {
+    enum { R = 5, C = 7, KK = 3 };
+    float A[R * KK], At[KK * R], B[KK * C], Bt[C * KK], Y[R * C];
+    for (int i = 0; i < R * KK; i++) A[i] = (float)((i * 7) % 11) - 5.0f;
+    for (int i = 0; i < KK * C; i++) B[i] = (float)((i * 5) % 13) * 0.5f - 3.0f;
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < KK; k++) At[k * R + r] = A[r * KK + k];
+    for (int k = 0; k < KK; k++)
+        for (int c = 0; c < C; c++) Bt[c * KK + k] = B[k * C + c];
+    for (int t = 0; t < 3; t++) {
+        for (int i = 0; i < R * C; i++) Y[i] = t == 2 ? 1.0f : -99.0f;
+        int ok = t == 0 ? blas_call(CBLAS_NO_TRANS, CBLAS_TRANS, R, C, KK, A, KK, Bt, KK, 0.0f, Y, C)
+               : t == 1 ? blas_call(CBLAS_TRANS, CBLAS_NO_TRANS, R, C, KK, At, R, B, C, 0.0f, Y, C)
+                        : blas_call(CBLAS_NO_TRANS, CBLAS_NO_TRANS, R, C, KK, A, KK, B, C, 1.0f, Y, C);
+        if (!ok) { blas_err(err, errlen, "BLAS probe: no function set"); return 0; }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) {
+                double ref = t == 2 ? 1.0 : 0.0;
+                for (int k = 0; k < KK; k++) ref += (double)A[r * KK + k] * B[k * C + c];
+                if (fabs(Y[r * C + c] - ref) > 1e-4 * (1.0 + fabs(ref))) {
+                    blas_err(err, errlen,
+                              "BLAS probe: product %d gave %g at (%d, %d), expected %g: not a "
+                              "row-major cblas_sgemm with %s-bit integers", t, (double)Y[r * C + c],
+                              r, c, ref, atomic_load(&g_blas64) ? "64" : "32");
+                    return 0;
+                }
+            }
+    }
+    return 1;
+}
+
+sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errlen) {
+    if (!cblas_sgemm) {
+        atomic_store(&g_blas64, 0);
+        atomic_store(&g_blas32, 0);
+        return SF_OK;
+    }
+    if (ilp64 != 0 && ilp64 != 1) {
+        blas_err(err, errlen, "ilp64 must be 0 (32-bit integers) or 1 (64-bit), got %d", ilp64);
+        return SF_ERR_INVALID_ARG;
+    }
+    /* the new function first, then clear the other slot: a product in flight on another
+     * thread sees either the old or the new backend, each with its own signature */
+    uintptr_t prev32 = atomic_load(&g_blas32), prev64 = atomic_load(&g_blas64);
+    if (ilp64) { atomic_store(&g_blas64, (uintptr_t)cblas_sgemm); atomic_store(&g_blas32, 0); }
+    else { atomic_store(&g_blas32, (uintptr_t)cblas_sgemm); atomic_store(&g_blas64, 0); }
+    if (!blas_probe(err, errlen)) { /* refused: the previous backend comes back */
+        atomic_store(&g_blas32, prev32);
+        atomic_store(&g_blas64, prev64);
+        return SF_ERR_INVALID_ARG;
+    }
+    return SF_OK;
+}
+
 /* sf_gemm, and act_out = act(y) when act >= 0 */
 static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, const float *w,
                  int trans_w, const float *b, int64_t N, int64_t K, int64_t M, int accumulate,
@@ -622,6 +757,7 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
         act_block(act, act_out, y, ldy, 0, N, 0, M);
         return;
     }
+    if (blas_gemm(y, ldy, a, a_rs, a_cs, w, trans_w, b, N, K, M, accumulate, nt, act, act_out)) return;
     if (N <= SF_SMALL_N && trans_w) {
         int use_avx_small = 0;
 #ifdef SF_X86

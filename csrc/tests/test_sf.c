@@ -407,6 +407,130 @@ static void test_gemm(void) {
     gemm_order_case(300, 64, 96, 2);   /* threads split rows */
 }
 
+/* The optional BLAS backend (sf_set_blas_sgemm), with a reference cblas_sgemm written here
+ * in both integer widths: it reads its operands exactly as CBLAS defines them (so under
+ * AddressSanitizer a wrong leading dimension or transpose flag from sf_gemm reads out of
+ * bounds), and counts its calls (so a product that silently stayed on the tiles fails). */
+static long g_blas_calls;
+static int g_blas_broken; /* 1: ignore transB, as a function with another layout would */
+static void ref_sgemm(int order, int ta, int tb, int64_t R, int64_t C, int64_t K, float alpha,
+                      const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *Y,
+                      int64_t ldc) {
+    g_blas_calls++;
+    if (order != 101) return;
+    if (g_blas_broken) tb = 111;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t c = 0; c < C; c++) {
+            double s = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                s += (double)(ta == 111 ? A[r * lda + k] : A[k * lda + r]) *
+                     (tb == 111 ? B[k * ldb + c] : B[c * ldb + k]);
+            Y[r * ldc + c] = (float)(alpha * s + (beta != 0.0f ? beta * (double)Y[r * ldc + c] : 0.0));
+        }
+}
+static void ref_cblas32(int o, int ta, int tb, int32_t R, int32_t C, int32_t K, float al,
+                        const float *A, int32_t lda, const float *B, int32_t ldb, float be, float *Y,
+                        int32_t ldc) {
+    ref_sgemm(o, ta, tb, R, C, K, al, A, lda, B, ldb, be, Y, ldc);
+}
+static void ref_cblas64(int o, int ta, int tb, int64_t R, int64_t C, int64_t K, float al,
+                        const float *A, int64_t lda, const float *B, int64_t ldb, float be, float *Y,
+                        int64_t ldc) {
+    ref_sgemm(o, ta, tb, R, C, K, al, A, lda, B, ldb, be, Y, ldc);
+}
+
+/* One product through sf_gemm with the backend set: A stored (N, lda) (a_rs = lda, a_cs = 1),
+ * transposed (a_rs = 1, a_cs = N) or with both strides > 1 (stays on the tiles, bit for bit),
+ * each with bias / no bias / accumulate and both layouts of w; against a double loop. */
+static void blas_gemm_case(int64_t N, int64_t K, int64_t M) {
+    const int64_t lda = K + 2, ldy = M + 3;
+    float *a = falloc(N * lda), *at = falloc(K * N), *a2 = falloc(2 * N * K * 2 + 2), *w = falloc(K * M);
+    float *b = falloc(M), *y0 = falloc(N * ldy), *y = falloc(N * ldy), *tiles = falloc(N * ldy);
+    float *pack = falloc(sf_gemm_pack_floats(N, K, M, 1) + sf_gemm_pack_floats(N, K, M, 0));
+    fill(a, N * lda, -1, 1);
+    fill(w, K * M, -1, 1);
+    fill(b, M, -1, 1);
+    fill(y0, N * ldy, -1, 1);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) {
+            at[k * N + n] = a[n * lda + k];
+            a2[n * 2 * K + 2 * k] = a[n * lda + k]; /* a_rs = 2K, a_cs = 2 */
+        }
+    char what[200];
+    for (int layout = 0; layout < 3; layout++)
+        for (int trans_w = 0; trans_w <= 1; trans_w++)
+            for (int mode = 0; mode < 3; mode++) { /* 0: bias, 1: none, 2: accumulate */
+                const float *bp = mode == 0 ? b : NULL, *ap = layout == 0 ? a : layout == 1 ? at : a2;
+                const int64_t rs = layout == 0 ? lda : layout == 1 ? 1 : 2 * K, cs = layout == 0 ? 1 : layout == 1 ? N : 2;
+                const int acc = mode == 2;
+                memcpy(y, y0, (size_t)(N * ldy) * sizeof(float));
+                long calls = g_blas_calls;
+                sf_gemm(y, ldy, ap, rs, cs, w, trans_w, bp, N, K, M, acc, pack, 2);
+                int64_t far = 0, gap = 0;
+                for (int64_t n = 0; n < N; n++) {
+                    for (int64_t m = 0; m < M; m++) {
+                        double s = acc ? y0[n * ldy + m] : (bp ? bp[m] : 0.0);
+                        for (int64_t k = 0; k < K; k++)
+                            s += (double)a[n * lda + k] * (trans_w ? w[m * K + k] : w[k * M + m]);
+                        far += !(fabs(y[n * ldy + m] - s) <= 1e-5 * (sqrt((double)K) + fabs(s)));
+                    }
+                    for (int64_t m = M; m < ldy; m++) gap += y[n * ldy + m] != y0[n * ldy + m];
+                }
+                snprintf(what, sizeof what, "blas gemm N=%lld K=%lld M=%lld layout=%d trans_w=%d mode=%d",
+                         (long long)N, (long long)K, (long long)M, layout, trans_w, mode);
+                CHECK(far == 0, "%s: %lld values far from the double loop", what, (long long)far);
+                CHECK(gap == 0, "%s: %lld floats past column M of y modified", what, (long long)gap);
+                CHECK(g_blas_calls - calls == (layout < 2), "%s: %ld BLAS calls", what, g_blas_calls - calls);
+                if (layout == 2) { /* general strides stay on the tiles: their exact bits */
+                    memcpy(tiles, y0, (size_t)(N * ldy) * sizeof(float));
+                    sf_set_blas_sgemm(NULL, 0, NULL, 0);
+                    sf_gemm(tiles, ldy, ap, rs, cs, w, trans_w, bp, N, K, M, acc, pack, 2);
+                    sf_set_blas_sgemm((void *)ref_cblas32, 0, NULL, 0);
+                    CHECK_SAME(what, y, tiles, N * ldy);
+                }
+            }
+    /* the activation epilogue after the BLAS: post = act(y) bit for bit */
+    float *xx = falloc(N * K), *ww = falloc(M * K), *pre = falloc(N * M), *post = falloc(N * M), *want = falloc(N * M);
+    fill(xx, N * K, -2, 2);
+    fill(ww, M * K, -1, 1);
+    sf_matmul_act(pre, post, SF_ACT_GELU, xx, ww, b, N, K, M, pack, 2);
+    sf_activation(SF_ACT_GELU, want, pre, N * M, 1);
+    snprintf(what, sizeof what, "blas matmul_act N=%lld K=%lld M=%lld", (long long)N, (long long)K, (long long)M);
+    CHECK_SAME(what, post, want, N * M);
+    free(a); free(at); free(a2); free(w); free(b); free(y0); free(y); free(tiles); free(pack);
+    free(xx); free(ww); free(pre); free(post); free(want);
+}
+
+static void test_blas_backend(void) {
+    const char *tile = sf_matmul_kernel();
+    char err[256] = "";
+    CHECK(sf_set_blas_sgemm((void *)ref_cblas32, 0, err, sizeof err) == SF_OK, "32-bit reference refused: %s", err);
+    CHECK(strcmp(sf_matmul_kernel(), "blas") == 0, "kernel with a BLAS set: %s", sf_matmul_kernel());
+    static const int64_t dims[] = {1, 4, 5, 17, 40};
+    for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 5; j++)
+            for (int k = 0; k < 5; k++) blas_gemm_case(dims[i], dims[j], dims[k]);
+    /* the 64-bit signature */
+    CHECK(sf_set_blas_sgemm((void *)ref_cblas64, 1, err, sizeof err) == SF_OK, "64-bit reference refused: %s", err);
+    blas_gemm_case(33, 20, 18);
+    /* a function that gets products wrong is refused, and the previous one stays */
+    g_blas_broken = 1;
+    err[0] = 0;
+    sf_status st = sf_set_blas_sgemm((void *)ref_cblas32, 0, err, sizeof err);
+    g_blas_broken = 0;
+    CHECK(st == SF_ERR_INVALID_ARG && strstr(err, "probe"), "broken BLAS: status %d, message '%s'", (int)st, err);
+    long calls = g_blas_calls;
+    blas_gemm_case(6, 7, 8);
+    CHECK(g_blas_calls > calls, "after a refused BLAS the previous one (64-bit) stopped running");
+    CHECK(sf_set_blas_sgemm((void *)ref_cblas64, 2, err, sizeof err) == SF_ERR_INVALID_ARG, "ilp64 = 2 accepted");
+    /* NULL: back to the tiles */
+    CHECK(sf_set_blas_sgemm(NULL, 0, err, sizeof err) == SF_OK, "NULL refused");
+    CHECK(strcmp(sf_matmul_kernel(), tile) == 0, "kernel after NULL: %s, before: %s", sf_matmul_kernel(), tile);
+    calls = g_blas_calls;
+    gemm_order_case(13, 9, 37, 2);
+    CHECK(g_blas_calls == calls, "BLAS still called after NULL");
+}
+
 /* ============================================================================================
  * 2. Norms, activations, RoPE, small helpers
  * ============================================================================================ */
@@ -2144,6 +2268,7 @@ int main(void) {
     struct { const char *name; void (*fn)(void); } tests[] = {
         {"matmul", test_matmul},
         {"gemm", test_gemm},
+        {"blas backend", test_blas_backend},
         {"norms", test_norms},
         {"activations", test_activations},
         {"rope", test_rope},

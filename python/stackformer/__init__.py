@@ -18,6 +18,7 @@ if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from ._core import get_num_threads, matmul_kernel, set_num_threads  # noqa: E402
+from .blas import blas_info, use_blas, use_builtin_matmul
 from .config import Config
 from .model import Model, Output, ParamTree, Trace, TraceOptions
 from . import data
@@ -27,5 +28,6 @@ from .train import History, lr_schedule, train
 __version__ = "0.1.0"
 
 __all__ = ["Config", "Model", "Output", "ParamTree", "Trace", "TraceOptions",
-           "set_num_threads", "get_num_threads", "matmul_kernel", "__version__",
+           "set_num_threads", "get_num_threads", "matmul_kernel", "use_blas", "use_builtin_matmul", "blas_info",
+           "__version__",
            "data", "Corpus", "default_corpus", "History", "lr_schedule", "train"]

@@ -598,11 +598,29 @@ static PyObject *core_matmul_kernel(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(sf_matmul_kernel());
 }
 
+/* set_blas_sgemm(address, ilp64): address of a cblas_sgemm the caller loaded (0 = back to the
+ * tiles). Only stackformer.blas calls this, after checking the library's integer width; the C
+ * core probes the function on three small products before using it. */
+static PyObject *core_set_blas_sgemm(PyObject *m, PyObject *args) {
+    unsigned long long addr;
+    int ilp64;
+    if (!PyArg_ParseTuple(args, "Kp:set_blas_sgemm", &addr, &ilp64)) return NULL;
+    char err[256] = "";
+    if (sf_set_blas_sgemm((void *)(uintptr_t)addr, ilp64, err, sizeof err) != SF_OK) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
     {"set_num_threads", core_set_num_threads, METH_O, "set the default thread count (0 = all cores)"},
     {"get_num_threads", core_get_num_threads, METH_NOARGS, "default thread count"},
     {"matmul_kernel", core_matmul_kernel, METH_NOARGS,
-     "the matrix products' register tile on this CPU: 'avx512', 'avx2' or 'generic' (same bits)"},
+     "what the Linear products run on: the register tile for this CPU, 'avx512', 'avx2' or 'generic' "
+     "(all give the same bits), or 'blas' after stackformer.use_blas()"},
+    {"set_blas_sgemm", core_set_blas_sgemm, METH_VARARGS,
+     "set_blas_sgemm(address, ilp64): route sf_gemm to a cblas_sgemm (0: the built-in tiles); use stackformer.use_blas"},
     {NULL}};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", "stackformer C core binding", -1, core_methods};
