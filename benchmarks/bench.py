@@ -1322,7 +1322,7 @@ class Bench:
             self.R["extras"]["blas_backend"] = {"error": "libopenblas not found"}
             return
         sf.set_num_threads(self.threads)
-        info = sf.use_blas(path, threads=self.threads)
+        info = sf.use_blas(path)
         sf.use_builtin_matmul()
         rows = []
         try:
@@ -1337,7 +1337,7 @@ class Bench:
                     for r in range(2 + max(self.reps, 5)):  # two warm-up rounds
                         sf.use_builtin_matmul()
                         t_tiles = timed(step)[0]
-                        sf.use_blas(path, threads=self.threads)
+                        sf.use_blas(path)
                         t_blas = timed(step)[0]
                         if r >= 2:
                             tt.append(t_tiles)

@@ -627,21 +627,24 @@ typedef void (*cblas64_fn)(int, int, int, int64_t, int64_t, int64_t, float, cons
 static _Atomic(uintptr_t) g_blas32, g_blas64;
 enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_TRANS = 112 };
 
-/* C (rows x cols, row stride ldc) = op(A) op(B) + beta C through whichever slot is set;
- * returns 0 when none is or a size does not fit the library's integers. */
-static int blas_call(int ta, int tb, int64_t rows, int64_t cols, int64_t K, const float *A,
-                     int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-    uintptr_t f64 = atomic_load_explicit(&g_blas64, memory_order_acquire);
-    if (f64) {
-        ((cblas64_fn)f64)(CBLAS_ROW_MAJOR, ta, tb, rows, cols, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
-        return 1;
-    }
-    uintptr_t f32 = atomic_load_explicit(&g_blas32, memory_order_acquire);
-    const int64_t lim = INT32_MAX;
-    if (!f32 || rows > lim || cols > lim || K > lim || lda > lim || ldb > lim || ldc > lim) return 0;
-    ((cblas32_fn)f32)(CBLAS_ROW_MAJOR, ta, tb, (int32_t)rows, (int32_t)cols, (int32_t)K, 1.0f, A,
-                      (int32_t)lda, B, (int32_t)ldb, beta, C, (int32_t)ldc);
-    return 1;
+/* The backend to use for one product: the 64-bit slot if set, else the 32-bit one; loaded
+ * once per product, so all of its calls go to one function even if the backend changes. */
+typedef struct { uintptr_t fn; int is64; } blas_fn;
+static blas_fn blas_pick(void) {
+    blas_fn f = {atomic_load_explicit(&g_blas64, memory_order_acquire), 1};
+    if (!f.fn) f = (blas_fn){atomic_load_explicit(&g_blas32, memory_order_acquire), 0};
+    return f;
+}
+
+/* C (rows x cols, row stride ldc) = op(A) op(B) + beta C (f.fn set, sizes checked) */
+static void blas_call(blas_fn f, int ta, int tb, int64_t rows, int64_t cols, int64_t K,
+                      const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                      int64_t ldc) {
+    if (f.is64)
+        ((cblas64_fn)f.fn)(CBLAS_ROW_MAJOR, ta, tb, rows, cols, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+    else
+        ((cblas32_fn)f.fn)(CBLAS_ROW_MAJOR, ta, tb, (int32_t)rows, (int32_t)cols, (int32_t)K, 1.0f, A,
+                           (int32_t)lda, B, (int32_t)ldb, beta, C, (int32_t)ldc);
 }
 
 static int blas_active(void) {
@@ -656,21 +659,39 @@ static int blas_active(void) {
 static int blas_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs,
                      const float *w, int trans_w, const float *b, int64_t N, int64_t K, int64_t M,
                      int accumulate, int nt, int act, float *act_out) {
-    if (!blas_active()) return 0;
+    const blas_fn f = blas_pick();
+    if (!f.fn) return 0;
     int ta;
     int64_t lda;
     if (a_cs == 1 && (a_rs >= K || N == 1)) { ta = CBLAS_NO_TRANS; lda = a_rs > K ? a_rs : K; }
     else if (a_rs == 1 && a_cs >= N) { ta = CBLAS_TRANS; lda = a_cs; }
     else return 0;
+    const int64_t ldb = trans_w ? K : M, lim = INT32_MAX;
     if (ldy < M) return 0;
-    const int64_t ldb = trans_w ? K : M;
+    if (!f.is64 && (N > lim || M > lim || K > lim || lda > lim || ldb > lim || ldy > lim)) return 0;
     float beta = accumulate ? 1.0f : 0.0f;
     if (!accumulate && b) {
         for (int64_t n = 0; n < N; n++) memcpy(y + n * ldy, b, (size_t)M * sizeof(float));
         beta = 1.0f;
     }
-    if (!blas_call(ta, trans_w ? CBLAS_TRANS : CBLAS_NO_TRANS, N, M, K, a, lda, w, ldb, beta, y, ldy)) {
-        return 0; /* sizes past 32 bits: the tiles overwrite (or, accumulating, never saw) the bias */
+    const int tb = trans_w ? CBLAS_TRANS : CBLAS_NO_TRANS;
+    /* Our threads split the rows, each calling the BLAS on its slice (use_blas sets an
+     * OpenBLAS to one thread): one pool. The BLAS's own threads spin ~0.1 s after each call
+     * and took a core from every OpenMP region in between (S's train step 1.6x slower). */
+    const int T = (N * K * M < (1 << 20) || N < 2 * 16) ? 1 : (int)(nt < N / 16 ? nt : N / 16);
+    if (T <= 1) blas_call(f, ta, tb, N, M, K, a, lda, w, ldb, beta, y, ldy);
+    else {
+#pragma omp parallel num_threads(T)
+        {
+            int tid = 0, nth = 1;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+            nth = omp_get_num_threads();
+#endif
+            /* row ranges in multiples of 16, so slices start on whole register tiles */
+            int64_t n0 = N / 16 * tid / nth * 16, n1 = tid == nth - 1 ? N : N / 16 * (tid + 1) / nth * 16;
+            if (n1 > n0) blas_call(f, ta, tb, n1 - n0, M, K, a + n0 * a_rs, lda, w, ldb, beta, y + n0 * ldy, ldy);
+        }
     }
     if (act >= 0) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * M > 65536)
@@ -701,10 +722,11 @@ static int blas_probe(char *err, size_t errlen) {
         for (int c = 0; c < C; c++) Bt[c * KK + k] = B[k * C + c];
     for (int t = 0; t < 3; t++) {
         for (int i = 0; i < R * C; i++) Y[i] = t == 2 ? 1.0f : -99.0f;
-        int ok = t == 0 ? blas_call(CBLAS_NO_TRANS, CBLAS_TRANS, R, C, KK, A, KK, Bt, KK, 0.0f, Y, C)
-               : t == 1 ? blas_call(CBLAS_TRANS, CBLAS_NO_TRANS, R, C, KK, At, R, B, C, 0.0f, Y, C)
-                        : blas_call(CBLAS_NO_TRANS, CBLAS_NO_TRANS, R, C, KK, A, KK, B, C, 1.0f, Y, C);
-        if (!ok) { blas_err(err, errlen, "BLAS probe: no function set"); return 0; }
+        const blas_fn f = blas_pick();
+        if (!f.fn) { blas_err(err, errlen, "BLAS probe: no function set"); return 0; }
+        if (t == 0) blas_call(f, CBLAS_NO_TRANS, CBLAS_TRANS, R, C, KK, A, KK, Bt, KK, 0.0f, Y, C);
+        else if (t == 1) blas_call(f, CBLAS_TRANS, CBLAS_NO_TRANS, R, C, KK, At, R, B, C, 0.0f, Y, C);
+        else blas_call(f, CBLAS_NO_TRANS, CBLAS_NO_TRANS, R, C, KK, A, KK, B, C, 1.0f, Y, C);
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) {
                 double ref = t == 2 ? 1.0 : 0.0;

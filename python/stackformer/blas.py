@@ -8,7 +8,7 @@ input and weight gradients, LM head) to a CBLAS that is already on the machine:
 
     >>> import stackformer as sf
     >>> sf.use_blas()                  # OpenBLAS, BLIS, Accelerate, ... found on the system
-    'OpenBLAS 0.3.21 ... (/usr/lib/x86_64-linux-gnu/libopenblas.so.0): cblas_sgemm, 32-bit integers, 2 threads'
+    'OpenBLAS 0.3.21 ... (libopenblas.so.0): cblas_sgemm, 32-bit integers, its own threads set to 1'
     >>> sf.matmul_kernel()
     'blas'
     >>> sf.use_builtin_matmul()        # back to the tiles
@@ -98,13 +98,17 @@ def _load(library: str) -> Tuple[ctypes.CDLL, str, bool]:
     raise ValueError(f"{library!r} exports no cblas_sgemm (looked for {', '.join(s for s, _ in _SYMBOLS)})")
 
 
-def use_blas(library: Optional[str] = None, threads: Optional[int] = None) -> str:
+def use_blas(library: Optional[str] = None) -> str:
     """Run every Linear product through a CBLAS ``cblas_sgemm`` from now on (process-wide).
 
     library: a path or a name ``ctypes.CDLL`` accepts; None tries ``find_blas()`` in order and
         takes the first that loads and passes the check.
-    threads: thread count for an OpenBLAS (default: ``stackformer.get_num_threads()``); other
-        libraries keep their own setting (``BLIS_NUM_THREADS``, ``MKL_NUM_THREADS``, ...).
+
+    Threads stay stackformer's (``set_num_threads``): a large product's rows are split over
+    them and each calls the BLAS on its slice, so an OpenBLAS is set to one thread of its own
+    (two thread pools spinning against each other made a train step 1.6x slower). For other
+    libraries set their variable to 1 yourself (``BLIS_NUM_THREADS``, ``MKL_NUM_THREADS``,
+    ``VECLIB_MAXIMUM_THREADS``).
 
     The C core first checks the function on three small products against a double-precision
     loop, and refuses it (ValueError, the previous backend stays) if they come out wrong.
@@ -114,8 +118,6 @@ def use_blas(library: Optional[str] = None, threads: Optional[int] = None) -> st
     library cannot be loaded, ValueError when it has no cblas_sgemm or fails the check.
     """
     global _lib, _info
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
     candidates = [library] if library is not None else find_blas()
     if not candidates:
         raise FileNotFoundError("no BLAS library found (looked for $STACKFORMER_BLAS, "
@@ -133,8 +135,7 @@ def use_blas(library: Optional[str] = None, threads: Optional[int] = None) -> st
             errors.append(str(e))
             continue
         suffix64 = symbol.endswith("64_")
-        n = threads if threads is not None else _core.get_num_threads()
-        has_threads = _set_threads(lib, n, suffix64)
+        one_thread = _set_threads(lib, 1, suffix64)
         addr = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
         try:
             _core.set_blas_sgemm(addr, ilp64)
@@ -146,7 +147,7 @@ def use_blas(library: Optional[str] = None, threads: Optional[int] = None) -> st
         config = _config(lib, suffix64)
         name = (config or os.path.basename(cand)) + f" ({getattr(lib, '_name', cand)})"
         _lib, _info = lib, (f"{name}: {symbol}, {'64' if ilp64 else '32'}-bit integers"
-                            + (f", {n} threads" if has_threads else ""))
+                            + (", its own threads set to 1" if one_thread else ""))
         return _info
     raise ValueError("no usable BLAS: " + "; ".join(errors))
 
