@@ -101,8 +101,8 @@ __attribute__((target("avx2,fma"))) static void pack_panel_t_avx2(float *dst, co
         for (int j = 0; j < SF_NR; j++) dst[k * SF_NR + j] = w[j * ldw + k];
 }
 static int have_avx2_fma(void);
-static int blas_active(void);
 #endif
+static int blas_active(void);
 
 /* dst[k][j] = B[k][p*16 + j], zero-padded past M, where B (K x M) is w^T when trans_w (w
  * stored (M, K) with row stride ldw, the Linear-weight layout) or w itself (stored (K, M) with
@@ -652,10 +652,27 @@ static int blas_active(void) {
            atomic_load_explicit(&g_blas32, memory_order_relaxed);
 }
 
-/* sf_gemm's product through the BLAS: A contiguous along K (a_cs == 1) or along N (a_rs == 1,
- * the weight gradient's dy^T); other strides, and leading dimensions CBLAS would reject, stay
- * on the tiles (returns 0). The bias is written into y first and kept with beta = 1; the
- * activation runs afterwards, rows split over the threads. */
+/* Rows [n0, n1) of a product through the BLAS: the bias copied into y and kept with beta = 1
+ * (CBLAS has no bias), the product, then the activation epilogue. */
+static void blas_rows(blas_fn f, int ta, int tb, float *y, int64_t ldy, const float *a,
+                      int64_t a_rs, int64_t lda, const float *w, int64_t ldb, const float *b,
+                      int64_t n0, int64_t n1, int64_t K, int64_t M, int accumulate, int act,
+                      float *act_out) {
+    float beta = accumulate ? 1.0f : 0.0f;
+    if (!accumulate && b) {
+        for (int64_t n = n0; n < n1; n++) memcpy(y + n * ldy, b, (size_t)M * sizeof(float));
+        beta = 1.0f;
+    }
+    blas_call(f, ta, tb, n1 - n0, M, K, a + n0 * a_rs, lda, w, ldb, beta, y + n0 * ldy, ldy);
+    act_block(act, act_out, y, ldy, n0, n1 - n0, 0, M);
+}
+
+/* sf_gemm's product through the BLAS, if one is set: A contiguous along K (a_cs == 1) or
+ * along N (a_rs == 1, the weight gradient's dy^T); other strides, and sizes CBLAS would
+ * reject, stay on the tiles (returns 0). Our threads split the rows, each calling the BLAS
+ * on its slice (use_blas sets an OpenBLAS to one thread): one pool. With the BLAS's own
+ * threads, which spin ~0.1 s after each call, every OpenMP region in between lost a core
+ * (S's train step 1.6x slower). */
 static int blas_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs,
                      const float *w, int trans_w, const float *b, int64_t N, int64_t K, int64_t M,
                      int accumulate, int nt, int act, float *act_out) {
@@ -669,33 +686,23 @@ static int blas_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_
     const int64_t ldb = trans_w ? K : M, lim = INT32_MAX;
     if (ldy < M) return 0;
     if (!f.is64 && (N > lim || M > lim || K > lim || lda > lim || ldb > lim || ldy > lim)) return 0;
-    float beta = accumulate ? 1.0f : 0.0f;
-    if (!accumulate && b) {
-        for (int64_t n = 0; n < N; n++) memcpy(y + n * ldy, b, (size_t)M * sizeof(float));
-        beta = 1.0f;
-    }
     const int tb = trans_w ? CBLAS_TRANS : CBLAS_NO_TRANS;
-    /* Our threads split the rows, each calling the BLAS on its slice (use_blas sets an
-     * OpenBLAS to one thread): one pool. The BLAS's own threads spin ~0.1 s after each call
-     * and took a core from every OpenMP region in between (S's train step 1.6x slower). */
     const int T = (N * K * M < (1 << 20) || N < 2 * 16) ? 1 : (int)(nt < N / 16 ? nt : N / 16);
-    if (T <= 1) blas_call(f, ta, tb, N, M, K, a, lda, w, ldb, beta, y, ldy);
-    else {
-#pragma omp parallel num_threads(T)
-        {
-            int tid = 0, nth = 1;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-            nth = omp_get_num_threads();
-#endif
-            /* row ranges in multiples of 16, so slices start on whole register tiles */
-            int64_t n0 = N / 16 * tid / nth * 16, n1 = tid == nth - 1 ? N : N / 16 * (tid + 1) / nth * 16;
-            if (n1 > n0) blas_call(f, ta, tb, n1 - n0, M, K, a + n0 * a_rs, lda, w, ldb, beta, y + n0 * ldy, ldy);
-        }
+    if (T <= 1) {
+        blas_rows(f, ta, tb, y, ldy, a, a_rs, lda, w, ldb, b, 0, N, K, M, accumulate, act, act_out);
+        return 1;
     }
-    if (act >= 0) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (N * M > 65536)
-        for (int64_t n = 0; n < N; n++) act_block(act, act_out, y, ldy, n, 1, 0, M);
+#pragma omp parallel num_threads(T)
+    {
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
+#endif
+        /* row ranges in multiples of 16, so slices start on whole register tiles */
+        int64_t n0 = N / 16 * tid / nth * 16, n1 = tid == nth - 1 ? N : N / 16 * (tid + 1) / nth * 16;
+        if (n1 > n0)
+            blas_rows(f, ta, tb, y, ldy, a, a_rs, lda, w, ldb, b, n0, n1, K, M, accumulate, act, act_out);
     }
     return 1;
 }
@@ -708,10 +715,11 @@ static void blas_err(char *err, size_t errlen, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* Probe a candidate: three small products (both transposes of A and B, a bias-like beta = 1)
- * against a double-precision loop. A function with another signature or ABI shows up as
- * wrong numbers (or, unluckily, a crash; the Python side checks the integer width first). */
-static int blas_probe(char *err, size_t errlen) {
+/* Probe a candidate before it is installed: three small products (both transposes of A and
+ * B, a bias-like beta = 1) against a double-precision loop. A function with another signature
+ * or ABI shows up as wrong numbers (or, unluckily, a crash; the Python side reads the integer
+ * width from the library first). */
+static int blas_probe(blas_fn f, char *err, size_t errlen) {
     enum { R = 5, C = 7, KK = 3 };
     float A[R * KK], At[KK * R], B[KK * C], Bt[C * KK], Y[R * C];
     for (int i = 0; i < R * KK; i++) A[i] = (float)((i * 7) % 11) - 5.0f;
@@ -722,8 +730,6 @@ static int blas_probe(char *err, size_t errlen) {
         for (int c = 0; c < C; c++) Bt[c * KK + k] = B[k * C + c];
     for (int t = 0; t < 3; t++) {
         for (int i = 0; i < R * C; i++) Y[i] = t == 2 ? 1.0f : -99.0f;
-        const blas_fn f = blas_pick();
-        if (!f.fn) { blas_err(err, errlen, "BLAS probe: no function set"); return 0; }
         if (t == 0) blas_call(f, CBLAS_NO_TRANS, CBLAS_TRANS, R, C, KK, A, KK, Bt, KK, 0.0f, Y, C);
         else if (t == 1) blas_call(f, CBLAS_TRANS, CBLAS_NO_TRANS, R, C, KK, At, R, B, C, 0.0f, Y, C);
         else blas_call(f, CBLAS_NO_TRANS, CBLAS_NO_TRANS, R, C, KK, A, KK, B, C, 1.0f, Y, C);
@@ -733,9 +739,9 @@ static int blas_probe(char *err, size_t errlen) {
                 for (int k = 0; k < KK; k++) ref += (double)A[r * KK + k] * B[k * C + c];
                 if (fabs(Y[r * C + c] - ref) > 1e-4 * (1.0 + fabs(ref))) {
                     blas_err(err, errlen,
-                              "BLAS probe: product %d gave %g at (%d, %d), expected %g: not a "
-                              "row-major cblas_sgemm with %s-bit integers", t, (double)Y[r * C + c],
-                              r, c, ref, atomic_load(&g_blas64) ? "64" : "32");
+                             "BLAS probe: product %d gave %g at (%d, %d), expected %g: not a "
+                             "row-major cblas_sgemm with %s-bit integers", t, (double)Y[r * C + c],
+                             r, c, ref, f.is64 ? "64" : "32");
                     return 0;
                 }
             }
@@ -753,16 +759,12 @@ sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errl
         blas_err(err, errlen, "ilp64 must be 0 (32-bit integers) or 1 (64-bit), got %d", ilp64);
         return SF_ERR_INVALID_ARG;
     }
-    /* the new function first, then clear the other slot: a product in flight on another
-     * thread sees either the old or the new backend, each with its own signature */
-    uintptr_t prev32 = atomic_load(&g_blas32), prev64 = atomic_load(&g_blas64);
-    if (ilp64) { atomic_store(&g_blas64, (uintptr_t)cblas_sgemm); atomic_store(&g_blas32, 0); }
-    else { atomic_store(&g_blas32, (uintptr_t)cblas_sgemm); atomic_store(&g_blas64, 0); }
-    if (!blas_probe(err, errlen)) { /* refused: the previous backend comes back */
-        atomic_store(&g_blas32, prev32);
-        atomic_store(&g_blas64, prev64);
-        return SF_ERR_INVALID_ARG;
-    }
+    const blas_fn f = {(uintptr_t)cblas_sgemm, ilp64};
+    if (!blas_probe(f, err, errlen)) return SF_ERR_INVALID_ARG; /* the previous backend stays */
+    /* the new function first, then clear the other slot: a product starting on another
+     * thread meanwhile picks either the old or the new one, each with its own signature */
+    if (ilp64) { atomic_store(&g_blas64, f.fn); atomic_store(&g_blas32, 0); }
+    else { atomic_store(&g_blas32, f.fn); atomic_store(&g_blas64, 0); }
     return SF_OK;
 }
 
@@ -781,9 +783,8 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
     }
     if (blas_gemm(y, ldy, a, a_rs, a_cs, w, trans_w, b, N, K, M, accumulate, nt, act, act_out)) return;
     if (N <= SF_SMALL_N && trans_w) {
-        int use_avx_small = 0;
 #ifdef SF_X86
-        use_avx_small = have_avx2_fma();
+        const int use_avx_small = have_avx2_fma();
 #endif
         int64_t nb = (M + 7) / 8;
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * K * M > (1 << 17))

@@ -106,7 +106,8 @@ def use_blas(library: Optional[str] = None) -> str:
 
     Threads stay stackformer's (``set_num_threads``): a large product's rows are split over
     them and each calls the BLAS on its slice, so an OpenBLAS is set to one thread of its own
-    (two thread pools spinning against each other made a train step 1.6x slower). For other
+    (two thread pools spinning against each other made a train step 1.6x slower; if it is the
+    copy NumPy uses, NumPy's products then run on one thread too). For other
     libraries set their variable to 1 yourself (``BLIS_NUM_THREADS``, ``MKL_NUM_THREADS``,
     ``VECLIB_MAXIMUM_THREADS``).
 
