@@ -204,3 +204,18 @@ def test_real_blas_larger_products_and_threads(tiles_after):
             _check_close(m, x, y, lambda: sf.use_blas(REAL))
         finally:
             sf.set_num_threads(0)
+
+
+def test_use_blas_search_reports_what_it_tried(monkeypatch, tiles_after):
+    """library=None walks find_blas(): $STACKFORMER_BLAS comes first, every failure is named,
+    and an empty search is a FileNotFoundError; the tiles stay in all cases."""
+    kernel = sf.matmul_kernel()
+    monkeypatch.setenv("STACKFORMER_BLAS", "/nonexistent/libmyblas.so")
+    assert sf.blas.find_blas()[0] == "/nonexistent/libmyblas.so"
+    monkeypatch.setattr(sf.blas, "find_blas", lambda: ["/nonexistent/libmyblas.so"])
+    with pytest.raises(ValueError, match="no usable BLAS.*libmyblas"):
+        sf.use_blas()
+    monkeypatch.setattr(sf.blas, "find_blas", lambda: [])
+    with pytest.raises(FileNotFoundError, match="no BLAS library found"):
+        sf.use_blas()
+    assert sf.matmul_kernel() == kernel and sf.blas_info() is None
