@@ -445,7 +445,7 @@ static void ref_cblas64(int o, int ta, int tb, int64_t R, int64_t C, int64_t K, 
  * each with bias / no bias / accumulate and both layouts of w; against a double loop. */
 static void blas_gemm_case(int64_t N, int64_t K, int64_t M) {
     const int64_t lda = K + 2, ldy = M + 3;
-    float *a = falloc(N * lda), *at = falloc(K * N), *a2 = falloc(2 * N * K * 2 + 2), *w = falloc(K * M);
+    float *a = falloc(N * lda), *at = falloc(K * N), *a2 = falloc(2 * N * K), *w = falloc(K * M);
     float *b = falloc(M), *y0 = falloc(N * ldy), *y = falloc(N * ldy), *tiles = falloc(N * ldy);
     float *pack = falloc(sf_gemm_pack_floats(N, K, M, 1) + sf_gemm_pack_floats(N, K, M, 0));
     fill(a, N * lda, -1, 1);

@@ -136,7 +136,6 @@ def use_blas(library: Optional[str] = None) -> str:
             errors.append(str(e))
             continue
         suffix64 = symbol.endswith("64_")
-        one_thread = _set_threads(lib, 1, suffix64)
         addr = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
         try:
             _core.set_blas_sgemm(addr, ilp64)
@@ -145,6 +144,7 @@ def use_blas(library: Optional[str] = None) -> str:
                 raise ValueError(f"{cand}: {e}") from None
             errors.append(f"{cand}: {e}")
             continue
+        one_thread = _set_threads(lib, 1, suffix64)  # only once it is in use
         config = _config(lib, suffix64)
         name = (config or os.path.basename(cand)) + f" ({getattr(lib, '_name', cand)})"
         _lib, _info = lib, (f"{name}: {symbol}, {'64' if ilp64 else '32'}-bit integers"
