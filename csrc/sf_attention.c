@@ -257,10 +257,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
 
 #pragma omp parallel num_threads(nt) if (rows * width * dh > (1 << 20))
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = sf_team_tid();
         float *ws = scratch + (int64_t)tid * per_thread_floats(a);
         if (rowwise) {
 #pragma omp for schedule(dynamic, 8)
@@ -355,10 +352,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
 
 #pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > (1 << 20))
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = sf_team_tid();
         float *ws = scratch + (int64_t)tid * per_thread_floats(a);
         float *kt = ws, *vt = ws + P, *kn = ws + 2 * P, *qn = ws + 3 * P, *dn = qn + QP;
         float *sblk = dn + QP, *pblk = sblk + SF_ATT_BQ * width;

@@ -60,10 +60,7 @@ void sf_attnres_aggregate(float *h, float *alpha_out, const float *const *src,
     int64_t ntiles = (N + AR_TILE - 1) / AR_TILE;
 #pragma omp parallel num_threads(nt) if (N * d * nsrc > 65536)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = sf_team_tid();
         /* per-thread q ⊙ g (d floats) and a tile's logits, then weights (AR_TILE × nsrc) */
         float *qg = scratch + (int64_t)tid * (d + AR_TILE * nsrc);
         float *s = qg + d;
@@ -267,10 +264,7 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
     int64_t ntiles = (N + AR_TILE - 1) / AR_TILE;
 #pragma omp parallel num_threads(nt) if (N * d * nr * nsrc > 65536)
     {
-        int64_t eoff = 0;
-#ifdef _OPENMP
-        eoff = (int64_t)omp_get_thread_num() * e_tstride;
-#endif
+        const int64_t eoff = (int64_t)sf_team_tid() * e_tstride;
         float xd[AR_FUSE][AR_TILE], av[AR_FUSE][AR_TILE][AR_RG], cv[AR_FUSE][AR_TILE][AR_RG];
         /* A tile at a time (see AR_TILE), reader-major inside it: one reader's dh rows for the
          * tile are one contiguous stretch, and the tile's x and dx rows stay in L1/L2. Up to

@@ -1,17 +1,11 @@
 /* stackformer kernels. See sf_kernels.h for contracts. */
 #include "sf_kernels.h"
-#include "sf.h"
+#include "sf_internal.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdatomic.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -647,10 +641,7 @@ static void blas_call(blas_fn f, int ta, int tb, int64_t rows, int64_t cols, int
                            (int32_t)lda, B, (int32_t)ldb, beta, C, (int32_t)ldc);
 }
 
-static int blas_active(void) {
-    return atomic_load_explicit(&g_blas64, memory_order_relaxed) ||
-           atomic_load_explicit(&g_blas32, memory_order_relaxed);
-}
+static int blas_active(void) { return blas_pick().fn != 0; }
 
 /* Rows [n0, n1) of a product through the BLAS: the bias copied into y and kept with beta = 1
  * (CBLAS has no bias), the product, then the activation epilogue. */
@@ -694,25 +685,13 @@ static int blas_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_
     }
 #pragma omp parallel num_threads(T)
     {
-        int tid = 0, nth = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nth = omp_get_num_threads();
-#endif
+        const int tid = sf_team_tid(), nth = sf_team_size();
         /* row ranges in multiples of 16, so slices start on whole register tiles */
         int64_t n0 = N / 16 * tid / nth * 16, n1 = tid == nth - 1 ? N : N / 16 * (tid + 1) / nth * 16;
         if (n1 > n0)
             blas_rows(f, ta, tb, y, ldy, a, a_rs, lda, w, ldb, b, n0, n1, K, M, accumulate, act, act_out);
     }
     return 1;
-}
-
-static void blas_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
 }
 
 /* Probe a candidate before it is installed: three small products (both transposes of A and
@@ -738,8 +717,8 @@ static int blas_probe(blas_fn f, char *err, size_t errlen) {
                 double ref = t == 2 ? 1.0 : 0.0;
                 for (int k = 0; k < KK; k++) ref += (double)A[r * KK + k] * B[k * C + c];
                 if (fabs(Y[r * C + c] - ref) > 1e-4 * (1.0 + fabs(ref))) {
-                    blas_err(err, errlen,
-                             "BLAS probe: product %d gave %g at (%d, %d), expected %g: not a "
+                    sf_fail(err, errlen, SF_ERR_INVALID_ARG,
+                            "BLAS probe: product %d gave %g at (%d, %d), expected %g: not a "
                              "row-major cblas_sgemm with %s-bit integers", t, (double)Y[r * C + c],
                              r, c, ref, f.is64 ? "64" : "32");
                     return 0;
@@ -756,8 +735,8 @@ sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errl
         return SF_OK;
     }
     if (ilp64 != 0 && ilp64 != 1) {
-        blas_err(err, errlen, "ilp64 must be 0 (32-bit integers) or 1 (64-bit), got %d", ilp64);
-        return SF_ERR_INVALID_ARG;
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG,
+                       "ilp64 must be 0 (32-bit integers) or 1 (64-bit), got %d", ilp64);
     }
     const blas_fn f = {(uintptr_t)cblas_sgemm, ilp64};
     if (!blas_probe(f, err, errlen)) return SF_ERR_INVALID_ARG; /* the previous backend stays */
@@ -825,11 +804,7 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
     }
 #pragma omp parallel num_threads(nthreads)
     {
-        int tid = 0, T = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
+        const int tid = sf_team_tid(), T = sf_team_size();
         gemm_part(&g, tid, T);
     }
 }

@@ -6,6 +6,26 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* This thread's index in the current OpenMP team and the team's size (0 and 1 outside a
+ * parallel region, or built without OpenMP). */
+static inline int sf_team_tid(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+static inline int sf_team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
 
 /* ---- inline building blocks for hot loops ---------------------------------------------------
  * Written so the compiler vectorizes them (the package builds with AVX2/FMA where the machine

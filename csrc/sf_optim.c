@@ -59,11 +59,7 @@ sf_status sf_adamw_step(sf_model *m, const sf_adamw *o, float *grad_norm, char *
      * the same bits. */
 #pragma omp parallel num_threads(sf_threads_resolve(0)) if (P > 65536)
     {
-        int tid = 0, T = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
+        const int tid = sf_team_tid(), T = sf_team_size();
         const int64_t r0 = P * tid / T, r1 = P * (tid + 1) / T;
         float *p = m->params, *g = m->grads, *mm = m->adam_m, *vv = m->adam_v;
         for (int32_t t = 0; t < m->num_tensors; t++) {

@@ -58,30 +58,35 @@ def find_blas() -> List[str]:
     return out
 
 
+def _openblas_fn(lib: ctypes.CDLL, name: str, suffix64: bool):
+    """OpenBLAS's extension `openblas_<name>` under any of its export names (NumPy's copy
+    prefixes scipy_, 64-bit-integer builds may suffix 64_), or None for other libraries."""
+    names = [f"scipy_openblas_{name}64_", f"openblas_{name}64_"] if suffix64 else []
+    for full in names + [f"openblas_{name}", f"scipy_openblas_{name}"]:
+        fn = getattr(lib, full, None)
+        if fn is not None:
+            return fn
+    return None
+
+
 def _config(lib: ctypes.CDLL, suffix64: bool) -> str:
     """OpenBLAS's build description (version, target, USE64BITINT), or "" for other BLAS."""
-    for name in (["scipy_openblas_get_config64_", "openblas_get_config64_"] if suffix64 else []) + \
-            ["openblas_get_config", "scipy_openblas_get_config"]:
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype = ctypes.c_char_p
-            fn.argtypes = []
-            raw = fn()
-            return raw.decode(errors="replace").strip() if raw else ""
-    return ""
+    fn = _openblas_fn(lib, "get_config", suffix64)
+    if fn is None:
+        return ""
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    raw = fn()
+    return raw.decode(errors="replace").strip() if raw else ""
 
 
 def _set_threads(lib: ctypes.CDLL, n: int, suffix64: bool) -> bool:
     """Set an OpenBLAS's thread count (other libraries: their own environment variables)."""
-    for name in (["scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_"] if suffix64 else []) + \
-            ["openblas_set_num_threads", "scipy_openblas_set_num_threads"]:
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.argtypes = [ctypes.c_int]
-            fn.restype = None
-            fn(n)
-            return True
-    return False
+    fn = _openblas_fn(lib, "set_num_threads", suffix64)
+    if fn is None:
+        return False
+    fn.restype, fn.argtypes = None, [ctypes.c_int]
+    fn(n)
+    return True
 
 
 def _load(library: str) -> Tuple[ctypes.CDLL, str, bool]:
