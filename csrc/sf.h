@@ -34,11 +34,15 @@ typedef enum { SF_POS_NONE = 0, SF_POS_LEARNED = 1, SF_POS_SINUSOIDAL = 2, SF_PO
 typedef enum { SF_ACT_GELU = 0, SF_ACT_GELU_TANH = 1, SF_ACT_RELU = 2, SF_ACT_SWIGLU = 3 } sf_act;
 typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
 /* The depth wirings, in enum order (csrc/wiring/: one file each). */
-#define SF_WIRINGS(X) X(SF_RES_PLAIN, "plain") X(SF_RES_ATTNRES_FULL, "attnres_full") X(SF_RES_ATTNRES_BLOCK, "attnres_block")
-#define SF_WIRING_ENUM_(id, name) id,
+/* X(enum id, Config name, symbol: sf_wiring_<symbol> in csrc/wiring/) */
+#define SF_WIRINGS(X)                                   \
+    X(SF_RES_PLAIN, "plain", plain)                     \
+    X(SF_RES_ATTNRES_FULL, "attnres_full", attnres_full) \
+    X(SF_RES_ATTNRES_BLOCK, "attnres_block", attnres_block)
+#define SF_WIRING_ENUM_(id, name, sym) id,
 typedef enum { SF_WIRINGS(SF_WIRING_ENUM_) SF_NUM_WIRINGS } sf_residual;
 #undef SF_WIRING_ENUM_
-#define SF_WIRING_NAME_(id, name) "|" name
+#define SF_WIRING_NAME_(id, name, sym) "|" name
 #define SF_WIRING_CHOICES (SF_WIRINGS(SF_WIRING_NAME_) + 1) /* "plain|attnres_full|..." */
 
 /* Upper bound on any single dimension: keeps every derived size far from int64 overflow

@@ -70,6 +70,10 @@ typedef struct {
     int overflow;
 } sf_table_builder;
 void sf_params_table(const sf_config *c, sf_table_builder *tb);
+/* Append one tensor (ndim 1: d0 floats; 2: d0 x d1) to the table; no_decay exempts it from
+ * AdamW's weight decay. */
+void sf_params_emit(sf_table_builder *tb, const char *name, int layer, int ndim, int64_t d0,
+                    int64_t d1, int no_decay);
 /* Seeded init of every tensor of the table (sf_params.c). */
 void sf_params_init(sf_model *m, uint64_t seed);
 

@@ -1,6 +1,8 @@
-/* The stack: embedding, n blocks of (attention, MLP) sublayers wired by plain residuals or by
- * Attention Residuals, optional Mixture-of-Depths attention, final norm, head — forward,
- * backward, traces and the decoding cache. See DEVELOPERS.md for the math.
+/* The stack: embedding, n blocks of (attention, MLP) sublayers connected through depth by a
+ * wiring (csrc/wiring/, interface in sf_wiring.h), optional Mixture-of-Depths attention, final
+ * norm, head — the sublayers' forward and backward, the sublayer loop, gradient
+ * checkpointing, the embedding, the head, and the decoding cache. See DEVELOPERS.md for the
+ * math.
  *
  * Memory: every call lays all of its buffers out in one allocation (see `layout`), made
  * before the layer loop and freed after it, so concurrent forward calls never share mutable
@@ -8,28 +10,14 @@
  * backward pass needs live in a `block_acts`; inference (and gradient checkpointing) give all
  * blocks one shared set, training without checkpointing gives each block its own.
  */
-#include "sf_internal.h"
-#include "sf_kernels.h"
+#include "sf_wiring.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Full AttnRes backward: sources whose gradients one pass over their readers gathers together
- * (full_source_grad). At M (25 readers, 2 threads, kernel microbenchmark): 60-66 -> 57-58 ms. */
-#define SF_AR_GROUP 4
-
 int64_t sf_depth_cols(const sf_config *c, int64_t layer) {
     return c->moda ? 2 * layer * c->moda_chunk : 0;
-}
-
-int64_t sf_attnres_num_sources(const sf_config *c, int64_t k) {
-    int64_t L = 2 * c->n_layers;
-    if (c->residual == SF_RES_ATTNRES_FULL) return k + 1;
-    if (c->residual != SF_RES_ATTNRES_BLOCK) return 0;
-    int64_t S = c->attnres_block_size;
-    if (k >= L) return 1 + (L + S - 1) / S; /* output: b_0 .. b_N */
-    return 1 + k / S + (k % S != 0);
 }
 
 /* ---- the decoding cache --------------------------------------------------------------------- */
@@ -77,83 +65,19 @@ void sf_cache_reset(sf_cache *c) { c->len = 0; }
 
 /* ---- one call's buffers ------------------------------------------------------------------- */
 
-typedef struct {
-    float *in_a, *u_a, *q, *k, *v, *att, *lse, *y_a, *z_a; /* attention sublayer */
-    float *in_m, *u_m, *f1, *f2, *g, *y_m, *z_m;            /* MLP sublayer */
-    float *alpha_a, *alpha_m;                               /* AttnRes weights (N, nsrc) */
-} block_acts;
-
-typedef struct {
-    const sf_model *m;
-    const sf_config *c;
-    int64_t B, T, N, d, dh, qd, kvd, F, V, L, S, nb, nsrc_max, n_slots;
-    int nt, attnres, block, training, per_block, two_phase;
-    const uint8_t *pad;
-    sf_cache *cache;
-    int64_t pos0;           /* absolute position of row 0 (cache length before the call) */
-    block_acts *acts;       /* n_layers entries (shared pointers when !per_block) */
-    float *x_in;            /* checkpointing, plain: (n, N, d) block inputs */
-    float *src, *src_rms;   /* AttnRes: Full (L+1) sources, Block (nb+1) completed blocks */
-    float *part, *part_rms; /* Block: partial sum read by sublayer k (training: L of them) */
-    float *vtmp;            /* Block/post-norm: a sublayer's output before it joins a sum */
-    float *running;         /* rms trace under AttnRes: the plain running sum */
-    float *fin_h, *fin_u, *logits; /* final stream/aggregate, after final norm, head output */
-    float *alpha_out;              /* AttnRes output aggregator weights (training) */
-    float *kvtmp;                  /* MoDA: an FFN's depth k or v rows before they are placed */
-    float *depth_k, *depth_v; /* MoDA arena (own, or the cache's) */
-    int64_t depth_bstride, depth_len, kv_bstride;
-    float *pack, *attn_scratch, *ar_scratch, *stats;
-    float *rope; /* RoPE cos/sin for this call's T positions (sf_rope_table), or NULL */
-    float *p1_m, *p1_l, *p1_o, *p1_qg, *p1_logits;
-    const float **src_ptr, **rms_ptr;
-    float **dsrc_ptr;
-    /* backward */
-    sf_attnres_reader *readers;         /* AttnRes: the L+1 aggregations (sublayers, output) */
-    float *ar_S, *ar_qg, *ar_e;         /* their dh·h (L+1, N), q⊙g (L+1, d), e (nt, L+1, d) */
-    float *ar_dh, *ar_alpha;            /* Block: one block's readers' dh and (checkpointing) alpha */
-    float *ar_part, *ar_pbuf[SF_AR_GROUP - 1]; /* Full: partial source gradients (see full_source_grad) */
-    int64_t ar_top;                     /* Full: the top source of the group gathered last */
-    float *d_src, *d_acc, *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
-    float *ddepth_k, *ddepth_v, *dtmp_kv;
-    float *dmask;                       /* residual dropout: a masked copy of a gradient */
-    float attn_p, resid_p;              /* dropout rates (0 outside training) */
-    uint64_t drop_seed;
-    void *mem; /* the one allocation */
-    int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
-} run;
-
-/* bump allocator over floats: measure with base == NULL, then assign */
-typedef struct { float *base; int64_t used; int bad; } bump;
-
-static float *take(bump *b, int64_t n) {
-    if (n <= 0) return NULL;
-    int64_t start = (b->used + 15) & ~(int64_t)15, end; /* 64-byte aligned */
-    if (sf_add_ok(start, n, &end)) { b->bad = 1; return NULL; }
-    b->used = end;
-    return b->base ? b->base + start : NULL;
-}
-
-static int64_t cmul(int *bad, int64_t a, int64_t b) {
-    int64_t r = 0;
-    if (sf_mul_ok(a, b, &r)) { *bad = 1; return 0; }
-    return r;
-}
-
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-typedef struct { int rms, alpha; } want;
-
 /* Lay out every buffer of a call. Run once to measure (bp->base NULL), once to assign. */
 static void layout(run *R, bump *bp, want w) {
     const sf_config *c = R->c;
+    const sf_wiring *W = R->W;
     int bad = 0;
-    const int64_t N = R->N, d = R->d, Nd = cmul(&bad, N, d), L = R->L, n = c->n_layers;
+    const int64_t N = R->N, d = R->d, Nd = cmul(&bad, N, d), n = c->n_layers;
     const int64_t nacts = R->per_block ? n : 1;
-    const int pre = c->pre_norm, post_plain = !pre && !R->attnres;
+    const int pre = c->pre_norm;
     block_acts shared = {0};
     for (int64_t i = 0; i < n; i++) {
         block_acts *A = &R->acts[i];
         if (i < nacts) {
+            *A = (block_acts){0};
             A->in_a = take(bp, Nd);
             A->u_a = pre ? take(bp, Nd) : NULL;
             A->q = take(bp, cmul(&bad, N, R->qd));
@@ -161,56 +85,22 @@ static void layout(run *R, bump *bp, want w) {
             A->v = take(bp, cmul(&bad, N, R->kvd));
             A->att = take(bp, cmul(&bad, N, R->qd));
             A->lse = R->training ? take(bp, cmul(&bad, N, c->n_heads)) : NULL;
-            A->y_a = (R->attnres && pre) ? NULL : take(bp, Nd); /* see sublayer_out */
-            A->z_a = post_plain ? take(bp, Nd) : NULL;
             A->in_m = take(bp, Nd);
             A->u_m = pre ? take(bp, Nd) : NULL;
             A->f1 = take(bp, cmul(&bad, N, R->F));
             A->f2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
             A->g = take(bp, cmul(&bad, N, R->F));
-            A->y_m = (R->attnres && pre) ? NULL : take(bp, Nd);
-            A->z_m = post_plain ? take(bp, Nd) : NULL;
-            A->alpha_a = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
-            A->alpha_m = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
+            W->layout_block(R, bp, A);
             if (i == 0) shared = *A;
         } else {
             *A = shared;
         }
         if (!pre) { A->u_a = A->in_a; A->u_m = A->in_m; }
     }
-    R->x_in = (R->training && !R->per_block && !R->attnres) ? take(bp, cmul(&bad, n, Nd)) : NULL;
-    int64_t nsrc_store = R->attnres ? (R->block ? R->nb + 1 : L + 1) : 0;
-    int64_t npart = R->block ? (R->training ? L : 1) : 0;
-    R->src = take(bp, cmul(&bad, nsrc_store, Nd));
-    R->src_rms = take(bp, cmul(&bad, nsrc_store, N));
-    R->part = take(bp, cmul(&bad, npart, Nd));
-    R->part_rms = take(bp, cmul(&bad, npart, N));
-    R->vtmp = R->attnres ? take(bp, Nd) : NULL;
-    R->running = (R->attnres && w.rms) ? take(bp, Nd) : NULL;
+    R->x_in = (R->training && !R->per_block && W->save_block_input) ? take(bp, cmul(&bad, n, Nd)) : NULL;
     R->fin_h = take(bp, Nd);
     R->fin_u = c->final_norm ? take(bp, Nd) : R->fin_h;
-    R->alpha_out = (R->block && R->training) ? take(bp, cmul(&bad, N, R->nsrc_max)) : NULL;
-    if (R->attnres && R->training) {
-        if (!R->block) {
-            /* Full: the gathered backward reads every reader's weights at every source, so all
-             * of them are kept (also when checkpointing), reader j's (N, j+1) at N j(j+1)/2 */
-            float *al = take(bp, cmul(&bad, N, (L + 1) * (L + 2) / 2));
-            for (int64_t j = 0; al && j <= L; j++) {
-                float *aj = al + N * (j * (j + 1) / 2);
-                if (j == L) R->alpha_out = aj;
-                else if (j % 2 == 0) R->acts[j / 2].alpha_a = aj;
-                else R->acts[j / 2].alpha_m = aj;
-            }
-        } else {
-            /* Block: the readers of one block wait for their batched backward; with
-             * checkpointing their alphas are copied out of the shared block activations */
-            R->ar_dh = take(bp, cmul(&bad, R->S, Nd));
-            R->ar_alpha = R->per_block ? NULL : take(bp, cmul(&bad, cmul(&bad, R->S, N), R->nsrc_max));
-        }
-        R->ar_S = take(bp, cmul(&bad, L + 1, N));
-        R->ar_qg = take(bp, cmul(&bad, L + 1, d));
-        R->ar_e = take(bp, cmul(&bad, R->nt, cmul(&bad, L + 1, d)));
-    }
+    W->layout(R, bp, w);
     R->kvtmp = c->moda ? take(bp, cmul(&bad, N, R->kvd)) : NULL;
     R->logits = R->training ? take(bp, cmul(&bad, N, R->V)) : NULL;
     if (c->moda && !R->cache) {
@@ -235,21 +125,9 @@ static void layout(run *R, bump *bp, want w) {
     aa.chunk = c->moda_chunk;
     aa.dh = R->dh;
     R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
-    R->ar_scratch = R->attnres ? take(bp, sf_attnres_scratch_floats(R->nsrc_max, d, R->nt)) : NULL;
     R->stats = take(bp, 2 * N);
     R->rope = c->pos == SF_POS_ROPE ? take(bp, cmul(&bad, R->T, R->dh)) : NULL;
-    if (R->block && R->two_phase) {
-        int64_t nq = R->S < L ? R->S : L;
-        R->p1_m = take(bp, cmul(&bad, nq, N));
-        R->p1_l = take(bp, cmul(&bad, nq, N));
-        R->p1_o = take(bp, cmul(&bad, nq, Nd));
-        R->p1_qg = take(bp, cmul(&bad, nq, d));
-        R->p1_logits = w.alpha ? take(bp, cmul(&bad, cmul(&bad, nq, N), R->nsrc_max)) : NULL;
-    }
     if (R->training) {
-        R->d_src = take(bp, cmul(&bad, nsrc_store, Nd));
-        R->d_acc = R->block ? take(bp, Nd) : NULL;
-        R->ar_part = (R->attnres && !R->block) ? take(bp, cmul(&bad, SF_AR_GROUP - 1, Nd)) : NULL;
         R->dx = take(bp, Nd);
         R->du = take(bp, Nd);
         R->dy = take(bp, Nd);
@@ -276,11 +154,8 @@ static void run_free(run *R) {
     /* training memory and the cached forward workspace stay with the model */
     if (R->fwd_cached) atomic_store(&((sf_model *)R->m)->fwd_busy, 0);
     else if (!R->training) free(R->mem);
+    if (R->W) R->W->free(R);
     free(R->acts);
-    free(R->src_ptr);
-    free(R->rms_ptr);
-    free(R->dsrc_ptr);
-    free(R->readers);
 }
 
 /* A workspace the model keeps between calls, grown to `bytes` when smaller (NULL if that
@@ -294,30 +169,28 @@ static void *kept_workspace(void **mem, int64_t *have, int64_t bytes) {
     return *mem;
 }
 
+/* Sizes, the wiring and its state, the block table; no workspace yet. */
+static sf_status run_setup(run *R, const sf_model *m, int64_t B, int64_t T, int training,
+                           int per_block, int two_phase, sf_cache *cache, int n_threads) {
+    const sf_config *c = &m->cfg;
+    memset(R, 0, sizeof *R);
+    R->m = m; R->c = c; R->W = sf_wiring_of(c); R->B = B; R->T = T; R->N = B * T; R->d = c->d_model;
+    R->dh = c->d_model / c->n_heads; R->qd = c->n_heads * R->dh; R->kvd = c->n_kv_heads * R->dh;
+    R->F = c->d_ff; R->V = c->vocab_size; R->L = 2 * c->n_layers;
+    R->n_slots = n_depth_slots(c);
+    R->nt = sf_threads_resolve(n_threads);
+    R->training = training; R->per_block = per_block; R->two_phase = two_phase;
+    R->cache = cache; R->pos0 = cache ? cache->len : 0;
+    R->acts = calloc((size_t)c->n_layers, sizeof *R->acts);
+    if (!R->acts) return SF_ERR_NOMEM;
+    return R->W->init(R);
+}
+
 /* Set up sizes and allocate everything; on failure nothing is left allocated. */
 static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int training,
                           int per_block, int two_phase, sf_cache *cache, want w, int n_threads,
                           char *err, size_t errlen) {
-    const sf_config *c = &m->cfg;
-    memset(R, 0, sizeof *R);
-    R->m = m; R->c = c; R->B = B; R->T = T; R->N = B * T; R->d = c->d_model;
-    R->dh = c->d_model / c->n_heads; R->qd = c->n_heads * R->dh; R->kvd = c->n_kv_heads * R->dh;
-    R->F = c->d_ff; R->V = c->vocab_size; R->L = 2 * c->n_layers; R->S = c->attnres_block_size;
-    R->nb = (R->L + R->S - 1) / R->S;
-    R->attnres = c->residual != SF_RES_PLAIN;
-    R->block = c->residual == SF_RES_ATTNRES_BLOCK;
-    R->nsrc_max = !R->attnres ? 0 : R->block ? R->nb + 1 : R->L + 1;
-    R->n_slots = n_depth_slots(c);
-    R->nt = sf_threads_resolve(n_threads);
-    R->training = training; R->per_block = per_block; R->two_phase = R->block && two_phase;
-    R->cache = cache; R->pos0 = cache ? cache->len : 0;
-    R->acts = calloc((size_t)c->n_layers, sizeof *R->acts);
-    int64_t nptr = R->nsrc_max + 2;
-    R->src_ptr = calloc((size_t)nptr, sizeof *R->src_ptr);
-    R->rms_ptr = calloc((size_t)nptr, sizeof *R->rms_ptr);
-    R->dsrc_ptr = calloc((size_t)nptr, sizeof *R->dsrc_ptr);
-    R->readers = calloc((size_t)R->L + 1, sizeof *R->readers); /* every sublayer, the output */
-    if (!R->acts || !R->src_ptr || !R->rms_ptr || !R->dsrc_ptr || !R->readers) goto nomem;
+    if (run_setup(R, m, B, T, training, per_block, two_phase, cache, n_threads) != SF_OK) goto nomem;
     bump bp = {NULL, 0, 0};
     layout(R, &bp, w);
     int64_t bytes;
@@ -358,53 +231,14 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->depth_len = T;
         R->kv_bstride = T * R->kvd;
     }
-    if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, c->rope_theta, R->nt);
+    if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, m->cfg.rope_theta, R->nt);
     return SF_OK;
 nomem:
     run_free(R);
     return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate workspace tables");
 }
 
-/* ---- small helpers ------------------------------------------------------------------------ */
-
-#define GRAD(R, p) ((p) ? ((sf_model *)(R)->m)->grads + ((p) - (R)->m->params) : NULL)
-
-static void norm_fwd(const run *R, float *y, const float *x, const float *w, const float *b) {
-    if (R->c->norm == SF_NORM_LAYERNORM) sf_layernorm(y, x, w, b, R->N, R->d, R->c->norm_eps, R->nt);
-    else sf_rmsnorm(y, x, w, R->N, R->d, R->c->norm_eps, R->nt);
-}
-
-/* dx (=|+=) d Norm(x) / dx · dy; weight/bias gradients accumulate into the model's grads. */
-static void norm_bwd(const run *R, float *dx, const float *dy, const float *x, const float *w,
-                     const float *b, int accumulate) {
-    if (R->c->norm == SF_NORM_LAYERNORM)
-        sf_layernorm_backward(dx, GRAD(R, w), GRAD(R, b), dy, x, w, R->N, R->d, R->c->norm_eps, R->stats, accumulate, R->nt);
-    else
-        sf_rmsnorm_backward(dx, GRAD(R, w), dy, x, w, R->N, R->d, R->c->norm_eps, R->stats, accumulate, R->nt);
-}
-
-static void linear(const run *R, float *y, const float *x, const float *w, const float *b,
-                   int64_t K, int64_t M) {
-    sf_matmul(y, x, w, b, R->N, K, M, 0, R->pack, R->nt);
-}
-
-/* Backward of y = x W^T + b (W (M,K)): dW += dy^T x, db += colsum(dy), dx (=|+=) dy W. */
-static void linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
-                       const float *x, const float *w, const float *b, int64_t K, int64_t M) {
-    sf_gemm(GRAD(R, w), K, dy, 1, M, x, 0, NULL, M, R->N, K, 1, R->pack, R->nt);
-    if (b) sf_colsum(GRAD(R, b), dy, R->N, M, R->nt);
-    if (dx) sf_gemm(dx, K, dy, M, 1, w, 0, NULL, R->N, M, K, dx_accumulate, R->pack, R->nt);
-}
-
-static void copy(float *dst, const float *src, int64_t n) {
-    if (dst && dst != src) memcpy(dst, src, (size_t)n * sizeof(float));
-}
-
-/* out = a + b over n floats (residual adds: memory-bound, so both cores' bandwidth helps) */
-static void add3(const run *R, float *out, const float *a, const float *b, int64_t n) {
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
+/* ---- MoDA depth slots and attention arguments ------------------------------------------- */
 
 /* depth slot `slot` of row r (batch r / T, position pos0 + r % T), kv head g, in an arena
  * laid out (B, Hkv, depth_len, n_slots, dh) (see sf_attn_args) */
@@ -454,16 +288,6 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.dropout_seed = R->drop_seed;
     a.dropout_stream = 4 * (uint64_t)i;
     return a;
-}
-
-/* Residual dropout of sublayer k's output (stream 4i+1 attention, 4i+2 MLP): x *= keep. The
- * same call on a gradient applies the same mask (the mask is a hash, not stored). */
-static void resid_dropout(const run *R, float *x, int64_t k) {
-    if (R->resid_p <= 0.0f) return;
-    const uint64_t stream = 4 * (uint64_t)(k / 2) + 1 + (uint64_t)(k % 2);
-    const int64_t n = R->N * R->d;
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (n > 65536)
-    for (int64_t j = 0; j < n; j++) x[j] *= sf_dropout_scale(R->drop_seed, stream, (uint64_t)j, R->resid_p);
 }
 
 /* ---- sublayers: forward ------------------------------------------------------------------- */
@@ -565,111 +389,6 @@ static void mlp_backward(const run *R, int64_t i, block_acts *A, const float *u,
     }
 }
 
-/* ---- Attention Residuals bookkeeping -------------------------------------------------------- */
-
-static int64_t part_index(const run *R, int64_t k) { return R->training ? k : 0; }
-
-/* Point src_ptr/rms_ptr (and dsrc_ptr in training) at sublayer k's sources; returns count.
- * k == L is the output aggregator. */
-static int64_t gather_sources(const run *R, int64_t k) {
-    const int64_t Nd = R->N * R->d, N = R->N;
-    int64_t ns;
-    if (!R->block) ns = (k < R->L) ? k + 1 : R->L + 1;
-    else ns = (k < R->L) ? k / R->S + 1 : R->nb + 1;
-    for (int64_t j = 0; j < ns; j++) {
-        R->src_ptr[j] = R->src + j * Nd;
-        R->rms_ptr[j] = R->src_rms + j * N;
-        if (R->d_src) R->dsrc_ptr[j] = R->d_src + j * Nd;
-    }
-    if (R->block && k < R->L && k % R->S != 0) { /* the running partial sum of this block */
-        int64_t p = part_index(R, k);
-        R->src_ptr[ns] = R->part + p * Nd;
-        R->rms_ptr[ns] = R->part_rms + p * N;
-        if (R->d_src) R->dsrc_ptr[ns] = R->d_acc;
-        ns++;
-    }
-    return ns;
-}
-
-static const float *res_q(const run *R, int64_t k) {
-    if (k >= R->L) return R->m->out_res_q;
-    const sf_layer_views *Lv = &R->m->layers[k / 2];
-    return k % 2 == 0 ? Lv->attn_res_q : Lv->mlp_res_q;
-}
-static const float *res_g(const run *R, int64_t k) {
-    if (k >= R->L) return R->m->out_res_g;
-    const sf_layer_views *Lv = &R->m->layers[k / 2];
-    return k % 2 == 0 ? Lv->attn_res_g : Lv->mlp_res_g;
-}
-
-/* The forward weights aggregation j (sublayer j, or j = L the output) keeps for training */
-static float *reader_alpha(const run *R, int64_t j) {
-    if (j >= R->L) return R->alpha_out;
-    return j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m;
-}
-
-/* h = AttnRes_k(sources); alpha (N, nsrc) optional */
-static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
-    const int64_t N = R->N, d = R->d;
-    int64_t pos = R->block ? k % R->S : 0;
-    if (R->two_phase && k < R->L) {
-        int64_t nsrc = k / R->S + 1; /* completed blocks b_0 .. b_{m-1} */
-        gather_sources(R, k);
-        if (pos == 0) { /* phase 1 at block start: all of the block's queries at once */
-            int64_t nq = (R->L - k) < R->S ? (R->L - k) : R->S;
-            for (int64_t j = 0; j < nq; j++) {
-                const float *q = res_q(R, k + j), *g = res_g(R, k + j);
-                for (int64_t e = 0; e < d; e++) R->p1_qg[j * d + e] = q[e] * g[e];
-            }
-            sf_attnres_phase1(R->p1_m, R->p1_l, R->p1_o, R->p1_logits, R->src_ptr, R->rms_ptr,
-                              nsrc, R->p1_qg, nq, N, d, R->nt);
-        }
-        sf_attnres_phase2(h, alpha, R->p1_m + pos * N, R->p1_l + pos * N, R->p1_o + pos * N * d,
-                          R->p1_logits ? R->p1_logits + pos * N * nsrc : NULL, nsrc,
-                          pos ? R->part : NULL, R->part_rms, R->p1_qg + pos * d, N, d, R->nt);
-        return;
-    }
-    int64_t ns = gather_sources(R, k);
-    sf_attnres_aggregate(h, alpha, R->src_ptr, R->rms_ptr, ns, res_q(R, k), res_g(R, k), N, d,
-                         R->ar_scratch, R->nt);
-}
-
-/* Where sublayer k's output v is kept: Full, its source slot k+1; Block, the staging row. */
-static float *attnres_v(const run *R, int64_t k) {
-    return R->block ? R->vtmp : R->src + (k + 1) * R->N * R->d;
-}
-
-/* Sublayer k produced y; store its output v (post-norm: Norm(y)) where later readers find it. */
-static void attnres_output(run *R, int64_t k, const float *y, const float *nw, const float *nb,
-                           float *trace_out) {
-    const int64_t N = R->N, d = R->d, Nd = N * d;
-    const float eps = R->c->attnres_eps;
-    float *v = attnres_v(R, k);
-    if (R->c->pre_norm) copy(v, y, Nd); /* nothing to copy when y was written there */
-    else norm_fwd(R, v, y, nw, nb);
-    resid_dropout(R, v, k);
-    copy(trace_out, v, Nd);
-    if (R->running) sf_add(R->running, v, Nd, R->nt);
-    if (!R->block) {
-        sf_attnres_inv_rms(R->src_rms + (k + 1) * N, v, N, d, eps, R->nt);
-        return;
-    }
-    int64_t pos = k % R->S;
-    const float *prev = pos ? R->part + part_index(R, k) * Nd : NULL;
-    float *dst, *dst_rms;
-    if (pos == R->S - 1 || k == R->L - 1) { /* block complete: b_m */
-        int64_t m = k / R->S + 1;
-        dst = R->src + m * Nd;
-        dst_rms = R->src_rms + m * N;
-    } else { /* the partial sum the next sublayer reads */
-        dst = R->part + part_index(R, k + 1) * Nd;
-        dst_rms = R->part_rms + part_index(R, k + 1) * N;
-    }
-    if (prev) add3(R, dst, prev, v, Nd);
-    else copy(dst, v, Nd);
-    sf_attnres_inv_rms(dst_rms, dst, N, d, eps, R->nt);
-}
-
 /* ---- the stack ---------------------------------------------------------------------------- */
 
 static void embed(const run *R, const int32_t *tokens, const float *embeds, float *x0) {
@@ -708,70 +427,45 @@ static void embed_backward(const run *R, const int32_t *tokens, const float *dx0
         }
 }
 
-static float rms_of(const float *x, int64_t n) { return (float)sf_rms(x, n); }
-
-/* Where sublayer k writes its output y. Under AttnRes pre-norm the output is stored as is (v =
- * y), so the sublayer writes it straight to where it is kept (Full: its source slot; Block: the
- * staging row vtmp) instead of to its activation buffer and a copy; post-norm keeps y for the
- * norm's backward. */
-static float *sublayer_out(const run *R, int64_t k, float *own) {
-    return R->attnres && R->c->pre_norm ? attnres_v(R, k) : own;
+/* Sublayer k's forward: y = F_k(u) (attention for k even, MLP for k odd, of block k/2). */
+static void sub_forward(run *R, int64_t k, const float *u, float *y, sf_trace *tr) {
+    const int64_t i = k / 2;
+    block_acts *A = &R->acts[i];
+    if (k % 2 == 0)
+        attn_forward(R, i, A, u, y, tr && tr->attention ? tr->attention[i] : NULL,
+                     tr && tr->depth_mass ? tr->depth_mass[i] : NULL);
+    else
+        mlp_forward(R, i, A, u, y);
 }
 
-/* One transformer block forward. Its input is already in A->in_a (plain) or in the sources
- * (AttnRes). Plain blocks leave their output in `out` (the next block's in_a, or fin_h). */
+/* Given dy = dL/dy of y = F_k(u), accumulate F_k's parameter gradients and write du. */
+static void sub_backward(run *R, int64_t k, const float *u, const float *dy, float *du) {
+    const int64_t i = k / 2;
+    if (k % 2 == 0) attn_backward(R, i, &R->acts[i], u, dy, du);
+    else mlp_backward(R, i, &R->acts[i], u, dy, du);
+}
+
+/* One transformer block forward: its two sublayers, each read, (pre-)normed, run and written
+ * through the wiring (sf_wiring.h). The MLP's write goes to `out` (the next block's input, or
+ * fin_h; a sink when recomputing). */
 static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
-    const sf_config *c = R->c;
-    const sf_layer_views *Lv = &R->m->layers[i];
+    const sf_wiring *W = R->W;
     block_acts *A = &R->acts[i];
-    const int64_t Nd = R->N * R->d, ka = 2 * i, km = 2 * i + 1;
-    const int pre = c->pre_norm;
+    const int64_t Nd = R->N * R->d;
     float *rms = tr ? tr->rms : NULL;
-
-    /* attention sublayer */
-    if (R->attnres) attnres_input(R, ka, A->in_a, tr && tr->alpha ? tr->alpha[ka] : A->alpha_a);
-    if (tr && tr->hidden) copy(tr->hidden[i], A->in_a, Nd);
-    if (rms) rms[ka * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(A->in_a, Nd);
-    if (pre) norm_fwd(R, A->u_a, A->in_a, Lv->attn_norm_w, Lv->attn_norm_b);
-    float *ya = sublayer_out(R, ka, A->y_a);
-    attn_forward(R, i, A, A->u_a, ya, tr && tr->attention ? tr->attention[i] : NULL,
-                 tr && tr->depth_mass ? tr->depth_mass[i] : NULL);
-    float *tout = tr && tr->attn_out ? tr->attn_out[i] : NULL;
-    if (R->attnres) {
-        attnres_output(R, ka, ya, Lv->attn_norm_w, Lv->attn_norm_b, tout);
-        if (rms) {
-            rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(attnres_v(R, ka), Nd);
-            rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
-        }
-        attnres_input(R, km, A->in_m, tr && tr->alpha ? tr->alpha[km] : A->alpha_m);
-    } else {
-        resid_dropout(R, A->y_a, ka);
-        copy(tout, A->y_a, Nd);
-        if (rms) rms[ka * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_a, Nd);
-        if (pre) add3(R, A->in_m, A->in_a, A->y_a, Nd);
-        else { add3(R, A->z_a, A->in_a, A->y_a, Nd); norm_fwd(R, A->in_m, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b); }
-        if (rms) rms[ka * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(A->in_m, Nd);
-    }
-
-    /* MLP sublayer */
-    if (rms) rms[km * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(A->in_m, Nd);
-    if (pre) norm_fwd(R, A->u_m, A->in_m, Lv->mlp_norm_w, Lv->mlp_norm_b);
-    float *ym = sublayer_out(R, km, A->y_m);
-    mlp_forward(R, i, A, A->u_m, ym);
-    tout = tr && tr->mlp_out ? tr->mlp_out[i] : NULL;
-    if (R->attnres) {
-        attnres_output(R, km, ym, Lv->mlp_norm_w, Lv->mlp_norm_b, tout);
-        if (rms) {
-            rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(attnres_v(R, km), Nd);
-            rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(R->running, Nd);
-        }
-    } else {
-        resid_dropout(R, A->y_m, km);
-        copy(tout, A->y_m, Nd);
-        if (rms) rms[km * SF_RMS_COLS + SF_RMS_OUTPUT] = rms_of(A->y_m, Nd);
-        if (pre) add3(R, out, A->in_m, A->y_m, Nd);
-        else { add3(R, A->z_m, A->in_m, A->y_m, Nd); norm_fwd(R, out, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b); }
-        if (rms) rms[km * SF_RMS_COLS + SF_RMS_STREAM] = rms_of(out, Nd);
+    for (int64_t s = 0; s < 2; s++) {
+        const int64_t k = 2 * i + s;
+        float *h = s == 0 ? A->in_a : A->in_m, *u = s == 0 ? A->u_a : A->u_m;
+        const float *nw, *nb;
+        sub_norm(R, k, &nw, &nb);
+        W->read(R, k, h, tr && tr->alpha ? tr->alpha[k] : NULL);
+        if (s == 0 && tr && tr->hidden) copy(tr->hidden[i], h, Nd);
+        if (rms) rms[k * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(h, Nd);
+        if (R->c->pre_norm) norm_fwd(R, u, h, nw, nb);
+        float *y = W->out_buf(R, k, s == 0 ? A->y_a : A->y_m);
+        sub_forward(R, k, u, y, tr);
+        float *tout = tr ? (s == 0 ? (tr->attn_out ? tr->attn_out[i] : NULL) : (tr->mlp_out ? tr->mlp_out[i] : NULL)) : NULL;
+        W->write(R, k, y, s == 0 ? A->in_m : out, tout, rms ? rms + k * SF_RMS_COLS : NULL);
     }
 }
 
@@ -782,22 +476,15 @@ static float *block_out(run *R, int64_t i) {
 /* Everything from the embedding to fin_u (the head's input). */
 static void stack_forward(run *R, const int32_t *tokens, const float *embeds, sf_trace *tr) {
     const sf_config *c = R->c;
-    const int64_t N = R->N, d = R->d, Nd = N * d, n = c->n_layers, L = R->L;
-    float *x0 = R->attnres ? R->src : R->acts[0].in_a;
+    const int64_t Nd = R->N * R->d, n = c->n_layers, L = R->L;
+    float *x0 = R->W->embed_dst(R);
     embed(R, tokens, embeds, x0);
-    if (R->attnres) {
-        sf_attnres_inv_rms(R->src_rms, x0, N, d, c->attnres_eps, R->nt);
-        if (R->running) copy(R->running, x0, Nd);
-    }
+    R->W->begin(R, x0);
     for (int64_t i = 0; i < n; i++) {
         if (R->x_in) copy(R->x_in + i * Nd, R->acts[i].in_a, Nd); /* checkpoint: keep the input */
         block_forward(R, i, block_out(R, i), tr);
     }
-    if (R->attnres) {
-        int64_t ns = gather_sources(R, L);
-        sf_attnres_aggregate(R->fin_h, tr && tr->alpha ? tr->alpha[L] : R->alpha_out, R->src_ptr,
-                             R->rms_ptr, ns, R->m->out_res_q, R->m->out_res_g, N, d, R->ar_scratch, R->nt);
-    }
+    R->W->final(R, tr && tr->alpha ? tr->alpha[L] : NULL);
     if (tr && tr->hidden) copy(tr->hidden[n], R->fin_h, Nd);
     if (tr && tr->rms) {
         tr->rms[L * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(R->fin_h, Nd);
@@ -807,162 +494,14 @@ static void stack_forward(run *R, const int32_t *tokens, const float *embeds, sf
     if (c->final_norm) norm_fwd(R, R->fin_u, R->fin_h, R->m->final_norm_w, R->m->final_norm_b);
 }
 
-/* Backward of one AttnRes sublayer k (y = F(Norm(h)) or v = Norm(F(h))), given dv in R->dy. */
-static void attnres_sublayer_backward(run *R, int64_t k) {
-    const int64_t i = k / 2;
-    const int is_attn = k % 2 == 0;
-    const sf_layer_views *Lv = &R->m->layers[i];
-    block_acts *A = &R->acts[i];
-    const float *nw = is_attn ? Lv->attn_norm_w : Lv->mlp_norm_w;
-    const float *nb = is_attn ? Lv->attn_norm_b : Lv->mlp_norm_b;
-    const float *h = is_attn ? A->in_a : A->in_m, *u = is_attn ? A->u_a : A->u_m;
-    const float *y = is_attn ? A->y_a : A->y_m;
-    resid_dropout(R, R->dy, k); /* R->dy is this sublayer's own copy of dv */
-    const float *dy = R->dy;
-    if (!R->c->pre_norm) { norm_bwd(R, R->dx, R->dy, y, nw, nb, 0); dy = R->dx; }
-    /* this sublayer's input gradient: reader k's dh, kept until its sources' gradients are
-     * gathered (Full: d_src slot k; Block: its slot among the block's waiting readers) */
-    const int64_t N = R->N, d = R->d, L = R->L;
-    float *dh = !R->block ? R->d_src + k * N * d : R->ar_dh + (k % R->S) * N * d;
-    float *dsub = R->c->pre_norm ? R->du : dh;
-    if (is_attn) attn_backward(R, i, A, u, dy, dsub);
-    else mlp_backward(R, i, A, u, dy, dsub);
-    if (R->c->pre_norm) norm_bwd(R, dh, R->du, h, nw, nb, 0);
-    sf_attnres_row_dots(R->ar_S + k * N, dh, h, N, d, R->nt);
-    if (!R->block) return;
-    sf_attnres_reader *rd = &R->readers[k];
-    rd->dh = dh;
-    rd->alpha = reader_alpha(R, k);
-    if (R->ar_alpha) { /* checkpointing: the next recompute reuses the block activations */
-        float *keep = R->ar_alpha + (k % R->S) * N * R->nsrc_max;
-        copy(keep, rd->alpha, N * rd->ld);
-        rd->alpha = keep;
-    }
-    if (k % R->S != 0) { /* the partial sum it read: its gradient joins d_acc now */
-        int64_t p = part_index(R, k);
-        const float *ps = R->part + p * N * d, *pr = R->part_rms + p * N;
-        float *dacc = R->d_acc;
-        sf_attnres_sources_backward(&dacc, &ps, &pr, 1, k / R->S + 1, 1, rd, 1, (L + 1) * d, N, d, R->nt);
-    }
-}
-
-/* Full: dv_s (N, d) of source s (the embedding, or sublayer s-1's output) into R->dy, gathered
- * from its readers s .. L, whose input gradients are all known by the time it is needed.
- * Sources are gathered SF_AR_GROUP at a time: when the walk reaches the top source s of a
- * group, one pass over readers s .. L serves the group's sources s-G+1 .. s too (each reader's
- * dh rows come from memory once per group instead of once per source: these L²/2 reads are
- * the pass's cost), and each lower source s' keeps that partial sum until the walk reaches it
- * and adds its last readers s' .. s-1. The partials rotate with R->dy, so none is copied. */
-static void full_source_grad(run *R, int64_t s) {
-    const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L, G = SF_AR_GROUP;
-    const int64_t top = R->ar_top;
-    if (top > s && top - s < G) {
-        float **part = &R->ar_pbuf[top - s - 1], *done;
-        const float *x = R->src + s * Nd, *r = R->src_rms + s * N;
-        sf_attnres_sources_backward(part, &x, &r, 1, s, 1, R->readers + s, top - s, (L + 1) * d, N,
-                                    d, R->nt);
-        done = *part;
-        *part = R->dy;
-        R->dy = done;
-        return;
-    }
-    const int64_t lo = s - G + 1 < 0 ? 0 : s - G + 1, n = s - lo + 1;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t si = lo + i;
-        R->src_ptr[i] = R->src + si * Nd;
-        R->rms_ptr[i] = R->src_rms + si * N;
-        R->dsrc_ptr[i] = si == s ? R->dy : R->ar_pbuf[s - si - 1];
-    }
-    sf_attnres_sources_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, n, lo, 0, R->readers + s,
-                                L + 1 - s, (L + 1) * d, N, d, R->nt);
-    R->ar_top = s;
-}
-
-/* Block: the waiting readers of block m+1 (or the output, m = nb) over the completed blocks
- * they read, b_0 .. b_m; afterwards d b_m is complete. */
-static void block_flush(run *R, int64_t m) {
-    const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L;
-    int64_t j0 = m == R->nb ? L : m * R->S, nr = m == R->nb ? 1 : (L - j0 < R->S ? L - j0 : R->S);
-    for (int64_t c = 0; c <= m; c++) {
-        R->src_ptr[c] = R->src + c * Nd;
-        R->rms_ptr[c] = R->src_rms + c * N;
-        R->dsrc_ptr[c] = R->d_src + c * Nd;
-    }
-    sf_attnres_sources_backward(R->dsrc_ptr, R->src_ptr, R->rms_ptr, m + 1, 0, 1, R->readers + j0, nr,
-                                (L + 1) * d, N, d, R->nt);
-}
-
-/* AttnRes: walk back from the output aggregation. Each aggregation ("reader": sublayer j, or
- * the output, j = L) leaves its input gradient dh_j and dh_j·h_j; the gradients of the sources
- * it read are then computed in batches (sf_attnres_sources_backward): Full gathers each source
- * from all of its readers when the walk reaches the sublayer that wrote it; Block runs one
- * block's readers at once over the completed blocks when the walk leaves that block, and each
- * reader's partial-sum source right away. */
-static void attnres_backward(run *R, const int32_t *tokens, const float *dfin_h) {
-    const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L, S = R->S;
-    for (int64_t j = 0; j <= L; j++) {
-        const float *q = res_q(R, j), *g = res_g(R, j);
-        float *qg = R->ar_qg + j * d;
-        for (int64_t e = 0; e < d; e++) qg[e] = q[e] * g[e];
-        sf_attnres_reader *rd = &R->readers[j];
-        *rd = (sf_attnres_reader){.S = R->ar_S + j * N, .qg = qg, .e = R->ar_e + j * d};
-        if (!R->block) {
-            rd->dh = R->d_src + j * Nd;
-            rd->alpha = reader_alpha(R, j);
-            rd->ld = j + 1;
-        } else {
-            rd->ld = j == L ? R->nb + 1 : j / S + 1 + (j % S != 0);
-        }
-    }
-    memset(R->ar_e, 0, (size_t)(R->nt * (L + 1) * d) * sizeof(float));
-    if (!R->block) {
-        for (int64_t i = 0; i < SF_AR_GROUP - 1; i++) R->ar_pbuf[i] = R->ar_part + i * Nd;
-        R->ar_top = -1;
-    }
-    float *dh_out = R->block ? R->ar_dh : R->d_src + L * Nd; /* Block: the output waits alone */
-    if (R->block) {
-        memset(R->d_src, 0, (size_t)((R->nb + 1) * Nd) * sizeof(float));
-        R->readers[L].dh = dh_out;
-        R->readers[L].alpha = reader_alpha(R, L);
-    }
-    copy(dh_out, dfin_h, Nd);
-    sf_attnres_row_dots(R->ar_S + L * N, dfin_h, R->fin_h, N, d, R->nt);
-    for (int64_t k = L - 1; k >= 0; k--) {
-        if (!R->per_block && k % 2 == 1) block_forward(R, k / 2, NULL, NULL); /* recompute */
-        if (!R->block) {
-            full_source_grad(R, k + 1);
-        } else {
-            int64_t m = k / S + 1;
-            if (k % S == S - 1 || k == L - 1) { /* entering block m from above */
-                block_flush(R, m);
-                memset(R->d_acc, 0, (size_t)Nd * sizeof(float));
-            }
-            add3(R, R->dy, R->d_src + m * Nd, R->d_acc, Nd); /* d v_k = d b_m + later partials */
-        }
-        attnres_sublayer_backward(R, k);
-    }
-    if (!R->block) {
-        full_source_grad(R, 0);
-        embed_backward(R, tokens, R->dy);
-    } else {
-        block_flush(R, 0);
-        embed_backward(R, tokens, R->d_src);
-    }
-    for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, threads' partials in order */
-        const float *q = res_q(R, j), *g = res_g(R, j);
-        float *dq = GRAD(R, q), *dg = GRAD(R, g);
-        for (int t = 0; t < R->nt; t++) {
-            const float *e = R->ar_e + ((int64_t)t * (L + 1) + j) * d;
-            for (int64_t i = 0; i < d; i++) { dq[i] += g[i] * e[i]; dg[i] += q[i] * e[i]; }
-        }
-    }
-}
-
-/* Backward from dlogits (in R->logits) to every parameter gradient. */
+/* Backward from dlogits (in R->logits) to every parameter gradient: the head, the final norm,
+ * then the sublayers from the top, each through the wiring's write and read (sf_wiring.h),
+ * recomputing a block's activations first when checkpointing; the embedding last. */
 static void stack_backward(run *R, const int32_t *tokens) {
     const sf_config *c = R->c;
     const sf_model *m = R->m;
-    const int64_t N = R->N, d = R->d, Nd = N * d, n = c->n_layers, V = R->V;
+    const sf_wiring *W = R->W;
+    const int64_t N = R->N, d = R->d, Nd = N * d, V = R->V;
     /* head: logits = fin_u head^T */
     sf_gemm(GRAD(R, m->lm_head), d, R->logits, 1, V, R->fin_u, 0, NULL, V, N, d, 1, R->pack, R->nt);
     sf_gemm(R->dfin, d, R->logits, V, 1, m->lm_head, 0, NULL, N, V, d, 0, R->pack, R->nt);
@@ -971,43 +510,29 @@ static void stack_backward(run *R, const int32_t *tokens) {
         norm_bwd(R, R->dx, R->dfin, R->fin_h, m->final_norm_w, m->final_norm_b, 0);
         dfin_h = R->dx;
     }
-    if (!R->attnres) {
-        if (dfin_h != R->dx) copy(R->dx, dfin_h, Nd);
-        for (int64_t i = n - 1; i >= 0; i--) {
-            const sf_layer_views *Lv = &m->layers[i];
-            block_acts *A = &R->acts[i];
-            if (!R->per_block) { /* checkpointing: recompute this block from its saved input */
-                copy(A->in_a, R->x_in + i * Nd, Nd);
-                block_forward(R, i, R->dfin, NULL); /* its output is not needed: a sink */
-            }
-            /* dropout: the update added is y * keep, so the sublayer sees d(update) * keep */
-            const float *gm, *ga;
-            if (c->pre_norm) {
-                gm = R->dx;
-                if (R->dmask) { copy(R->dmask, R->dx, Nd); resid_dropout(R, R->dmask, 2 * i + 1); gm = R->dmask; }
-                mlp_backward(R, i, A, A->u_m, gm, R->du);
-                norm_bwd(R, R->dx, R->du, A->in_m, Lv->mlp_norm_w, Lv->mlp_norm_b, 1);
-                ga = R->dx;
-                if (R->dmask) { copy(R->dmask, R->dx, Nd); resid_dropout(R, R->dmask, 2 * i); ga = R->dmask; }
-                attn_backward(R, i, A, A->u_a, ga, R->du);
-                norm_bwd(R, R->dx, R->du, A->in_a, Lv->attn_norm_w, Lv->attn_norm_b, 1);
-            } else {
-                norm_bwd(R, R->dy, R->dx, A->z_m, Lv->mlp_norm_w, Lv->mlp_norm_b, 0);
-                gm = R->dy;
-                if (R->dmask) { copy(R->dmask, R->dy, Nd); resid_dropout(R, R->dmask, 2 * i + 1); gm = R->dmask; }
-                mlp_backward(R, i, A, A->in_m, gm, R->du);
-                add3(R, R->dx, R->dy, R->du, Nd);
-                norm_bwd(R, R->dy, R->dx, A->z_a, Lv->attn_norm_w, Lv->attn_norm_b, 0);
-                ga = R->dy;
-                if (R->dmask) { copy(R->dmask, R->dy, Nd); resid_dropout(R, R->dmask, 2 * i); ga = R->dmask; }
-                attn_backward(R, i, A, A->in_a, ga, R->du);
-                add3(R, R->dx, R->dy, R->du, Nd);
-            }
+    W->backward_begin(R, dfin_h);
+    for (int64_t k = R->L - 1; k >= 0; k--) {
+        const int64_t i = k / 2;
+        block_acts *A = &R->acts[i];
+        if (!R->per_block && k % 2 == 1) { /* checkpointing: recompute block i */
+            if (R->x_in) copy(A->in_a, R->x_in + i * Nd, Nd);
+            block_forward(R, i, R->dfin, NULL); /* its output is not needed: a sink */
         }
-        embed_backward(R, tokens, R->dx);
-        return;
+        const float *dy = W->write_backward(R, k), *nw, *nb;
+        float *h = k % 2 == 0 ? A->in_a : A->in_m, *u = k % 2 == 0 ? A->u_a : A->u_m;
+        int acc;
+        if (c->pre_norm) {
+            sub_backward(R, k, u, dy, R->du);
+            float *dh = W->read_grad_dst(R, k, &acc);
+            sub_norm(R, k, &nw, &nb);
+            norm_bwd(R, dh, R->du, h, nw, nb, acc);
+        } else {
+            sub_backward(R, k, u, dy, W->read_grad_dst(R, k, &acc)); /* acc == 0 under post-norm */
+        }
+        W->read_backward(R, k);
     }
-    attnres_backward(R, tokens, dfin_h);
+    embed_backward(R, tokens, W->embed_grad(R));
+    W->backward_end(R);
 }
 
 /* ---- public entry points ------------------------------------------------------------------ */
@@ -1084,22 +609,16 @@ int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int
     memset(&fake, 0, sizeof fake);
     fake.cfg = *cfg;
     run R;
-    memset(&R, 0, sizeof R);
-    R.m = &fake; R.c = cfg; R.B = B; R.T = T; R.N = B * T; R.d = cfg->d_model;
-    R.dh = cfg->d_model / cfg->n_heads; R.qd = cfg->n_heads * R.dh; R.kvd = cfg->n_kv_heads * R.dh;
-    R.F = cfg->d_ff; R.V = cfg->vocab_size; R.L = 2 * cfg->n_layers; R.S = cfg->attnres_block_size;
-    R.nb = (R.L + R.S - 1) / R.S;
-    R.attnres = cfg->residual != SF_RES_PLAIN; R.block = cfg->residual == SF_RES_ATTNRES_BLOCK;
-    R.nsrc_max = !R.attnres ? 0 : R.block ? R.nb + 1 : R.L + 1;
-    R.n_slots = n_depth_slots(cfg); R.nt = sf_threads_resolve(0);
-    R.training = 1; R.per_block = !checkpoint;
-    R.acts = calloc((size_t)cfg->n_layers, sizeof *R.acts);
-    if (!R.acts) return -1;
-    bump bp = {NULL, 0, 0};
-    want w = {0, 0};
-    layout(&R, &bp, w);
+    int64_t out = -1;
+    if (run_setup(&R, &fake, B, T, 1, !checkpoint, 0, NULL, 0) == SF_OK) {
+        bump bp = {NULL, 0, 0};
+        want w = {0, 0};
+        layout(&R, &bp, w);
+        if (!bp.bad) out = bp.used * (int64_t)sizeof(float);
+    }
+    if (R.W) R.W->free(&R);
     free(R.acts);
-    return bp.bad ? -1 : bp.used * (int64_t)sizeof(float);
+    return out;
 }
 
 sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss, int64_t *count,

@@ -1,6 +1,5 @@
 /* The parameter table (names, shapes, offsets, weight decay) and the seeded init. */
-#include "sf_internal.h"
-#include "sf_kernels.h"
+#include "sf_wiring.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -8,8 +7,8 @@
 /* ---- the parameter table ------------------------------------------------------------------ */
 
 
-static void emit(sf_table_builder *tb, const char *name, int layer, int ndim, int64_t d0, int64_t d1,
-                 int no_decay) {
+void sf_params_emit(sf_table_builder *tb, const char *name, int layer, int ndim, int64_t d0, int64_t d1,
+                    int no_decay) {
     int64_t numel = d0, next;
     if (ndim == 2 && sf_mul_ok(d0, d1, &numel)) { tb->overflow = 1; return; }
     if (sf_add_ok(tb->total, numel, &next)) { tb->overflow = 1; return; }
@@ -32,10 +31,10 @@ void sf_params_table(const sf_config *c, sf_table_builder *tb) {
     int64_t d = c->d_model, dh = c->d_model / c->n_heads;
     int64_t qd = c->n_heads * dh, kvd = c->n_kv_heads * dh, F = c->d_ff, V = c->vocab_size;
     int ln_bias = c->bias && c->norm == SF_NORM_LAYERNORM;
-    int attnres = c->residual != SF_RES_PLAIN;
+    const sf_wiring *W = sf_wiring_of(c);
     char nm[SF_NAME_MAX];
 #define E(layer, nd, a, b, nodecay, ...) \
-    do { snprintf(nm, sizeof nm, __VA_ARGS__); emit(tb, nm, layer, nd, a, b, nodecay); } while (0)
+    do { snprintf(nm, sizeof nm, __VA_ARGS__); sf_params_emit(tb, nm, layer, nd, a, b, nodecay); } while (0)
     E(-1, 2, V, d, 0, "tok_emb.weight");
     if (c->pos == SF_POS_LEARNED) E(-1, 2, c->max_seq_len, d, 0, "pos_emb.weight");
     for (int i = 0; i < (int)c->n_layers; i++) {
@@ -63,17 +62,9 @@ void sf_params_table(const sf_config *c, sf_table_builder *tb) {
             E(i, 2, kvd, d, 0, "layers.%d.mlp.depth_k_proj.weight", i);
             E(i, 2, kvd, d, 0, "layers.%d.mlp.depth_v_proj.weight", i);
         }
-        if (attnres) {
-            E(i, 2, 1, d, 1, "layers.%d.attn_res_proj.weight", i);
-            E(i, 1, d, 0, 1, "layers.%d.attn_res_norm.weight", i);
-            E(i, 2, 1, d, 1, "layers.%d.mlp_res_proj.weight", i);
-            E(i, 1, d, 0, 1, "layers.%d.mlp_res_norm.weight", i);
-        }
+        W->table_layer(c, i, tb); /* the depth wiring's tensors of block i */
     }
-    if (attnres) {
-        E(-1, 2, 1, d, 1, "output_res_proj.weight");
-        E(-1, 1, d, 0, 1, "output_res_norm.weight");
-    }
+    W->table_model(c, tb); /* its model-level tensors */
     if (c->final_norm) {
         E(-1, 1, d, 0, 1, "final_norm.weight");
         if (ln_bias) E(-1, 1, d, 0, 1, "final_norm.bias");
