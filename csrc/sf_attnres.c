@@ -264,13 +264,18 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
     int64_t ntiles = (N + AR_TILE - 1) / AR_TILE;
 #pragma omp parallel num_threads(nt) if (N * d * nr * nsrc > 65536)
     {
-        const int64_t eoff = (int64_t)sf_team_tid() * e_tstride;
         float xd[AR_FUSE][AR_TILE], av[AR_FUSE][AR_TILE][AR_RG], cv[AR_FUSE][AR_TILE][AR_RG];
-        /* A tile at a time (see AR_TILE), reader-major inside it: one reader's dh rows for the
-         * tile are one contiguous stretch, and the tile's x and dx rows stay in L1/L2. Up to
-         * AR_FUSE sources share pass 1: each dh row is loaded once for all of their dots. */
+        /* The rows are split into SF_AR_LANES fixed runs of tiles, each with its own e
+         * accumulators and walked in order by one thread, so every e sum has the same terms in
+         * the same order for any thread count (per-thread accumulators did not: dq/dg differed
+         * between 1 and 2 threads). A tile at a time (see AR_TILE), reader-major inside it: one
+         * reader's dh rows for the tile are one contiguous stretch, and the tile's x and dx
+         * rows stay in L1/L2. Up to AR_FUSE sources share pass 1: each dh row is loaded once
+         * for all of their dots. */
 #pragma omp for schedule(static)
-        for (int64_t tb = 0; tb < ntiles; tb++) {
+        for (int64_t lane = 0; lane < SF_AR_LANES; lane++)
+        for (int64_t tb = ntiles * lane / SF_AR_LANES; tb < ntiles * (lane + 1) / SF_AR_LANES; tb++) {
+            const int64_t eoff = lane * e_tstride;
             int64_t n0 = tb * AR_TILE, nn = N - n0 < AR_TILE ? N - n0 : AR_TILE;
             for (int64_t i0 = 0; i0 < nsrc; i0 += AR_FUSE) {
                 const int ni = (int)(nsrc - i0 < AR_FUSE ? nsrc - i0 : AR_FUSE);

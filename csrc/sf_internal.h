@@ -143,8 +143,11 @@ void sf_attnres_phase2(float *h, float *alpha_out, const float *m, const float *
 /* Backward of sf_attnres_aggregate for nr aggregations ("readers") at once, over nsrc of
  * their sources: dsrc[i] (N, d) (=, or += when accumulate) Σ_j d h_j / d src_i, including the
  * path through each source's RMS; source i is column col0 + i of every reader's alpha. Each
- * reader's e (d floats per thread, at e + tid * e_tstride) accumulates Σ_n ds r src; its
+ * reader's e (d floats per lane: SF_AR_LANES fixed runs of rows, at e + lane * e_tstride)
+ * accumulates Σ_n ds r src over its lane's rows; its
  * dq = g ⊙ e and dg = q ⊙ e once all of its sources are done. */
+/* row runs with their own e accumulators: a constant, so the sums do not depend on threads */
+#define SF_AR_LANES 16
 typedef struct {
     const float *dh;    /* (N, d) the reader's input gradient */
     const float *alpha; /* (N, ld) its forward weights */

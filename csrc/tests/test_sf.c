@@ -1259,15 +1259,15 @@ static void attnres_two_phase_case(int64_t nsrc, int64_t nq, int64_t N, int64_t 
  * inv_rms) and reader j (weight a, input gradient g, S_j, qg_j):
  *   ds = a (g·x − S);  dx += a g + ds r (qg − (qg·x) r² x / d);  e_j += ds r x.
  * Sizes cover partial token tiles, d with and without a vector-chunk tail, more readers than
- * one group, several sources with accumulate (Block), and threads (dx the same bits for any
- * count; e summed over the threads' partials). */
+ * one group, several sources with accumulate (Block), and threads (dx and the lanes' e
+ * partials the same bits for any count). */
 static void attnres_backward_case(int64_t nsrc, int64_t nr, int64_t N, int64_t d, int accumulate,
                                   int nt) {
     const int64_t col0 = 1, ld = col0 + nsrc + 1; /* the sources sit at columns col0.. of alpha */
     float **src = make_sources(nsrc, N, d), **irms = xmalloc((size_t)nsrc * sizeof(float *));
     float **dsrc = xmalloc((size_t)nsrc * sizeof(float *)), **dsrc1 = xmalloc((size_t)nsrc * sizeof(float *));
     float *dh = falloc(nr * N * d), *alpha = falloc(nr * N * ld), *S = falloc(nr * N);
-    float *qg = falloc(nr * d), *e = falloc(nt * nr * d), *e1 = falloc(nr * d);
+    float *qg = falloc(nr * d), *e = falloc(SF_AR_LANES * nr * d), *e1 = falloc(SF_AR_LANES * nr * d);
     fill(dh, nr * N * d, -1.0f, 1.0f);
     fill(alpha, nr * N * ld, 0.05f, 1.0f);
     fill(S, nr * N, -1.0f, 1.0f);
@@ -1289,8 +1289,8 @@ static void attnres_backward_case(int64_t nsrc, int64_t nr, int64_t N, int64_t d
         rd1[j] = rd[j];
         rd1[j].e = e1 + j * d;
     }
-    memset(e, 0, (size_t)(nt * nr * d) * sizeof(float));
-    memset(e1, 0, (size_t)(nr * d) * sizeof(float));
+    memset(e, 0, (size_t)(SF_AR_LANES * nr * d) * sizeof(float));
+    memset(e1, 0, (size_t)(SF_AR_LANES * nr * d) * sizeof(float));
     const float *const *csrc = (const float *const *)src, *const *cirms = (const float *const *)irms;
     sf_attnres_sources_backward(dsrc, csrc, cirms, nsrc, col0, accumulate, rd, nr, nr * d, N, d, nt);
     sf_attnres_sources_backward(dsrc1, csrc, cirms, nsrc, col0, accumulate, rd1, nr, nr * d, N, d, 1);
@@ -1324,7 +1324,9 @@ static void attnres_backward_case(int64_t nsrc, int64_t nr, int64_t N, int64_t d
         snprintf(sub, sizeof sub, "%s: d src %lld vs 1 thread", what, (long long)i);
         CHECK_SAME(sub, dsrc[i], dsrc1[i], N * d);
     }
-    for (int t = 1; t < nt; t++) /* thread partials, summed in thread order */
+    snprintf(sub, sizeof sub, "%s: e lanes vs 1 thread", what);
+    CHECK_SAME(sub, e, e1, SF_AR_LANES * nr * d);
+    for (int t = 1; t < SF_AR_LANES; t++) /* lane partials, summed in lane order */
         for (int64_t k = 0; k < nr * d; k++) e[k] += e[t * nr * d + k];
     double etop = 0.0;
     for (int64_t k = 0; k < nr * d; k++) etop = fmax(etop, fabs(re[k]));

@@ -37,7 +37,7 @@ typedef struct {
     float **dsrc_ptr;
     /* backward */
     sf_attnres_reader *readers;         /* the L+1 aggregations (sublayers, output) */
-    float *ar_S, *ar_qg, *ar_e;         /* their dh·h (L+1, N), q⊙g (L+1, d), e (nt, L+1, d) */
+    float *ar_S, *ar_qg, *ar_e;         /* their dh·h (L+1, N), q⊙g (L+1, d), e (SF_AR_LANES, L+1, d) */
     float *ar_dh, *ar_alpha;            /* Block: one block's readers' dh and (checkpointing) alpha */
     float *ar_part, *ar_pbuf[SF_AR_GROUP - 1]; /* Full: partial source gradients (see full_source_grad) */
     int64_t ar_top;                     /* Full: the top source of the group gathered last */
@@ -148,7 +148,7 @@ static void layout(run *R, bump *bp, want w) {
         }
         ar->ar_S = take(bp, cmul(&bad, L + 1, N));
         ar->ar_qg = take(bp, cmul(&bad, L + 1, d));
-        ar->ar_e = take(bp, cmul(&bad, R->nt, cmul(&bad, L + 1, d)));
+        ar->ar_e = take(bp, cmul(&bad, SF_AR_LANES, cmul(&bad, L + 1, d)));
         ar->d_src = take(bp, cmul(&bad, nsrc_store, Nd));
         ar->d_acc = ar->block ? take(bp, Nd) : NULL;
         ar->ar_part = !ar->block ? take(bp, cmul(&bad, SF_AR_GROUP - 1, Nd)) : NULL;
@@ -395,7 +395,7 @@ static void backward_begin(run *R, const float *dfin_h) {
             rd->ld = j == L ? ar->nb + 1 : j / S + 1 + (j % S != 0);
         }
     }
-    memset(ar->ar_e, 0, (size_t)(R->nt * (L + 1) * d) * sizeof(float));
+    memset(ar->ar_e, 0, (size_t)(SF_AR_LANES * (L + 1) * d) * sizeof(float));
     if (!ar->block) {
         for (int64_t i = 0; i < SF_AR_GROUP - 1; i++) ar->ar_pbuf[i] = ar->ar_part + i * Nd;
         ar->ar_top = -1;
@@ -480,10 +480,10 @@ static const float *embed_grad(run *R) {
 static void backward_end(run *R) {
     ar_state *ar = R->ws;
     const int64_t d = R->d, L = R->L;
-    for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, threads' partials in order */
+    for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, the lanes' partials in order */
         const float *q = res_q(R, j), *g = res_g(R, j);
         float *dq = GRAD(R, q), *dg = GRAD(R, g);
-        for (int t = 0; t < R->nt; t++) {
+        for (int t = 0; t < SF_AR_LANES; t++) {
             const float *e = ar->ar_e + ((int64_t)t * (L + 1) + j) * d;
             for (int64_t i = 0; i < d; i++) { dq[i] += g[i] * e[i]; dg[i] += q[i] * e[i]; }
         }
