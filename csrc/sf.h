@@ -88,6 +88,9 @@ sf_status sf_config_validate(const sf_config *cfg, char *err, size_t errlen);
 /* ---- parameters ------------------------------------------------------------------------ */
 
 #define SF_NAME_MAX 64
+/* Initialization (GPT-2 style): normal(0, 0.02); the residual projections (o_proj, down_proj)
+ * normal(0, 0.02 / sqrt(2 n_layers)); ones (norm gains); zeros (biases, AttnRes queries). */
+typedef enum { SF_INIT_NORMAL = 0, SF_INIT_NORMAL_RESID = 1, SF_INIT_ONES = 2, SF_INIT_ZEROS = 3 } sf_init;
 typedef struct {
     char name[SF_NAME_MAX];  /* state_dict name, PyTorch conventions */
     int64_t offset;          /* in floats, into the flat parameter buffer */
@@ -96,6 +99,7 @@ typedef struct {
     int64_t shape[2];
     int32_t layer;           /* block index, or -1 for model-level tensors */
     int32_t no_decay;        /* 1 for norms, biases, AttnRes pseudo-queries (for AdamW) */
+    int32_t init;            /* sf_init: how sf_model_create initializes it */
 } sf_tensor_info;
 
 typedef struct sf_model sf_model;

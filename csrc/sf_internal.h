@@ -5,6 +5,7 @@
 #include "sf.h"
 #include <stdio.h>
 #include <stdatomic.h>
+#include <stddef.h>
 
 /* Named views into the flat parameter buffer for one transformer block. NULL = absent. */
 typedef struct {
@@ -68,12 +69,17 @@ typedef struct {
     int32_t n;
     int64_t total;
     int overflow;
+    size_t *views; /* with out: each tensor's view (SF_LAYER_VIEW / SF_MODEL_VIEW, 0 = none) */
 } sf_table_builder;
+/* The named view the stack reads a tensor through: a field of sf_layer_views (block tensors)
+ * or of sf_model (model-level ones), stored +1 so that 0 means none. */
+#define SF_LAYER_VIEW(field) (offsetof(sf_layer_views, field) + 1)
+#define SF_MODEL_VIEW(field) (offsetof(sf_model, field) + 1)
 void sf_params_table(const sf_config *c, sf_table_builder *tb);
 /* Append one tensor (ndim 1: d0 floats; 2: d0 x d1) to the table; no_decay exempts it from
  * AdamW's weight decay. */
 void sf_params_emit(sf_table_builder *tb, const char *name, int layer, int ndim, int64_t d0,
-                    int64_t d1, int no_decay);
+                    int64_t d1, int no_decay, sf_init init, size_t view);
 /* Seeded init of every tensor of the table (sf_params.c). */
 void sf_params_init(sf_model *m, uint64_t seed);
 

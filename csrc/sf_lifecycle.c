@@ -8,11 +8,6 @@
 #include <string.h>
 #include <time.h>
 
-static float *view(sf_model *m, const char *name) {
-    int32_t i = sf_model_find_tensor(m, name);
-    return i < 0 ? NULL : m->params + m->tensors[i].offset;
-}
-
 sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, char *err,
                           size_t errlen) {
     if (!out) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "out is NULL");
@@ -53,34 +48,23 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
         return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate %lld parameters (%.1f MiB)",
                        (long long)tb.total, (double)bytes / 1048576.0);
     }
-    sf_table_builder fill = {m->tensors, 0, 0, 0};
-    sf_params_table(cfg, &fill);
-
-    m->tok_emb = view(m, "tok_emb.weight");
-    m->pos_emb = view(m, "pos_emb.weight");
-    m->final_norm_w = view(m, "final_norm.weight");
-    m->final_norm_b = view(m, "final_norm.bias");
-    m->out_res_q = view(m, "output_res_proj.weight");
-    m->out_res_g = view(m, "output_res_norm.weight");
-    m->lm_head = cfg->tie_embeddings ? m->tok_emb : view(m, "lm_head.weight");
-    char nm[SF_NAME_MAX];
-#define V(field, suffix) (snprintf(nm, sizeof nm, "layers.%d." suffix, i), L->field = view(m, nm))
-    for (int i = 0; i < (int)cfg->n_layers; i++) {
-        sf_layer_views *L = &m->layers[i];
-        V(attn_norm_w, "attn_norm.weight"); V(attn_norm_b, "attn_norm.bias");
-        V(q_w, "attn.q_proj.weight"); V(q_b, "attn.q_proj.bias");
-        V(k_w, "attn.k_proj.weight"); V(k_b, "attn.k_proj.bias");
-        V(v_w, "attn.v_proj.weight"); V(v_b, "attn.v_proj.bias");
-        V(o_w, "attn.o_proj.weight"); V(o_b, "attn.o_proj.bias");
-        V(mlp_norm_w, "mlp_norm.weight"); V(mlp_norm_b, "mlp_norm.bias");
-        V(gate_w, "mlp.gate_proj.weight"); V(gate_b, "mlp.gate_proj.bias");
-        V(up_w, "mlp.up_proj.weight"); V(up_b, "mlp.up_proj.bias");
-        V(down_w, "mlp.down_proj.weight"); V(down_b, "mlp.down_proj.bias");
-        V(depth_k_w, "mlp.depth_k_proj.weight"); V(depth_v_w, "mlp.depth_v_proj.weight");
-        V(attn_res_q, "attn_res_proj.weight"); V(attn_res_g, "attn_res_norm.weight");
-        V(mlp_res_q, "mlp_res_proj.weight"); V(mlp_res_g, "mlp_res_norm.weight");
+    size_t *views = calloc((size_t)tb.n, sizeof *views);
+    if (!views) {
+        sf_model_free(m);
+        return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate the tensor table");
     }
-#undef V
+    sf_table_builder fill = {m->tensors, 0, 0, 0, views};
+    sf_params_table(cfg, &fill);
+    /* every tensor's named view, as the table says (absent tensors leave theirs NULL) */
+    for (int32_t t = 0; t < tb.n; t++) {
+        if (!views[t]) continue;
+        const sf_tensor_info *ti = &m->tensors[t];
+        char *base = ti->layer < 0 ? (char *)m : (char *)&m->layers[ti->layer];
+        float *p = m->params + ti->offset;
+        memcpy(base + views[t] - 1, &p, sizeof p);
+    }
+    free(views);
+    m->lm_head = cfg->tie_embeddings ? m->tok_emb : m->lm_head;
     sf_params_init(m, seed);
     *out = m;
     return SF_OK;

@@ -53,21 +53,22 @@ static int64_t num_sources(const sf_config *c, int64_t k) {
     return 1 + k / S + (k % S != 0);
 }
 
-/* ---- parameters: per sublayer a pseudo-query (1, d) and a key-norm gain (d), zero and one at
- * init, no weight decay; the same pair for the output aggregator ---- */
+/* ---- parameters: per sublayer a pseudo-query (1, d) and a key-norm gain (d), zero (uniform
+ * mixing, the paper's mandatory init) and one at init, no weight decay; the same pair for the
+ * output aggregator ---- */
 
 static void table_layer(const sf_config *c, int i, sf_table_builder *tb) {
     const int64_t d = c->d_model;
     char nm[SF_NAME_MAX];
-    snprintf(nm, sizeof nm, "layers.%d.attn_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1);
-    snprintf(nm, sizeof nm, "layers.%d.attn_res_norm.weight", i); sf_params_emit(tb, nm, i, 1, d, 0, 1);
-    snprintf(nm, sizeof nm, "layers.%d.mlp_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1);
-    snprintf(nm, sizeof nm, "layers.%d.mlp_res_norm.weight", i); sf_params_emit(tb, nm, i, 1, d, 0, 1);
+    snprintf(nm, sizeof nm, "layers.%d.attn_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1, SF_INIT_ZEROS, SF_LAYER_VIEW(attn_res_q));
+    snprintf(nm, sizeof nm, "layers.%d.attn_res_norm.weight", i); sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(attn_res_g));
+    snprintf(nm, sizeof nm, "layers.%d.mlp_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1, SF_INIT_ZEROS, SF_LAYER_VIEW(mlp_res_q));
+    snprintf(nm, sizeof nm, "layers.%d.mlp_res_norm.weight", i); sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(mlp_res_g));
 }
 
 static void table_model(const sf_config *c, sf_table_builder *tb) {
-    sf_params_emit(tb, "output_res_proj.weight", -1, 2, 1, c->d_model, 1);
-    sf_params_emit(tb, "output_res_norm.weight", -1, 1, c->d_model, 0, 1);
+    sf_params_emit(tb, "output_res_proj.weight", -1, 2, 1, c->d_model, 1, SF_INIT_ZEROS, SF_MODEL_VIEW(out_res_q));
+    sf_params_emit(tb, "output_res_norm.weight", -1, 1, c->d_model, 0, 1, SF_INIT_ONES, SF_MODEL_VIEW(out_res_g));
 }
 
 /* ---- per call ---- */
