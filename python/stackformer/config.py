@@ -89,7 +89,7 @@ class Config:
         for name, choices in [("pos", POS), ("activation", ACTIVATION), ("norm", NORM),
                               ("norm_position", NORM_POSITION), ("residual", RESIDUAL)]:
             v = getattr(self, name)
-            if v not in choices:
+            if not isinstance(v, str) or v not in choices:
                 raise ValueError(f"Config.{name} must be one of {sorted(choices)}, got {v!r}")
         for name in ["norm_eps", "attnres_eps"]:
             v = getattr(self, name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _trace_options(trace: Any) -> Optional[TraceOptions]:
         return trace
     if isinstance(trace, str):
         trace = [trace]
-    if isinstance(trace, Iterable):
+    if isinstance(trace, Iterable) and not isinstance(trace, Mapping):
         kinds = list(trace)
         bad = [k for k in kinds if not isinstance(k, str) or k not in _TRACE_FLAGS]
         if bad:
