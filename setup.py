@@ -4,13 +4,17 @@ Environment knobs:
   STACKFORMER_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
   STACKFORMER_NO_OPENMP=1  build without OpenMP (single-threaded)
 """
+import glob
 import os
 import sys
 
 import numpy as np
 from setuptools import Extension, setup
 
-CSRC = ["sf_kernels.c", "sf_params.c", "sf_attention.c", "sf_attnres.c", "sf_model.c", "sf_optim.c"]
+# every C file of the core, found rather than listed (csrc/Makefile globs the same way)
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = sorted(os.path.relpath(p, os.path.join(HERE, "csrc"))
+              for p in glob.glob(os.path.join(HERE, "csrc", "*.c")) + glob.glob(os.path.join(HERE, "csrc", "wiring", "*.c")))
 
 # -fno-trapping-math: lets the compiler turn the branch-free selects of the hot loops into
 # vector blends (the library never inspects floating-point exception flags)
@@ -47,6 +51,7 @@ ext = Extension(
     "stackformer._core",
     sources=["python/stackformer/_core.c"] + [os.path.join("csrc", f) for f in CSRC],
     include_dirs=["csrc", np.get_include()],
+    depends=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.h")) + glob.glob(os.path.join(HERE, "csrc", "wiring", "*.h"))),
     extra_compile_args=compile_args,
     extra_link_args=link_args,
     libraries=["m"],

@@ -33,37 +33,49 @@ const char *sf_status_name(sf_status s);
 typedef enum { SF_POS_NONE = 0, SF_POS_LEARNED = 1, SF_POS_SINUSOIDAL = 2, SF_POS_ROPE = 3 } sf_pos;
 typedef enum { SF_ACT_GELU = 0, SF_ACT_GELU_TANH = 1, SF_ACT_RELU = 2, SF_ACT_SWIGLU = 3 } sf_act;
 typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
-typedef enum { SF_RES_PLAIN = 0, SF_RES_ATTNRES_FULL = 1, SF_RES_ATTNRES_BLOCK = 2 } sf_residual;
+/* The depth wirings, in enum order (csrc/wiring/: one file each). */
+#define SF_WIRINGS(X) X(SF_RES_PLAIN, "plain") X(SF_RES_ATTNRES_FULL, "attnres_full") X(SF_RES_ATTNRES_BLOCK, "attnres_block")
+#define SF_WIRING_ENUM_(id, name) id,
+typedef enum { SF_WIRINGS(SF_WIRING_ENUM_) SF_NUM_WIRINGS } sf_residual;
+#undef SF_WIRING_ENUM_
+#define SF_WIRING_NAME_(id, name) "|" name
+#define SF_WIRING_CHOICES (SF_WIRINGS(SF_WIRING_NAME_) + 1) /* "plain|attnres_full|..." */
 
+/* Upper bound on any single dimension: keeps every derived size far from int64 overflow
+ * and turns absurd configs into a clear error instead of a giant allocation attempt. */
+#define SF_DIM_MAX ((int64_t)1 << 24)
+/* an INT field's default that is computed from other fields (sf_config_default) */
+#define SF_DERIVED 0
+
+/* The configuration. Its fields, types, defaults, ranges and documentation are one table,
+ * sf_config_fields.h; read them there. */
+#define SF_CTYPE_INT int64_t
+#define SF_CTYPE_BOOL int32_t
+#define SF_CTYPE_ENUM int32_t
+#define SF_CTYPE_REAL float
+#define SF_CTYPE_PROB float
 typedef struct {
-    int64_t vocab_size;
-    int64_t d_model;
-    int64_t n_heads;
-    int64_t n_kv_heads;      /* grouped-query attention; == n_heads for MHA */
-    int64_t n_layers;        /* transformer blocks; 2*n_layers sublayers */
-    int64_t d_ff;
-    int64_t max_seq_len;
-    int32_t causal;          /* 1 decoder (causal mask), 0 encoder (bidirectional) */
-    int32_t pos;             /* sf_pos */
-    int32_t act;             /* sf_act */
-    int32_t norm;            /* sf_norm */
-    int32_t pre_norm;        /* 1 pre-norm, 0 post-norm */
-    int32_t bias;            /* biases in linears and LayerNorm */
-    int32_t final_norm;
-    int32_t tie_embeddings;
-    float norm_eps;
-    float rope_theta;
-    int32_t residual;        /* sf_residual */
-    int64_t attnres_block_size; /* S, sublayers per block (block mode) */
-    float attnres_eps;
-    int32_t moda;            /* mixture-of-depths attention */
-    int32_t moda_depth_only;
-    int64_t moda_chunk;      /* C >= 1: depth slots of earlier positions in the same chunk */
-    float attn_dropout;      /* training only: dropout on attention probabilities */
-    float resid_dropout;     /* training only: dropout on every sublayer's output */
+#define SF_FIELD(c_name, py_name, kind, def, lo, hi, choices, doc) SF_CTYPE_##kind c_name;
+#include "sf_config_fields.h"
+#undef SF_FIELD
 } sf_config;
 
-/* Fill a config with the documented defaults for the given sizes. */
+/* The same table at run time, for bindings: name (the Python name), c_name, kind, default,
+ * range, choices, doc, and where the field sits in sf_config. */
+typedef enum { SF_FIELD_INT, SF_FIELD_BOOL, SF_FIELD_ENUM, SF_FIELD_REAL, SF_FIELD_PROB } sf_field_kind;
+typedef struct {
+    const char *name, *c_name;
+    sf_field_kind kind;
+    double def, lo, hi;
+    const char *choices; /* ENUM: '|'-separated names in value order; "" otherwise */
+    const char *doc;
+    size_t offset;       /* offsetof(sf_config, c_name) */
+} sf_config_field;
+int32_t sf_config_num_fields(void);
+const sf_config_field *sf_config_field_at(int32_t i); /* NULL outside [0, num_fields) */
+
+/* Fill a config with the table's defaults for the given sizes (n_kv_heads = n_heads, d_ff =
+ * 4 d_model). */
 void sf_config_default(sf_config *cfg, int64_t vocab_size, int64_t d_model, int64_t n_heads,
                        int64_t n_layers, int64_t max_seq_len);
 /* Validate every field; on failure writes why into err (may be NULL). */

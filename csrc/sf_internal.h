@@ -60,6 +60,25 @@ sf_status sf_fail(char *err, size_t errlen, sf_status st, const char *fmt, ...)
 int sf_mul_ok(int64_t a, int64_t b, int64_t *out);
 int sf_add_ok(int64_t a, int64_t b, int64_t *out);
 
+/* ---- the parameter table (sf_params.c) ---- */
+/* Walk the table in its one canonical order. `emit` is called per tensor; when `out` is NULL
+ * only the count/size is computed. Returns total floats, or -1 on overflow. */
+typedef struct {
+    sf_tensor_info *out;
+    int32_t n;
+    int64_t total;
+    int overflow;
+} sf_table_builder;
+void sf_params_table(const sf_config *c, sf_table_builder *tb);
+/* Seeded init of every tensor of the table (sf_params.c). */
+void sf_params_init(sf_model *m, uint64_t seed);
+
+/* ---- RNG: xoshiro256** seeded by splitmix64; normals by Box-Muller (sf_rng.c) ---- */
+typedef struct { uint64_t s[4]; int has_spare; double spare; } sf_rng;
+void sf_rng_seed(sf_rng *r, uint64_t seed);
+double sf_rng_uniform(sf_rng *r); /* (0, 1] */
+double sf_rng_normal(sf_rng *r);
+
 /* ---- attention (sf_attention.c) ---- */
 typedef struct {
     int64_t B, Tq, Tk;   /* queries per batch row, keys per batch row */

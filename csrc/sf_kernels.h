@@ -136,6 +136,20 @@ void sf_softmax_grad_row(float *s, float *dp, int64_t n, float scale, float lse,
 /* Threads for the parallel kernels (0 = library default). */
 int sf_threads_resolve(int n_threads);
 
+/* ---- between the product engine (sf_gemm.c) and the optional BLAS backend (sf_blas.c) ---- */
+/* 1 when a BLAS sgemm is installed (sf_set_blas_sgemm). */
+int sf_blas_active(void);
+/* sf_gemm's product through the installed BLAS; 0 when none is installed or the strides/sizes
+ * need the tiles (the caller then runs it itself). */
+int sf_blas_gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs,
+                 const float *w, int trans_w, const float *b, int64_t N, int64_t K, int64_t M,
+                 int accumulate, int nt, int act, float *act_out);
+/* out[i] = act(pre[i]) for i < n (GELU, tanh-GELU or ReLU; the matmul epilogue's loop). */
+void sf_act_row(int act, float *out, const float *pre, int64_t n);
+/* act_out = act(y) on rows [n0, n0+mr) x columns [m0, m0+mw) (act < 0: nothing). */
+void sf_act_block(int act, float *act_out, const float *y, int64_t ldy, int64_t n0, int64_t mr,
+                  int64_t m0, int64_t mw);
+
 /* y(N,M) = x(N,K) · w(M,K)^T + b(M)   (b may be NULL; accumulate=1 adds into y instead).
  * pack: scratch of at least sf_matmul_pack_floats(K, M) floats (W^T packed in 16-wide panels).
  * Each y element is accumulated in ascending k order by exactly one thread, so results are

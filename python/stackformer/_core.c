@@ -38,33 +38,65 @@ static PyObject *status_error(sf_status st, const char *msg) {
 
 /* ---- construction --------------------------------------------------------------------- */
 
+/* sf_config from keyword arguments named as in the field table (sf_config_fields.h, Python
+ * names, enums as their integer values): every field required, nothing else accepted. The
+ * values' ranges are C's to check (sf_config_validate); this only converts. `skip` names one
+ * extra key the caller handles (or NULL). */
+static int config_from_kwargs(PyObject *kw, sf_config *c, const char *skip) {
+    sf_config_default(c, 1, 1, 1, 1, 1);
+    Py_ssize_t used = 0;
+    for (int32_t i = 0; i < sf_config_num_fields(); i++) {
+        const sf_config_field *f = sf_config_field_at(i);
+        PyObject *v = kw ? PyDict_GetItemString(kw, f->name) : NULL; /* borrowed */
+        if (!v) { PyErr_Format(PyExc_TypeError, "config field %s is missing", f->name); return -1; }
+        used++;
+        char *dst = (char *)c + f->offset;
+        if (f->kind == SF_FIELD_REAL || f->kind == SF_FIELD_PROB) {
+            double x = PyFloat_AsDouble(v);
+            if (x == -1.0 && PyErr_Occurred()) return -1;
+            float xf = (float)x; /* out-of-range doubles become inf and fail validation */
+            memcpy(dst, &xf, sizeof xf);
+        } else {
+            int overflow = 0;
+            long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+            if (x == -1 && PyErr_Occurred()) return -1;
+            if (overflow || (f->kind != SF_FIELD_INT && (x < INT32_MIN || x > INT32_MAX))) {
+                PyErr_Format(PyExc_ValueError, "config field %s is out of range", f->name);
+                return -1;
+            }
+            if (f->kind == SF_FIELD_INT) { int64_t x64 = (int64_t)x; memcpy(dst, &x64, sizeof x64); }
+            else { int32_t x32 = (int32_t)x; memcpy(dst, &x32, sizeof x32); }
+        }
+    }
+    if (skip && kw && PyDict_GetItemString(kw, skip)) used++;
+    if (kw && PyDict_Size(kw) != used) {
+        PyObject *key, *val;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(kw, &pos, &key, &val)) {
+            const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+            int known = k && skip && strcmp(k, skip) == 0;
+            for (int32_t i = 0; k && !known && i < sf_config_num_fields(); i++)
+                known = strcmp(k, sf_config_field_at(i)->name) == 0;
+            if (!known) { PyErr_Format(PyExc_TypeError, "unknown config field %R", key); return -1; }
+        }
+    }
+    return 0;
+}
+
+/* CModel(**config, seed=0): config keyword arguments as in config_from_kwargs */
 static int CModel_init(CModel *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers",
-                             "d_ff", "max_seq_len", "causal", "pos", "act", "norm", "pre_norm",
-                             "bias", "final_norm", "tie_embeddings", "norm_eps", "rope_theta",
-                             "residual", "attnres_block_size", "attnres_eps", "moda",
-                             "moda_depth_only", "moda_chunk", "seed", "attn_dropout",
-                             "resid_dropout", NULL};
-    sf_config c;
-    unsigned long long seed = 0;
-    sf_config_default(&c, 1, 1, 1, 1, 1);
-    long long vs, dm, nh, nkv, nl, dff, msl, abs_, mc;
-    int causal, pos, act, norm, pre, bias, fn, tie, res, moda, mdo;
-    float neps, rth, aeps, adrop = 0.0f, rdrop = 0.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLiiiiiiiiffiLfiiLK|ff", kwlist, &vs, &dm, &nh,
-                                     &nkv, &nl, &dff, &msl, &causal, &pos, &act, &norm, &pre,
-                                     &bias, &fn, &tie, &neps, &rth, &res, &abs_, &aeps, &moda,
-                                     &mdo, &mc, &seed, &adrop, &rdrop))
-        return -1;
-    c.vocab_size = vs; c.d_model = dm; c.n_heads = nh; c.n_kv_heads = nkv; c.n_layers = nl;
-    c.d_ff = dff; c.max_seq_len = msl; c.causal = causal; c.pos = pos; c.act = act;
-    c.norm = norm; c.pre_norm = pre; c.bias = bias; c.final_norm = fn; c.tie_embeddings = tie;
-    c.norm_eps = neps; c.rope_theta = rth; c.residual = res; c.attnres_block_size = abs_;
-    c.attnres_eps = aeps; c.moda = moda; c.moda_depth_only = mdo; c.moda_chunk = mc;
-    c.attn_dropout = adrop; c.resid_dropout = rdrop;
     if (self->model) { /* views of the old buffer may be alive: never swap it out */
         PyErr_SetString(PyExc_RuntimeError, "CModel is already initialized");
         return -1;
+    }
+    if (args && PyTuple_GET_SIZE(args)) { PyErr_SetString(PyExc_TypeError, "CModel takes keyword arguments only"); return -1; }
+    sf_config c;
+    if (config_from_kwargs(kw, &c, "seed") < 0) return -1;
+    unsigned long long seed = 0;
+    PyObject *s = kw ? PyDict_GetItemString(kw, "seed") : NULL;
+    if (s) {
+        seed = PyLong_AsUnsignedLongLong(s);
+        if (seed == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     }
     char err[ERRLEN] = {0};
     sf_model *m = NULL;
@@ -613,7 +645,50 @@ static PyObject *core_set_blas_sgemm(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* config_fields(): the field table as a list of (name, c_name, kind, default, lo, hi,
+ * choices, doc) with kind one of "int", "bool", "enum", "real", "prob" and choices a tuple of
+ * names (enums) or () */
+static PyObject *core_config_fields(PyObject *m, PyObject *unused) {
+    static const char *kinds[] = {"int", "bool", "enum", "real", "prob"};
+    int32_t n = sf_config_num_fields();
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (int32_t i = 0; i < n; i++) {
+        const sf_config_field *f = sf_config_field_at(i);
+        PyObject *choices = PyUnicode_FromString(f->choices), *tup = NULL;
+        if (choices && PyUnicode_GET_LENGTH(choices)) {
+            PyObject *sep = PyUnicode_FromString("|");
+            PyObject *lst = sep ? PyUnicode_Split(choices, sep, -1) : NULL;
+            Py_XDECREF(sep);
+            tup = lst ? PyList_AsTuple(lst) : NULL;
+            Py_XDECREF(lst);
+        } else if (choices) {
+            tup = PyTuple_New(0);
+        }
+        Py_XDECREF(choices);
+        PyObject *item = tup ? Py_BuildValue("(sssdddNs)", f->name, f->c_name, kinds[f->kind], f->def,
+                                             f->lo, f->hi, tup, f->doc) : NULL;
+        if (!item) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* config_validate(**config): None, or ValueError/OverflowError with C's message */
+static PyObject *core_config_validate(PyObject *m, PyObject *args, PyObject *kw) {
+    if (args && PyTuple_GET_SIZE(args)) { PyErr_SetString(PyExc_TypeError, "config_validate takes keyword arguments only"); return NULL; }
+    sf_config c;
+    if (config_from_kwargs(kw, &c, NULL) < 0) return NULL;
+    char err[ERRLEN] = {0};
+    sf_status st = sf_config_validate(&c, err, sizeof err);
+    if (st != SF_OK) return status_error(st, err);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
+    {"config_fields", core_config_fields, METH_NOARGS, "the config field table (csrc/sf_config_fields.h)"},
+    {"config_validate", (PyCFunction)(void (*)(void))core_config_validate, METH_VARARGS | METH_KEYWORDS,
+     "config_validate(**fields): raise ValueError naming the first bad field (C's rules)"},
     {"set_num_threads", core_set_num_threads, METH_O, "set the default thread count (0 = all cores)"},
     {"get_num_threads", core_get_num_threads, METH_NOARGS, "default thread count"},
     {"matmul_kernel", core_matmul_kernel, METH_NOARGS,

@@ -1,119 +1,79 @@
-"""Model configuration: one dataclass, every knob validated with a message naming it."""
+"""Model configuration: one dataclass generated from the C core's field table
+(csrc/sf_config_fields.h), so the fields, their defaults, ranges and documentation have one
+source. Python checks each value's type; the ranges and the rules between fields are C's
+(sf_config_validate), reported with a message naming the field."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import numbers
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import numpy as np
 
-# String choices and the C enum values they map to (csrc/sf.h).
-POS = {"none": 0, "learned": 1, "sinusoidal": 2, "rope": 3}
-ACTIVATION = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "swiglu": 3}
-NORM = {"layernorm": 0, "rmsnorm": 1}
-NORM_POSITION = {"pre": 1, "post": 0}
-RESIDUAL = {"plain": 0, "attnres_full": 1, "attnres_block": 2}
+from . import _core
+
+# The field table: (name, c_name, kind, default, lo, hi, choices, doc) per field, in order.
+FIELDS = tuple(_core.config_fields())
+_BY_NAME = {f[0]: f for f in FIELDS}
+# String choices of the enum fields, and their C values (the index in choices).
+CHOICES: Dict[str, tuple] = {f[0]: f[6] for f in FIELDS if f[2] == "enum"}
+POS = {n: i for i, n in enumerate(CHOICES["pos"])}
+ACTIVATION = {n: i for i, n in enumerate(CHOICES["activation"])}
+NORM = {n: i for i, n in enumerate(CHOICES["norm"])}
+NORM_POSITION = {n: i for i, n in enumerate(CHOICES["norm_position"])}
+RESIDUAL = {n: i for i, n in enumerate(CHOICES["residual"])}
+# INT fields whose default is computed from others (None until __post_init__)
+_DERIVED = {"n_kv_heads": lambda c: c.n_heads, "d_ff": lambda c: 4 * c.d_model}
 
 
-@dataclass
-class Config:
-    """Architecture of a stack. Sizes: d_model = n_heads * d_head; d_ff defaults to 4*d_model.
+def _default(f):
+    name, _, kind, default = f[:4]
+    if name in _DERIVED:
+        return None
+    if kind == "int":
+        return int(default)
+    if kind == "bool":
+        return bool(default)
+    if kind == "enum":
+        return f[6][int(default)]
+    return float(default)
 
-    vocab_size, d_model, n_heads, n_layers, max_seq_len: the sizes (n_layers counts blocks;
-        each block is an attention sublayer and an MLP sublayer).
-    n_kv_heads: grouped-query attention (None = n_heads); n_heads % n_kv_heads == 0.
-    causal: True for a decoder (causal mask), False for an encoder (bidirectional).
-    pos: "learned" | "sinusoidal" | "rope" | "none".
-    activation: "gelu" (exact) | "gelu_tanh" | "relu" | "swiglu".
-    norm: "layernorm" | "rmsnorm"; norm_position: "pre" | "post".
-    bias: biases in linears and LayerNorms. final_norm: norm before the head.
-    tie_embeddings: head shares tok_emb.weight.
-    residual: "plain" | "attnres_full" | "attnres_block" (Attention Residuals, block size
-        attnres_block_size counted in sublayers).
-    moda: Mixture-of-Depths Attention; moda_chunk: depth slots visible within chunks of that
-        many positions (1 = same position only); moda_depth_only: depth-only ablation.
-    attn_dropout, resid_dropout: dropout on attention probabilities / on every sublayer's
-        output, applied in training steps only (forward calls never drop); off by default.
-    """
 
-    vocab_size: int = 256
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 4
-    max_seq_len: int = 256
-    n_kv_heads: Optional[int] = None
-    d_ff: Optional[int] = None
-    causal: bool = True
-    pos: str = "learned"
-    activation: str = "gelu"
-    norm: str = "layernorm"
-    norm_position: str = "pre"
-    bias: bool = True
-    final_norm: bool = True
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    residual: str = "plain"
-    attnres_block_size: int = 4
-    attnres_eps: float = 1e-6
-    moda: bool = False
-    moda_chunk: int = 1
-    moda_depth_only: bool = False
-    attn_dropout: float = 0.0
-    resid_dropout: float = 0.0
+def _py_type(kind: str) -> Any:
+    return {"int": int, "bool": bool, "enum": str, "real": float, "prob": float}[kind]
+
+
+class _ConfigMethods:
+    """Behaviour of Config; its fields come from the table (see Config's docstring)."""
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
         if self.d_ff is None and _is_int(self.d_model):
             self.d_ff = 4 * self.d_model
+        if self.n_kv_heads is None and _is_int(self.n_heads):
+            self.n_kv_heads = self.n_heads
         self.validate()
 
     # -- validation ----------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first bad field."""
-        ints = ["vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "n_kv_heads",
-                "d_ff", "attnres_block_size", "moda_chunk"]
-        for name in ints:
+        """Raise TypeError (wrong type) or ValueError (wrong value) naming the first bad field."""
+        for name, _, kind, *_rest in FIELDS:
             v = getattr(self, name)
-            if not _is_int(v):
-                raise TypeError(f"Config.{name} must be an int, got {type(v).__name__} {v!r}")
-            if v < 1:
-                raise ValueError(f"Config.{name} must be >= 1, got {v}")
-        for name in ["causal", "bias", "final_norm", "tie_embeddings", "moda", "moda_depth_only"]:
-            v = getattr(self, name)
-            if not isinstance(v, (bool,)) and not (isinstance(v, numbers.Integral) and v in (0, 1)):
-                raise TypeError(f"Config.{name} must be a bool, got {v!r}")
-        for name, choices in [("pos", POS), ("activation", ACTIVATION), ("norm", NORM),
-                              ("norm_position", NORM_POSITION), ("residual", RESIDUAL)]:
-            v = getattr(self, name)
-            if not isinstance(v, str) or v not in choices:
-                raise ValueError(f"Config.{name} must be one of {sorted(choices)}, got {v!r}")
-        for name in ["norm_eps", "attnres_eps"]:
-            v = getattr(self, name)
-            # the C core computes in float32: the value must survive the conversion
-            if not isinstance(v, numbers.Real) or not (0 < float(v) < 1) or float(np.float32(v)) <= 0:
-                raise ValueError(f"Config.{name} must be a float in (0, 1) representable in float32, got {v!r}")
-        for name in ["attn_dropout", "resid_dropout"]:
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not (0.0 <= float(v) < 1.0):
-                raise ValueError(f"Config.{name} must be a float in [0, 1), got {v!r}")
-        if not isinstance(self.rope_theta, numbers.Real) or not (1 < float(self.rope_theta) < 1e30):
-            raise ValueError(f"Config.rope_theta must be a float > 1, got {self.rope_theta!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"Config.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"Config.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"Config.pos='rope' needs an even head dimension, got d_model/n_heads = {self.d_model // self.n_heads}")
-        if self.pos == "sinusoidal" and self.d_model % 2:
-            raise ValueError(f"Config.pos='sinusoidal' needs an even d_model, got {self.d_model}")
-        if self.moda_depth_only and not self.moda:
-            raise ValueError("Config.moda_depth_only=True needs moda=True")
-        if self.moda_chunk > self.max_seq_len:
-            raise ValueError(f"Config.moda_chunk ({self.moda_chunk}) must be <= max_seq_len ({self.max_seq_len})")
+            if kind == "int":
+                if not _is_int(v):
+                    raise TypeError(f"Config.{name} must be an int, got {type(v).__name__} {v!r}")
+            elif kind == "bool":
+                if not isinstance(v, bool) and not (_is_int(v) and v in (0, 1)):
+                    raise TypeError(f"Config.{name} must be a bool, got {v!r}")
+            elif kind == "enum":
+                if not isinstance(v, str) or v not in CHOICES[name]:
+                    raise ValueError(f"Config.{name} must be one of {sorted(CHOICES[name])}, got {v!r}")
+            elif not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise TypeError(f"Config.{name} must be a float, got {type(v).__name__} {v!r}")
+        try:
+            _core.config_validate(**self._c_kwargs())
+        except (ValueError, OverflowError) as e:
+            raise ValueError(f"Config.{e}") from None
 
     # -- derived sizes ---------------------------------------------------------------------
     @property
@@ -150,20 +110,36 @@ class Config:
         return cls.from_dict(d)
 
     def _c_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments of stackformer._core.CModel (C enum values)."""
-        return dict(
-            vocab_size=int(self.vocab_size), d_model=int(self.d_model), n_heads=int(self.n_heads),
-            n_kv_heads=int(self.n_kv_heads), n_layers=int(self.n_layers), d_ff=int(self.d_ff),
-            max_seq_len=int(self.max_seq_len), causal=int(bool(self.causal)), pos=POS[self.pos],
-            act=ACTIVATION[self.activation], norm=NORM[self.norm],
-            pre_norm=NORM_POSITION[self.norm_position], bias=int(bool(self.bias)),
-            final_norm=int(bool(self.final_norm)), tie_embeddings=int(bool(self.tie_embeddings)),
-            norm_eps=float(self.norm_eps), rope_theta=float(self.rope_theta),
-            residual=RESIDUAL[self.residual], attnres_block_size=int(self.attnres_block_size),
-            attnres_eps=float(self.attnres_eps), moda=int(bool(self.moda)),
-            moda_depth_only=int(bool(self.moda_depth_only)), moda_chunk=int(self.moda_chunk),
-            attn_dropout=float(self.attn_dropout), resid_dropout=float(self.resid_dropout),
-        )
+        """Keyword arguments of stackformer._core.CModel / config_validate: every table field,
+        enums as their C values."""
+        out: Dict[str, Any] = {}
+        for name, _, kind, *_rest in FIELDS:
+            v = getattr(self, name)
+            if kind == "enum":
+                out[name] = CHOICES[name].index(v)
+            elif kind in ("int", "bool"):
+                out[name] = int(v)
+            else:
+                out[name] = float(v)
+        return out
+
+
+def _docstring() -> str:
+    lines = ["Architecture of a stack (fields generated from csrc/sf_config_fields.h).", ""]
+    for name, _, kind, default, lo, hi, choices, doc in FIELDS:
+        d = _default((name, _, kind, default, lo, hi, choices, doc))
+        what = " | ".join(repr(c) for c in choices) if kind == "enum" else _py_type(kind).__name__
+        lines.append(f"    {name} ({what}, default {d!r}): {doc}")
+    return "\n".join(lines)
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(f[0], Optional[int] if f[0] in _DERIVED else _py_type(f[2]), dataclasses.field(default=_default(f)))
+     for f in FIELDS],
+    bases=(_ConfigMethods,),
+    namespace={"__doc__": _docstring(), "__module__": __name__},
+)
 
 
 def _is_int(v: Any) -> bool:

@@ -1,0 +1,39 @@
+/* Every configuration field, once: the C struct (sf.h), its defaults and per-field range checks
+ * (sf_config.c), the binding's keyword parsing and the Python Config dataclass
+ * (stackformer.config) are all generated from this list. Adding a knob = one line here, its
+ * cross-field rules (if any) in sf_config_validate, and the code that uses it.
+ *
+ * SF_FIELD(c_name, py_name, kind, default, lo, hi, choices, doc)
+ *   kind INT  int64_t, lo <= x <= hi; default SF_DERIVED = computed from other fields
+ *             (Python: None), see sf_config_default
+ *        BOOL int32_t 0 or 1
+ *        ENUM int32_t index into choices ('|'-separated, in the C enum's order)
+ *        REAL float, lo < x < hi (checked after rounding to float32)
+ *        PROB float, lo <= x < hi
+ * The order is the Python dataclass's order (positional arguments). No include guard: the
+ * includer defines SF_FIELD. */
+SF_FIELD(vocab_size, vocab_size, INT, 256, 1, SF_DIM_MAX, "", "vocabulary size (byte-level text: 256)")
+SF_FIELD(d_model, d_model, INT, 128, 1, SF_DIM_MAX, "", "model width d = n_heads * d_head")
+SF_FIELD(n_heads, n_heads, INT, 4, 1, SF_DIM_MAX, "", "attention (query) heads; d_model % n_heads == 0")
+SF_FIELD(n_layers, n_layers, INT, 4, 1, 4096, "", "transformer blocks, each an attention and an MLP sublayer (L = 2 n_layers sublayers)")
+SF_FIELD(max_seq_len, max_seq_len, INT, 256, 1, SF_DIM_MAX, "", "longest sequence (learned positions, caches)")
+SF_FIELD(n_kv_heads, n_kv_heads, INT, SF_DERIVED, 1, SF_DIM_MAX, "", "grouped-query attention key/value heads (None = n_heads); n_heads % n_kv_heads == 0")
+SF_FIELD(d_ff, d_ff, INT, SF_DERIVED, 1, SF_DIM_MAX, "", "MLP hidden width (None = 4 d_model)")
+SF_FIELD(causal, causal, BOOL, 1, 0, 1, "", "True: decoder (causal mask); False: encoder (bidirectional)")
+SF_FIELD(pos, pos, ENUM, 1, 0, 3, "none|learned|sinusoidal|rope", "positions: none, learned table, sinusoidal, or RoPE on queries/keys")
+SF_FIELD(act, activation, ENUM, 0, 0, 3, "gelu|gelu_tanh|relu|swiglu", "MLP activation (gelu is the exact erf form)")
+SF_FIELD(norm, norm, ENUM, 0, 0, 1, "layernorm|rmsnorm", "normalisation layer")
+SF_FIELD(pre_norm, norm_position, ENUM, 1, 0, 1, "post|pre", "pre-norm (norm before each sublayer) or post-norm (after each residual add)")
+SF_FIELD(bias, bias, BOOL, 1, 0, 1, "", "biases in linears and LayerNorms")
+SF_FIELD(final_norm, final_norm, BOOL, 1, 0, 1, "", "a norm before the head")
+SF_FIELD(tie_embeddings, tie_embeddings, BOOL, 1, 0, 1, "", "the head shares tok_emb.weight")
+SF_FIELD(norm_eps, norm_eps, REAL, 1e-5, 0, 1, "", "epsilon of the norms")
+SF_FIELD(rope_theta, rope_theta, REAL, 10000.0, 1, 1e30, "", "RoPE base")
+SF_FIELD(residual, residual, ENUM, 0, 0, SF_NUM_WIRINGS - 1, SF_WIRING_CHOICES, "depth wiring (csrc/wiring/): plain residual stream, or Attention Residuals over all sublayer outputs (full) or over blocks of attnres_block_size sublayers (block)")
+SF_FIELD(attnres_block_size, attnres_block_size, INT, 4, 1, 65536, "", "Block AttnRes: sublayers per block (S)")
+SF_FIELD(attnres_eps, attnres_eps, REAL, 1e-6, 0, 1, "", "epsilon of the RMS norm on AttnRes keys")
+SF_FIELD(moda, moda, BOOL, 0, 0, 1, "", "Mixture-of-Depths Attention: heads also attend to keys/values earlier layers wrote at the same position")
+SF_FIELD(moda_chunk, moda_chunk, INT, 1, 1, SF_DIM_MAX, "", "MoDA: depth slots visible within chunks of this many positions (1 = same position only; <= max_seq_len)")
+SF_FIELD(moda_depth_only, moda_depth_only, BOOL, 0, 0, 1, "", "MoDA ablation: heads attend to depth slots only (needs moda)")
+SF_FIELD(attn_dropout, attn_dropout, PROB, 0.0, 0, 1, "", "dropout on attention probabilities (training steps only)")
+SF_FIELD(resid_dropout, resid_dropout, PROB, 0.0, 0, 1, "", "dropout on every sublayer's output (training steps only)")

@@ -1,0 +1,86 @@
+"""Bit-identity check for refactors: one SHA-256 per config over logits, traces, loss,
+gradients, the two-phase/direct Block AttnRes paths, checkpointed backward, cached generation
+and three AdamW steps.
+
+    python tools/bits_hash.py > before.txt   # on the old tree
+    python tools/bits_hash.py > after.txt    # on the new tree
+    diff before.txt after.txt                # empty = same bits
+
+Runs with 1 and 2 threads (results must not depend on the thread count either)."""
+import hashlib
+import sys
+
+import numpy as np
+
+import stackformer as sf
+
+BASE = dict(vocab_size=64, d_model=32, n_heads=4, n_layers=3, max_seq_len=16)
+CONFIGS = {
+    "plain": {},
+    "plain_post_rms_swiglu_rope": dict(norm_position="post", norm="rmsnorm", activation="swiglu", pos="rope"),
+    "plain_gqa_encoder": dict(n_kv_heads=2, causal=False, pos="sinusoidal", bias=False),
+    "plain_untied_nofinal_relu": dict(tie_embeddings=False, final_norm=False, activation="relu"),
+    "full": dict(residual="attnres_full"),
+    "full_rms_rope": dict(residual="attnres_full", norm="rmsnorm", pos="rope", activation="gelu_tanh"),
+    "block2": dict(residual="attnres_block", attnres_block_size=2),
+    "block4_layers5": dict(residual="attnres_block", attnres_block_size=4, n_layers=5),
+    "block3_post": dict(residual="attnres_block", attnres_block_size=3, norm_position="post"),
+    "moda": dict(moda=True),
+    "moda_chunk4_gqa": dict(moda=True, moda_chunk=4, n_kv_heads=2),
+    "moda_depth_only_post": dict(moda=True, moda_depth_only=True, norm_position="post"),
+    "moda_full": dict(moda=True, residual="attnres_full"),
+    "moda_block2_encoder": dict(moda=True, residual="attnres_block", attnres_block_size=2, causal=False),
+    "dropout_block": dict(residual="attnres_block", attnres_block_size=2, attn_dropout=0.1, resid_dropout=0.2),
+    "dropout_moda": dict(moda=True, attn_dropout=0.1, resid_dropout=0.1),
+}
+
+
+def digest(name, overrides, n_threads):
+    cfg = sf.Config(**{**BASE, **overrides})
+    m = sf.Model(cfg, seed=3)
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, cfg.vocab_size, (2, 12))
+    y = rng.integers(0, cfg.vocab_size, (2, 12))
+    h = hashlib.sha256()
+
+    def add(a):
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str(a.shape).encode() + a.tobytes())
+
+    out = m(x, trace=True, n_threads=n_threads)
+    add(out.logits)
+    tr = out.trace
+    for field in ("attention", "hidden", "attn_out", "mlp_out", "alpha", "depth_mass"):
+        for a in getattr(tr, field) or []:
+            if a is not None:
+                add(a)
+    if tr.rms is not None:
+        add(tr.rms)
+    if cfg.residual == "attnres_block":
+        add(m(x, attnres_two_phase=False, n_threads=n_threads).logits)
+    add(m(x, return_hidden=True, n_threads=n_threads).hidden_states)
+    for ckpt in (False, True):
+        loss = m.forward_backward(x, y, checkpoint=ckpt, n_threads=n_threads, dropout_seed=5)
+        add(np.float32(loss))
+        for k, g in sorted(m.grads.items()):
+            add(g)
+    for _ in range(3):
+        add(np.float32(m.train_step(x, y, lr=3e-3, n_threads=n_threads, dropout_seed=1)))
+    for k, p in sorted(m.state_dict().items()):
+        add(p)
+    if cfg.causal:
+        add(m.generate(x[0, :4], 6, temperature=0.0))
+    return h.hexdigest()[:24]
+
+
+def main():
+    for name, ov in CONFIGS.items():
+        d1 = digest(name, ov, 1)
+        d2 = digest(name, ov, 2)
+        flag = "" if d1 == d2 else "  THREAD-DEPENDENT"
+        print(f"{name:30s} {d1}{flag}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
