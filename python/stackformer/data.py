@@ -227,7 +227,12 @@ def default_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1) -> Cor
             break
     if total < 2:
         raise RuntimeError(f"found no Python sources under {root}")
-    return Corpus(b"".join(parts), val_fraction=val_fraction, name="python-stdlib")
+    with warnings.catch_warnings():   # re-issued below, pointing at the caller's line
+        warnings.simplefilter("ignore", DataWarning)
+        corpus = Corpus(b"".join(parts), val_fraction=val_fraction, name="python-stdlib")
+    for problem in corpus.data_problems():   # only when max_bytes is small: a tiny split
+        warnings.warn(problem, DataWarning, stacklevel=2)
+    return corpus
 
 
 def mask_tokens(inputs: np.ndarray, rng: np.random.Generator, mask_prob: float = 0.15,
