@@ -373,7 +373,7 @@ def _sweep_specs(tmp):
         ("Model.load_optimizer_state", M.load_optimizer_state, dict(state=M.optimizer_state()),
          {"state": ["str", "none", "obj", "float", "list"]}, {}),
         ("Model.save", M.save, dict(path=str(tmp / "m.safetensors"), optimizer=False, extra=None),
-         {"path": paths, "optimizer": flags, "extra": ["str", "obj", "float", "list"]}, {}),
+         {"path": paths, "optimizer": flags, "extra": ["obj"]}, {}),
         ("Model.load", sf.Model.load, dict(path=str(tmp / "none.safetensors")), {"path": paths}, {}),
         ("Model.no_decay", M.no_decay, dict(name="tok_emb.weight"), {"name": ["none", "obj", "float", "list"]}, {}),
         ("ParamTree leaf", lambda value=np.zeros((16, 16), np.float32): setattr(M.layers[0].attn.q_proj, "weight", value),

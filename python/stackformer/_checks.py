@@ -100,3 +100,14 @@ def check_str(name: str, v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError(f"{name} must be a str, got {_kind(v)}")
     return v
+
+
+def check_pair(name: str, v: Any) -> tuple:
+    """Two numbers (a tuple, list, array... of length 2), e.g. AdamW's betas."""
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"{name} must be a pair of numbers, got {_kind(v)}")
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of numbers, got {v!r}") from None
+    return check_real(f"{name}[0]", a), check_real(f"{name}[1]", b)

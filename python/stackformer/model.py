@@ -9,8 +9,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._checks import (check_bool, check_int, check_optional_int, check_path, check_real,
-                      check_seed)
+from ._checks import (check_bool, check_int, check_optional_int, check_pair, check_path,
+                      check_real, check_seed)
 from .config import Config
 
 PICKLE_FORMAT = "stackformer-pickle/1"
@@ -358,8 +358,6 @@ class Model:
         from .checkpoint import save_model
         path = check_path("path", path)
         optimizer = check_bool("optimizer", optimizer)
-        if extra is not None and not isinstance(extra, dict):
-            raise TypeError(f"extra must be a dict (JSON-able) or None, got {type(extra).__name__}")
         save_model(self, path, optimizer=optimizer, extra=extra)
 
     @classmethod
@@ -448,9 +446,7 @@ class Model:
         clipping at clip_norm, <= 0 disables). Returns the gradient norm before clipping. A
         non-finite gradient raises FloatingPointError and leaves the model unchanged."""
         lr = check_real("lr", lr)
-        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair of numbers (beta1, beta2), got {betas!r}")
-        b1, b2 = check_real("betas[0]", betas[0]), check_real("betas[1]", betas[1])
+        b1, b2 = check_pair("betas", betas)
         eps = check_real("eps", eps)
         weight_decay = check_real("weight_decay", weight_decay)
         clip_norm = check_real("clip_norm", clip_norm, finite=False)

@@ -20,8 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._checks import (check_bool, check_callable, check_int, check_model, check_optional_int,
-                      check_real, check_str)
+from ._checks import (check_bool, check_callable, check_int, check_model, check_pair, check_real,
+                      check_str)
 from .data import IGNORE_INDEX, Corpus, DataWarning, mask_tokens
 
 __all__ = ["History", "train", "lr_schedule", "evaluate", "cross_entropy", "layer_grad_norms"]
@@ -210,8 +210,7 @@ def train(model, data, steps: int = 1000, batch_size: int = 16, lr: float = 3e-3
     desc = check_str("desc", desc)
     weight_decay = check_real("weight_decay", weight_decay)
     clip_norm = check_real("clip_norm", clip_norm, finite=False)
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair of numbers (beta1, beta2), got {betas!r}")
+    betas = check_pair("betas", betas)
     if corpus.val.size < T + 1:
         if eval_every > 0 and corpus.val.size > 0:
             warnings.warn(f"{corpus.name}: the validation split has {corpus.val.size} tokens, fewer "
