@@ -309,3 +309,257 @@ def test_import_sets_openmp_wait_defaults_only_when_unset():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "GOMP_SPINCOUNT": "5"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["PASSIVE", "5"]
+
+
+# -- wrong argument types across the public API ------------------------------------------------
+# Every public call, every argument, a handful of wrong kinds of value: each must raise
+# TypeError or ValueError whose message names the argument (never an AttributeError or a bare
+# "invalid literal for int()" from inside), and leave the model untouched.
+import copy as _copy
+import re as _re
+
+import importlib as _importlib
+
+from stackformer import checkpoint as _ckpt, compare as _compare, data as _data, gpt2 as _gpt2
+_train = _importlib.import_module("stackformer.train")  # sf.train is the function
+
+_BAD = {"str": "oops", "none": None, "obj": object(), "float": 2.5, "list": ["a"], "dict": {},
+        "int": 42, "nan": float("nan")}
+_SWEEP_MODEL = sf.Model(sf.Config(vocab_size=256, d_model=16, n_heads=2, n_layers=2, max_seq_len=16), seed=0)
+_SWEEP_CORPUS = sf.Corpus(np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint8))
+_IDS = np.arange(8)[None, :]
+_XY = (np.arange(8)[None, :], np.arange(1, 9)[None, :])
+
+
+def _sweep_specs(tmp):
+    """(label, function, good keyword arguments, {argument: bad kinds}, {argument: regex})."""
+    M, C = _SWEEP_MODEL, _SWEEP_CORPUS
+    nums = ["str", "none", "obj", "list"]
+    ints = ["str", "none", "obj", "float", "list"]
+    flags = ["str", "none", "obj", "float", "list"]
+    paths = ["none", "obj", "float", "list", "dict"]
+    small = dict(n_layers=1, d_model=8, n_heads=2, seq_len=8)
+    return [
+        ("Model", sf.Model, dict(config=M.config, seed=0), {"config": ["str", "none", "obj", "dict"],
+                                                             "seed": ints}, {}),
+        ("Model.__call__", M.__call__, dict(x=_IDS, trace=False, key_padding_mask=None, return_hidden=False,
+                                            attnres_two_phase=True, n_threads=0),
+         {"x": ["none", "obj", "float", "list", "dict"], "trace": ["obj", "float", "list", "dict", "int"],
+          "key_padding_mask": ["str", "obj", "float", "list", "dict"], "return_hidden": flags,
+          "attnres_two_phase": flags, "n_threads": ints}, {"x": r"\bx\b|\binput\b"}),
+        ("Model(trace=TraceOptions)", lambda layers="ok", attention=True: M(_IDS, trace=sf.TraceOptions(
+            layers=None if layers == "ok" else layers, attention=attention)), {},
+         {"layers": ["str", "obj", "float", "list"], "attention": ["str", "none", "obj", "list"]}, {}),
+        ("Model.forward_backward", M.forward_backward,
+         dict(inputs=_XY[0], targets=_XY[1], key_padding_mask=None, ignore_index=-100, checkpoint=False,
+              n_threads=0, dropout_seed=0),
+         {"inputs": ["none", "obj", "float", "dict"], "targets": ["none", "obj", "float", "dict"],
+          "ignore_index": ints, "checkpoint": flags, "n_threads": ints, "dropout_seed": ints}, {}),
+        ("Model.optimizer_step", M.optimizer_step, dict(lr=0.0, betas=(0.9, 0.95), eps=1e-8,
+                                                        weight_decay=0.0, clip_norm=1.0),
+         {"lr": nums + ["nan"], "betas": ["str", "none", "obj", "float", "list"], "eps": nums,
+          "weight_decay": nums, "clip_norm": nums}, {}),
+        ("Model.train_step", M.train_step, dict(inputs=_XY[0], targets=_XY[1], lr=0.0),
+         {"lr": nums, "inputs": ["none", "obj"]}, {}),
+        ("Model.train_memory_bytes", M.train_memory_bytes, dict(batch_size=2, seq_len=8, checkpoint=False),
+         {"batch_size": ints, "seq_len": ints, "checkpoint": flags}, {}),
+        ("Model.generate", M.generate, dict(prompt=_IDS[0], max_new_tokens=2, temperature=1.0, top_k=None,
+                                            seed=0, return_text=False),
+         {"prompt": ["none", "obj", "float", "list", "dict"], "max_new_tokens": ints,
+          "temperature": nums + ["nan"], "top_k": ["str", "obj", "float", "list"],
+          "seed": ["str", "obj", "float", "list"], "return_text": flags}, {}),
+        ("Model.load_state_dict", M.load_state_dict, dict(state_dict=M.state_dict(), strict=True),
+         {"state_dict": ["str", "none", "obj", "float", "list"], "strict": ["str", "none", "obj", "list"]}, {}),
+        ("Model.load_optimizer_state", M.load_optimizer_state, dict(state=M.optimizer_state()),
+         {"state": ["str", "none", "obj", "float", "list"]}, {}),
+        ("Model.save", M.save, dict(path=str(tmp / "m.safetensors"), optimizer=False, extra=None),
+         {"path": paths, "optimizer": flags, "extra": ["obj"]}, {}),
+        ("Model.load", sf.Model.load, dict(path=str(tmp / "none.safetensors")), {"path": paths}, {}),
+        ("Model.no_decay", M.no_decay, dict(name="tok_emb.weight"), {"name": ["none", "obj", "float", "list"]}, {}),
+        ("ParamTree leaf", lambda value=np.zeros((16, 16), np.float32): setattr(M.layers[0].attn.q_proj, "weight", value),
+         {}, {"value": ["str", "none", "obj", "float", "list"]}, {"value": r"q_proj\.weight"}),
+        ("Config", sf.Config, dict(), {
+            "vocab_size": ints, "d_model": ints, "n_layers": ints, "n_kv_heads": ["str", "obj", "float"],
+            "causal": ["str", "none", "float", "list"], "pos": ["none", "obj", "float", "list"],
+            "residual": ["none", "obj", "list"], "activation": ["none", "list"], "norm": ["list", "obj"],
+            "norm_eps": ["str", "none", "list"], "attn_dropout": ["str", "none", "list", "nan"],
+            "rope_theta": ["str", "none", "list"]}, {}),
+        ("Config.from_dict", sf.Config.from_dict, dict(d={}), {"d": ["str", "none", "obj", "float", "list"]},
+         {"d": "config"}),
+        ("Config.from_json", sf.Config.from_json, dict(s="{}"), {"s": ["none", "obj", "float", "list", "dict"]},
+         {"s": "config"}),
+        ("Corpus", sf.Corpus, dict(data="abc " * 500, val_fraction=0.5, name="t"),
+         {"data": ["none", "obj", "float", "list", "dict"], "val_fraction": nums + ["nan"],
+          "name": ["none", "obj", "float", "list"]}, {}),
+        ("Corpus.from_file", sf.Corpus.from_file, dict(path=__file__, val_fraction=0.1, max_bytes=None),
+         {"path": paths, "val_fraction": nums, "max_bytes": ["str", "obj", "float", "list"]}, {}),
+        ("Corpus.batch", C.batch, dict(batch_size=2, seq_len=8, rng=np.random.default_rng(0), split="train"),
+         {"batch_size": ints, "seq_len": ints, "rng": ["str", "none", "obj", "float", "list", "int"],
+          "split": ["none", "obj", "float", "list"]}, {}),
+        ("Corpus.unigram_loss", C.unigram_loss, dict(split="val"), {"split": ["none", "obj", "list"]}, {}),
+        ("default_corpus", sf.default_corpus, dict(max_bytes=10_000, val_fraction=0.1),
+         {"max_bytes": ints, "val_fraction": nums}, {}),
+        ("data.encode", _data.encode, dict(text="a"), {"text": ["none", "obj", "float", "list", "dict"]}, {}),
+        ("data.decode", _data.decode, dict(ids=[1, 2]), {"ids": ["str", "none", "obj", "float", "dict"]}, {}),
+        ("data.mask_tokens", _data.mask_tokens, dict(inputs=_IDS, rng=np.random.default_rng(0), mask_prob=0.5),
+         {"inputs": ["str", "none", "obj"], "rng": ["str", "none", "obj", "int"], "mask_prob": nums}, {}),
+        ("train", sf.train, dict(model=M, data=C, steps=1, batch_size=1, lr=0.0, seq_len=8, progress=False),
+         {"model": ["str", "none", "obj", "dict"], "data": ["none", "obj", "float", "dict"],
+          "steps": ints, "batch_size": ints, "lr": nums, "seq_len": ["str", "obj", "float", "list"],
+          "warmup": ["str", "obj", "float"], "min_lr": ["str", "obj"], "weight_decay": nums,
+          "clip_norm": nums, "betas": ["str", "none", "obj", "float"], "eval_every": ["str", "obj", "float"],
+          "eval_batches": ints, "seed": ints, "checkpoint": flags, "progress": flags,
+          "callback": ["str", "obj", "float", "list"], "desc": ["none", "obj", "float", "list"]}, {}),
+        ("lr_schedule", sf.lr_schedule, dict(step=0, lr=1e-3, steps=10, warmup=0, min_lr=0.0),
+         {"step": ints, "lr": nums, "steps": ints, "warmup": ints, "min_lr": nums}, {}),
+        ("train.evaluate", _train.evaluate, dict(model=M, batches=[_XY]),
+         {"model": ["str", "none", "obj"], "batches": ["str", "none", "obj", "float"]}, {}),
+        ("train.layer_grad_norms", _train.layer_grad_norms, dict(model=M), {"model": ["str", "none", "obj"]}, {}),
+        ("compare.stack_config", _compare.stack_config, dict(name="plain", n_layers=1, d_model=8, n_heads=2,
+                                                             seq_len=8, block_size=2),
+         {"name": ["none", "obj", "float", "list"], "n_layers": ints, "d_model": ints, "n_heads": ints,
+          "seq_len": ints, "block_size": ints}, {}),
+        ("compare.run_stack", _compare.run_stack, dict(name="plain", corpus=C, batch_size=1, steps=1,
+                                                       eval_batches=1, progress=False, **small),
+         {"name": ["none", "obj", "list"], "corpus": ["str", "none", "obj", "float"], "steps": ints,
+          "seed": ints, "lr": nums, "eval_every": ["str", "obj", "float"], "progress": flags}, {}),
+        ("compare.format_table", _compare.format_table, dict(results=[], unigram=1.0),
+         {"results": ["str", "none", "obj", "float", "list"], "unigram": nums}, {}),
+        ("checkpoint.read_checkpoint", _ckpt.read_checkpoint, dict(path=str(tmp / "x")), {"path": paths}, {}),
+        ("checkpoint.parse_checkpoint", _ckpt.parse_checkpoint, dict(data=b"x" * 16),
+         {"data": ["str", "none", "obj", "float", "list"]}, {}),
+        ("checkpoint.save_model", _ckpt.save_model, dict(model=M, path=str(tmp / "y.safetensors")),
+         {"model": ["str", "none", "obj"], "path": paths}, {}),
+        ("set_num_threads", lambda n=0: sf.set_num_threads(n), {}, {"n": ints}, {}),
+        ("gpt2.load_gpt2_safetensors", _gpt2.load_gpt2_safetensors, dict(path=str(tmp / "g")), {"path": paths}, {}),
+        ("gpt2.from_gpt2_state_dict", _gpt2.from_gpt2_state_dict, dict(sd={}),
+         {"sd": ["str", "none", "obj", "float", "list"]}, {"sd": "state dict"}),
+        ("use_blas", sf.use_blas, dict(library="/nonexistent/libblas.so"), {"library": ["obj", "float", "list"]}, {}),
+    ]
+
+
+def _sweep_cases():
+    import pathlib
+    out = []
+    for label, fn, good, bad, regex in _sweep_specs(pathlib.Path("/nonexistent-dir")):
+        for arg, kinds in bad.items():
+            for kind in kinds:
+                out.append(pytest.param(label, arg, kind, id=f"{label}-{arg}-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize("label,arg,kind", _sweep_cases())
+def test_wrong_argument_types_name_the_argument(label, arg, kind, tmp_path):
+    spec = {s[0]: s for s in _sweep_specs(tmp_path)}[label]
+    _, fn, good, _, regex = spec
+    kwargs = dict(good)
+    kwargs[arg] = _copy.copy(_BAD[kind])
+    M = _SWEEP_MODEL
+    before, step = M.flat_params.copy(), M.step
+    with pytest.raises((TypeError, ValueError)) as e:
+        fn(**kwargs)
+    assert type(e.value) in (TypeError, ValueError), f"{type(e.value).__name__}: {e.value}"
+    assert _re.search(regex.get(arg, rf"(?<![A-Za-z_]){_re.escape(arg)}(?![A-Za-z_])"), str(e.value)), \
+        f"{label}({arg}={_BAD[kind]!r}) raised {type(e.value).__name__}: {e.value!s} (argument not named)"
+    np.testing.assert_array_equal(M.flat_params, before)
+    assert M.step == step
+
+
+@pytest.mark.parametrize("arg,value", [("model", "oops"), ("model", None), ("dtype", "float32"),
+                                       ("dtype", "oops"), ("module", None), ("seed", "x")])
+def test_torch_helpers_name_wrong_arguments(arg, value):
+    torch = pytest.importorskip("torch")
+    from stackformer.torch import TorchModel, from_torch, to_torch
+    kw = {"model": _SWEEP_MODEL, "dtype": torch.float32}
+    if arg in ("module", "seed"):
+        args = dict(module=TorchModel(_SWEEP_MODEL.config), seed=0)
+        args[arg] = value
+        call = lambda: from_torch(**args)  # noqa: E731
+    else:
+        kw[arg] = value
+        call = lambda: to_torch(**kw)  # noqa: E731
+    with pytest.raises((TypeError, ValueError)) as e:
+        call()
+    assert arg in str(e.value) or (arg == "module" and "TorchModel" in str(e.value))
+    with pytest.raises(TypeError, match="config"):
+        TorchModel("oops")
+
+
+def test_trace_properties_without_recordings_say_what_is_missing():
+    tr = sf.Trace()
+    for prop, what in (("rms_table", "rms"), ("alpha_matrix", "alpha"), ("depth_mass_mean", "depth_mass")):
+        with pytest.raises(ValueError, match=what):
+            getattr(tr, prop)
+
+
+# -- text in, text out (byte-level models) -------------------------------------------------------
+def test_generate_accepts_text_and_returns_text():
+    m = sf.Model(sf.Config(vocab_size=256, d_model=16, n_heads=2, n_layers=1, max_seq_len=32), seed=0)
+    ids = m.generate(sf.data.encode("héllo"), 8, temperature=0.8, seed=3)
+    np.testing.assert_array_equal(m.generate("héllo", 8, temperature=0.8, seed=3), ids)
+    np.testing.assert_array_equal(m.generate("héllo".encode(), 8, temperature=0.8, seed=3), ids)
+    text = m.generate("héllo", 8, temperature=0.8, seed=3, return_text=True)
+    assert isinstance(text, str) and text.startswith("héllo")
+    assert text == ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+    batch = m.generate(np.stack([ids[:6], ids[:6]]), 4, temperature=0, return_text=True)
+    assert isinstance(batch, list) and len(batch) == 2 and batch[0] == batch[1]
+    # a str forward pass is its UTF-8 bytes
+    np.testing.assert_array_equal(m("héllo").logits, m(sf.data.encode("héllo")).logits)
+
+
+def test_text_needs_a_byte_level_model():
+    m = sf.Model(small_config(), seed=0)   # vocab_size 50
+    with pytest.raises(TypeError, match="prompt.*byte-level"):
+        m.generate("hi", 2)
+    with pytest.raises(ValueError, match="return_text.*byte-level"):
+        m.generate(np.array([1, 2]), 2, return_text=True)
+
+
+def test_return_text_marks_ids_beyond_bytes():
+    m = sf.Model(sf.Config(vocab_size=300, d_model=16, n_heads=2, n_layers=1, max_seq_len=16), seed=0)
+    m.tok_emb.weight[:] = 0.0
+    m.tok_emb.weight[299] = 1.0      # tied head: logit of 299 = sum(final_norm(h)) = sum(bias)
+    m.final_norm.bias[:] = 1.0       # = 16, every other logit 0: greedy decoding picks 299
+    out = m.generate("ab", 3, temperature=0)
+    assert list(out[2:]) == [299, 299, 299]
+    assert m.generate("ab", 3, temperature=0, return_text=True) == "ab" + "\ufffd" * 3
+
+
+# -- validation-split warnings --------------------------------------------------------------------
+import warnings as _warnings
+
+
+def test_repeated_text_warns_that_validation_overlaps_training():
+    with pytest.warns(sf.DataWarning, match="verbatim in the training split"):
+        c = sf.Corpus("hello world " * 1000)
+    assert any("verbatim" in p for p in c.data_problems())
+    m = sf.Model(sf.Config(vocab_size=256, d_model=16, n_heads=2, n_layers=1, max_seq_len=16), seed=0)
+    with _warnings.catch_warnings(record=True) as w:
+        _warnings.simplefilter("always")
+        sf.train(m, "hello world " * 1000, steps=2, batch_size=2, progress=False)
+    got = [x for x in w if issubclass(x.category, sf.DataWarning)]
+    assert got and "verbatim" in str(got[0].message)
+    assert got[0].filename == __file__   # points at the caller's line, not inside stackformer
+
+
+def test_tiny_validation_split_warns():
+    with pytest.warns(sf.DataWarning, match="only 50 tokens"):
+        sf.Corpus(np.random.default_rng(0).integers(0, 256, 500).astype(np.uint8), val_fraction=0.1)
+    m = sf.Model(sf.Config(vocab_size=256, d_model=16, n_heads=2, n_layers=1, max_seq_len=64), seed=0)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", sf.DataWarning)
+        c = sf.Corpus(np.random.default_rng(0).integers(0, 256, 500).astype(np.uint8), val_fraction=0.1)
+    with pytest.warns(sf.DataWarning, match="no validation loss"):
+        h = sf.train(m, c, steps=1, batch_size=1, progress=False)
+    assert h.val_loss == []
+
+
+def test_default_corpus_and_its_training_are_silent():
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", sf.DataWarning)
+        corpus = sf.default_corpus()
+        assert corpus.data_problems() == []
+        sf.default_corpus(max_bytes=200_000)
+        sf.Corpus("no validation at all " * 100, val_fraction=0.0)
+        m = sf.Model(sf.Config(vocab_size=256, d_model=16, n_heads=2, n_layers=1, max_seq_len=16), seed=0)
+        sf.train(m, corpus, steps=2, batch_size=2, progress=False)

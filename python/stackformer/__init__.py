@@ -17,17 +17,26 @@ if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from ._core import get_num_threads, matmul_kernel, set_num_threads  # noqa: E402
+from ._core import get_num_threads, matmul_kernel  # noqa: E402
+from . import _core as _c
+from ._checks import check_int as _check_int
 from .blas import blas_info, use_blas, use_builtin_matmul
 from .config import Config
 from .model import Model, Output, ParamTree, Trace, TraceOptions
 from . import data
-from .data import Corpus, default_corpus
+from .data import Corpus, DataWarning, default_corpus
 from .train import History, lr_schedule, train
 
 __version__ = "0.1.0"
 
+
+def set_num_threads(n: int) -> None:
+    """Threads every compute call uses from now on (0 = all cores; default). Results are
+    bitwise identical for any count."""
+    _c.set_num_threads(_check_int("n", n, 0, 1024))
+
+
 __all__ = ["Config", "Model", "Output", "ParamTree", "Trace", "TraceOptions",
            "set_num_threads", "get_num_threads", "matmul_kernel", "use_blas", "use_builtin_matmul", "blas_info",
            "__version__",
-           "data", "Corpus", "default_corpus", "History", "lr_schedule", "train"]
+           "data", "Corpus", "DataWarning", "default_corpus", "History", "lr_schedule", "train"]

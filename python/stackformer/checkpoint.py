@@ -52,6 +52,9 @@ def save_model(model, path: str, optimizer: bool = False, extra: Optional[dict] 
     """Weights (and with optimizer=True AdamW's moments and step) plus `extra`, a JSON-able
     dict stored in the metadata (e.g. a data RNG state), written atomically."""
     from safetensors.numpy import save
+    from ._checks import check_model, check_path
+    check_model("model", model)
+    path = check_path("path", path)
     tensors = model.state_dict()
     meta = {"format": FORMAT, "config": model.config.to_json()}
     if optimizer:
@@ -70,7 +73,8 @@ def save_model(model, path: str, optimizer: bool = False, extra: Optional[dict] 
 def read_checkpoint(path: str) -> Tuple[Config, Dict[str, np.ndarray], dict]:
     """Parse and validate a checkpoint file; returns (config, tensors, metadata). Raises
     ValueError naming the problem for anything that is not a well-formed checkpoint."""
-    path = os.fspath(path)
+    from ._checks import check_path
+    path = check_path("path", path)
     with open(path, "rb") as f:
         data = f.read()
     return parse_checkpoint(data, path)
@@ -83,6 +87,10 @@ def parse_checkpoint(data: bytes, path: str = "<bytes>") -> Tuple[Config, Dict[s
     """parse_checkpoint(bytes) -> (config, tensors, metadata); the fuzzed entry point."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be the checkpoint's bytes, got {type(data).__name__}")
     if len(data) < 8:
         raise ValueError(f"{path}: not a safetensors file (only {len(data)} bytes)")
     header_len = int.from_bytes(data[:8], "little")

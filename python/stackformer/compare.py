@@ -5,13 +5,14 @@ Every stack sees the same batches in the same order (same sampler seed) and star
 same seed. After training, one traced forward pass on a validation batch measures what each
 block writes; the gradient norms logged during training show how evenly depth is trained.
 
-Table columns:
-  val loss      validation loss (nats/byte) after training, same fixed batches for all stacks
-  vs unigram    unigram baseline minus val loss: how much context the stack uses
-  tok/s         training throughput (target tokens per second of training steps)
-  out RMS x     RMS of block n-1's output over block 0's (attn_out + mlp_out of the block)
-  grad spread   max/min over blocks of the per-block gradient norm, averaged over the second
-                half of training (1 = every block gets the same gradient)
+Table columns (each header also says it in two words and its unit):
+  params            trainable parameters of the stack
+  val loss          validation loss (nats/byte) after training, same fixed batches for all stacks
+  gain over unigram unigram baseline minus val loss: how much the stack gains from context
+  train tok/s       training throughput (target tokens per second of training steps)
+  output RMS growth RMS of the last block's output over the first block's (attn_out + mlp_out)
+  grad spread       max/min over blocks of the per-block gradient norm, averaged over the second
+                    half of training (1 = every block gets the same gradient)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from ._checks import check_bool, check_int, check_optional_int, check_real, check_seed, check_str
 from .config import Config
 from .data import Corpus, default_corpus
 from .model import Model, TraceOptions
@@ -38,10 +40,18 @@ QUICK = dict(layers=2, d_model=32, heads=2, seq_len=32, batch_size=4, steps=20, 
 DEFAULTS = dict(layers=8, d_model=64, heads=4, seq_len=64, batch_size=16, steps=300, eval_batches=8,
                 max_bytes=4_000_000)
 
+# validation runs this many times per stack (plus once before training), so the loss panel
+# of compare.png draws a curve and not a handful of dots
+EVAL_POINTS = 20
+
 
 def stack_config(name: str, n_layers: int, d_model: int, n_heads: int, seq_len: int,
                  block_size: int = 4) -> Config:
     """The Config of one of STACK_NAMES: a byte-level pre-norm decoder, wired as named."""
+    check_str("name", name)
+    n_layers, d_model = check_int("n_layers", n_layers, 1), check_int("d_model", d_model, 1)
+    n_heads, seq_len = check_int("n_heads", n_heads, 1), check_int("seq_len", seq_len, 1)
+    block_size = check_int("block_size", block_size, 1)
     wiring = {
         "plain": dict(),
         "attnres_full": dict(residual="attnres_full"),
@@ -88,11 +98,17 @@ def run_stack(name: str, corpus: Corpus, n_layers: int = 8, d_model: int = 64, n
               seq_len: int = 64, batch_size: int = 16, steps: int = 300, lr: float = 3e-3,
               block_size: int = 4, seed: int = 0, eval_every: Optional[int] = None,
               eval_batches: int = 8, progress: bool = True) -> StackResult:
-    """Build stack `name` with `seed`, train it with sf.train (validation every steps/6 steps
-    unless eval_every says otherwise) and measure it after training."""
+    """Build stack `name` with `seed`, train it with sf.train (validation before training and
+    every steps/EVAL_POINTS steps, i.e. EVAL_POINTS + 1 points, unless eval_every says
+    otherwise) and measure it after training."""
+    if not isinstance(corpus, Corpus):
+        raise TypeError(f"corpus must be a stackformer.Corpus, got {type(corpus).__name__}")
+    steps = check_int("steps", steps, 1)
+    seed = check_int("seed", seed, 0)
+    eval_every = check_optional_int("eval_every", eval_every, 0)
     model = Model(stack_config(name, n_layers, d_model, n_heads, seq_len, block_size), seed=seed)
     label = f"attnres_block(S={block_size})" if name == "attnres_block" else name
-    eval_every = max(1, steps // 6) if eval_every is None else eval_every
+    eval_every = max(1, steps // EVAL_POINTS) if eval_every is None else eval_every
     hist = train(model, corpus, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
                  eval_every=eval_every, eval_batches=eval_batches, seed=seed, progress=progress,
                  desc=f"{label:>18s}")
@@ -107,46 +123,76 @@ def run_stack(name: str, corpus: Corpus, n_layers: int = 8, d_model: int = 64, n
     return StackResult(name, label, model.num_params, hist, out_rms, in_rms, grad)
 
 
+# (header line 1, header line 2, width): every header names its quantity and unit, so the
+# table reads without the module docstring
+_COLUMNS = [("params", "", 9), ("val loss", "(nats/B)", 9), ("gain over", "unigram", 9),
+            ("train", "tok/s", 8), ("output RMS", "last/first", 10), ("grad spread", "max/min", 11)]
+
+
 def format_table(results: Sequence[StackResult], unigram: float) -> str:
-    """The comparison as a fixed-width text table."""
-    head = f"{'stack':20s} {'params':>9s} {'val loss':>9s} {'vs unigram':>10s} {'tok/s':>8s} " \
-           f"{'out RMS x':>9s} {'grad spread':>11s}"
-    lines = [head, "-" * len(head)]
+    """The comparison as a fixed-width text table (two header lines: quantity, then unit)."""
+    if isinstance(results, (str, bytes)) or not isinstance(results, Sequence) \
+            or not all(isinstance(r, StackResult) for r in results):
+        raise TypeError("results must be a sequence of StackResult (from run_stack)")
+    unigram = check_real("unigram", unigram)
+    head1 = f"{'stack':20s} " + " ".join(f"{a:>{w}s}" for a, _, w in _COLUMNS)
+    head2 = f"{'':20s} " + " ".join(f"{b:>{w}s}" for _, b, w in _COLUMNS)
+    lines = [head1, head2, "-" * len(head1)]
     for r in results:
-        lines.append(f"{r.label:20s} {r.num_params:9,d} {r.val_loss:9.4f} {unigram - r.val_loss:+10.4f} "
-                     f"{r.history.mean_tokens_per_s:8,.0f} {r.rms_growth:9.2f} {r.grad_spread:11.2f}")
+        lines.append(f"{r.label:20s} {r.num_params:9,d} {r.val_loss:9.4f} {unigram - r.val_loss:+9.4f} "
+                     f"{r.history.mean_tokens_per_s:8,.0f} {r.rms_growth:10.2f} {r.grad_spread:11.2f}")
     lines.append(f"{'unigram baseline':20s} {'':9s} {unigram:9.4f}")
     return "\n".join(lines)
 
 
+def table_legend() -> str:
+    """What each column of format_table means, in one line each (printed under the table)."""
+    return "\n".join([
+        "val loss: cross-entropy on held-out text after training, in nats per byte (lower is better)",
+        "gain over unigram: the unigram baseline minus val loss, what the stack learned from context",
+        "train tok/s: training throughput, target tokens per second of training steps",
+        "output RMS last/first: RMS of the last block's output over the first block's",
+        "grad spread max/min: largest over smallest per-block gradient norm (1 = depth trained evenly)",
+    ])
+
+
 def plot_comparison(results: Sequence[StackResult], unigram: float, path: str) -> None:
-    """Three panels: loss curves (train, smoothed, and validation), per-block output RMS and
-    per-block gradient norm, one colour per stack."""
+    """Four panels, one colour per stack: the loss over the whole run (training loss per step,
+    thin, and validation loss, dots), the validation loss of the second half of training
+    zoomed in, per-block output RMS and per-block gradient norm."""
     from .plotting import _pyplot
+    if isinstance(results, (str, bytes)) or not isinstance(results, Sequence) or not results \
+            or not all(isinstance(r, StackResult) for r in results):
+        raise TypeError("results must be a non-empty sequence of StackResult (from run_stack)")
+    unigram = check_real("unigram", unigram)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    whole, zoom, rms_ax, grad_ax = axes.ravel()
     for j, r in enumerate(results):
         c = f"C{j}"
         h = r.history
-        loss = np.asarray(h.loss)
-        w = max(1, len(loss) // 25)
-        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        axes[0].plot(np.asarray(h.step[w - 1:]), smooth, color=c, alpha=0.5, lw=1)
-        axes[0].plot(h.val_step, h.val_loss, color=c, marker="o", ms=3, label=f"{r.label} (val)")
+        whole.plot(h.step, h.loss, color=c, alpha=0.35, lw=0.8)
+        whole.plot(h.val_step, h.val_loss, color=c, marker="o", ms=2.5, lw=1.2, label=f"{r.label}")
+        half = [(s, v) for s, v in zip(h.val_step, h.val_loss) if s >= (h.step[-1] if h.step else 0) / 2]
+        if half:
+            zoom.plot(*zip(*half), color=c, marker="o", ms=3, label=r.label)
         blocks = np.arange(len(r.block_out_rms))
-        axes[1].plot(blocks, r.block_out_rms, color=c, marker="o", ms=3, label=r.label)
-        axes[2].plot(blocks, r.grad_norms, color=c, marker="o", ms=3, label=r.label)
-    axes[0].axhline(unigram, color="gray", ls="--", lw=1, label="unigram baseline")
-    axes[0].set(xlabel="step", ylabel="loss (nats/byte)", title="training (thin) and validation loss")
-    top = max(max(r.history.val_loss[1:] or r.history.val_loss) for r in results)
-    axes[0].set_ylim(min(min(r.history.val_loss) for r in results) - 0.2, max(top, unigram) + 0.4)
-    axes[1].set(xlabel="block", ylabel="RMS", title="block output RMS after training")
-    axes[2].set(xlabel="block", ylabel="gradient norm", title="per-block gradient norm (2nd half mean)")
-    axes[2].set_yscale("log")
+        rms_ax.plot(blocks, r.block_out_rms, color=c, marker="o", ms=3, label=r.label)
+        grad_ax.plot(blocks, r.grad_norms, color=c, marker="o", ms=3, label=r.label)
+    for ax in (whole, zoom):
+        ax.axhline(unigram, color="gray", ls="--", lw=1, label="unigram baseline")
+    whole.set(xlabel="training step", ylabel="loss (nats/byte)",
+              title="loss over the whole run: training (thin), validation (dots)")
+    whole.set_xlim(left=0)
+    zoom.set(xlabel="training step", ylabel="validation loss (nats/byte)",
+             title="validation loss, second half of training (zoomed)")
+    rms_ax.set(xlabel="block", ylabel="RMS", title="block output RMS after training")
+    grad_ax.set(xlabel="block", ylabel="gradient norm", title="per-block gradient norm (2nd half mean)")
+    grad_ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator
-    for ax in axes[1:]:
+    for ax in (rms_ax, grad_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes:
+    for ax in axes.ravel():
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -228,6 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  seed=args.seed, eval_batches=args.eval_batches, progress=args.progress))
     print()
     print(format_table(results, unigram))
+    print()
+    print(table_legend())
     print(f"\n(losses in nats/byte; unigram baseline = entropy of the validation split's "
           f"byte frequencies; total {time.perf_counter() - t0:.0f} s)")
     if args.png:

@@ -155,6 +155,8 @@ def from_gpt2_state_dict(sd: Mapping[str, Any], n_head: Optional[int] = None, co
 def load_gpt2_safetensors(path: str, n_head: Optional[int] = None, config: Any = None):
     """from_gpt2_state_dict on a local GPT-2 `model.safetensors`. Without n_head and config, a
     Hugging Face `config.json` next to the file is read when present."""
+    from ._checks import check_path
+    path = check_path("path", path)
     if config is None and n_head is None:
         cj = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
         if os.path.exists(cj):

@@ -1,14 +1,20 @@
 """The Python face of a C-owned model: Model, its parameter tree, forward outputs and traces."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
+from ._checks import (check_bool, check_int, check_optional_int, check_pair, check_path,
+                      check_real, check_seed)
 from .config import Config
+
+PICKLE_FORMAT = "stackformer-pickle/1"
+_UTF8_REPLACEMENT = "\ufffd".encode("utf-8")
 
 _TRACE_FLAGS = {
     "attention": _core.TRACE_ATTENTION,
@@ -35,7 +41,18 @@ class TraceOptions:
     layers: Optional[Sequence[int]] = None
 
     def flags(self) -> int:
+        for k in _TRACE_FLAGS:
+            check_bool(f"TraceOptions.{k}", getattr(self, k))
         return sum(f for k, f in _TRACE_FLAGS.items() if getattr(self, k))
+
+    def layer_list(self) -> Optional[List[int]]:
+        """`layers` as a list of ints (None = every layer); TypeError naming it otherwise."""
+        if self.layers is None:
+            return None
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Iterable):
+            raise TypeError(f"TraceOptions.layers must be None or a sequence of block indices, "
+                            f"got {type(self.layers).__name__}")
+        return [check_int("TraceOptions.layers[]", i) for i in self.layers]
 
 
 def _trace_options(trace: Any) -> Optional[TraceOptions]:
@@ -47,9 +64,9 @@ def _trace_options(trace: Any) -> Optional[TraceOptions]:
         return trace
     if isinstance(trace, str):
         trace = [trace]
-    if isinstance(trace, Iterable):
+    if isinstance(trace, Iterable) and not isinstance(trace, Mapping):
         kinds = list(trace)
-        bad = [k for k in kinds if k not in _TRACE_FLAGS]
+        bad = [k for k in kinds if not isinstance(k, str) or k not in _TRACE_FLAGS]
         if bad:
             raise ValueError(f"unknown trace kind(s) {bad}; choose from {sorted(_TRACE_FLAGS)}")
         return TraceOptions(**{k: (k in kinds) for k in _TRACE_FLAGS})
@@ -111,6 +128,8 @@ class Trace:
     @property
     def rms_table(self) -> Dict[str, np.ndarray]:
         """The rms summary as named columns: input, output, stream (each (L+1,))."""
+        if self.rms is None:
+            raise ValueError("no rms recorded (trace with rms=True needed)")
         return {"input": self.rms[:, 0], "output": self.rms[:, 1], "stream": self.rms[:, 2]}
 
 
@@ -156,12 +175,35 @@ class ParamTree:
         return f"<{self._prefix or 'model'}: {items}>"
 
 
-def _as_array(x: Any) -> np.ndarray:
+def _as_array(x: Any, name: str = "input", byte_level: bool = False) -> Any:
+    """bytes -> uint8 ids; str -> its UTF-8 bytes (byte-level models only); list/tuple ->
+    array (ragged or non-numeric lists refused by name). Anything else is returned as is for
+    the C binding to check."""
+    if isinstance(x, str):
+        if not byte_level:
+            raise TypeError(f"{name}: a str is read as its UTF-8 bytes, which needs a byte-level "
+                            f"model (vocab_size >= 256); pass token ids (a numpy array) instead")
+        return np.frombuffer(x.encode("utf-8"), dtype=np.uint8)
     if isinstance(x, (bytes, bytearray)):
         return np.frombuffer(bytes(x), dtype=np.uint8)
     if isinstance(x, (list, tuple)):
-        return np.asarray(x)
+        try:
+            a = np.asarray(x)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{name}: a list must be rectangular (all rows the same length): {e}") from None
+        if a.dtype.kind not in "iuf":
+            raise TypeError(f"{name}: a list must hold token ids or floats, got dtype {a.dtype}")
+        return a
     return x
+
+
+def _ids_to_text(ids: np.ndarray) -> str:
+    """Byte ids -> str (UTF-8, invalid sequences and ids >= 256 become U+FFFD)."""
+    ids = np.asarray(ids).astype(np.int64).ravel()
+    if ids.size and ids.max() >= 256:
+        return b"".join(bytes([int(i)]) if i < 256 else _UTF8_REPLACEMENT for i in ids).decode(
+            "utf-8", errors="replace")
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: Optional[int], rng) -> np.ndarray:
@@ -209,7 +251,9 @@ class Model:
     def __init__(self, config: Config, seed: int = 0):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a stackformer.Config, got {type(config).__name__}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not (0 <= int(seed) < 2**64):
+        # ValueError for a wrong type too (kept from earlier releases; tests rely on it)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) \
+                or not (0 <= int(seed) < 2**64):
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         config = dataclasses.replace(config)  # own copy, re-validated
         self.config = config
@@ -274,6 +318,10 @@ class Model:
 
     def no_decay(self, name: str) -> bool:
         """True for tensors AdamW never decays (norms, biases, AttnRes pseudo-queries/gains)."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a parameter name (str), got {type(name).__name__}")
+        if name not in self._no_decay:
+            raise KeyError(f"no parameter named {name!r}")
         return self._no_decay[name]
 
     def named_parameters(self) -> Dict[str, np.ndarray]:
@@ -290,6 +338,7 @@ class Model:
         keys (unexpected keys are always an error)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        strict = check_bool("strict", strict)
         unexpected = sorted(k for k in state_dict if k not in self._params)
         if unexpected:
             raise KeyError(f"unexpected key(s) in state_dict: {', '.join(map(str, unexpected[:10]))}")
@@ -307,6 +356,8 @@ class Model:
         and step; `extra` (JSON-able, e.g. a data RNG state) comes back as
         `Model.load(path).checkpoint_extra`."""
         from .checkpoint import save_model
+        path = check_path("path", path)
+        optimizer = check_bool("optimizer", optimizer)
         save_model(self, path, optimizer=optimizer, extra=extra)
 
     @classmethod
@@ -322,7 +373,7 @@ class Model:
         """Read a checkpoint written by save(); validates every name, shape and dtype and
         restores optimizer state when present."""
         from .checkpoint import load_model
-        return load_model(cls, path)
+        return load_model(cls, check_path("path", path))
 
     # -- forward ---------------------------------------------------------------------------------
     def __call__(self, x: Any, trace: Any = False, key_padding_mask: Optional[np.ndarray] = None,
@@ -340,20 +391,16 @@ class Model:
            the direct computation, for checking).
         Returns an Output with logits (B, T, V) float32 (or hidden_states) and trace.
         """
-        if isinstance(x, (bytes, bytearray)):
-            x = np.frombuffer(bytes(x), dtype=np.uint8)
-        elif isinstance(x, (list, tuple)):
-            x = np.asarray(x)
-            if x.dtype.kind not in "iuf":
-                raise TypeError(f"input list must hold token ids or floats, got dtype {x.dtype}")
+        x = _as_array(x, "x", self.config.vocab_size >= 256)
         opts = _trace_options(trace)
-        if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool):
-            raise TypeError("n_threads must be an int")
+        return_hidden = check_bool("return_hidden", return_hidden)
+        attnres_two_phase = check_bool("attnres_two_phase", attnres_two_phase)
+        n_threads = check_int("n_threads", n_threads, 0)
+        flags = opts.flags() if opts else 0
+        layers = opts.layer_list() if opts else None
         logits, hidden, tr = self._c.forward(
-            x, key_padding_mask, logits=not return_hidden, hidden=bool(return_hidden),
-            trace=opts.flags() if opts else 0,
-            trace_layers=None if opts is None or opts.layers is None else list(opts.layers),
-            two_phase=bool(attnres_two_phase), n_threads=int(n_threads))
+            x, key_padding_mask, logits=not return_hidden, hidden=return_hidden,
+            trace=flags, trace_layers=layers, two_phase=attnres_two_phase, n_threads=n_threads)
         trace_obj = None
         if opts is not None:
             T = (logits if logits is not None else hidden).shape[1]
@@ -377,12 +424,17 @@ class Model:
         With config.attn_dropout / resid_dropout > 0 the dropout masks are a hash of
         (dropout_seed, optimizer step, position), so runs and resumed runs repeat exactly; pass
         a different dropout_seed per micro-batch when accumulating gradients."""
-        inputs = _as_array(inputs)
-        targets = _as_array(targets)
+        byte_level = self.config.vocab_size >= 256
+        inputs = _as_array(inputs, "inputs", byte_level)
+        targets = _as_array(targets, "targets", byte_level)
+        ignore_index = check_int("ignore_index", ignore_index, -2**31, 2**31 - 1)
+        checkpoint = check_bool("checkpoint", checkpoint)
+        n_threads = check_int("n_threads", n_threads, 0)
+        dropout_seed = check_int("dropout_seed", dropout_seed)
         loss, count = self._c.forward_backward(inputs, targets, key_padding_mask,
-                                               ignore_index=int(ignore_index),
-                                               checkpoint=bool(checkpoint), n_threads=int(n_threads),
-                                               dropout_seed=int(dropout_seed) % 2**64)
+                                               ignore_index=ignore_index,
+                                               checkpoint=checkpoint, n_threads=n_threads,
+                                               dropout_seed=dropout_seed % 2**64)
         if count == 0:
             raise ValueError("every target equals ignore_index: there is nothing to learn from")
         return float(loss)
@@ -393,9 +445,13 @@ class Model:
         embeddings, none on norms, biases and AttnRes pseudo-queries/gains; global-norm
         clipping at clip_norm, <= 0 disables). Returns the gradient norm before clipping. A
         non-finite gradient raises FloatingPointError and leaves the model unchanged."""
-        b1, b2 = betas
-        norm = self._c.adamw_step(float(lr), beta1=float(b1), beta2=float(b2), eps=float(eps),
-                                  weight_decay=float(weight_decay), clip_norm=float(clip_norm))
+        lr = check_real("lr", lr)
+        b1, b2 = check_pair("betas", betas)
+        eps = check_real("eps", eps)
+        weight_decay = check_real("weight_decay", weight_decay)
+        clip_norm = check_real("clip_norm", clip_norm, finite=False)
+        norm = self._c.adamw_step(lr, beta1=b1, beta2=b2, eps=eps,
+                                  weight_decay=weight_decay, clip_norm=clip_norm)
         self.last_grad_norm = float(norm)
         return float(norm)
 
@@ -410,7 +466,10 @@ class Model:
 
     def train_memory_bytes(self, batch_size: int, seq_len: int, checkpoint: bool = False) -> int:
         """Bytes of activation workspace one training step needs."""
-        return int(self._c.train_workspace_bytes(int(batch_size), int(seq_len), bool(checkpoint)))
+        batch_size = check_int("batch_size", batch_size, 1)
+        seq_len = check_int("seq_len", seq_len, 1)
+        checkpoint = check_bool("checkpoint", checkpoint)
+        return int(self._c.train_workspace_bytes(batch_size, seq_len, checkpoint))
 
     def release_memory(self) -> None:
         """Free the activation workspaces the model keeps between calls: the training one
@@ -429,14 +488,20 @@ class Model:
                 "step": np.array(self._c.step, dtype=np.int64)}
 
     def load_optimizer_state(self, state: Dict[str, np.ndarray]) -> None:
+        """Restore what optimizer_state() returned (checked before anything is written)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from optimizer_state(), got {type(state).__name__}")
         P = self.num_params
         for k in ("adam_m", "adam_v"):
-            v = state.get(k) if isinstance(state, dict) else None
+            v = state.get(k)
             if not isinstance(v, np.ndarray) or v.shape != (P,) or v.dtype.kind != "f":
                 raise ValueError(f"optimizer state {k!r} must be a float array of shape ({P},)")
             if not np.all(np.isfinite(v)):
                 raise ValueError(f"optimizer state {k!r} contains NaN or inf")
-        step = int(np.asarray(state.get("step", 0)))
+        step = np.asarray(state.get("step", 0))
+        if step.shape != () or step.dtype.kind not in "iu":
+            raise ValueError(f"optimizer state 'step' must be an integer, got {state.get('step')!r}")
+        step = int(step)
         if step < 0:
             raise ValueError("optimizer state 'step' must be >= 0")
         np.copyto(self._c.adam_m, state["adam_m"], casting="unsafe")
@@ -445,40 +510,105 @@ class Model:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: Any, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
-        """Sample max_new_tokens after prompt ((T,) or (B, T) ids) with a key/value cache:
-        the prompt is run once, then each new token costs one position. temperature 0 is
-        greedy. Returns the prompt with the new tokens appended, same rank as the prompt."""
+                 top_k: Optional[int] = None, seed: Optional[int] = None,
+                 return_text: bool = False) -> Union[np.ndarray, str, List[str]]:
+        """Sample max_new_tokens after prompt with a key/value cache: the prompt is run once,
+        then each new token costs one position. temperature 0 is greedy; top_k keeps the k
+        most likely tokens; seed seeds the sampler (None: fresh entropy).
+
+        prompt: token ids (T,) or (B, T) (array, list or bytes), or a str (its UTF-8 bytes)
+            on a byte-level model (vocab_size >= 256).
+        Returns the prompt with the new tokens appended, as ids of the prompt's rank; with
+        return_text=True (byte-level models) the same sequence decoded from UTF-8 instead: a
+        str for one prompt, a list of str for a batch (invalid UTF-8 and ids >= 256 become
+        U+FFFD)."""
         c = self.config
+        byte_level = c.vocab_size >= 256
         if not c.causal:
             raise ValueError("generate needs a causal (decoder) model")
-        p = _as_array(prompt)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+        temperature = check_real("temperature", temperature, 0)
+        top_k = check_optional_int("top_k", top_k, 1)
+        if not isinstance(seed, np.random.Generator):
+            seed = check_seed("seed", seed)
+        return_text = check_bool("return_text", return_text)
+        if return_text and not byte_level:
+            raise ValueError(f"return_text=True decodes bytes, which needs a byte-level model "
+                             f"(vocab_size >= 256); this one has vocab_size={c.vocab_size}")
+        p = _as_array(prompt, "prompt", byte_level)
+        if not isinstance(p, np.ndarray):
+            raise TypeError(f"prompt must be token ids (array, list or bytes) or a str, got {type(p).__name__}")
         if p.dtype.kind not in "iu":
             raise TypeError(f"prompt must hold integer token ids, got dtype {p.dtype}")
         squeeze = p.ndim == 1
         p = np.atleast_2d(p).astype(np.int64)
         if p.ndim != 2 or p.shape[1] < 1:
             raise ValueError("prompt must have shape (T,) or (B, T) with T >= 1")
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be an int >= 0")
-        total = p.shape[1] + int(max_new_tokens)
+        total = p.shape[1] + max_new_tokens
         if total > c.max_seq_len:
             raise ValueError(f"prompt ({p.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len ({c.max_seq_len})")
-        if not (np.isfinite(temperature) and temperature >= 0):
-            raise ValueError("temperature must be a finite number >= 0")
-        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise ValueError("top_k must be None or an int >= 1")
         rng = np.random.default_rng(seed)
         cache = self._c.new_cache(p.shape[0], total)
         out = [p]
         logits = self._c.forward(p, cache=cache)[0][:, -1, :]
-        for step in range(int(max_new_tokens)):
+        for step in range(max_new_tokens):
             nxt = _sample(logits, temperature, top_k, rng)
             out.append(nxt[:, None])
             if step + 1 < max_new_tokens:
                 logits = self._c.forward(nxt[:, None], cache=cache)[0][:, -1, :]
         seq = np.concatenate(out, axis=1)
+        if return_text:
+            texts = [_ids_to_text(row) for row in seq]
+            return texts[0] if squeeze else texts
         return seq[0] if squeeze else seq
+
+    # -- copies and pickling -----------------------------------------------------------------------
+    # The weights live in C, so the default copy.copy would share them (a write to the copy
+    # would change the original) and pickle cannot see them. Both copies are therefore full,
+    # independent models, and pickling stores everything a training run depends on: config,
+    # weights, gradients of the last backward pass, AdamW's moments and step (the step also
+    # keys the dropout masks), so a copy or an unpickled model continues bit for bit.
+    def _getstate(self) -> Dict[str, Any]:
+        trained = self._c.step > 0 or bool(np.any(self._c.adam_m)) or bool(np.any(self._c.adam_v))
+        state = {"format": PICKLE_FORMAT, "config": self.config.to_dict(),
+                 "params": self._flat.copy(), "step": int(self._c.step),
+                 "last_grad_norm": self.last_grad_norm,
+                 "checkpoint_extra": copy.deepcopy(self.checkpoint_extra)}
+        if np.any(self._flat_grads):
+            state["grads"] = self._flat_grads.copy()
+        if trained:  # a fresh model's moments are all zeros: not stored
+            state["adam_m"] = self._c.adam_m.copy()
+            state["adam_v"] = self._c.adam_v.copy()
+        return state
+
+    @classmethod
+    def _from_state(cls, state: Dict[str, Any]) -> "Model":
+        if not isinstance(state, dict) or state.get("format") != PICKLE_FORMAT:
+            raise ValueError(f"not a pickled stackformer model (expected format {PICKLE_FORMAT!r})")
+        model = cls(Config.from_dict(dict(state["config"])), seed=0)
+        P = model.num_params
+        for key, dst in (("params", model._flat), ("grads", model._flat_grads),
+                         ("adam_m", model._c.adam_m), ("adam_v", model._c.adam_v)):
+            if key not in state:
+                continue
+            src = np.asarray(state[key])
+            if src.shape != (P,) or src.dtype != np.float32:
+                raise ValueError(f"pickled model: {key!r} must be float32 of shape ({P},)")
+            np.copyto(dst, src)
+        model._c.step = int(state["step"])
+        model.last_grad_norm = state.get("last_grad_norm")
+        model.checkpoint_extra = state.get("checkpoint_extra")
+        return model
+
+    def __reduce__(self):
+        return (_model_from_state, (self._getstate(),))
+
+    def __copy__(self) -> "Model":
+        """A full, independent copy (same as copy.deepcopy): see the note above."""
+        return Model._from_state(self._getstate())
+
+    def __deepcopy__(self, memo: dict) -> "Model":
+        return Model._from_state(self._getstate())
 
     # -- structure ---------------------------------------------------------------------------------
     def alpha_labels(self) -> List[List[str]]:
@@ -509,3 +639,8 @@ class Model:
         return (f"Model({kind}, {c.n_layers} blocks, d_model={c.d_model}, heads={c.n_heads}/"
                 f"{c.n_kv_heads}, {c.norm_position}-{c.norm}, {c.activation}, pos={c.pos}, "
                 f"{'causal' if c.causal else 'bidirectional'}, {self.num_params:,} params)")
+
+
+def _model_from_state(state: Dict[str, Any]) -> Model:
+    """Unpickling entry point (module-level so pickle can name it)."""
+    return Model._from_state(state)

@@ -306,6 +306,10 @@ def _aggregate(sources, proj: nn.Linear, gain: Norm) -> torch.Tensor:
 
 def to_torch(model, dtype: torch.dtype = torch.float32, device=None) -> TorchModel:
     """A TorchModel with the config and weights of a stackformer.Model."""
+    from ._checks import check_model
+    check_model("model", model)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     tm = TorchModel(model.config)
     tm.load_state_dict(model.state_dict())
     return tm.to(device=device, dtype=dtype)

@@ -14,12 +14,15 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .data import IGNORE_INDEX, Corpus, mask_tokens
+from ._checks import (check_bool, check_callable, check_int, check_model, check_pair, check_real,
+                      check_str)
+from .data import IGNORE_INDEX, Corpus, DataWarning, mask_tokens
 
 __all__ = ["History", "train", "lr_schedule", "evaluate", "cross_entropy", "layer_grad_norms"]
 
@@ -32,6 +35,11 @@ def lr_schedule(step: int, lr: float, steps: int, warmup: int = 0, min_lr: float
     Linear warm-up lr*(step+1)/warmup for step < warmup, then cosine decay from lr at step
     == warmup towards min_lr at step == steps: min_lr + (lr - min_lr)(1 + cos(pi r))/2 with
     r = (step - warmup)/(steps - warmup), clamped to [0, 1]."""
+    step = check_int("step", step, 0)
+    lr = check_real("lr", lr)
+    steps = check_int("steps", steps, 1)
+    warmup = check_int("warmup", warmup, 0)
+    min_lr = check_real("min_lr", min_lr)
     if step < warmup:
         return lr * (step + 1) / warmup
     r = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -86,6 +94,9 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, ignore_index: int = I
 
 def evaluate(model, batches: List[Tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean per-token loss over (inputs, targets) batches, forward only (no gradients)."""
+    check_model("model", model)
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, (list, tuple)):
+        raise TypeError(f"batches must be a list of (inputs, targets) pairs, got {type(batches).__name__}")
     total, count = 0.0, 0
     for x, y in batches:
         s, n = cross_entropy(model(x).logits, y)
@@ -105,6 +116,7 @@ def _layer_groups(model) -> List[List[str]]:
 
 def layer_grad_norms(model, groups: Optional[List[List[str]]] = None) -> np.ndarray:
     """(n_layers,) L2 norm of the current gradients of each block's tensors (`layers.{i}.*`)."""
+    check_model("model", model)
     grads: Dict[str, np.ndarray] = model.grads
     groups = _layer_groups(model) if groups is None else groups
     out = np.empty(len(groups))
@@ -162,20 +174,48 @@ def train(model, data, steps: int = 1000, batch_size: int = 16, lr: float = 3e-3
     checkpoint: activation checkpointing (less memory, more compute, same numbers).
     progress: tqdm bar or periodic lines on stderr; False prints nothing.
     callback(history): called after every step; returning True stops training early.
+
+    Warns (stackformer.DataWarning) when the validation loss would mislead: str/bytes data
+    whose validation split is tiny or repeats the training text (see Corpus.data_problems),
+    or a validation split too short for one window of seq_len + 1 tokens (no validation).
     """
-    corpus = data if isinstance(data, Corpus) else Corpus(data)
+    check_model("model", model)
+    if isinstance(data, Corpus):
+        corpus = data
+    else:
+        with warnings.catch_warnings():   # re-issued below, pointing at the caller's line
+            warnings.simplefilter("ignore", DataWarning)
+            corpus = Corpus(data)
+        for problem in corpus.data_problems():
+            warnings.warn(problem, DataWarning, stacklevel=2)
     cfg = model.config
-    T = cfg.max_seq_len if seq_len is None else int(seq_len)
+    T = cfg.max_seq_len if seq_len is None else check_int("seq_len", seq_len)
     if not 1 <= T <= cfg.max_seq_len:
         raise ValueError(f"seq_len must be in [1, max_seq_len={cfg.max_seq_len}], got {T}")
     if cfg.vocab_size < 256:
         raise ValueError(f"byte-level data needs vocab_size >= 256, got {cfg.vocab_size}")
+    steps = check_int("steps", steps)
+    batch_size = check_int("batch_size", batch_size)
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
-    warmup = max(1, steps // 20) if warmup is None else int(warmup)
-    min_lr = lr / 10 if min_lr is None else float(min_lr)
-    eval_every = max(1, steps // 10) if eval_every is None else int(eval_every)
+    lr = check_real("lr", lr)
+    warmup = max(1, steps // 20) if warmup is None else check_int("warmup", warmup, 0)
+    min_lr = lr / 10 if min_lr is None else check_real("min_lr", min_lr)
+    eval_every = max(1, steps // 10) if eval_every is None else check_int("eval_every", eval_every, 0)
+    eval_batches = check_int("eval_batches", eval_batches, 1)
+    seed = check_int("seed", seed, 0)
+    checkpoint = check_bool("checkpoint", checkpoint)
+    progress = check_bool("progress", progress)
+    check_callable("callback", callback)
+    desc = check_str("desc", desc)
+    weight_decay = check_real("weight_decay", weight_decay)
+    clip_norm = check_real("clip_norm", clip_norm, finite=False)
+    betas = check_pair("betas", betas)
     if corpus.val.size < T + 1:
+        if eval_every > 0 and corpus.val.size > 0:
+            warnings.warn(f"{corpus.name}: the validation split has {corpus.val.size} tokens, fewer "
+                          f"than one window of seq_len + 1 = {T + 1}: no validation loss will be "
+                          f"measured", DataWarning, stacklevel=2)
         eval_every = 0
 
     rng = np.random.default_rng(seed)
