@@ -38,7 +38,8 @@ typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
 #define SF_WIRINGS(X)                                   \
     X(SF_RES_PLAIN, "plain", plain)                     \
     X(SF_RES_ATTNRES_FULL, "attnres_full", attnres_full) \
-    X(SF_RES_ATTNRES_BLOCK, "attnres_block", attnres_block)
+    X(SF_RES_ATTNRES_BLOCK, "attnres_block", attnres_block) \
+    X(SF_RES_DENSEFORMER, "denseformer", denseformer)
 #define SF_WIRING_ENUM_(id, name, sym) id,
 typedef enum { SF_WIRINGS(SF_WIRING_ENUM_) SF_NUM_WIRINGS } sf_residual;
 #undef SF_WIRING_ENUM_
@@ -90,7 +91,8 @@ sf_status sf_config_validate(const sf_config *cfg, char *err, size_t errlen);
 #define SF_NAME_MAX 64
 /* Initialization (GPT-2 style): normal(0, 0.02); the residual projections (o_proj, down_proj)
  * normal(0, 0.02 / sqrt(2 n_layers)); ones (norm gains); zeros (biases, AttnRes queries). */
-typedef enum { SF_INIT_NORMAL = 0, SF_INIT_NORMAL_RESID = 1, SF_INIT_ONES = 2, SF_INIT_ZEROS = 3 } sf_init;
+typedef enum { SF_INIT_NORMAL = 0, SF_INIT_NORMAL_RESID = 1, SF_INIT_ONES = 2, SF_INIT_ZEROS = 3,
+               SF_INIT_LAST_ONE = 4 /* zeros but the last entry 1 (DenseFormer's identity DWA) */ } sf_init;
 typedef struct {
     char name[SF_NAME_MAX];  /* state_dict name, PyTorch conventions */
     int64_t offset;          /* in floats, into the flat parameter buffer */

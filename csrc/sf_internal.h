@@ -16,6 +16,7 @@ typedef struct {
     float *depth_k_w, *depth_v_w;             /* MoDA, blocks 0..n-2 */
     float *attn_res_q, *attn_res_g;           /* AttnRes pseudo-query (d) and key gain (d) */
     float *mlp_res_q, *mlp_res_g;
+    float *dwa_w;                             /* DenseFormer: block i's DWA weights (1, n_i) */
 } sf_layer_views;
 
 struct sf_model {

@@ -109,6 +109,10 @@ void sf_params_init(sf_model *m, uint64_t seed) {
         switch ((sf_init)t->init) {
         case SF_INIT_ZEROS: memset(p, 0, (size_t)t->numel * sizeof(float)); break;
         case SF_INIT_ONES: for (int64_t j = 0; j < t->numel; j++) p[j] = 1.0f; break;
+        case SF_INIT_LAST_ONE:
+            memset(p, 0, (size_t)t->numel * sizeof(float));
+            p[t->numel - 1] = 1.0f;
+            break;
         case SF_INIT_NORMAL:
         case SF_INIT_NORMAL_RESID: {
             double std = t->init == SF_INIT_NORMAL_RESID ? resid_std : 0.02;

@@ -3,6 +3,22 @@ import pytest
 
 import stackformer as sf
 
+# Every depth wiring the Config accepts, as Config overrides, with the knobs that change its
+# code path; tests that must cover all wirings loop over this one list. A new residual name
+# fails test_every_wiring_is_listed until it is added here.
+WIRINGS = {
+    "plain": {},
+    "attnres_full": dict(residual="attnres_full"),
+    "attnres_block": dict(residual="attnres_block", attnres_block_size=2),
+    "denseformer": dict(residual="denseformer"),
+    "denseformer_dilated": dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2),
+}
+# MoDA is an attention feature that combines with any wiring
+WIRINGS_AND_MODA = {**WIRINGS, "moda": dict(moda=True),
+                    "attnres_block+moda": dict(residual="attnres_block", attnres_block_size=3, moda=True),
+                    "denseformer+moda": dict(residual="denseformer", moda=True)}
+
+
 
 def small_config(**kw):
     c = dict(vocab_size=50, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)

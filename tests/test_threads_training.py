@@ -5,14 +5,11 @@ import numpy as np
 import pytest
 
 import stackformer as sf
+from conftest import WIRINGS_AND_MODA
 
-WIRINGS = {
-    "plain": {},
-    "attnres_full": dict(residual="attnres_full"),
-    "attnres_block": dict(residual="attnres_block", attnres_block_size=2),
-    "moda": dict(moda=True),
-    "block_moda_post": dict(residual="attnres_block", attnres_block_size=3, moda=True, norm_position="post"),
-}
+WIRINGS = {**WIRINGS_AND_MODA,
+           "block_moda_post": dict(residual="attnres_block", attnres_block_size=3, moda=True, norm_position="post"),
+           "denseformer_post": dict(residual="denseformer", denseformer_dilation=2, norm_position="post")}
 
 
 def _train(overrides, n_threads, checkpoint):

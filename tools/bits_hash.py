@@ -32,6 +32,9 @@ CONFIGS = {
     "moda_block2_encoder": dict(moda=True, residual="attnres_block", attnres_block_size=2, causal=False),
     "dropout_block": dict(residual="attnres_block", attnres_block_size=2, attn_dropout=0.1, resid_dropout=0.2),
     "dropout_moda": dict(moda=True, attn_dropout=0.1, resid_dropout=0.1),
+    "denseformer": dict(residual="denseformer"),
+    "denseformer_k2_p2_post_moda": dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2,
+                                        norm_position="post", moda=True),
 }
 
 

@@ -1461,7 +1461,9 @@ static void test_config_validation(void) {
     BAD(INVALID, c.bias = 2);
     BAD(INVALID, c.final_norm = 2);
     BAD(INVALID, c.tie_embeddings = 2);
-    BAD(INVALID, c.residual = 3);
+    BAD(INVALID, c.residual = SF_NUM_WIRINGS);
+    BAD(INVALID, c.denseformer_dilation = 0);
+    BAD(INVALID, c.denseformer_period = 4097);
     BAD(INVALID, c.moda = 2);
     BAD(INVALID, c.moda_depth_only = 2);
     /* floats */

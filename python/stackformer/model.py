@@ -612,12 +612,17 @@ class Model:
 
     # -- structure ---------------------------------------------------------------------------------
     def alpha_labels(self) -> List[List[str]]:
-        """Source names for each AttnRes aggregation k = 0..L (L = output):
-        Full: v0..vk; Block: b0..b{m-1} and the running partial sum b{m}^{i-1}."""
+        """Source names for each depth aggregation k = 0..L (L = output):
+        Full AttnRes: v0..vk; Block: b0..b{m-1} and the running partial sum b{m}^{i-1};
+        DenseFormer: x0 (embedding) .. x{i} (block outputs) before sublayer 2i, none before MLPs."""
         c = self.config
         L = 2 * c.n_layers
         if c.residual == "plain":
             return []
+        if c.residual == "denseformer":
+            # the DWA before sublayer k = 2i (and the head, k = L) mixes x0 = the embedding and
+            # x1..x{i} = the block outputs; the MLPs read inside their block (no sources)
+            return [[f"x{j}" for j in range(k // 2 + 1)] if k % 2 == 0 else [] for k in range(L + 1)]
         if c.residual == "attnres_full":
             return [[f"v{i}" for i in range(k + 1)] for k in range(L + 1)]
         S = c.attnres_block_size
