@@ -17,6 +17,9 @@ typedef struct {
     float *attn_res_q, *attn_res_g;           /* AttnRes pseudo-query (d) and key gain (d) */
     float *mlp_res_q, *mlp_res_g;
     float *dwa_w;                             /* DenseFormer: block i's DWA weights (1, n_i) */
+    /* Hyper-Connections, [0] the attention's, [1] the MLP's: static alpha (n, n+1), beta (n);
+     * dynamic W_alpha (d, n+1), s_alpha (1), W_beta (d), s_beta (1), the copies' norm */
+    float *hc_sa[2], *hc_sb[2], *hc_fa[2], *hc_as[2], *hc_fb[2], *hc_bs[2], *hc_nw[2], *hc_nb[2];
 } sf_layer_views;
 
 struct sf_model {

@@ -113,6 +113,15 @@ void sf_params_init(sf_model *m, uint64_t seed) {
             memset(p, 0, (size_t)t->numel * sizeof(float));
             p[t->numel - 1] = 1.0f;
             break;
+        case SF_INIT_HC_ALPHA_ATTN:
+        case SF_INIT_HC_ALPHA_MLP: { /* (n, n+1): column 0 = e_{k mod n}, columns 1..n = I */
+            const int64_t n = t->shape[0], k = 2 * (int64_t)t->layer + (t->init == SF_INIT_HC_ALPHA_MLP);
+            memset(p, 0, (size_t)t->numel * sizeof(float));
+            p[(k % n) * (n + 1)] = 1.0f;
+            for (int64_t j = 0; j < n; j++) p[j * (n + 1) + 1 + j] = 1.0f;
+            break;
+        }
+        case SF_INIT_HC_SCALE: p[0] = 0.01f; break;
         case SF_INIT_NORMAL:
         case SF_INIT_NORMAL_RESID: {
             double std = t->init == SF_INIT_NORMAL_RESID ? resid_std : 0.02;

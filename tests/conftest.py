@@ -12,11 +12,14 @@ WIRINGS = {
     "attnres_block": dict(residual="attnres_block", attnres_block_size=2),
     "denseformer": dict(residual="denseformer"),
     "denseformer_dilated": dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2),
+    "hyper_connections": dict(residual="hyper_connections"),
+    "hyper_connections_static": dict(residual="hyper_connections", hc_dynamic=False, hc_expansion=2),
 }
 # MoDA is an attention feature that combines with any wiring
 WIRINGS_AND_MODA = {**WIRINGS, "moda": dict(moda=True),
                     "attnres_block+moda": dict(residual="attnres_block", attnres_block_size=3, moda=True),
-                    "denseformer+moda": dict(residual="denseformer", moda=True)}
+                    "denseformer+moda": dict(residual="denseformer", moda=True),
+                    "hyper_connections+moda": dict(residual="hyper_connections", moda=True)}
 
 
 

@@ -35,6 +35,9 @@ CONFIGS = {
     "denseformer": dict(residual="denseformer"),
     "denseformer_k2_p2_post_moda": dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2,
                                         norm_position="post", moda=True),
+    "hyper_connections": dict(residual="hyper_connections"),
+    "hyper_static_n2_post_rms_moda": dict(residual="hyper_connections", hc_dynamic=False, hc_expansion=2,
+                                          norm_position="post", norm="rmsnorm", moda=True),
 }
 
 

@@ -614,11 +614,15 @@ class Model:
     def alpha_labels(self) -> List[List[str]]:
         """Source names for each depth aggregation k = 0..L (L = output):
         Full AttnRes: v0..vk; Block: b0..b{m-1} and the running partial sum b{m}^{i-1};
-        DenseFormer: x0 (embedding) .. x{i} (block outputs) before sublayer 2i, none before MLPs."""
+        DenseFormer: x0 (embedding) .. x{i} (block outputs) before sublayer 2i, none before MLPs;
+        Hyper-Connections: the copies h1..hn every sublayer reads from."""
         c = self.config
         L = 2 * c.n_layers
         if c.residual == "plain":
             return []
+        if c.residual == "hyper_connections":
+            # every sublayer reads a mix of the n copies of the stream (the head: their sum)
+            return [[f"h{j + 1}" for j in range(c.hc_expansion)] for _ in range(L)] + [[]]
         if c.residual == "denseformer":
             # the DWA before sublayer k = 2i (and the head, k = L) mixes x0 = the embedding and
             # x1..x{i} = the block outputs; the MLPs read inside their block (no sources)
