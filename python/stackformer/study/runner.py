@@ -249,6 +249,31 @@ def _worker_main(wid: int, task_q, msg_q, threads: int, barrier, parent_pid: int
             msg_q.put(("error", wid, task.get("key"), traceback.format_exc()))
 
 
+class _main_hidden:
+    """Start spawn workers without them re-importing the caller's main module: spawn normally
+    re-runs the main script in each child, which re-runs a study written without an
+    `if __name__ == "__main__":` guard. The workers need nothing from it (their target lives
+    here), so its __file__ and __spec__ are hidden while they start."""
+
+    def __enter__(self):
+        self.main = sys.modules.get("__main__")
+        self.saved = {}
+        if self.main is not None:
+            for k in ("__file__", "__spec__"):
+                if k in vars(self.main):
+                    self.saved[k] = vars(self.main)[k]
+            self.main.__spec__ = None
+            vars(self.main).pop("__file__", None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.main is not None:
+            for k, v in self.saved.items():
+                setattr(self.main, k, v)
+            if "__spec__" not in self.saved:
+                vars(self.main).pop("__spec__", None)
+
+
 class _Pool:
     """n spawn workers, each with its own task queue (it holds at most one task, so a stopped
     study leaves no queued work behind) and one shared message queue."""
@@ -262,8 +287,9 @@ class _Pool:
         self.procs = [ctx.Process(target=_worker_main, daemon=True, name=f"stackformer-study-{i}",
                                   args=(i, self.task_qs[i], self.msg_q, threads, self.barrier, os.getpid()))
                       for i in range(n)]
-        for p in self.procs:
-            p.start()
+        with _main_hidden():
+            for p in self.procs:
+                p.start()
 
     def send(self, wid: int, task: Dict[str, Any]) -> None:
         self.task_qs[wid].put(task)
