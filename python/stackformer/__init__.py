@@ -24,10 +24,11 @@ from .model import Model, Output, ParamTree, Trace, TraceOptions
 from . import data
 from .data import Corpus, default_corpus
 from .train import History, lr_schedule, train
+from . import study
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "Model", "Output", "ParamTree", "Trace", "TraceOptions",
            "set_num_threads", "get_num_threads", "matmul_kernel", "use_blas", "use_builtin_matmul", "blas_info",
            "__version__",
-           "data", "Corpus", "default_corpus", "History", "lr_schedule", "train"]
+           "data", "Corpus", "default_corpus", "History", "lr_schedule", "train", "study"]

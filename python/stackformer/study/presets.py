@@ -71,6 +71,25 @@ def _fmt_s(s: float) -> str:
     return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
 
 
+def main_rows(block_size: int = 4) -> List[Tuple[str, str, Dict]]:
+    """(stack name, row label, Config overrides) of the main job's wirings, in order."""
+    return [("plain", "plain", {}), ("attnres_full", "attnres_full", FULL),
+            ("attnres_block", f"attnres_block(S={block_size})",
+             {"residual": "attnres_block", "attnres_block_size": block_size}),
+            ("moda", "moda", {"moda": True})] + [(n, n, o) for n, o in COMPETITORS]
+
+
+def quick_version(spec: StudySpec) -> StudySpec:
+    """The same grid (wirings, depths, lrs) at smoke-test sizes: width 32, 20 steps of 4 x 32
+    tokens, 2 seeds, a 200 KB corpus. Seconds, and the numbers mean nothing."""
+    import dataclasses
+    q = dataclasses.replace(spec, widths=(32,), head_dim=16, steps=20, batch_size=4, seq_len=32,
+                            seeds=2, eval_batches=2, final_eval_batches=2, eval_every=10,
+                            corpus_max_bytes=200_000, name=spec.name + "-quick")
+    q.expected_runtime = f"about {_fmt_s(estimate_seconds(q))} on 2 cores (approximate)"
+    return q
+
+
 def main_job(scale: float = 1.0) -> StudySpec:
     """`python -m stackformer`: plain vs Full/Block AttnRes vs MoDA (and the competitor wirings
     once Config has them), parameter-matched, 4 seeds."""
