@@ -129,7 +129,7 @@ def _mean_str(ci: Interval) -> str:
 
 def _gflop(f: float) -> str:
     g = f / 1e9
-    return f"{g:,.0f}" if g >= 100 else f"{g:.3g}"
+    return f"{g:,.0f}" if g >= 100 else f"{g:.1f}" if g >= 1 else f"{g:.3f}"
 
 
 def _seeds_str(seeds: List[int]) -> str:
