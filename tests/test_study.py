@@ -302,7 +302,7 @@ def _stored(db):
         con.close()
 
 
-@pytest.mark.parametrize("sig,workers", [(signal.SIGKILL, 2), (signal.SIGINT, 1)])
+@pytest.mark.parametrize("sig,workers", [(signal.SIGKILL, 2), (signal.SIGINT, 2)])
 def test_killed_study_resumes_without_losing_or_repeating_runs(tmp_path, sig, workers):
     script = str(tmp_path / "s.py")
     open(script, "w").write(SCRIPT)

@@ -97,7 +97,7 @@ def main_job(scale: float = 1.0) -> StudySpec:
             ("moda", {"moda": True})] + COMPETITORS
     return _spec("main", rows, scale, "the main job: does a depth wiring beat the plain residual "
                  "stack at equal parameters, data and steps?", depths=(6,), widths=(64,), seeds=4,
-                 steps=300, batch_size=16, seq_len=64, corpus_max_bytes=2_000_000)
+                 steps=250, batch_size=16, seq_len=64, corpus_max_bytes=2_000_000)
 
 
 def quick(scale: float = 1.0) -> StudySpec:
