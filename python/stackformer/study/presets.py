@@ -24,9 +24,9 @@ COMPETITORS = [
 ]
 
 # Single-core training throughput this estimate assumes (FLOP/s, measured roughly on the
-# project's 2-core VM at d_model 64: ~45-50 GFLOP/s per core with the AVX2 tiles), and the fixed
+# project's 2-core VM at d_model 64: 38-48 GFLOP/s for one run alone on one core, less with two side by side), and the fixed
 # cost of a run (model build, evaluation, traces, storing).
-_FLOPS_PER_CORE = 40e9
+_FLOPS_PER_CORE = 35e9
 _RUN_OVERHEAD_S = 1.0
 
 
