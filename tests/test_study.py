@@ -241,6 +241,20 @@ def test_report_with_and_without_matplotlib(tiny_study, monkeypatch):
     assert "unigram baseline" in summary
 
 
+def test_diverged_runs_are_stored_and_left_out_of_intervals(tmp_path):
+    spec = tiny_spec(wirings={"plain": {}, "full": {"residual": "attnres_full"}}, lrs=(3e-3, 1e3))
+    res = study.run(spec, str(tmp_path / "d"), workers=1, progress=False, png=report.have_matplotlib(),
+                    verbose=False, print_report=False)
+    rows = study.load(str(tmp_path / "d"))
+    rows = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    bad = [r for r in rows if r["lr"] == 1e3]
+    assert len(bad) == 4 and any(r["diverged"] == 1 for r in bad)
+    assert all(r["final_val_loss"] is None or not np.isfinite(r["final_val_loss"]) for r in rows if r["diverged"])
+    assert all(r["diverged"] == 0 and np.isfinite(r["final_val_loss"]) for r in rows if r["lr"] == 3e-3)
+    assert "diverged)" in res.summary and "best lr per wiring" in res.summary
+    assert "lr 0.003" in res.summary.split("best lr per wiring")[1]   # the finite lr wins
+
+
 def test_progress_bar(capsys):
     bar = StudyProgress("s", 4, 1, {"a": 1.0, "b": 1.0, "c": 1.0}, enabled=True)
     bar.step(0, "a", "plain s0", 5, 10, 2.5)
@@ -307,7 +321,7 @@ def test_killed_study_resumes_without_losing_or_repeating_runs(tmp_path, sig, wo
     script = str(tmp_path / "s.py")
     open(script, "w").write(SCRIPT)
     path = str(tmp_path / "study")
-    rc, out, err, db = _start_and_stop(script, path, workers, sig, steps=60)
+    rc, out, err, db = _start_and_stop(script, path, workers, sig, steps=100)
     before = _stored(db)
     if rc == 0:   # the machine was fast enough to finish first: nothing to resume
         pytest.skip("study finished before the signal arrived")
@@ -316,12 +330,12 @@ def test_killed_study_resumes_without_losing_or_repeating_runs(tmp_path, sig, wo
         assert "interrupted" in err and "KeyboardInterrupt" in err
     time.sleep(0.3)
     assert _stored(db) == before        # no worker outlived the study and wrote afterwards
-    r = subprocess.run([sys.executable, script, path, "1", "60"], capture_output=True, text=True, timeout=180)
+    r = subprocess.run([sys.executable, script, path, "1", "100"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert f"RAN {12 - len(before)} TOTAL 12" in r.stdout   # only the missing runs ran
     after = _stored(db)
     assert len(after) == 12 and all(after[k] == v for k, v in before.items())   # none lost, none redone
-    r = subprocess.run([sys.executable, script, path, "1", "60"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, script, path, "1", "100"], capture_output=True, text=True, timeout=60)
     assert "RAN 0 TOTAL 12" in r.stdout
 
 
