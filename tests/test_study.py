@@ -242,7 +242,8 @@ def test_report_with_and_without_matplotlib(tiny_study, monkeypatch):
 
 
 def test_diverged_runs_are_stored_and_left_out_of_intervals(tmp_path):
-    spec = tiny_spec(wirings={"plain": {}, "full": {"residual": "attnres_full"}}, lrs=(3e-3, 1e3))
+    spec = tiny_spec(wirings={"plain": {}, "full": {"residual": "attnres_full"}}, lrs=(3e-3, 1e3), steps=8,
+                     eval_every=None, final_eval_batches=1)
     res = study.run(spec, str(tmp_path / "d"), workers=1, progress=False, png=report.have_matplotlib(),
                     verbose=False, print_report=False)
     rows = study.load(str(tmp_path / "d"))
