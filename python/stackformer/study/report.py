@@ -242,14 +242,14 @@ def _markdown(d: _Data, figures: List[str], png_note: str) -> str:
     for g in d.groups:
         depth, width, lr = g
         md += [f"## depth {depth}, width {width}, lr {lr:g}", "",
-               "| wiring | blocks | params | d_ff | train GFLOP | depth reads/token | seeds | final val loss (mean ± 95% CI) "
+               "| wiring | blocks | params | d_ff | steps | train GFLOP | depth reads/token | seeds | final val loss (mean ± 95% CI) "
                "| paired diff vs baseline [95% CI] | verdict | grad spread |",
-               "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+               "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
         for r in _group_rows(d, g):
             fl = f"{r.get('flops', 0) / 1e9:,.1f}" + ("" if r.get("exact", True) else " (approx.)")
             gs = f"{r['grad_spread']:.2f}" if math.isfinite(r["grad_spread"]) else "-"
             verd = r["verdict"] + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
-            md.append(f"| `{r['wiring']}` | {r.get('n_layers', '')} | {r.get('params', 0):,} | {r.get('d_ff', '')} | {fl} "
+            md.append(f"| `{r['wiring']}` | {r.get('n_layers', '')} | {r.get('params', 0):,} | {r.get('d_ff', '')} | {r.get('steps', '')} | {fl} "
                       f"| {r.get('reads', 0)} | {_seeds_str(r['seeds'])} | {_mean_str(r['ci'])} "
                       f"| {'-' if r['diff'] is None else _ci_str(r['diff'])} | {verd} | {gs} |")
         md.append("")
