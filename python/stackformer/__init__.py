@@ -26,6 +26,7 @@ from .model import Model, Output, ParamTree, Trace, TraceOptions
 from . import data
 from .data import Corpus, DataWarning, default_corpus
 from .train import History, lr_schedule, train
+from . import study
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,4 @@ def set_num_threads(n: int) -> None:
 __all__ = ["Config", "Model", "Output", "ParamTree", "Trace", "TraceOptions",
            "set_num_threads", "get_num_threads", "matmul_kernel", "use_blas", "use_builtin_matmul", "blas_info",
            "__version__",
-           "data", "Corpus", "DataWarning", "default_corpus", "History", "lr_schedule", "train"]
+           "data", "Corpus", "DataWarning", "default_corpus", "History", "lr_schedule", "train", "study"]
