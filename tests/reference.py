@@ -6,10 +6,16 @@ Every function works on float64 arrays; parameters of any float dtype are cast o
 
 Public interface
 ----------------
-Config                        a dataclass with the same fields/defaults as ``stackformer.Config``
-param_shapes(cfg)             name -> shape, in DEVELOPERS.md table order
+Config                        a dataclass with the same fields/defaults as ``stackformer.Config``,
+                              plus the competitor wirings' knobs (docs/WIRINGS.md)
+param_shapes(cfg)             name -> shape, in DEVELOPERS.md table order (new wirings: the order
+                              proposed in docs/WIRINGS.md)
 init_params(cfg, rng)         name -> float64 array, random and non-trivial everywhere
+wiring_init(cfg, name, shape) the papers' init of a DenseFormer / HC / mHC tensor (else None)
 forward(cfg, params, ...)     logits plus every trace the C model exposes
+loss(cfg, params, tok, tgt)   mean cross-entropy of forward's logits
+WIRINGS                       residual name -> the wiring's function (wiring_plain, ...)
+sinkhorn_knopp(logits, t)     mHC's projection onto (approximately) doubly stochastic matrices
 moda_attention(...)           the attention op (plain attention when there are no depth slots)
 moda_visibility(...)          the boolean mask that op uses (exposed for op-level tests)
 

@@ -10,6 +10,10 @@ order, so weights move both ways unchanged:
 Importing this module needs PyTorch; nothing else in stackformer does. It is also the readable
 reference of the math: MoDA is written as one softmax over [sequence | depth] key columns with a
 boolean mask, and Attention Residuals use the direct computation (no two-phase schedule).
+
+Each depth wiring is one class in ``WIRINGS`` (keyed by ``Config.residual``): plain, Attention
+Residuals, and the competitor wirings DenseFormer, Hyper-Connections and mHC (docs/WIRINGS.md;
+stackformer.Config does not accept their names yet, so only the tests build them for now).
 """
 from __future__ import annotations
 
