@@ -6,10 +6,16 @@ Every function works on float64 arrays; parameters of any float dtype are cast o
 
 Public interface
 ----------------
-Config                        a dataclass with the same fields/defaults as ``stackformer.Config``
-param_shapes(cfg)             name -> shape, in DEVELOPERS.md table order
+Config                        a dataclass with the same fields/defaults as ``stackformer.Config``,
+                              plus the competitor wirings' knobs (docs/WIRINGS.md)
+param_shapes(cfg)             name -> shape, in DEVELOPERS.md table order (new wirings: the order
+                              proposed in docs/WIRINGS.md)
 init_params(cfg, rng)         name -> float64 array, random and non-trivial everywhere
+wiring_init(cfg, name, shape) the papers' init of a DenseFormer / HC / mHC tensor (else None)
 forward(cfg, params, ...)     logits plus every trace the C model exposes
+loss(cfg, params, tok, tgt)   mean cross-entropy of forward's logits
+WIRINGS                       residual name -> the wiring's function (wiring_plain, ...)
+sinkhorn_knopp(logits, t)     mHC's projection onto (approximately) doubly stochastic matrices
 moda_attention(...)           the attention op (plain attention when there are no depth slots)
 moda_visibility(...)          the boolean mask that op uses (exposed for op-level tests)
 
@@ -51,12 +57,22 @@ class Config:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    residual: str = "plain"  # plain | attnres_full | attnres_block
+    residual: str = "plain"  # plain | attnres_full | attnres_block | denseformer | hyper_connections | mhc
     attnres_block_size: int = 4
     attnres_eps: float = 1e-6
     moda: bool = False
     moda_chunk: int = 1
     moda_depth_only: bool = False
+    # The competitor wirings (docs/WIRINGS.md); stackformer.Config does not know these yet.
+    denseformer_dilation: int = 1  # k: DWA after block i averages X_j with j = i+1 (mod k)
+    denseformer_period: int = 1  # p: a DWA only after blocks i with (i+1) % p == 0
+    hc_expansion: int = 4  # n copies of the residual stream (hyper_connections and mhc)
+    hc_dynamic: bool = False  # hyper_connections: input-dependent (tanh) connection weights
+    mhc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations t_max (paper: 20)
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -66,6 +82,9 @@ class Config:
         assert self.d_model % self.n_heads == 0
         assert self.n_heads % self.n_kv_heads == 0
         assert self.moda_chunk >= 1 and self.attnres_block_size >= 1
+        assert self.denseformer_dilation >= 1 and self.denseformer_period >= 1
+        assert self.hc_expansion >= (2 if self.residual == "mhc" else 1)
+        assert self.mhc_sinkhorn_iters >= 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +94,56 @@ class Config:
 
 def _is_attnres(cfg) -> bool:
     return cfg.residual in ("attnres_full", "attnres_block")
+
+
+_KNOB_DEFAULTS = dict(denseformer_dilation=1, denseformer_period=1, hc_expansion=4,
+                      hc_dynamic=False, mhc_sinkhorn_iters=20)
+
+
+def knob(cfg, name):
+    """A competitor-wiring knob; configs that predate it (stackformer.Config) get the default."""
+    return getattr(cfg, name, _KNOB_DEFAULTS[name])
+
+
+def dwa_sources(i, k):
+    """Indices j of the representations X_j (X_0 = embedding, X_{j} = output of block j-1) that
+    the DWA after block i (0-based; the paper's depth i+1) averages, ascending:
+    {j <= i+1 : j = i+1 (mod k)} (DenseFormer Sec. 3.2, dilation k)."""
+    return list(range((i + 1) % k, i + 2, k))
+
+
+def has_dwa(i, p):
+    """DenseFormer period p: a DWA follows block i iff (i+1) % p == 0 (Sec. 3.2)."""
+    return (i + 1) % p == 0
+
+
+def wiring_layer_shapes(cfg, i) -> dict:
+    """The competitor wirings' tensors of block i (after the block's other tensors)."""
+    d, shapes = cfg.d_model, {}
+    p = f"layers.{i}."
+    if cfg.residual == "denseformer":
+        if has_dwa(i, knob(cfg, "denseformer_period")):
+            shapes[p + "dwa.weight"] = (1, len(dwa_sources(i, knob(cfg, "denseformer_dilation"))))
+    elif cfg.residual == "hyper_connections":
+        E = knob(cfg, "hc_expansion")
+        for s in ("attn", "mlp"):
+            q = f"{p}{s}_hc."
+            shapes[q + "alpha.weight"] = (E, E + 1)  # static [A_m | A_r]
+            shapes[q + "beta.weight"] = (E,)  # static B
+            if knob(cfg, "hc_dynamic"):
+                shapes[q + "norm.weight"] = (d,)
+                if cfg.norm == "layernorm" and cfg.bias:
+                    shapes[q + "norm.bias"] = (d,)
+                shapes[q + "proj.weight"] = (E + 2, d)  # rows [W_m | W_r (E) | W_beta]
+                shapes[q + "scale.weight"] = (2,)  # [s_alpha, s_beta]
+    elif cfg.residual == "mhc":
+        E = knob(cfg, "hc_expansion")
+        for s in ("attn", "mlp"):
+            q = f"{p}{s}_mhc."
+            shapes[q + "proj.weight"] = (E * E + 2 * E, E * d)  # [phi_pre | phi_post | phi_res]^T
+            shapes[q + "base.weight"] = (E * E + 2 * E,)  # [b_pre | b_post | b_res row-major]
+            shapes[q + "scale.weight"] = (3,)  # [alpha_pre, alpha_post, alpha_res]
+    return shapes
 
 
 def param_shapes(cfg) -> dict:
@@ -118,6 +187,7 @@ def param_shapes(cfg) -> dict:
             shapes[p + "attn_res_norm.weight"] = (d,)
             shapes[p + "mlp_res_proj.weight"] = (1, d)
             shapes[p + "mlp_res_norm.weight"] = (d,)
+        shapes.update(wiring_layer_shapes(cfg, i))
     if _is_attnres(cfg):
         shapes["output_res_proj.weight"] = (1, d)
         shapes["output_res_norm.weight"] = (d,)
@@ -145,7 +215,14 @@ def init_params(cfg, rng, weight_std=None) -> dict:
     params = {}
     for name, shape in param_shapes(cfg).items():
         z = rng.standard_normal(shape)
-        if name.endswith("_res_proj.weight"):  # AttnRes pseudo-query w_k
+        w0 = wiring_init(cfg, name, shape)
+        if w0 is not None and name.endswith("scale.weight"):  # HC s_alpha, s_beta / mHC alphas
+            val = 0.5 + 0.1 * z  # the papers' 0.01 would make the dynamic terms invisible
+        elif w0 is not None and name.endswith("proj.weight"):  # HC W / mHC phi: papers' init 0
+            val = z / math.sqrt(shape[1])
+        elif w0 is not None:  # DWA weights, HC static alpha/beta, mHC biases: the init perturbed
+            val = w0 + (0.5 if name.endswith("base.weight") else 0.3) * z
+        elif name.endswith("_res_proj.weight"):  # AttnRes pseudo-query w_k
             val = 0.25 * z
         elif name.endswith("_res_norm.weight"):  # AttnRes key-norm gain g_k
             val = 1.0 + 0.1 * z
@@ -160,6 +237,56 @@ def init_params(cfg, rng, weight_std=None) -> dict:
             val = std * z
         params[name] = val.astype(np.float64)
     return params
+
+
+def wiring_init(cfg, name, shape):
+    """The papers' init of a competitor-wiring tensor (None for every other tensor, including
+    the dynamic HC norm, which starts like every norm: weight 1, bias 0).  Each makes the model
+    start as the plain pre-norm stack (docs/WIRINGS.md, "identity at init"):
+
+    DenseFormer DWA (Sec. 3.1; epfml/DenseFormer denseformer/denseformer.py _init_weights):
+        alpha_{i,j} = 1 for the newest representation j = i+1, 0 for all others.
+    Hyper-Connections (Sec. 2.3, Appendix J): sublayer k (= 2i attention, 2i+1 MLP) has
+        A_m = e_{k mod n}, A_r = I_n, B = 1_n, dynamic W = 0, s_alpha = s_beta = 0.01.
+    mHC (Sec. 4.2; alpha = 0.01 from its hyper-parameter table; the biases are our choice, see
+        docs/WIRINGS.md): phi = 0, alpha_pre = alpha_post = alpha_res = 0.01,
+        b_pre = -log(n-1) (H_pre = 1/n each, sums to 1), b_post = 0 (H_post = 1), b_res = 0
+        (H_res = the uniform doubly stochastic matrix).
+    """
+    parts = name.split(".")
+    if len(parts) < 4 or parts[0] != "layers":
+        return None
+    i, site, what = int(parts[1]), parts[2], ".".join(parts[3:])
+    if site == "dwa" and what == "weight":
+        w = np.zeros(shape)
+        w[0, -1] = 1.0
+        return w
+    if site in ("attn_hc", "mlp_hc"):
+        E = knob(cfg, "hc_expansion")
+        k = 2 * i + (site == "mlp_hc")
+        if what == "alpha.weight":
+            a = np.zeros((E, E + 1))
+            a[k % E, 0] = 1.0
+            a[:, 1:] = np.eye(E)
+            return a
+        if what == "beta.weight":
+            return np.ones(E)
+        if what == "proj.weight":
+            return np.zeros(shape)
+        if what == "scale.weight":
+            return np.full(2, 0.01)
+        return None  # norm.weight / norm.bias
+    if site in ("attn_mhc", "mlp_mhc"):
+        E = knob(cfg, "hc_expansion")
+        if what == "proj.weight":
+            return np.zeros(shape)
+        if what == "base.weight":
+            b = np.zeros(E * E + 2 * E)
+            b[:E] = -math.log(E - 1)
+            return b
+        if what == "scale.weight":
+            return np.full(3, 0.01)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +608,259 @@ def n_attnres_sources(k, S):
 
 
 # --------------------------------------------------------------------------------------------
+# The stack and its wirings: one function per wiring
+# --------------------------------------------------------------------------------------------
+#
+# A wiring decides what each sublayer reads and what its output does to the state; the stack
+# (_Stack) runs the sublayers themselves.  Sublayer k = 0 .. L-1: k = 2i is block i's attention,
+# k = 2i+1 its MLP.  Every wiring function takes (cfg, S, x0) and returns (x, extra): x (B,T,d)
+# the stream before the final norm, extra a dict of wiring traces ("alpha" for AttnRes,
+# "wiring" for the competitor wirings).  The wirings fill S.hidden / S.attn_out / S.mlp_out.
+
+
+class _Stack:
+    """The sublayers of one forward call: runs F_k, keeps MoDA's depth slots and the traces."""
+
+    def __init__(self, M, key_padding_mask):
+        self.M, self.cfg, self.kpm = M, M.cfg, key_padding_mask
+        self.pre = M.cfg.norm_position == "pre"
+        assert M.cfg.norm_position in ("pre", "post")
+        self.depth = []  # MoDA depth slots [attn_0, ffn_0, attn_1, ...], each (k, v) or None
+        self.attention, self.hidden, self.attn_out, self.mlp_out = [], [], [], []
+
+    def norm_name(self, k):
+        return f"layers.{k // 2}.attn_norm" if k % 2 == 0 else f"layers.{k // 2}.mlp_norm"
+
+    def norm(self, k, x):
+        """Norm_k: block k//2's attn_norm (k even) or mlp_norm (k odd)."""
+        return self.M.norm(self.norm_name(k), x)
+
+    def F(self, k, u):
+        """Sublayer k's function on its input u (as it sees it, i.e. already normed in pre-norm);
+        records the attention probabilities and appends the sublayer's MoDA depth slot."""
+        i = k // 2
+        if k % 2 == 0:
+            out, probs, slot = self.M.attention(i, u, self.depth, self.kpm)
+            self.attention.append(probs)
+        else:
+            out, slot = self.M.mlp(i, u)
+        self.depth.append(slot)
+        return out
+
+    def branch(self, k, h):
+        """Sublayer k as a branch off a wiring's state (AttnRes, Hyper-Connections, mHC):
+        pre-norm F_k(Norm_k(h)); post-norm Norm_k(F_k(h)) (no single residual add to put the norm
+        after, so post-norm moves the sublayer's norm to its output, as DEVELOPERS.md says for
+        AttnRes).  Records the output as attn_out / mlp_out."""
+        out = self.F(k, self.norm(k, h) if self.pre else h)
+        out = out if self.pre else self.norm(k, out)
+        (self.attn_out if k % 2 == 0 else self.mlp_out).append(out)
+        return out
+
+    def block(self, i, x):
+        """Block i of the plain residual stack on stream x (DEVELOPERS.md "Blocks, plain"):
+        pre-norm  a = Attn(Norm_attn(x)); x = x + a; m = MLP(Norm_mlp(x)); x = x + m
+        post-norm a = Attn(x); x = Norm_attn(x + a); m = MLP(x); x = Norm_mlp(x + m)."""
+        if self.pre:
+            a = self.F(2 * i, self.norm(2 * i, x))
+            x = x + a
+            m = self.F(2 * i + 1, self.norm(2 * i + 1, x))
+            x = x + m
+        else:
+            a = self.F(2 * i, x)
+            x = self.norm(2 * i, x + a)
+            m = self.F(2 * i + 1, x)  # the MLP sees x itself
+            x = self.norm(2 * i + 1, x + m)
+        self.attn_out.append(a)
+        self.mlp_out.append(m)
+        return x
+
+
+def wiring_plain(cfg, S, x0):
+    """residual="plain": hidden[i] = the stream entering block i, hidden[n] = after the last."""
+    x = x0
+    for i in range(cfg.n_layers):
+        S.hidden.append(x)
+        x = S.block(i, x)
+    S.hidden.append(x)
+    return x, {}
+
+
+def wiring_attnres(cfg, S, x0):
+    """residual="attnres_full" / "attnres_block" (DEVELOPERS.md "Attention Residuals"):
+    h_k = sum_i alpha_i v_i over sublayer k's sources, v_{k+1} = branch_k(h_k); the output is one
+    more aggregation.  hidden[i] = h_{2i}, hidden[n] = the output aggregation."""
+    M = S.M
+    Sb = cfg.attnres_block_size if cfg.residual == "attnres_block" else 1
+    L = 2 * cfg.n_layers
+    v = [x0]  # v_0 = embedding (incl. P); v_{k+1} = output of sublayer k
+    alpha = []
+    for k in range(L):
+        pfx = f"layers.{k // 2}.attn" if k % 2 == 0 else f"layers.{k // 2}.mlp"
+        srcs = attnres_sources(v, k, cfg.residual, Sb)
+        h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
+                                  M.p[pfx + "_res_norm.weight"], cfg.attnres_eps)
+        alpha.append(al)
+        if k % 2 == 0:
+            S.hidden.append(h)
+        v.append(S.branch(k, h))
+    srcs = attnres_sources(v, L, cfg.residual, Sb)
+    x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
+                              M.p["output_res_norm.weight"], cfg.attnres_eps)
+    alpha.append(al)
+    S.hidden.append(x)
+    return x, {"alpha": alpha}
+
+
+def wiring_denseformer(cfg, S, x0):
+    """residual="denseformer" (Pagliardini et al. 2024, Sec. 3.1-3.2; epfml/DenseFormer).
+
+    X_0 = x0 (embedding incl. P), Y_0 = X_0.  Block i (0-based, the paper's B_{i+1}) is the plain
+    block: X_{i+1} = Block_i(Y_i).  If (i+1) % p == 0 a DWA follows:
+        Y_{i+1} = sum_{j in J_i} alpha_{i,j} X_j,  J_i = {j <= i+1 : j = i+1 (mod k)} ascending,
+    with alpha_{i,.} = layers.{i}.dwa.weight[0]; otherwise Y_{i+1} = X_{i+1}.  Output Y_n.
+    hidden[i] = Y_i (block i's input), hidden[n] = Y_n.
+    wiring: {"dwa_matrix": (n, n+1) with row i = the weights of X_0..X_n in Y_{i+1} (a one-hot
+    row where block i has no DWA), "X": [X_0 .. X_n]}.
+    """
+    k, p, n = knob(cfg, "denseformer_dilation"), knob(cfg, "denseformer_period"), cfg.n_layers
+    X, y = [x0], x0
+    W = np.zeros((n, n + 1))
+    for i in range(n):
+        S.hidden.append(y)
+        X.append(S.block(i, y))
+        if has_dwa(i, p):
+            w = S.M.p[f"layers.{i}.dwa.weight"][0]
+            J = dwa_sources(i, k)
+            y = sum(w[c] * X[j] for c, j in enumerate(J))
+            W[i, J] = w
+        else:
+            y = X[i + 1]
+            W[i, i + 1] = 1.0
+    S.hidden.append(y)
+    return y, {"wiring": {"dwa_matrix": W, "X": X}}
+
+
+def hc_weights(cfg, M, pfx, H):
+    """Hyper-Connections' connection weights for one sublayer (Zhu et al., Sec. 2.1-2.2, App. J).
+
+    H (B,T,E,d): the E copies.  Static: alpha = [A_m | A_r] (E, E+1), beta = B (E,).  Dynamic:
+    Hbar = norm(H) per copy (the model's norm kind, own weight/bias), Z = Hbar W^T (E, E+2) with
+    W = proj.weight, alpha = [A_m | A_r] + s_alpha tanh(Z[:, :E+1]), beta = B + s_beta tanh(Z[:, E+1]).
+    Returns alpha (B,T,E,E+1), beta (B,T,E)."""
+    Bsz, T, E, _ = H.shape
+    A = M.p[pfx + ".alpha.weight"]
+    Bv = M.p[pfx + ".beta.weight"]
+    if not knob(cfg, "hc_dynamic"):
+        return np.broadcast_to(A, (Bsz, T, E, E + 1)), np.broadcast_to(Bv, (Bsz, T, E))
+    Z = M.norm(pfx + ".norm", H) @ M.p[pfx + ".proj.weight"].T
+    s = M.p[pfx + ".scale.weight"]
+    return A + s[0] * np.tanh(Z[..., :E + 1]), Bv + s[1] * np.tanh(Z[..., E + 1])
+
+
+def wiring_hyper_connections(cfg, S, x0):
+    """residual="hyper_connections" (Zhu et al. 2024, arXiv 2409.19606), expansion E.
+
+    H = [x0; ...; x0] (E copies).  Sublayer k, with alpha, beta from hc_weights:
+        h_k = sum_i alpha[i,0] H_i                     (A_m^T H: the sublayer's input)
+        H'_j = sum_i alpha[i,1+j] H_i                  (A_r^T H: width connections)
+        o_k = branch_k(h_k);  H_j <- beta_j o_k + H'_j  (B^T o + H': depth connections)
+    Output: sum_j H_j (App. J: the copies are summed before the final norm).
+    hidden[i] = sum of the copies entering block i, hidden[n] = the output.
+    wiring: {"alpha": L x (B,T,E,E+1), "beta": L x (B,T,E), "streams": L+1 x (B,T,E,d) (the
+    copies entering each sublayer, then the final ones), "stream_norms": L+1 x (B,T,E)}."""
+    E, L = knob(cfg, "hc_expansion"), 2 * cfg.n_layers
+    H = np.repeat(x0[:, :, None, :], E, axis=2)
+    tr = {"alpha": [], "beta": [], "streams": [], "stream_norms": []}
+    for k in range(L):
+        pfx = f"layers.{k // 2}.{'attn' if k % 2 == 0 else 'mlp'}_hc"
+        tr["streams"].append(H)
+        if k % 2 == 0:
+            S.hidden.append(H.sum(axis=2))
+        alpha, beta = hc_weights(cfg, S.M, pfx, H)
+        mix = np.einsum("btie,btid->bted", alpha, H)  # (B,T,E+1,d) = alpha^T H
+        o = S.branch(k, mix[:, :, 0])
+        H = beta[..., None] * o[:, :, None, :] + mix[:, :, 1:]
+        tr["alpha"].append(alpha)
+        tr["beta"].append(beta)
+    tr["streams"].append(H)
+    tr["stream_norms"] = [np.sqrt((h ** 2).sum(-1)) for h in tr["streams"]]
+    x = H.sum(axis=2)
+    S.hidden.append(x)
+    return x, {"wiring": tr}
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def sinkhorn_knopp(logits, iters):
+    """mHC's projection (Sec. 4.2): M^(0) = exp(logits), M^(t) = T_r(T_c(M^(t-1))), t = 1..iters,
+    T_c dividing every column by its sum, T_r every row by its sum; returns M^(iters) (..., E, E).
+    Rows sum to 1 exactly (T_r is last); columns converge to 1 as iters grows."""
+    M = np.exp(logits)
+    for _ in range(iters):
+        M = M / M.sum(axis=-2, keepdims=True)  # T_c: columns
+        M = M / M.sum(axis=-1, keepdims=True)  # T_r: rows
+    return M
+
+
+def mhc_maps(cfg, M, pfx, H):
+    """mHC's three maps for one sublayer (Xie et al., DeepSeek, arXiv 2512.24880, Sec. 4.2).
+
+    x = vec(H) (B,T,E*d), copy-major; x' = x / sqrt(mean(x^2) + norm_eps) (RMSNorm, no gain);
+    z = x' Phi^T with Phi = proj.weight (E^2+2E, E*d), a = scale.weight, b = base.weight:
+        H_pre  = sigmoid(a_0 z[:E] + b[:E])                          (B,T,E)
+        H_post = 2 sigmoid(a_1 z[E:2E] + b[E:2E])                    (B,T,E)
+        H_res  = SinkhornKnopp(a_2 mat(z[2E:]) + mat(b[2E:]))        (B,T,E,E), mat row-major."""
+    Bsz, T, E, d = H.shape
+    x = H.reshape(Bsz, T, E * d)
+    xr = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
+    z = xr @ M.p[pfx + ".proj.weight"].T
+    a, b = M.p[pfx + ".scale.weight"], M.p[pfx + ".base.weight"]
+    pre = sigmoid(a[0] * z[..., :E] + b[:E])
+    post = 2.0 * sigmoid(a[1] * z[..., E:2 * E] + b[E:2 * E])
+    res_logits = (a[2] * z[..., 2 * E:] + b[2 * E:]).reshape(Bsz, T, E, E)
+    return pre, post, sinkhorn_knopp(res_logits, knob(cfg, "mhc_sinkhorn_iters"))
+
+
+def wiring_mhc(cfg, S, x0):
+    """residual="mhc": x_{l+1} = H_res x_l + H_post^T F(H_pre x_l) per sublayer (Sec. 3-4):
+        h_k = sum_i H_pre[i] H_i;  o_k = branch_k(h_k);  H_i <- sum_j H_res[i,j] H_j + H_post[i] o_k.
+    H starts as E copies of x0 and is summed at the end (as Hyper-Connections).
+    wiring: {"pre", "post": L x (B,T,E), "res": L x (B,T,E,E), "streams", "stream_norms"}."""
+    E, L = knob(cfg, "hc_expansion"), 2 * cfg.n_layers
+    H = np.repeat(x0[:, :, None, :], E, axis=2)
+    tr = {"pre": [], "post": [], "res": [], "streams": [], "stream_norms": []}
+    for k in range(L):
+        pfx = f"layers.{k // 2}.{'attn' if k % 2 == 0 else 'mlp'}_mhc"
+        tr["streams"].append(H)
+        if k % 2 == 0:
+            S.hidden.append(H.sum(axis=2))
+        pre, post, res = mhc_maps(cfg, S.M, pfx, H)
+        o = S.branch(k, np.einsum("bti,btid->btd", pre, H))
+        H = np.einsum("btij,btjd->btid", res, H) + post[..., None] * o[:, :, None, :]
+        tr["pre"].append(pre)
+        tr["post"].append(post)
+        tr["res"].append(res)
+    tr["streams"].append(H)
+    tr["stream_norms"] = [np.sqrt((h ** 2).sum(-1)) for h in tr["streams"]]
+    x = H.sum(axis=2)
+    S.hidden.append(x)
+    return x, {"wiring": tr}
+
+
+WIRINGS = {
+    "plain": wiring_plain,
+    "attnres_full": wiring_attnres,
+    "attnres_block": wiring_attnres,
+    "denseformer": wiring_denseformer,
+    "hyper_connections": wiring_hyper_connections,
+    "mhc": wiring_mhc,
+}
+
+
+# --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 
@@ -494,78 +874,33 @@ def forward(cfg, params, tokens=None, embeds=None, key_padding_mask=None):
       hidden: n+1 arrays (B,T,d).  plain: the stream entering block i, hidden[n] = stream after
         the last block, before the final norm.  attnres: hidden[i] = h_{2i} (aggregated input of
         block i's attention sublayer), hidden[n] = the output aggregation, before the final norm;
-      attn_out, mlp_out: n arrays (B,T,d): plain: a and m (what is added / normed with x);
-        attnres: v_{2i+1} and v_{2i+2};
+        denseformer: Y_i; hyper_connections / mhc: the sum of the copies (see the wiring functions);
+      attn_out, mlp_out: n arrays (B,T,d): plain / denseformer: a and m (what is added / normed
+        with x); attnres / hyper_connections / mhc: the branch outputs of sublayers 2i and 2i+1;
       alpha: attnres only (else None): L+1 arrays (B,T,n_sources_k), the last = output aggregator;
-      depth_mass: moda only (else None): n arrays (B,H,T), attention mass on the depth columns.
+      depth_mass: moda only (else None): n arrays (B,H,T), attention mass on the depth columns;
+      wiring: the competitor wirings' traces (else None), see wiring_denseformer & co.
     """
     assert (tokens is None) != (embeds is None), "give exactly one of tokens / embeds"
+    assert cfg.residual in WIRINGS, cfg.residual
     M = _Model(cfg, params)
     x0 = M.embed(tokens, embeds)
-    n = cfg.n_layers
-    pre = cfg.norm_position == "pre"
-    assert cfg.norm_position in ("pre", "post")
-
-    attention, hidden, attn_out, mlp_out = [], [], [], []
-    depth = []  # MoDA depth slots [attn_0, ffn_0, attn_1, ffn_1, ...], each (k, v)
-    alpha = None
-
-    if cfg.residual == "plain":
-        x = x0
-        for i in range(n):
-            hidden.append(x)
-            if pre:
-                a, probs, slot_a = M.attention(i, M.norm(f"layers.{i}.attn_norm", x), depth,
-                                               key_padding_mask)
-                x = x + a
-                u = M.norm(f"layers.{i}.mlp_norm", x)
-                m, slot_f = M.mlp(i, u)
-                x = x + m
-            else:
-                a, probs, slot_a = M.attention(i, x, depth, key_padding_mask)
-                x = M.norm(f"layers.{i}.attn_norm", x + a)
-                m, slot_f = M.mlp(i, x)  # the MLP sees x itself
-                x = M.norm(f"layers.{i}.mlp_norm", x + m)
-            depth += [slot_a, slot_f]
-            attention.append(probs)
-            attn_out.append(a)
-            mlp_out.append(m)
-        hidden.append(x)
-    else:
-        assert cfg.residual in ("attnres_full", "attnres_block"), cfg.residual
-        S = cfg.attnres_block_size if cfg.residual == "attnres_block" else 1
-        L = 2 * n
-        v = [x0]  # v_0 = embedding (incl. P); v_{k+1} = output of sublayer k
-        alpha = []
-        for k in range(L):
-            i, is_attn = k // 2, k % 2 == 0
-            pfx = f"layers.{i}.attn" if is_attn else f"layers.{i}.mlp"
-            srcs = attnres_sources(v, k, cfg.residual, S)
-            h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
-                                      M.p[pfx + "_res_norm.weight"], cfg.attnres_eps)
-            alpha.append(al)
-            norm_name = pfx + "_norm"  # Norm_k: attn_norm or mlp_norm of block i
-            # pre-norm: v_{k+1} = F_k(Norm_k(h_k)); post-norm: v_{k+1} = Norm_k(F_k(h_k))
-            u = M.norm(norm_name, h) if pre else h
-            if is_attn:
-                hidden.append(h)
-                out, probs, slot = M.attention(i, u, depth, key_padding_mask)
-                attention.append(probs)
-            else:
-                out, slot = M.mlp(i, u)
-            out = out if pre else M.norm(norm_name, out)
-            (attn_out if is_attn else mlp_out).append(out)
-            depth.append(slot)
-            v.append(out)
-        srcs = attnres_sources(v, L, cfg.residual, S)
-        x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
-                                  M.p["output_res_norm.weight"], cfg.attnres_eps)
-        alpha.append(al)
-        hidden.append(x)
+    S = _Stack(M, key_padding_mask)
+    x, extra = WIRINGS[cfg.residual](cfg, S, x0)
 
     final_hidden = M.norm("final_norm", x) if cfg.final_norm else x
     logits = M.head(final_hidden)
     T = x0.shape[1]
-    depth_mass = [pr[..., T:].sum(-1) for pr in attention] if cfg.moda else None
-    return dict(logits=logits, final_hidden=final_hidden, attention=attention, hidden=hidden,
-                attn_out=attn_out, mlp_out=mlp_out, alpha=alpha, depth_mass=depth_mass)
+    depth_mass = [pr[..., T:].sum(-1) for pr in S.attention] if cfg.moda else None
+    return dict(logits=logits, final_hidden=final_hidden, attention=S.attention, hidden=S.hidden,
+                attn_out=S.attn_out, mlp_out=S.mlp_out, alpha=extra.get("alpha"),
+                depth_mass=depth_mass, wiring=extra.get("wiring"))
+
+
+def loss(cfg, params, tokens, targets, **kw):
+    """Mean cross-entropy of forward()'s logits against targets (B,T) (all counted)."""
+    z = forward(cfg, params, tokens=tokens, **kw)["logits"]
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    t = np.asarray(targets)
+    return -np.take_along_axis(logp, t[..., None], axis=-1).mean()

@@ -10,6 +10,10 @@ order, so weights move both ways unchanged:
 Importing this module needs PyTorch; nothing else in stackformer does. It is also the readable
 reference of the math: MoDA is written as one softmax over [sequence | depth] key columns with a
 boolean mask, and Attention Residuals use the direct computation (no two-phase schedule).
+
+Each depth wiring is one class in ``WIRINGS`` (keyed by ``Config.residual``): plain, Attention
+Residuals, and the competitor wirings DenseFormer, Hyper-Connections and mHC (docs/WIRINGS.md;
+stackformer.Config does not accept their names yet, so only the tests build them for now).
 """
 from __future__ import annotations
 
@@ -135,11 +139,7 @@ class Block(nn.Module):
         self.attn = Attention(c)
         self.mlp_norm = norm()
         self.mlp = MLP(c, depth_slot=c.moda and i < c.n_layers - 1)
-        if c.residual != "plain":  # AttnRes pseudo-queries w_k and key RMSNorm gains g_k
-            self.attn_res_proj = nn.Linear(c.d_model, 1, bias=False)
-            self.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
-            self.mlp_res_proj = nn.Linear(c.d_model, 1, bias=False)
-            self.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        WIRINGS[c.residual].add_block_params(self, c, i)  # e.g. AttnRes w_k, g_k; HC weights
 
 
 class TorchModel(nn.Module):
@@ -152,27 +152,33 @@ class TorchModel(nn.Module):
 
     def __init__(self, config: Config):
         super().__init__()
-        if not isinstance(config, Config):
-            raise TypeError(f"config must be a stackformer.Config, got {type(config).__name__}")
+        self._check_config(config)
         c = self.config = dataclasses.replace(config)
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         if c.pos == "learned":
             self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
-        if c.residual != "plain":
-            self.output_res_proj = nn.Linear(c.d_model, 1, bias=False)
-            self.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        self.wiring = WIRINGS[c.residual](c)  # holds no parameters: names stay layers.{i}.…
+        self.wiring.add_model_params(self, c)
         if c.final_norm:
             self.final_norm = Norm(c.d_model, c.norm, c.norm_eps, c.bias)
         if not c.tie_embeddings:
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()
 
+    @staticmethod
+    def _check_config(config) -> None:
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a stackformer.Config, got {type(config).__name__}")
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 style init as in DEVELOPERS.md: N(0, 0.02), o_proj/down_proj N(0, 0.02/sqrt(2n)),
-        biases 0, norm weights 1, AttnRes pseudo-queries 0 and key gains 1."""
+        biases 0, norm weights 1, AttnRes pseudo-queries 0 and key gains 1; the competitor
+        wirings' tensors get their papers' init (docs/WIRINGS.md) from their wiring."""
         for name, p in self.named_parameters():
+            if self.wiring.owns(name):
+                continue
             if name.endswith("_res_proj.weight"):
                 p.zero_()
             elif "norm" in name:
@@ -182,6 +188,7 @@ class TorchModel(nn.Module):
             else:
                 out_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
                 p.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layers) if out_proj else 0.02)
+        self.wiring.reset_parameters(self)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """torch's load_state_dict, also accepting NumPy arrays (e.g. stackformer's state_dict())."""
@@ -191,8 +198,9 @@ class TorchModel(nn.Module):
 
     def no_decay(self, name: str) -> bool:
         """stackformer's AdamW rule: decay 2-D weights and embeddings only (never norms, biases,
-        AttnRes pseudo-queries or gains)."""
-        return self.get_parameter(name).dim() != 2 or "_res_proj" in name
+        AttnRes pseudo-queries or gains, nor Hyper-Connections / mHC connection weights; DenseFormer's
+        (1, m) DWA weights are decayed, as in the authors' code)."""
+        return self.get_parameter(name).dim() != 2 or "_res_proj" in name or self.wiring.no_decay(name)
 
     def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
         """Parameter groups for torch.optim.AdamW with stackformer's decay rule."""
@@ -236,56 +244,41 @@ class TorchModel(nn.Module):
         depth_ok = ((u_pos <= t_pos) & (u_pos // chunk == t_pos // chunk))[None] & real[:, None, :]
         att = dict(seq_ok=seq_ok, depth_ok=depth_ok, rope=rope)
 
-        x = self._plain(h, att) if c.residual == "plain" else self._attnres(h, att)
+        x = self.wiring(self, h, att)
         if c.final_norm:
             x = self.final_norm(x)
         head = self.tok_emb.weight if c.tie_embeddings else self.lm_head.weight
         return x @ head.T
 
-    def _plain(self, x, att):
-        pre, depth = self.config.norm_position == "pre", []  # depth: [attn_0, ffn_0, ...] (MoDA)
-        for blk in self.layers:
-            if pre:
-                a, slot_a = blk.attn(blk.attn_norm(x), depth, **att)
-                x = x + a
-                m, slot_f = blk.mlp(blk.mlp_norm(x))
-                x = x + m
-            else:
-                a, slot_a = blk.attn(x, depth, **att)
-                x = blk.attn_norm(x + a)
-                m, slot_f = blk.mlp(x)
-                x = blk.mlp_norm(x + m)
-            if self.config.moda:
-                depth += [slot_a, slot_f]
-        return x
+    def sublayer(self, k: int, u: torch.Tensor, depth: list, att: dict) -> torch.Tensor:
+        """Sublayer k (2i: block i's attention, 2i+1: its MLP) on its input u as it sees it;
+        appends the sublayer's MoDA depth slot to depth when moda is on."""
+        blk = self.layers[k // 2]
+        out, slot = blk.attn(u, depth, **att) if k % 2 == 0 else blk.mlp(u)
+        if self.config.moda:
+            depth.append(slot)
+        return out
 
-    def _attnres(self, x0, att):
-        c = self.config
-        pre, depth, v = c.norm_position == "pre", [], [x0]  # v_0 = embedding, v_{k+1} = F_k's output
-        for k in range(2 * c.n_layers):
-            blk, is_attn = self.layers[k // 2], k % 2 == 0
-            if is_attn:
-                proj, gain, norm, fn = blk.attn_res_proj, blk.attn_res_norm, blk.attn_norm, blk.attn
-            else:
-                proj, gain, norm, fn = blk.mlp_res_proj, blk.mlp_res_norm, blk.mlp_norm, blk.mlp
-            h = _aggregate(self._sources(v, k), proj, gain)
-            u = norm(h) if pre else h
-            out, slot = fn(u, depth, **att) if is_attn else fn(u)
-            v.append(out if pre else norm(out))  # post-norm: v_{k+1} = Norm_k(F_k(h_k))
-            if c.moda:
-                depth.append(slot)
-        return _aggregate(self._sources(v, 2 * c.n_layers), self.output_res_proj, self.output_res_norm)
+    def sublayer_norm(self, k: int) -> "Norm":
+        blk = self.layers[k // 2]
+        return blk.attn_norm if k % 2 == 0 else blk.mlp_norm
 
-    def _sources(self, v: List[torch.Tensor], k: int) -> List[torch.Tensor]:
-        """What sublayer k (k = L: the output) reads, given v = [v_0 ... v_k].
-        Full: all of v. Block (size S): b_0 = v_0, the sums b_m of each completed block of S
-        sublayer outputs, and the partial sum of k's own block so far (if non-empty)."""
-        if self.config.residual == "attnres_full":
-            return list(v)
-        S, m = self.config.attnres_block_size, k // self.config.attnres_block_size
-        blocks = [v[0]] + [sum(v[j * S + 1:(j + 1) * S + 1]) for j in range(m)]
-        partial = v[m * S + 1:k + 1]
-        return blocks + ([sum(partial)] if partial else [])
+    def branch(self, k: int, h: torch.Tensor, depth: list, att: dict) -> torch.Tensor:
+        """Sublayer k as a branch off a wiring's state (AttnRes, Hyper-Connections, mHC):
+        pre-norm F_k(Norm_k(h)), post-norm Norm_k(F_k(h))."""
+        norm = self.sublayer_norm(k)
+        if self.config.norm_position == "pre":
+            return self.sublayer(k, norm(h), depth, att)
+        return norm(self.sublayer(k, h, depth, att))
+
+    def block(self, i: int, x: torch.Tensor, depth: list, att: dict) -> torch.Tensor:
+        """Block i of the plain residual stack on stream x (pre- or post-norm)."""
+        blk = self.layers[i]
+        if self.config.norm_position == "pre":
+            x = x + self.sublayer(2 * i, blk.attn_norm(x), depth, att)
+            return x + self.sublayer(2 * i + 1, blk.mlp_norm(x), depth, att)
+        x = blk.attn_norm(x + self.sublayer(2 * i, x, depth, att))
+        return blk.mlp_norm(x + self.sublayer(2 * i + 1, x, depth, att))
 
     # -- training helper ------------------------------------------------------------------------
     def loss(self, x, targets, key_padding_mask=None, ignore_index: int = -100) -> torch.Tensor:
@@ -302,6 +295,295 @@ def _aggregate(sources, proj: nn.Linear, gain: Norm) -> torch.Tensor:
     V = torch.stack(sources, dim=2)  # (B, T, n_sources, d)
     alpha = torch.softmax(proj(gain(V)).squeeze(-1), dim=-1)
     return (alpha.unsqueeze(-1) * V).sum(dim=2)
+
+
+# -- depth wirings -----------------------------------------------------------------------------
+#
+# A wiring is one nn.Module class in WIRINGS, keyed by Config.residual.  It holds no parameters
+# itself: add_block_params / add_model_params attach its tensors to the blocks and the model, so
+# state_dict names stay stackformer's (layers.{i}.attn_res_proj.weight, layers.{i}.attn_hc.…);
+# forward(model, x0, att) runs the stack through model.sublayer / model.branch / model.block and
+# returns the stream before the final norm.  The math is in DEVELOPERS.md and docs/WIRINGS.md.
+
+
+class _Weight(nn.Module):
+    """A bare tensor named ``<module>.weight`` (connection weights that are not a Linear)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(*shape))
+
+
+class Wiring(nn.Module):
+    """Base class of a depth wiring (see the comment above)."""
+
+    prefixes: tuple = ()  # name fragments of the tensors this wiring owns (init, weight decay)
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    @staticmethod
+    def add_block_params(blk: nn.Module, c, i: int) -> None:
+        pass
+
+    def add_model_params(self, model: nn.Module, c) -> None:
+        pass
+
+    def owns(self, name: str) -> bool:
+        """Whether reset_parameters leaves tensor ``name`` to this wiring's reset_parameters."""
+        return any(p in name for p in self.prefixes)
+
+    def no_decay(self, name: str) -> bool:
+        return False
+
+    @torch.no_grad()
+    def reset_parameters(self, model: nn.Module) -> None:
+        pass
+
+    def forward(self, model, x0, att):
+        raise NotImplementedError
+
+
+class PlainWiring(Wiring):
+    """residual="plain": x = x + a; x = x + m per block (or the post-norm block)."""
+
+    def forward(self, model, x, att):
+        depth = []  # MoDA slots [attn_0, ffn_0, ...]
+        for i in range(self.c.n_layers):
+            x = model.block(i, x, depth, att)
+        return x
+
+
+class AttnResWiring(Wiring):
+    """residual="attnres_full" / "attnres_block": h_k = softmax-weighted sum of sublayer k's
+    sources, v_{k+1} = branch_k(h_k), one more aggregation for the output."""
+
+    @staticmethod
+    def add_block_params(blk, c, i):  # pseudo-queries w_k and key RMSNorm gains g_k
+        blk.attn_res_proj = nn.Linear(c.d_model, 1, bias=False)
+        blk.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        blk.mlp_res_proj = nn.Linear(c.d_model, 1, bias=False)
+        blk.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+
+    def add_model_params(self, model, c):
+        model.output_res_proj = nn.Linear(c.d_model, 1, bias=False)
+        model.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+
+    def forward(self, model, x0, att):
+        depth, v, L = [], [x0], 2 * self.c.n_layers  # v_0 = embedding, v_{k+1} = F_k's output
+        for k in range(L):
+            blk, s = model.layers[k // 2], "attn" if k % 2 == 0 else "mlp"
+            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm"))
+            v.append(model.branch(k, h, depth, att))  # post-norm: v_{k+1} = Norm_k(F_k(h_k))
+        return _aggregate(self._sources(v, L), model.output_res_proj, model.output_res_norm)
+
+    def _sources(self, v: List[torch.Tensor], k: int) -> List[torch.Tensor]:
+        """What sublayer k (k = L: the output) reads, given v = [v_0 ... v_k].
+        Full: all of v. Block (size S): b_0 = v_0, the sums b_m of each completed block of S
+        sublayer outputs, and the partial sum of k's own block so far (if non-empty)."""
+        if self.c.residual == "attnres_full":
+            return list(v)
+        S, m = self.c.attnres_block_size, k // self.c.attnres_block_size
+        blocks = [v[0]] + [sum(v[j * S + 1:(j + 1) * S + 1]) for j in range(m)]
+        partial = v[m * S + 1:k + 1]
+        return blocks + ([sum(partial)] if partial else [])
+
+
+def dwa_sources(i: int, k: int) -> List[int]:
+    """DenseFormer: the X_j (X_0 = embedding, X_{j+1} = block j's output) that the DWA after
+    block i averages, ascending: {j <= i+1 : j = i+1 (mod k)} (dilation k, paper Sec. 3.2)."""
+    return list(range((i + 1) % k, i + 2, k))
+
+
+class DenseFormerWiring(Wiring):
+    """residual="denseformer" (Pagliardini et al. 2024): plain blocks; after block i, when
+    (i+1) % denseformer_period == 0, Y_{i+1} = sum_j dwa[j] X_j over dwa_sources(i, dilation)
+    (weights layers.{i}.dwa.weight, shape (1, m), init [0, ..., 0, 1]); else Y_{i+1} = X_{i+1}."""
+
+    prefixes = (".dwa.",)
+
+    @staticmethod
+    def add_block_params(blk, c, i):
+        if (i + 1) % c.denseformer_period == 0:
+            blk.dwa = _Weight(1, len(dwa_sources(i, c.denseformer_dilation)))
+
+    @torch.no_grad()
+    def reset_parameters(self, model):
+        for blk in model.layers:
+            if hasattr(blk, "dwa"):  # identity: all weight on the newest representation
+                blk.dwa.weight.zero_()
+                blk.dwa.weight[0, -1] = 1.0
+
+    def forward(self, model, x0, att):
+        depth, X, y = [], [x0], x0
+        for i, blk in enumerate(model.layers):
+            X.append(model.block(i, y, depth, att))
+            if hasattr(blk, "dwa"):
+                w = blk.dwa.weight[0]
+                y = sum(w[c] * X[j] for c, j in enumerate(dwa_sources(i, self.c.denseformer_dilation)))
+            else:
+                y = X[-1]
+        return y
+
+
+class HyperConnection(nn.Module):
+    """One sublayer's hyper-connection (Zhu et al. 2024, Sec. 2, App. J), E = hc_expansion:
+    alpha.weight (E, E+1) = [A_m | A_r], beta.weight (E,) = B; dynamic: norm (the model's norm
+    kind), proj.weight (E+2, d) = rows [W_m, W_r (E), W_beta], scale.weight (2,) = [s_alpha, s_beta]."""
+
+    def __init__(self, c, k: int):
+        super().__init__()
+        E, d = c.hc_expansion, c.d_model
+        self.E, self.k, self.dynamic = E, k, c.hc_dynamic
+        self.alpha = _Weight(E, E + 1)
+        self.beta = _Weight(E)
+        if self.dynamic:
+            self.norm = Norm(d, c.norm, c.norm_eps, c.bias)
+            self.proj = nn.Linear(d, E + 2, bias=False)
+            self.scale = _Weight(2)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Sec. 2.3: A_m = e_{k mod E}, A_r = I, B = 1; W = 0, s = 0.01 (App. J)."""
+        a = self.alpha.weight
+        a.zero_()
+        a[self.k % self.E, 0] = 1.0
+        a[:, 1:] = torch.eye(self.E, dtype=a.dtype, device=a.device)
+        self.beta.weight.fill_(1.0)
+        if self.dynamic:
+            self.norm.weight.fill_(1.0)
+            if self.norm.bias is not None:
+                self.norm.bias.zero_()
+            self.proj.weight.zero_()
+            self.scale.weight.fill_(0.01)
+
+    def weights(self, H):
+        """H (B, T, E, d) -> alpha (.., E, E+1), beta (.., E)."""
+        alpha, beta = self.alpha.weight, self.beta.weight
+        if self.dynamic:
+            z = self.proj(self.norm(H))  # (B, T, E, E+2)
+            s = self.scale.weight
+            alpha = alpha + s[0] * torch.tanh(z[..., :self.E + 1])
+            beta = beta + s[1] * torch.tanh(z[..., self.E + 1])
+        return alpha, beta
+
+
+class HyperConnectionsWiring(Wiring):
+    """residual="hyper_connections": E copies H of the stream. Per sublayer k:
+    h = A_m^T H, H' = A_r^T H, o = branch_k(h), H <- B^T o + H'. Output: the copies' sum."""
+
+    prefixes = ("_hc.",)
+
+    @staticmethod
+    def add_block_params(blk, c, i):
+        blk.attn_hc = HyperConnection(c, 2 * i)
+        blk.mlp_hc = HyperConnection(c, 2 * i + 1)
+
+    def no_decay(self, name):
+        return "_hc." in name
+
+    @torch.no_grad()
+    def reset_parameters(self, model):
+        for blk in model.layers:
+            blk.attn_hc.reset_parameters()
+            blk.mlp_hc.reset_parameters()
+
+    def forward(self, model, x0, att):
+        depth, E = [], self.c.hc_expansion
+        H = x0.unsqueeze(2).expand(*x0.shape[:2], E, x0.shape[-1])
+        for k in range(2 * self.c.n_layers):
+            blk = model.layers[k // 2]
+            hc = blk.attn_hc if k % 2 == 0 else blk.mlp_hc
+            alpha, beta = hc.weights(H)
+            mix = alpha.transpose(-1, -2) @ H  # (B, T, E+1, d)
+            o = model.branch(k, mix[..., 0, :], depth, att)
+            H = beta.unsqueeze(-1) * o.unsqueeze(-2) + mix[..., 1:, :]
+        return H.sum(dim=2)
+
+
+def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """mHC Sec. 4.2: M = exp(logits), then iters times columns to sum 1, then rows (T_r(T_c(M)));
+    autograd differentiates through every iteration."""
+    M = logits.exp()
+    for _ in range(iters):
+        M = M / M.sum(dim=-2, keepdim=True)
+        M = M / M.sum(dim=-1, keepdim=True)
+    return M
+
+
+class ManifoldHyperConnection(nn.Module):
+    """One sublayer's mHC maps (Xie et al., DeepSeek 2025, Sec. 4.2), E = hc_expansion:
+    proj.weight (E^2+2E, E*d) = [phi_pre | phi_post | phi_res]^T, base.weight (E^2+2E,) = biases,
+    scale.weight (3,) = [alpha_pre, alpha_post, alpha_res]."""
+
+    def __init__(self, c):
+        super().__init__()
+        E, d = c.hc_expansion, c.d_model
+        self.E, self.eps, self.iters = E, c.norm_eps, c.mhc_sinkhorn_iters
+        self.proj = nn.Linear(E * d, E * E + 2 * E, bias=False)
+        self.base = _Weight(E * E + 2 * E)
+        self.scale = _Weight(3)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """phi = 0, alphas 0.01; b_pre = -log(E-1) (H_pre = 1/E), b_post = 0 (H_post = 1), b_res = 0."""
+        self.proj.weight.zero_()
+        self.base.weight.zero_()
+        self.base.weight[:self.E] = -math.log(self.E - 1)
+        self.scale.weight.fill_(0.01)
+
+    def maps(self, H):
+        """H (B, T, E, d) -> H_pre (.., E), H_post (.., E), H_res (.., E, E)."""
+        E = self.E
+        x = H.flatten(-2)  # vec: copy-major
+        z = self.proj(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        a, b = self.scale.weight, self.base.weight
+        pre = torch.sigmoid(a[0] * z[..., :E] + b[:E])
+        post = 2.0 * torch.sigmoid(a[1] * z[..., E:2 * E] + b[E:2 * E])
+        res = (a[2] * z[..., 2 * E:] + b[2 * E:]).unflatten(-1, (E, E))
+        return pre, post, sinkhorn_knopp(res, self.iters)
+
+
+class MHCWiring(Wiring):
+    """residual="mhc": per sublayer k, h = H_pre H, o = branch_k(h), H <- H_res H + H_post^T o.
+    Output: the copies' sum."""
+
+    prefixes = ("_mhc.",)
+
+    @staticmethod
+    def add_block_params(blk, c, i):
+        blk.attn_mhc = ManifoldHyperConnection(c)
+        blk.mlp_mhc = ManifoldHyperConnection(c)
+
+    def no_decay(self, name):
+        return "_mhc." in name
+
+    @torch.no_grad()
+    def reset_parameters(self, model):
+        for blk in model.layers:
+            blk.attn_mhc.reset_parameters()
+            blk.mlp_mhc.reset_parameters()
+
+    def forward(self, model, x0, att):
+        depth, E = [], self.c.hc_expansion
+        H = x0.unsqueeze(2).expand(*x0.shape[:2], E, x0.shape[-1])
+        for k in range(2 * self.c.n_layers):
+            blk = model.layers[k // 2]
+            pre, post, res = (blk.attn_mhc if k % 2 == 0 else blk.mlp_mhc).maps(H)
+            o = model.branch(k, (pre.unsqueeze(-1) * H).sum(dim=2), depth, att)
+            H = res @ H + post.unsqueeze(-1) * o.unsqueeze(-2)
+        return H.sum(dim=2)
+
+
+WIRINGS = {
+    "plain": PlainWiring,
+    "attnres_full": AttnResWiring,
+    "attnres_block": AttnResWiring,
+    "denseformer": DenseFormerWiring,
+    "hyper_connections": HyperConnectionsWiring,
+    "mhc": MHCWiring,
+}
 
 
 def to_torch(model, dtype: torch.dtype = torch.float32, device=None) -> TorchModel:
