@@ -40,7 +40,8 @@ typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
     X(SF_RES_ATTNRES_FULL, "attnres_full", attnres_full) \
     X(SF_RES_ATTNRES_BLOCK, "attnres_block", attnres_block) \
     X(SF_RES_DENSEFORMER, "denseformer", denseformer) \
-    X(SF_RES_HYPER_CONNECTIONS, "hyper_connections", hyper_connections)
+    X(SF_RES_HYPER_CONNECTIONS, "hyper_connections", hyper_connections) \
+    X(SF_RES_MHC, "mhc", mhc)
 #define SF_WIRING_ENUM_(id, name, sym) id,
 typedef enum { SF_WIRINGS(SF_WIRING_ENUM_) SF_NUM_WIRINGS } sf_residual;
 #undef SF_WIRING_ENUM_
@@ -96,7 +97,8 @@ typedef enum { SF_INIT_NORMAL = 0, SF_INIT_NORMAL_RESID = 1, SF_INIT_ONES = 2, S
                SF_INIT_LAST_ONE = 4,     /* zeros but the last entry 1 (DenseFormer's identity DWA) */
                SF_INIT_HC_ALPHA_ATTN = 5, /* Hyper-Connections' [e_{k mod n}, I_n] for sublayer k = 2i */
                SF_INIT_HC_ALPHA_MLP = 6,  /* ... and k = 2i+1 */
-               SF_INIT_HC_SCALE = 7       /* 0.01 (the dynamic scales s_alpha, s_beta) */ } sf_init;
+               SF_INIT_HC_SCALE = 7,      /* 0.01 (the dynamic scales s_alpha, s_beta; mHC's a) */
+               SF_INIT_MHC_BASE = 8       /* mHC's b: -log(n-1) for H_pre, 0 for H_post and H_res */ } sf_init;
 typedef struct {
     char name[SF_NAME_MAX];  /* state_dict name, PyTorch conventions */
     int64_t offset;          /* in floats, into the flat parameter buffer */

@@ -17,9 +17,10 @@ typedef struct {
     float *attn_res_q, *attn_res_g;           /* AttnRes pseudo-query (d) and key gain (d) */
     float *mlp_res_q, *mlp_res_g;
     float *dwa_w;                             /* DenseFormer: block i's DWA weights (1, n_i) */
-    /* Hyper-Connections, [0] the attention's, [1] the MLP's: static alpha (n, n+1), beta (n);
-     * dynamic W_alpha (d, n+1), s_alpha (1), W_beta (d), s_beta (1), the copies' norm */
-    float *hc_sa[2], *hc_sb[2], *hc_fa[2], *hc_as[2], *hc_fb[2], *hc_bs[2], *hc_nw[2], *hc_nb[2];
+    /* Hyper-Connections and mHC, [0] the attention's, [1] the MLP's (docs/WIRINGS.md): HC static
+     * alpha (n, n+1), beta (n); HC dynamic the copies' norm, proj (n+2, d), scale (2); mHC proj
+     * (n^2+2n, n d), base (n^2+2n), scale (3) */
+    float *hc_alpha[2], *hc_beta[2], *hc_nw[2], *hc_nb[2], *hc_proj[2], *hc_scale[2], *hc_base[2];
 } sf_layer_views;
 
 struct sf_model {

@@ -121,7 +121,13 @@ void sf_params_init(sf_model *m, uint64_t seed) {
             for (int64_t j = 0; j < n; j++) p[j * (n + 1) + 1 + j] = 1.0f;
             break;
         }
-        case SF_INIT_HC_SCALE: p[0] = 0.01f; break;
+        case SF_INIT_HC_SCALE: for (int64_t j = 0; j < t->numel; j++) p[j] = 0.01f; break;
+        case SF_INIT_MHC_BASE: { /* (n^2 + 2n): [b_pre (n) | b_post (n) | b_res (n^2)] */
+            const int64_t n = m->cfg.hc_expansion;
+            memset(p, 0, (size_t)t->numel * sizeof(float));
+            for (int64_t j = 0; j < n; j++) p[j] = (float)-log((double)(n - 1));
+            break;
+        }
         case SF_INIT_NORMAL:
         case SF_INIT_NORMAL_RESID: {
             double std = t->init == SF_INIT_NORMAL_RESID ? resid_std : 0.02;

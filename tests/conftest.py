@@ -14,12 +14,15 @@ WIRINGS = {
     "denseformer_dilated": dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2),
     "hyper_connections": dict(residual="hyper_connections"),
     "hyper_connections_static": dict(residual="hyper_connections", hc_dynamic=False, hc_expansion=2),
+    "hyper_connections_dynamic": dict(residual="hyper_connections", hc_dynamic=True),
+    "mhc": dict(residual="mhc"),
 }
 # MoDA is an attention feature that combines with any wiring
 WIRINGS_AND_MODA = {**WIRINGS, "moda": dict(moda=True),
                     "attnres_block+moda": dict(residual="attnres_block", attnres_block_size=3, moda=True),
                     "denseformer+moda": dict(residual="denseformer", moda=True),
-                    "hyper_connections+moda": dict(residual="hyper_connections", moda=True)}
+                    "hyper_connections+moda": dict(residual="hyper_connections", moda=True),
+                    "mhc+moda": dict(residual="mhc", moda=True)}
 
 
 

@@ -18,15 +18,6 @@ import stackformer as sf
 BASE = dict(vocab_size=40, d_model=16, n_heads=2, n_layers=2, max_seq_len=12)
 
 
-def hc_names(i, s, dyn, ln_bias):
-    p = f"layers.{i}.{'attn' if s == 0 else 'mlp'}_hc."
-    out = [p + "static_alpha", p + "static_beta"]
-    if dyn:
-        out += [p + "dynamic_alpha_fn", p + "dynamic_alpha_scale", p + "dynamic_beta_fn",
-                p + "dynamic_beta_scale", p + "norm.weight"] + ([p + "norm.bias"] if ln_bias else [])
-    return out
-
-
 def build(seed=0, n=3, dyn=True, **kw):
     kw = {**BASE, **kw}
     cfg = sf.Config(**kw, residual="hyper_connections", hc_expansion=n, hc_dynamic=dyn)
@@ -38,9 +29,9 @@ def build(seed=0, n=3, dyn=True, **kw):
     hc = {}
     for name, v in sd.items():
         if "_hc." in name:  # the paper's init, perturbed so every path is exercised
-            scale = 0.3 if name.endswith(("alpha", "beta", "fn")) else 0.1
+            scale = 0.3 if name.endswith(("alpha.weight", "beta.weight", "proj.weight")) else 0.1
             hc[name] = (v + scale * rng.standard_normal(v.shape)).astype(np.float32)
-            if name.endswith("scale"):
+            if name.endswith("scale.weight"):
                 hc[name] = (0.5 + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
     model.load_state_dict({**params, **hc})
     return model, rcfg, params, hc, n, dyn
@@ -61,13 +52,16 @@ def reference_forward(rcfg, params, hc, n, dyn, tokens):
     for k in range(2 * rcfg.n_layers):
         i, s = k // 2, k % 2
         p = f"layers.{i}.{'attn' if s == 0 else 'mlp'}_hc."
-        alpha = np.broadcast_to(hc[p + "static_alpha"].astype(np.float64), H.shape[:2] + (n, n + 1))
-        beta = np.broadcast_to(hc[p + "static_beta"].astype(np.float64), H.shape[:2] + (n,))
+        alpha = np.broadcast_to(hc[p + "alpha.weight"].astype(np.float64), H.shape[:2] + (n, n + 1))
+        beta = np.broadcast_to(hc[p + "beta.weight"].astype(np.float64), H.shape[:2] + (n,))
         if dyn:
+            # proj.weight rows: W_alpha's n+1 columns, then W_beta; scale.weight = (s_alpha, s_beta)
             Hn = _norm(rcfg, H, hc[p + "norm.weight"].astype(np.float64),
                        hc.get(p + "norm.bias", None) if p + "norm.bias" in hc else None)
-            alpha = alpha + hc[p + "dynamic_alpha_scale"][0] * np.tanh(Hn @ hc[p + "dynamic_alpha_fn"].astype(np.float64))
-            beta = beta + hc[p + "dynamic_beta_scale"][0] * np.tanh(Hn @ hc[p + "dynamic_beta_fn"].astype(np.float64))
+            W = hc[p + "proj.weight"].astype(np.float64)
+            sc = hc[p + "scale.weight"].astype(np.float64)
+            alpha = alpha + sc[0] * np.tanh(Hn @ W[:n + 1].T)
+            beta = beta + sc[1] * np.tanh(Hn @ W[n + 1])
         h0 = np.einsum("btj,btjd->btd", alpha[..., 0], H)
         norm_name = f"layers.{i}.{'attn' if s == 0 else 'mlp'}_norm"
         u = M.norm(norm_name, h0) if pre else h0
@@ -146,7 +140,7 @@ def test_init_is_the_pre_norm_residual_stack():
     """Eq. 14: alpha = [e_{k mod n}, I], beta = 1 (dynamic parts zero) carries the plain stream in
     every copy; the head reads n x the plain stream, which the final norm makes the same up to its
     eps (so a tiny eps here)."""
-    for kw in (dict(hc_dynamic=False), dict(), dict(hc_expansion=3, norm="rmsnorm")):
+    for kw in (dict(hc_dynamic=False), dict(hc_dynamic=True), dict(hc_expansion=3, norm="rmsnorm", hc_dynamic=True)):
         cfg = sf.Config(**BASE, residual="hyper_connections", norm_eps=1e-10, **kw)
         hcm = sf.Model(cfg, seed=2)
         plain = sf.Model(sf.Config(**{**cfg.to_dict(), "residual": "plain"}), seed=2)
@@ -154,11 +148,13 @@ def test_init_is_the_pre_norm_residual_stack():
         assert np.abs(hcm(x).logits - plain(x).logits).max() < 1e-5
     sd = sf.Model(sf.Config(**BASE, residual="hyper_connections", hc_expansion=3), seed=0).state_dict()
     # by hand: sublayer k = 2i+s reads copy k mod 3 and keeps every copy
-    assert np.array_equal(sd["layers.1.attn_hc.static_alpha"], [[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]])
-    assert np.array_equal(sd["layers.1.mlp_hc.static_alpha"], [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
-    assert np.array_equal(sd["layers.0.attn_hc.static_beta"], [1, 1, 1])
-    assert sd["layers.0.mlp_hc.dynamic_alpha_scale"][0] == np.float32(0.01)
-    assert not sd["layers.0.mlp_hc.dynamic_alpha_fn"].any()
+    assert np.array_equal(sd["layers.1.attn_hc.alpha.weight"], [[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]])
+    assert np.array_equal(sd["layers.1.mlp_hc.alpha.weight"], [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    assert np.array_equal(sd["layers.0.attn_hc.beta.weight"], [1, 1, 1])
+    assert "layers.0.attn_hc.proj.weight" not in sd  # static by default
+    sd = sf.Model(sf.Config(**BASE, residual="hyper_connections", hc_dynamic=True), seed=0).state_dict()
+    assert np.array_equal(sd["layers.0.mlp_hc.scale.weight"], np.float32([0.01, 0.01]))
+    assert sd["layers.0.mlp_hc.proj.weight"].shape == (6, 16) and not sd["layers.0.mlp_hc.proj.weight"].any()
 
 
 def test_checkpointing_cache_and_threads_give_the_same_bits():
@@ -184,7 +180,7 @@ def test_trace_shows_the_read_weights():
     model, rcfg, params, hc, n, dyn = build(n=3, dyn=False)
     tr = model(np.arange(6), trace=["alpha"]).trace
     assert tr.alpha[2].shape == (1, 6, 3)
-    assert np.allclose(tr.alpha[2][0, 0], hc["layers.1.attn_hc.static_alpha"][:, 0])
+    assert np.allclose(tr.alpha[2][0, 0], hc["layers.1.attn_hc.alpha.weight"][:, 0])
 
 
 def test_bad_knobs_are_named():

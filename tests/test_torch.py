@@ -46,6 +46,16 @@ CASES = [
                                            norm_position="post", pos="rope", n_kv_heads=1), None),
     ("moda2+attnres_block3-encoder-pad", dict(moda=True, moda_chunk=2, residual="attnres_block",
                                               attnres_block_size=3, causal=False, tie_embeddings=False), "right"),
+    # the competitor wirings (issue #19): C and mirror share names, order and numbers
+    ("denseformer", dict(residual="denseformer"), None),
+    ("denseformer-k2p2-post-moda", dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2,
+                                        norm_position="post", moda=True), None),
+    ("hc-static-n2", dict(residual="hyper_connections", hc_expansion=2), None),
+    ("hc-dynamic-n4-rms-encoder-pad", dict(residual="hyper_connections", hc_dynamic=True, norm="rmsnorm",
+                                           causal=False), "right"),
+    ("mhc-n4", dict(residual="mhc"), None),
+    ("mhc-n2-it5-post-moda-rope", dict(residual="mhc", hc_expansion=2, mhc_sinkhorn_iters=5,
+                                       norm_position="post", moda=True, pos="rope"), None),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -54,7 +64,8 @@ def build(overrides, seed=0, res_std=0.5):
     """A stackformer model at its own random init, then made non-trivial: AttnRes pseudo-queries
     N(0, res_std^2) (their init 0 would hide the depth softmax), norm gains/biases and linear
     biases perturbed, embeddings and head N(0, 1/d) (logits ~ N(0, 1)) and Linear weights
-    N(0, 0.25/fan_in) so attention is far from uniform and the MLPs leave their linear regime."""
+    N(0, 0.25/fan_in) so attention is far from uniform and the MLPs leave their linear regime;
+    DenseFormer/HC/mHC tensors get N(0, 0.04) added to their init."""
     cfg = sf.Config(**{**BASE, **overrides})
     model = sf.Model(cfg, seed=seed)
     rng = np.random.default_rng(seed + 100)
@@ -62,6 +73,9 @@ def build(overrides, seed=0, res_std=0.5):
         z = rng.standard_normal(p.shape)
         if name.endswith("_res_proj.weight"):
             p[...] = res_std * z
+        elif any(t in name for t in ("_hc.", "_mhc.", ".dwa.")):
+            # competitor wirings: moved off their identity-like init, keeping its structure
+            p[...] = p + 0.2 * z
         elif "norm" in name:
             p[...] = (1.0 + 0.1 * z) if name.endswith(".weight") else 0.1 * z
         elif name.endswith(".bias"):

@@ -38,6 +38,9 @@ CONFIGS = {
     "hyper_connections": dict(residual="hyper_connections"),
     "hyper_static_n2_post_rms_moda": dict(residual="hyper_connections", hc_dynamic=False, hc_expansion=2,
                                           norm_position="post", norm="rmsnorm", moda=True),
+    "mhc": dict(residual="mhc"),
+    "mhc_n2_it5_post_moda": dict(residual="mhc", hc_expansion=2, mhc_sinkhorn_iters=5,
+                                 norm_position="post", moda=True),
 }
 
 

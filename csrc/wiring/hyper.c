@@ -16,7 +16,21 @@
  * residual stream; the head reads the sum of the copies (through the final norm). As in the
  * paper's pseudo-code (appendix, the HyperConnection module) and its naming. T(h_0) is the
  * sublayer on its pre-norm input, F_k(Norm_k(h_0)); under post-norm, as for AttnRes, the
- * written output is Norm_k(F_k(h_0)). See sf_wiring.h for the hooks' contract. */
+ * written output is Norm_k(F_k(h_0)).
+ *
+ * mHC (Manifold-Constrained Hyper-Connections, Xie et al., DeepSeek, arXiv 2512.24880, sec.
+ * 3-4; residual="mhc") uses the same stream with its three maps per token,
+ *
+ *     x' = RMSNorm(vec(H)) (no gain),  z = x' Phi^T,
+ *     H_pre = sigmoid(a_0 z_pre + b_pre),  H_post = 2 sigmoid(a_1 z_post + b_post),
+ *     H_res = SinkhornKnopp(a_2 mat(z_res) + b_res)   (mhc_sinkhorn_iters column-then-row passes)
+ *     h_0 = sum_j H_pre[j] H_j,   H'_i = sum_j H_res[i,j] H_j + H_post[i] T(h_0)
+ *
+ * i.e. alpha[j,0] = H_pre[j], alpha[j,1+i] = H_res[i,j], beta = H_post in the machinery below;
+ * the backward goes through every Sinkhorn iteration exactly. Init (docs/WIRINGS.md): Phi = 0,
+ * a = 0.01, b_pre = -log(n-1) (H_pre = 1/n), b_post = 0, b_res = 0 (H_res uniform), so the copies
+ * stay equal and the model starts as the pre-norm residual stack. Tensor names and the
+ * reading of both papers: docs/WIRINGS.md. See sf_wiring.h for the hooks' contract. */
 #include "../sf_wiring.h"
 
 #include <math.h>
@@ -25,16 +39,21 @@
 /* Row runs for the token reductions (static-weight, scale and projection gradients): a
  * constant, so the sums do not depend on the thread count. */
 #define HC_LANES 16
+#define MHC_MAX_N 16 /* per-token scratch on the stack: n x n matrices */
 
 typedef struct {
+    int mhc, dyn;
     int64_t n, C;   /* copies, columns of alpha (n + 1) */
-    int dyn;
+    int64_t Z;      /* mHC: projections per token, 2n + n^2 */
+    int64_t iters;  /* mHC: Sinkhorn passes */
     float *H;       /* training: (L+1, N, n, d) every sublayer's stream; inference: 2 of them */
     int64_t nH;     /* streams kept */
     float *v;       /* post-norm: a sublayer's output Norm(y) before it joins the stream */
-    /* per-sublayer coefficients, recomputed for the backward: (N, n, C), (N, n); dynamic also
-     * the tanh values and H̄ (N, n, d) */
-    float *alpha, *beta, *ta, *tb, *Hn, *nstats;
+    /* the current sublayer's coefficients (recomputed for the backward): alpha (N, n, C), beta
+     * (N, n); HC dynamic: tanh values ta (N, n, C), tb (N, n), the normed copies Hn (N, n, d);
+     * mHC: z (N, Z), the normed vec(H) in Hn (N, n d), the Sinkhorn iterates sk (N, 2 iters + 1,
+     * n, n), its row/col 1/RMS in nstats */
+    float *alpha, *beta, *ta, *tb, *Hn, *nstats, *z, *sk;
     /* backward */
     float *dcur, *dnext; /* dL/dH_k, dL/dH_{k+1} (N, n, d) */
     float *dh0;          /* dL/dh_0 of the sublayer being walked (N, d) */
@@ -46,39 +65,35 @@ typedef struct {
 
 /* ---- parameters: per sublayer (s = 0 attention, 1 MLP of block i) ---- */
 
-static const char *sub_name(int s) { return s == 0 ? "attn" : "mlp"; }
-
 static void table_layer(const sf_config *c, int i, sf_table_builder *tb) {
     const int64_t n = c->hc_expansion, d = c->d_model;
     const int ln_bias = c->bias && c->norm == SF_NORM_LAYERNORM;
+    const int mhc = c->residual == SF_RES_MHC;
     char nm[SF_NAME_MAX];
     for (int s = 0; s < 2; s++) {
-        const char *p = sub_name(s);
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.static_alpha", i, p);
-        sf_params_emit(tb, nm, i, 2, n, n + 1, 1, s == 0 ? SF_INIT_HC_ALPHA_ATTN : SF_INIT_HC_ALPHA_MLP,
-                       s == 0 ? SF_LAYER_VIEW(hc_sa[0]) : SF_LAYER_VIEW(hc_sa[1]));
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.static_beta", i, p);
-        sf_params_emit(tb, nm, i, 1, n, 0, 1, SF_INIT_ONES, s == 0 ? SF_LAYER_VIEW(hc_sb[0]) : SF_LAYER_VIEW(hc_sb[1]));
-        if (!c->hc_dynamic) continue;
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.dynamic_alpha_fn", i, p);
-        sf_params_emit(tb, nm, i, 2, d, n + 1, 1, SF_INIT_ZEROS, s == 0 ? SF_LAYER_VIEW(hc_fa[0]) : SF_LAYER_VIEW(hc_fa[1]));
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.dynamic_alpha_scale", i, p);
-        sf_params_emit(tb, nm, i, 1, 1, 0, 1, SF_INIT_HC_SCALE, s == 0 ? SF_LAYER_VIEW(hc_as[0]) : SF_LAYER_VIEW(hc_as[1]));
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.dynamic_beta_fn", i, p);
-        sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ZEROS, s == 0 ? SF_LAYER_VIEW(hc_fb[0]) : SF_LAYER_VIEW(hc_fb[1]));
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.dynamic_beta_scale", i, p);
-        sf_params_emit(tb, nm, i, 1, 1, 0, 1, SF_INIT_HC_SCALE, s == 0 ? SF_LAYER_VIEW(hc_bs[0]) : SF_LAYER_VIEW(hc_bs[1]));
-        snprintf(nm, sizeof nm, "layers.%d.%s_hc.norm.weight", i, p);
-        sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, s == 0 ? SF_LAYER_VIEW(hc_nw[0]) : SF_LAYER_VIEW(hc_nw[1]));
-        if (ln_bias) {
-            snprintf(nm, sizeof nm, "layers.%d.%s_hc.norm.bias", i, p);
-            sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ZEROS, s == 0 ? SF_LAYER_VIEW(hc_nb[0]) : SF_LAYER_VIEW(hc_nb[1]));
+        const char *p = s == 0 ? "attn" : "mlp";
+#define EMIT(suffix, nd, a, b, init, field) \
+        (snprintf(nm, sizeof nm, "layers.%d.%s_%s." suffix, i, p, mhc ? "mhc" : "hc"), \
+         sf_params_emit(tb, nm, i, nd, a, b, 1, init, s == 0 ? SF_LAYER_VIEW(field[0]) : SF_LAYER_VIEW(field[1])))
+        if (mhc) {
+            EMIT("proj.weight", 2, n * n + 2 * n, n * d, SF_INIT_ZEROS, hc_proj);
+            EMIT("base.weight", 1, n * n + 2 * n, 0, SF_INIT_MHC_BASE, hc_base);
+            EMIT("scale.weight", 1, 3, 0, SF_INIT_HC_SCALE, hc_scale);
+            continue;
         }
+        EMIT("alpha.weight", 2, n, n + 1, s == 0 ? SF_INIT_HC_ALPHA_ATTN : SF_INIT_HC_ALPHA_MLP, hc_alpha);
+        EMIT("beta.weight", 1, n, 0, SF_INIT_ONES, hc_beta);
+        if (!c->hc_dynamic) continue;
+        EMIT("norm.weight", 1, d, 0, SF_INIT_ONES, hc_nw);
+        if (ln_bias) EMIT("norm.bias", 1, d, 0, SF_INIT_ZEROS, hc_nb);
+        EMIT("proj.weight", 2, n + 2, d, SF_INIT_ZEROS, hc_proj);
+        EMIT("scale.weight", 1, 2, 0, SF_INIT_HC_SCALE, hc_scale);
+#undef EMIT
     }
 }
 static void table_model(const sf_config *c, sf_table_builder *tb) {}
 
-/* traces: the weights of the input read (alpha_{j,0}) over the n copies */
+/* traces: the weights of the input read (alpha_{j,0}, H_pre) over the n copies */
 static int64_t num_sources(const sf_config *c, int64_t k) { return k < 2 * c->n_layers ? c->hc_expansion : 0; }
 
 /* ---- per call ---- */
@@ -87,9 +102,12 @@ static sf_status init(run *R) {
     hc_state *s = calloc(1, sizeof *s);
     if (!s) return SF_ERR_NOMEM;
     R->ws = s;
+    s->mhc = R->c->residual == SF_RES_MHC;
+    s->dyn = s->mhc || R->c->hc_dynamic;
     s->n = R->c->hc_expansion;
     s->C = s->n + 1;
-    s->dyn = R->c->hc_dynamic;
+    s->Z = s->n * s->n + 2 * s->n;
+    s->iters = R->c->mhc_sinkhorn_iters;
     s->nH = R->training ? R->L + 1 : 2;
     return SF_OK;
 }
@@ -107,17 +125,23 @@ static void layout_block(run *R, bump *bp, block_acts *A) {
 static void layout(run *R, bump *bp, want w) {
     hc_state *s = R->ws;
     int bad = 0;
-    const int64_t N = R->N, d = R->d, n = s->n, C = s->C;
+    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, Z = s->Z;
     const int64_t Hsz = cmul(&bad, cmul(&bad, N, n), d);
     s->H = take(bp, cmul(&bad, s->nH, Hsz));
     s->v = R->c->pre_norm ? NULL : take(bp, N * d);
     s->alpha = take(bp, cmul(&bad, N, n * C));
     s->beta = take(bp, cmul(&bad, N, n));
     if (s->dyn) {
-        s->ta = take(bp, cmul(&bad, N, n * C));
-        s->tb = take(bp, cmul(&bad, N, n));
         s->Hn = take(bp, Hsz);
         s->nstats = take(bp, cmul(&bad, 2 * N, n));
+    }
+    if (s->dyn && !s->mhc) {
+        s->ta = take(bp, cmul(&bad, N, n * C));
+        s->tb = take(bp, cmul(&bad, N, n));
+    }
+    if (s->mhc) {
+        s->z = take(bp, cmul(&bad, N, Z));
+        s->sk = take(bp, cmul(&bad, N, cmul(&bad, 2 * s->iters + 1, n * n)));
     }
     if (R->training) {
         s->dcur = take(bp, Hsz);
@@ -126,8 +150,9 @@ static void layout(run *R, bump *bp, want w) {
         s->ga = take(bp, cmul(&bad, N, n * C));
         s->gb = take(bp, cmul(&bad, N, n));
         s->dHn = s->dyn ? take(bp, Hsz) : NULL;
-        /* per lane: static alpha/beta, the two scales, W_alpha (d x C) and W_beta (d) */
-        s->lane_floats = n * C + n + 2 + d * C + d;
+        /* per lane: HC static alpha/beta, scales (2), projection ((n+2) x d); mHC base (Z),
+         * scales (3), projection (Z x n d) */
+        s->lane_floats = s->mhc ? Z + 3 + cmul(&bad, Z, n * d) : n * C + n + 2 + (n + 2) * d;
         s->lane = take(bp, cmul(&bad, HC_LANES, s->lane_floats));
     }
     if (bad) bp->bad = 1;
@@ -138,26 +163,92 @@ static float *stream(const run *R, int64_t k) {
     return s->H + (s->nH == 2 ? k % 2 : k) * R->N * s->n * R->d;
 }
 
+static const sf_layer_views *views(const run *R, int64_t k) { return &R->m->layers[k / 2]; }
+
 /* ---- coefficients ---- */
 
-static void params_of(const run *R, int64_t k, const float **sa, const float **sb, const float **fa,
-                      const float **as, const float **fb, const float **bs, const float **nw,
-                      const float **nb) {
-    const sf_layer_views *Lv = &R->m->layers[k / 2];
-    const int s = (int)(k % 2);
-    *sa = Lv->hc_sa[s]; *sb = Lv->hc_sb[s]; *fa = Lv->hc_fa[s]; *as = Lv->hc_as[s];
-    *fb = Lv->hc_fb[s]; *bs = Lv->hc_bs[s]; *nw = Lv->hc_nw[s]; *nb = Lv->hc_nb[s];
+static float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* mHC's Sinkhorn-Knopp on one token's n x n logits: M0 = exp(logits - max) (a global shift,
+ * which every normalization cancels), then `iters` passes of T_c (columns to sum 1) followed by
+ * T_r (rows to sum 1); all 2 iters + 1 iterates kept in it (for the exact backward). */
+static void sinkhorn(float *it, const float *logits, int64_t n, int64_t iters) {
+    const int64_t nn = n * n;
+    float mx = logits[0];
+    for (int64_t t = 1; t < nn; t++) mx = logits[t] > mx ? logits[t] : mx;
+    for (int64_t t = 0; t < nn; t++) it[t] = expf(logits[t] - mx);
+    for (int64_t p = 0; p < 2 * iters; p++) {
+        const float *x = it + p * nn;
+        float *y = it + (p + 1) * nn;
+        if (p % 2 == 0) { /* T_c */
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0.0f;
+                for (int64_t i = 0; i < n; i++) sum += x[i * n + j];
+                for (int64_t i = 0; i < n; i++) y[i * n + j] = x[i * n + j] / sum;
+            }
+        } else { /* T_r */
+            for (int64_t i = 0; i < n; i++) {
+                float sum = 0.0f;
+                for (int64_t j = 0; j < n; j++) sum += x[i * n + j];
+                for (int64_t j = 0; j < n; j++) y[i * n + j] = x[i * n + j] / sum;
+            }
+        }
+    }
+}
+
+/* dlogits from dM (the result's gradient; overwritten), back through every pass: for y = x/s
+ * over a column (or row), dx = (dy - sum(dy y)) / s; then exp. */
+static void sinkhorn_backward(float *dlogits, float *dM, const float *it, int64_t n, int64_t iters) {
+    const int64_t nn = n * n;
+    for (int64_t p = 2 * iters - 1; p >= 0; p--) {
+        const float *x = it + p * nn, *y = it + (p + 1) * nn;
+        if (p % 2 == 0) {
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0.0f, dot = 0.0f;
+                for (int64_t i = 0; i < n; i++) { sum += x[i * n + j]; dot += dM[i * n + j] * y[i * n + j]; }
+                for (int64_t i = 0; i < n; i++) dM[i * n + j] = (dM[i * n + j] - dot) / sum;
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                float sum = 0.0f, dot = 0.0f;
+                for (int64_t j = 0; j < n; j++) { sum += x[i * n + j]; dot += dM[i * n + j] * y[i * n + j]; }
+                for (int64_t j = 0; j < n; j++) dM[i * n + j] = (dM[i * n + j] - dot) / sum;
+            }
+        }
+    }
+    for (int64_t t = 0; t < nn; t++) dlogits[t] = dM[t] * it[t];
 }
 
 /* alpha (N, n, C), beta (N, n) of sublayer k from its stream H_k */
 static void coef_forward(run *R, int64_t k, const float *Hk) {
     hc_state *s = R->ws;
-    const int64_t N = R->N, d = R->d, n = s->n, C = s->C;
-    const float *sa, *sb, *fa, *as, *fb, *bs, *nw, *nb;
-    params_of(R, k, &sa, &sb, &fa, &as, &fb, &bs, &nw, &nb);
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, Z = s->Z;
+    if (s->mhc) {
+        const float *P = Lv->hc_proj[sub], *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub];
+        sf_rmsnorm(s->Hn, Hk, NULL, N, n * d, R->c->norm_eps, R->nt); /* vec(H) per token */
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * Z * n * d > 65536)
+        for (int64_t r = 0; r < N; r++) {
+            const float *xn = s->Hn + r * n * d;
+            float *z = s->z + r * Z, logit[MHC_MAX_N * MHC_MAX_N];
+            for (int64_t c = 0; c < Z; c++) z[c] = sf_dot(xn, P + c * n * d, n * d);
+            float *al = s->alpha + r * n * C, *be = s->beta + r * n;
+            for (int64_t j = 0; j < n; j++) al[j * C] = sigm(a[0] * z[j] + b[j]);
+            for (int64_t i = 0; i < n; i++) be[i] = 2.0f * sigm(a[1] * z[n + i] + b[n + i]);
+            for (int64_t t = 0; t < n * n; t++) logit[t] = a[2] * z[2 * n + t] + b[2 * n + t];
+            float *it = s->sk + r * (2 * s->iters + 1) * n * n;
+            sinkhorn(it, logit, n, s->iters);
+            const float *M = it + 2 * s->iters * n * n;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < n; j++) al[j * C + 1 + i] = M[i * n + j];
+        }
+        return;
+    }
+    const float *sa = Lv->hc_alpha[sub], *sb = Lv->hc_beta[sub], *P = Lv->hc_proj[sub], *sc = Lv->hc_scale[sub];
     if (s->dyn) {
-        if (R->c->norm == SF_NORM_LAYERNORM) sf_layernorm(s->Hn, Hk, nw, nb, N * n, d, R->c->norm_eps, R->nt);
-        else sf_rmsnorm(s->Hn, Hk, nw, N * n, d, R->c->norm_eps, R->nt);
+        if (R->c->norm == SF_NORM_LAYERNORM) sf_layernorm(s->Hn, Hk, Lv->hc_nw[sub], Lv->hc_nb[sub], N * n, d, R->c->norm_eps, R->nt);
+        else sf_rmsnorm(s->Hn, Hk, Lv->hc_nw[sub], N * n, d, R->c->norm_eps, R->nt);
     }
 #pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * C * d > 65536)
     for (int64_t r = 0; r < N; r++)
@@ -171,15 +262,119 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
             const float *hn = s->Hn + (r * n + j) * d;
             float *ta = s->ta + (r * n + j) * C;
             for (int64_t c = 0; c < C; c++) {
-                float acc = 0.0f;
-                for (int64_t e = 0; e < d; e++) acc += hn[e] * fa[e * C + c];
-                ta[c] = tanhf(acc);
-                al[c] = sa[j * C + c] + as[0] * ta[c];
+                ta[c] = tanhf(sf_dot(hn, P + c * d, d));
+                al[c] = sa[j * C + c] + sc[0] * ta[c];
             }
-            float tb = tanhf(sf_dot(hn, fb, d));
+            float tb = tanhf(sf_dot(hn, P + C * d, d));
             s->tb[r * n + j] = tb;
-            s->beta[r * n + j] = sb[j] + bs[0] * tb;
+            s->beta[r * n + j] = sb[j] + sc[1] * tb;
         }
+}
+
+/* The coefficient gradients of one token run (a lane's rows): ga/gb (complete) into the
+ * lane's parameter partials and dL/dH̄ (s->dHn). */
+static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, float *ln) {
+    const hc_state *s = R->ws;
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t d = R->d, n = s->n, C = s->C, Z = s->Z;
+    if (s->mhc) {
+        const float *P = Lv->hc_proj[sub], *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub];
+        float *lb = ln, *lsc = ln + Z, *lP = lsc + 3;
+        for (int64_t r = r0; r < r1; r++) {
+            const float *z = s->z + r * Z, *g = s->ga + r * n * C, *gbr = s->gb + r * n, *xn = s->Hn + r * n * d;
+            float dz[2 * MHC_MAX_N + MHC_MAX_N * MHC_MAX_N], dM[MHC_MAX_N * MHC_MAX_N], dl[MHC_MAX_N * MHC_MAX_N];
+            for (int64_t j = 0; j < n; j++) { /* H_pre = sigmoid(a0 z + b) */
+                const float p = s->alpha[(r * n + j) * C], dpre = g[j * C] * p * (1.0f - p);
+                lb[j] += dpre; lsc[0] += dpre * z[j]; dz[j] = a[0] * dpre;
+            }
+            for (int64_t i = 0; i < n; i++) { /* H_post = 2 sigmoid(a1 z + b) */
+                const float q = 0.5f * s->beta[r * n + i], dpost = gbr[i] * 2.0f * q * (1.0f - q);
+                lb[n + i] += dpost; lsc[1] += dpost * z[n + i]; dz[n + i] = a[1] * dpost;
+            }
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < n; j++) dM[i * n + j] = g[j * C + 1 + i];
+            sinkhorn_backward(dl, dM, s->sk + r * (2 * s->iters + 1) * n * n, n, s->iters);
+            for (int64_t t = 0; t < n * n; t++) {
+                lb[2 * n + t] += dl[t]; lsc[2] += dl[t] * z[2 * n + t]; dz[2 * n + t] = a[2] * dl[t];
+            }
+            float *dxn = s->dHn + r * n * d;
+            for (int64_t e = 0; e < n * d; e++) dxn[e] = 0.0f;
+            for (int64_t c = 0; c < Z; c++) {
+                const float *Pc = P + c * n * d;
+                float *lPc = lP + c * n * d;
+                for (int64_t e = 0; e < n * d; e++) { dxn[e] += dz[c] * Pc[e]; lPc[e] += dz[c] * xn[e]; }
+            }
+            (void)b;
+        }
+        return;
+    }
+    const float *P = Lv->hc_proj[sub], *sc = Lv->hc_scale[sub];
+    float *lsa = ln, *lsb = ln + n * C, *lsc = lsb + n, *lP = lsc + 2;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t j = 0; j < n; j++) {
+            const float *g = s->ga + (r * n + j) * C;
+            for (int64_t c = 0; c < C; c++) lsa[j * C + c] += g[c];
+            lsb[j] += s->gb[r * n + j];
+        }
+        if (!s->dyn) continue;
+        for (int64_t j = 0; j < n; j++) {
+            const float *g = s->ga + (r * n + j) * C, *ta = s->ta + (r * n + j) * C;
+            const float *hn = s->Hn + (r * n + j) * d;
+            float *dhn = s->dHn + (r * n + j) * d;
+            const float tb = s->tb[r * n + j], gbj = s->gb[r * n + j];
+            const float pb = sc[1] * gbj * (1.0f - tb * tb); /* d/d(pre-tanh) of beta */
+            lsc[1] += gbj * tb;
+            for (int64_t e = 0; e < d; e++) { dhn[e] = pb * P[C * d + e]; lP[C * d + e] += pb * hn[e]; }
+            for (int64_t c = 0; c < C; c++) {
+                const float pa = sc[0] * g[c] * (1.0f - ta[c] * ta[c]);
+                lsc[0] += g[c] * ta[c];
+                for (int64_t e = 0; e < d; e++) { dhn[e] += pa * P[c * d + e]; lP[c * d + e] += pa * hn[e]; }
+            }
+        }
+    }
+}
+
+/* the lanes' partials into the parameters' gradients, in lane order */
+static void coef_backward_sum(run *R, int64_t k) {
+    hc_state *s = R->ws;
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t d = R->d, n = s->n, C = s->C, Z = s->Z, LF = s->lane_floats;
+    for (int64_t l = 0; l < HC_LANES; l++) {
+        const float *ln = s->lane + l * LF;
+        if (s->mhc) {
+            float *db = GRAD(R, Lv->hc_base[sub]), *dsc = GRAD(R, Lv->hc_scale[sub]), *dP = GRAD(R, Lv->hc_proj[sub]);
+            for (int64_t t = 0; t < Z; t++) db[t] += ln[t];
+            for (int64_t t = 0; t < 3; t++) dsc[t] += ln[Z + t];
+            for (int64_t t = 0; t < Z * n * d; t++) dP[t] += ln[Z + 3 + t];
+            continue;
+        }
+        float *dsa = GRAD(R, Lv->hc_alpha[sub]), *dsb = GRAD(R, Lv->hc_beta[sub]);
+        for (int64_t t = 0; t < n * C; t++) dsa[t] += ln[t];
+        for (int64_t t = 0; t < n; t++) dsb[t] += ln[n * C + t];
+        if (!s->dyn) continue;
+        float *dsc = GRAD(R, Lv->hc_scale[sub]), *dP = GRAD(R, Lv->hc_proj[sub]);
+        dsc[0] += ln[n * C + n];
+        dsc[1] += ln[n * C + n + 1];
+        for (int64_t t = 0; t < (n + 2) * d; t++) dP[t] += ln[n * C + n + 2 + t];
+    }
+}
+
+/* dL/dH̄ (s->dHn) back through the copies' norm into dL/dH_k (s->dcur, accumulated) */
+static void coef_backward_norm(run *R, int64_t k, const float *Hk) {
+    hc_state *s = R->ws;
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t N = R->N, d = R->d, n = s->n;
+    if (s->mhc)
+        sf_rmsnorm_backward(s->dcur, NULL, s->dHn, Hk, NULL, N, n * d, R->c->norm_eps, s->nstats, 1, R->nt);
+    else if (R->c->norm == SF_NORM_LAYERNORM)
+        sf_layernorm_backward(s->dcur, GRAD(R, Lv->hc_nw[sub]), GRAD(R, Lv->hc_nb[sub]), s->dHn, Hk, Lv->hc_nw[sub],
+                              N * n, d, R->c->norm_eps, s->nstats, 1, R->nt);
+    else
+        sf_rmsnorm_backward(s->dcur, GRAD(R, Lv->hc_nw[sub]), s->dHn, Hk, Lv->hc_nw[sub], N * n, d, R->c->norm_eps,
+                            s->nstats, 1, R->nt);
 }
 
 /* ---- forward hooks ---- */
@@ -328,18 +523,17 @@ static float *read_grad_dst(run *R, int64_t k, int *accumulate) {
 }
 
 /* dL/dh_0 is in s->dh0: the input-alpha gradients, dL/dH_k's read part, then the coefficient
- * gradients into the parameters (static, and dynamic through tanh, W and the copy norm). */
+ * gradients into the parameters (HC static; HC dynamic through tanh, the projection and the
+ * copies' norm; mHC through the sigmoids, every Sinkhorn pass, the projection and the norm). */
 static void read_backward(run *R, int64_t k) {
     hc_state *s = R->ws;
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C, LF = s->lane_floats;
     const float *Hk = stream(R, k);
-    const float *sa, *sb, *fa, *as, *fb, *bs, *nw, *nb;
-    params_of(R, k, &sa, &sb, &fa, &as, &fb, &bs, &nw, &nb);
     memset(s->lane, 0, (size_t)(HC_LANES * LF) * sizeof(float));
 #pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * C * d > 65536)
     for (int64_t l = 0; l < HC_LANES; l++) {
-        float *ln = s->lane + l * LF, *lsa = ln, *lsb = ln + n * C, *lsc = lsb + n, *lfa = lsc + 2, *lfb = lfa + d * C;
-        for (int64_t r = N * l / HC_LANES; r < N * (l + 1) / HC_LANES; r++) {
+        const int64_t r0 = N * l / HC_LANES, r1 = N * (l + 1) / HC_LANES;
+        for (int64_t r = r0; r < r1; r++) {
             const float *dh = s->dh0 + r * d, *x = Hk + r * n * d;
             float *dc = s->dcur + r * n * d;
             for (int64_t j = 0; j < n; j++) {
@@ -347,48 +541,11 @@ static void read_backward(run *R, int64_t k) {
                 s->ga[(r * n + j) * C] = sf_dot(dh, x + j * d, d);
                 for (int64_t e = 0; e < d; e++) dc[j * d + e] += a0 * dh[e];
             }
-            for (int64_t j = 0; j < n; j++) {
-                const float *g = s->ga + (r * n + j) * C;
-                for (int64_t c = 0; c < C; c++) lsa[j * C + c] += g[c];
-                lsb[j] += s->gb[r * n + j];
-            }
-            if (!s->dyn) continue;
-            for (int64_t j = 0; j < n; j++) {
-                const float *g = s->ga + (r * n + j) * C, *ta = s->ta + (r * n + j) * C;
-                const float *hn = s->Hn + (r * n + j) * d;
-                float *dhn = s->dHn + (r * n + j) * d;
-                const float tb = s->tb[r * n + j], gbj = s->gb[r * n + j];
-                const float pb = bs[0] * gbj * (1.0f - tb * tb); /* d/d(pre-tanh) of beta */
-                lsc[1] += gbj * tb;
-                for (int64_t e = 0; e < d; e++) { dhn[e] = pb * fb[e]; lfb[e] += pb * hn[e]; }
-                for (int64_t c = 0; c < C; c++) {
-                    const float pa = as[0] * g[c] * (1.0f - ta[c] * ta[c]);
-                    lsc[0] += g[c] * ta[c];
-                    for (int64_t e = 0; e < d; e++) { dhn[e] += pa * fa[e * C + c]; lfa[e * C + c] += pa * hn[e]; }
-                }
-            }
         }
+        coef_backward_rows(R, k, r0, r1, s->lane + l * LF);
     }
-    /* the lanes' sums, in lane order */
-    float *dsa = GRAD(R, sa), *dsb = GRAD(R, sb);
-    for (int64_t l = 0; l < HC_LANES; l++) {
-        const float *ln = s->lane + l * LF;
-        for (int64_t t = 0; t < n * C; t++) dsa[t] += ln[t];
-        for (int64_t t = 0; t < n; t++) dsb[t] += ln[n * C + t];
-        if (!s->dyn) continue;
-        const float *lsc = ln + n * C + n, *lfa = lsc + 2, *lfb = lfa + d * C;
-        GRAD(R, as)[0] += lsc[0];
-        GRAD(R, bs)[0] += lsc[1];
-        float *dfa = GRAD(R, fa), *dfb = GRAD(R, fb);
-        for (int64_t t = 0; t < d * C; t++) dfa[t] += lfa[t];
-        for (int64_t t = 0; t < d; t++) dfb[t] += lfb[t];
-    }
-    if (s->dyn) { /* through the copies' norm into dL/dH_k */
-        if (R->c->norm == SF_NORM_LAYERNORM)
-            sf_layernorm_backward(s->dcur, GRAD(R, nw), GRAD(R, nb), s->dHn, Hk, nw, N * n, d, R->c->norm_eps, s->nstats, 1, R->nt);
-        else
-            sf_rmsnorm_backward(s->dcur, GRAD(R, nw), s->dHn, Hk, nw, N * n, d, R->c->norm_eps, s->nstats, 1, R->nt);
-    }
+    coef_backward_sum(R, k);
+    if (s->dyn) coef_backward_norm(R, k, Hk);
     float *t = s->dnext; /* dL/dH_k is the next step's dL/dH_{k+1} */
     s->dnext = s->dcur;
     s->dcur = t;
@@ -408,26 +565,27 @@ static const float *embed_grad(run *R) {
 }
 static void backward_end(run *R) {}
 
-const sf_wiring sf_wiring_hyper_connections = {
-    .name = "hyper_connections",
-    .save_block_input = 0, /* every sublayer's stream is kept */
-    .table_layer = table_layer,
-    .table_model = table_model,
-    .num_sources = num_sources,
-    .init = init,
-    .free = free_state,
-    .layout_block = layout_block,
-    .layout = layout,
-    .embed_dst = embed_dst,
-    .begin = begin,
-    .read = read,
-    .out_buf = out_buf,
-    .write = write,
-    .final = final,
-    .backward_begin = backward_begin,
-    .write_backward = write_backward,
-    .read_grad_dst = read_grad_dst,
-    .read_backward = read_backward,
-    .embed_grad = embed_grad,
-    .backward_end = backward_end,
-};
+#define SF_HYPER_HOOKS                      \
+    .save_block_input = 0, /* every sublayer's stream is kept */ \
+    .table_layer = table_layer, \
+    .table_model = table_model, \
+    .num_sources = num_sources, \
+    .init = init, \
+    .free = free_state, \
+    .layout_block = layout_block, \
+    .layout = layout, \
+    .embed_dst = embed_dst, \
+    .begin = begin, \
+    .read = read, \
+    .out_buf = out_buf, \
+    .write = write, \
+    .final = final, \
+    .backward_begin = backward_begin, \
+    .write_backward = write_backward, \
+    .read_grad_dst = read_grad_dst, \
+    .read_backward = read_backward, \
+    .embed_grad = embed_grad, \
+    .backward_end = backward_end
+
+const sf_wiring sf_wiring_hyper_connections = {.name = "hyper_connections", SF_HYPER_HOOKS};
+const sf_wiring sf_wiring_mhc = {.name = "mhc", SF_HYPER_HOOKS};

@@ -615,12 +615,12 @@ class Model:
         """Source names for each depth aggregation k = 0..L (L = output):
         Full AttnRes: v0..vk; Block: b0..b{m-1} and the running partial sum b{m}^{i-1};
         DenseFormer: x0 (embedding) .. x{i} (block outputs) before sublayer 2i, none before MLPs;
-        Hyper-Connections: the copies h1..hn every sublayer reads from."""
+        Hyper-Connections and mHC: the copies h1..hn every sublayer reads from."""
         c = self.config
         L = 2 * c.n_layers
         if c.residual == "plain":
             return []
-        if c.residual == "hyper_connections":
+        if c.residual in ("hyper_connections", "mhc"):
             # every sublayer reads a mix of the n copies of the stream (the head: their sum)
             return [[f"h{j + 1}" for j in range(c.hc_expansion)] for _ in range(L)] + [[]]
         if c.residual == "denseformer":
