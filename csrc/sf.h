@@ -138,6 +138,8 @@ typedef struct {
     float **alpha;       /* [L+1] (B, T, n_sources(k)) AttnRes depth weights (k = L: output) */
     float **depth_mass;  /* [n] (B, H, T) MoDA attention mass on depth columns */
     float *rms;          /* (L+1, SF_RMS_COLS) per-sublayer RMS summary, see below */
+    float *copy_rms;     /* (L+1, hc_expansion) Hyper-Connections/mHC only: RMS of each copy of
+                          * the stream entering sublayer k (row L: the copies the head sums) */
 } sf_trace;
 
 /* rms rows k = 0..L-1 are sublayers (2i attention, 2i+1 MLP of block i), row L the output:

@@ -583,6 +583,7 @@ sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_
     st = run_init(&R, m, args->B, args->T, 0, 0, args->attnres_two_phase, cache, w, args->n_threads, err, errlen);
     if (st == SF_OK) {
         R.pad = args->key_padding_mask;
+        R.copy_rms = trace ? trace->copy_rms : NULL;
         stack_forward(&R, args->tokens, args->embeds, trace);
         copy(out_hidden, R.fin_u, R.N * R.d);
         if (out_logits) sf_matmul(out_logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);

@@ -44,6 +44,7 @@ typedef struct run {
     int64_t depth_bstride, depth_len, kv_bstride;
     float *pack, *attn_scratch, *stats;
     float *rope; /* RoPE cos/sin for this call's T positions (sf_rope_table), or NULL */
+    float *copy_rms; /* trace: (L+1, E) per-copy stream RMS (E-copy wirings), or NULL */
     /* backward */
     float *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
     float *ddepth_k, *ddepth_v, *dtmp_kv;

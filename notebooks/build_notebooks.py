@@ -390,7 +390,8 @@ initialisation every sublayer reads the plain *average* of its sources.
 
 This notebook trains a plain, a Full AttnRes and a Block AttnRes stack of the same size on the
 same data and looks at the loss, at how output sizes and gradients are spread across depth, and
-at which earlier layers each layer learns to read.
+at which earlier layers each layer learns to read; then (2.4) the wirings AttnRes competes
+with, DenseFormer, Hyper-Connections and mHC, beside them.
 '''),
     code(SETUP + r'''
 # --- sizes (QUICK shrinks them) ------------------------------------------------------------
@@ -620,6 +621,89 @@ for name in attn_stacks:
     print(name + ": mean effective sources " + ", ".join(
         f"step {s}: {snaps[name][s]['eff'].mean():.2f}" for s in steps_shown))
 '''),
+    md(r"""
+## 2.4 The wirings AttnRes competes with: DenseFormer, Hyper-Connections, mHC
+
+The Attention Residuals paper measures itself against two other ways of wiring depth, and
+Hyper-Connections is the one those build on. Each is one `residual=` name here (the equations,
+sources and every choice made are in `docs/WIRINGS.md`):
+
+* **DenseFormer** (`residual="denseformer"`): after every block a *depth-weighted average* of
+  the embedding and all block outputs so far, with learned scalar weights that start as the
+  identity (weight 1 on the newest, 0 elsewhere), so the model starts as a plain stack.
+* **Hyper-Connections** (`residual="hyper_connections"`): the stream is widened to `hc_expansion`
+  copies; each sublayer reads a learned mixture of the copies and writes its output back into
+  every copy with learned weights, while the copies also mix among themselves. Initialised so
+  the model starts equivalent to the pre-norm stack; `hc_dynamic=True` makes the weights
+  input-dependent.
+* **mHC** (`residual="mhc"`): Hyper-Connections whose copy-mixing matrix is projected onto the
+  doubly-stochastic matrices by Sinkhorn-Knopp iterations (so it can only average the copies,
+  never amplify them), with input-dependent read and write maps.
+
+They train on the same data, in the same order, with the same schedule as the three stacks
+above. `trace.alpha` records their depth-mixing weights too (DenseFormer: the DWA weights over
+`x0..xi` before each block; HC/mHC: the read weights over the copies), and `trace.copy_rms` the
+size of every copy of the stream through depth.
+"""),
+    code(r"""
+COMPETITORS = {
+    "DenseFormer": dict(residual="denseformer"),
+    "Hyper-Connections (n=4)": dict(residual="hyper_connections"),
+    "mHC (n=4)": dict(residual="mhc"),
+}
+COLORS.update(zip(COMPETITORS, ["C3", "C4", "C5"]))
+traces = {}
+for name, kw in COMPETITORS.items():
+    cfg = sf.Config(vocab_size=256, d_model=D_MODEL, n_heads=N_HEADS, n_layers=N_BLOCKS,
+                    max_seq_len=SEQ_LEN, pos=POS, **kw)
+    model = sf.Model(cfg, seed=0)
+    t0 = time.perf_counter()
+    hists[name] = sf.train(model, corpus, steps=STEPS, batch_size=BATCH, seq_len=SEQ_LEN,
+                           seed=0, eval_batches=4, progress=False)
+    models[name] = model
+    traces[name] = model(probe_x, trace=["rms", "alpha"]).trace
+    print(f"{name:>24}: {model.num_params:,} params, val loss {hists[name].val_loss[0]:.3f} -> "
+          f"{hists[name].val_loss[-1]:.3f}, {time.perf_counter() - t0:.0f} s")
+
+print()
+base = hists["plain"].val_loss[-1]
+for name, h in hists.items():
+    print(f"{name:>24}: {models[name].num_params:>9,} params, final validation loss "
+          f"{h.val_loss[-1]:.3f} ({h.val_loss[-1] - base:+.3f} vs plain)")
+print("\nOne seed each: differences this size are within seed-to-seed noise at this budget. "
+      "`python -m stackformer` runs these wirings with several seeds and gives intervals.")
+"""),
+    code(r"""
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.9))
+plot_loss_curves(axes[0], hists, COLORS, corpus.unigram_loss())
+axes[0].set_title("all six wirings"); axes[0].grid(alpha=0.3); axes[0].legend(fontsize=6, ncol=2)
+
+# DenseFormer: the DWA before block i mixes x0 (embedding) .. xi (block outputs); rows k = 2i
+a = traces["DenseFormer"].alpha_matrix[0::2]           # blocks 0..n-1, then the head's read
+cmap = plt.get_cmap("magma").copy(); cmap.set_bad("#e8e8e8")
+im = axes[1].imshow(np.ma.masked_invalid(a), cmap=cmap, aspect="auto")
+axes[1].set_xticks(range(a.shape[1])); axes[1].set_xticklabels(["emb"] + [f"x{j}" for j in range(1, a.shape[1])], fontsize=6, rotation=90)
+axes[1].set_yticks(range(a.shape[0])); axes[1].set_yticklabels([f"block{i}" for i in range(N_BLOCKS)] + ["out"], fontsize=6)
+axes[1].set_title(f"DenseFormer: DWA weights after {STEPS} steps"); fig.colorbar(im, ax=axes[1])
+
+# Hyper-Connections / mHC: the RMS of every copy of the stream entering each sublayer
+for name, ls in (("Hyper-Connections (n=4)", "-"), ("mHC (n=4)", "--")):
+    cr = traces[name].copy_rms
+    for j in range(cr.shape[1]):
+        axes[2].plot(range(L + 1), cr[:, j], ls=ls, color=COLORS[name], alpha=0.5 + 0.5 * j / cr.shape[1],
+                     label=f"{name}, copy {j + 1}" if j in (0, cr.shape[1] - 1) else None)
+axes[2].plot(range(L + 1), snaps["plain"][STEPS]["rms"][:, 0], color=COLORS["plain"], label="plain stream")
+axes[2].set_yscale("log"); axes[2].set_xticks(range(L + 1))
+axes[2].set_xticklabels(sub_names + ["out"], rotation=90, fontsize=6)
+axes[2].set_title("RMS of each copy of the stream"); axes[2].grid(alpha=0.3); axes[2].legend(fontsize=6)
+fig.tight_layout()
+plt.show()
+
+for name in ("Hyper-Connections (n=4)", "mHC (n=4)"):
+    reads = np.array([a.mean(axis=(0, 1)) for a in traces[name].alpha[:L]])   # (L, n)
+    print(f"{name}: mean read weight per copy over the sublayers: {reads.mean(0)}; "
+          f"copy RMS at the head: {traces[name].copy_rms[L]}")
+"""),
     md(r'''
 **Reading the results.** The plain stack's inputs grow along the depth axis while what each
 sublayer writes stays roughly the same size, so late sublayers make relatively small changes;

@@ -79,7 +79,13 @@ def test_paired_difference_hand_case():
 @pytest.mark.parametrize("kw", [dict(), dict(residual="attnres_full"),
                                 dict(residual="attnres_block", attnres_block_size=3), dict(moda=True),
                                 dict(moda=True, activation="swiglu", bias=False, norm="rmsnorm",
-                                     pos="rope", n_kv_heads=2, tie_embeddings=False)])
+                                     pos="rope", n_kv_heads=2, tie_embeddings=False),
+                                dict(residual="denseformer"),
+                                dict(residual="denseformer", denseformer_dilation=2, denseformer_period=2),
+                                dict(residual="hyper_connections"),
+                                dict(residual="hyper_connections", hc_dynamic=True, hc_expansion=3),
+                                dict(residual="hyper_connections", hc_dynamic=True, norm="rmsnorm"),
+                                dict(residual="mhc"), dict(residual="mhc", hc_expansion=2, moda=True)])
 def test_param_count_and_matching(kw):
     cfg = sf.Config(vocab_size=256, d_model=32, n_heads=4, n_layers=3, max_seq_len=16, **kw)
     assert budget.analytic_params(cfg) == sf.Model(cfg).num_params == budget.num_params(cfg)
@@ -103,6 +109,25 @@ def test_flops_count_attention_and_depth_reads():
     assert budget.depth_reads(sf.Config(**c, residual="attnres_full")) == 15
     assert budget.depth_reads(sf.Config(**c, moda=True)) == 2   # block 1 sees 2 depth slots
     assert budget.train_flops(sf.Config(**c), 8, 4, 10)[0] == 3 * 403456 * 4 * 10
+
+
+def test_flops_of_the_competitor_wirings_by_hand():
+    c = dict(vocab_size=256, d_model=32, n_heads=2, n_layers=2, max_seq_len=8, d_ff=64)
+    core = 403456 - 1024  # the plain count above without its residual adds
+    # DenseFormer: the adds, plus the DWA after block 0 (sources X0, X1) and block 1 (X0..X2):
+    # 2*32*8*(2+3) = 2560
+    df, exact = budget.forward_flops(sf.Config(**c, residual="denseformer"), 8)
+    assert exact and df == 403456 + 2560
+    # Hyper-Connections, static, n=2, per sublayer and token: read 2*2*32 + mixing 2*4*32 +
+    # write 2*2*32 = 512; 4 sublayers, 8 tokens, plus the head's sum 2*32 per token: 8*(4*512+64)
+    hc, _ = budget.forward_flops(sf.Config(**c, residual="hyper_connections", hc_expansion=2), 8)
+    assert hc == core + 8 * (4 * 512 + 64)
+    # dynamic adds 2*2*32*(2+2) = 512 per sublayer and token
+    hd, _ = budget.forward_flops(sf.Config(**c, residual="hyper_connections", hc_expansion=2, hc_dynamic=True), 8)
+    assert hd == hc + 8 * 4 * 512
+    # mHC n=2, 3 Sinkhorn iterations: + projection 2*2*32*(4+4) = 1024 and Sinkhorn 4*4*3 = 48
+    mh, _ = budget.forward_flops(sf.Config(**c, residual="mhc", hc_expansion=2, mhc_sinkhorn_iters=3), 8)
+    assert mh == hc + 8 * 4 * (1024 + 48)
 
 
 # -- specs ------------------------------------------------------------------------------------------

@@ -49,6 +49,30 @@ def test_logits_match_the_reference(kw):
     assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
 
 
+@pytest.mark.parametrize("kw", [c for c in CASES if c["residual"] != "denseformer"],
+                         ids=[str(c) for c in CASES if c["residual"] != "denseformer"])
+def test_traces_match_the_reference(kw):
+    """The read weights (trace.alpha: alpha_{.,0} for HC, H_pre for mHC) and the per-copy stream
+    RMS (trace.copy_rms) against the reference's own recordings."""
+    model, rcfg, params = build(**kw)
+    x = np.random.default_rng(2).integers(0, SIZES["vocab_size"], (2, 8))
+    ref = R.forward(rcfg, params, tokens=x)["wiring"]
+    tr = model(x, trace=True).trace
+    E, L = model.config.hc_expansion, 2 * SIZES["n_layers"]
+    want_rms = np.array([np.sqrt((h ** 2).mean(axis=(0, 1, 3))) for h in ref["streams"]])
+    assert tr.copy_rms.shape == (L + 1, E) == want_rms.shape
+    np.testing.assert_allclose(tr.copy_rms, want_rms, rtol=1e-4)
+    reads = [a[..., 0] for a in ref["alpha"]] if kw["residual"] == "hyper_connections" else ref["pre"]
+    for k in range(L):
+        np.testing.assert_allclose(tr.alpha[k], reads[k], rtol=1e-4, atol=1e-5)
+    assert model.alpha_labels()[0] == [f"h{j + 1}" for j in range(E)]
+
+
+def test_copy_rms_only_for_copy_wirings():
+    m = sf.Model(sf.Config(**SIZES), seed=0)
+    assert m(np.zeros((1, 4), dtype=np.int64), trace=True).trace.copy_rms is None
+
+
 GRAD_CASES = [
     dict(residual="denseformer", denseformer_dilation=2),
     dict(residual="hyper_connections", hc_dynamic=True),

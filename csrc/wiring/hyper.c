@@ -381,6 +381,21 @@ static void coef_backward_norm(run *R, int64_t k, const float *Hk) {
 
 static float *embed_dst(run *R) { return R->acts[0].in_a; /* a staging row: begin copies it */ }
 
+/* trace: row `row` of the per-copy RMS table, over all N*d elements of each copy of H */
+static void record_copy_rms(const run *R, const float *H, int64_t row) {
+    const hc_state *s = R->ws;
+    const int64_t N = R->N, d = R->d, n = s->n;
+    if (!R->copy_rms) return;
+    for (int64_t j = 0; j < n; j++) {
+        double ss = 0.0;
+        for (int64_t r = 0; r < N; r++) {
+            const float *x = H + (r * n + j) * d;
+            for (int64_t e = 0; e < d; e++) ss += (double)x[e] * x[e];
+        }
+        R->copy_rms[row * n + j] = (float)sqrt(ss / (double)(N * d));
+    }
+}
+
 static void begin(run *R, float *x0) {
     hc_state *s = R->ws;
     const int64_t N = R->N, d = R->d, n = s->n;
@@ -388,6 +403,7 @@ static void begin(run *R, float *x0) {
 #pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * d > 65536)
     for (int64_t r = 0; r < N; r++)
         for (int64_t j = 0; j < n; j++) memcpy(H0 + (r * n + j) * d, x0 + r * d, (size_t)d * sizeof(float));
+    record_copy_rms(R, H0, 0);
 }
 
 static void read(run *R, int64_t k, float *h, float *alpha_trace) {
@@ -447,6 +463,7 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
             }
         rms[SF_RMS_STREAM] = (float)sqrt(ss / (double)Nd);
     }
+    record_copy_rms(R, Hn, k + 1);
     (void)next;
 }
 

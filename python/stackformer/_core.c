@@ -346,6 +346,13 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         if (!r || PyDict_SetItemString(tdict, "rms", r) < 0) { Py_XDECREF(r); goto fail; }
         tr.rms = (float *)PyArray_DATA((PyArrayObject *)r);
         Py_DECREF(r);
+        if (c->residual == SF_RES_HYPER_CONNECTIONS || c->residual == SF_RES_MHC) {
+            npy_intp cdims[2] = {(npy_intp)(L + 1), (npy_intp)c->hc_expansion};
+            PyObject *cr = PyArray_ZEROS(2, cdims, NPY_FLOAT32, 0);
+            if (!cr || PyDict_SetItemString(tdict, "copy_rms", cr) < 0) { Py_XDECREF(cr); goto fail; }
+            tr.copy_rms = (float *)PyArray_DATA((PyArrayObject *)cr);
+            Py_DECREF(cr);
+        }
     }
     npy_intp odims[3] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->vocab_size};
     if (want_logits && !(logits = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;

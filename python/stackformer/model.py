@@ -83,11 +83,16 @@ class Trace:
     hidden[i]:     (B, T, d) what block i reads (plain: the residual stream; AttnRes: the
                    aggregate h_{2i}); hidden[n] = the final stream/aggregate before final_norm.
     attn_out[i], mlp_out[i]: (B, T, d) each sublayer's output (plain: the update it adds).
-    alpha[k]:      AttnRes only: (B, T, n_sources(k)) depth-attention weights of sublayer k
-                   (k = L: the output aggregator), with `alpha_labels[k]` naming the sources.
+    alpha[k]:      (B, T, n_sources(k)) the depth-mixing weights sublayer k reads with (k = L:
+                   the output read), with `alpha_labels[k]` naming the sources. AttnRes: the
+                   depth softmax over v0..vk (or blocks); DenseFormer: the DWA weights over
+                   x0..xi (before attention sublayers and the head; None before MLPs);
+                   Hyper-Connections/mHC: the read weights over the copies h1..hn. Plain: None.
     depth_mass[i]: MoDA only: (B, H, T) attention mass on depth slots.
     rms:           (L+1, 3) per sublayer: RMS of its input, of its output, of the plain running
                    sum after it (row L: final stream; other columns NaN).
+    copy_rms:      Hyper-Connections/mHC only: (L+1, n) RMS of each copy of the stream entering
+                   sublayer k (row L: the copies the head sums), recorded with rms.
     Entries not recorded are None.
     """
 
@@ -99,13 +104,14 @@ class Trace:
     alpha_labels: Optional[List[List[str]]] = None
     depth_mass: Optional[List[Optional[np.ndarray]]] = None
     rms: Optional[np.ndarray] = None
+    copy_rms: Optional[np.ndarray] = None
     seq_len: int = 0
 
     @property
     def alpha_matrix(self) -> np.ndarray:
         """(L+1, max_sources) token- and batch-averaged alpha, NaN where a row has fewer sources."""
         if self.alpha is None:
-            raise ValueError("no alpha recorded (AttnRes model traced with alpha=True needed)")
+            raise ValueError("no alpha recorded (a model with depth-mixing weights, traced with alpha=True, needed)")
         width = max(a.shape[-1] for a in self.alpha if a is not None)
         out = np.full((len(self.alpha), width), np.nan, dtype=np.float64)
         for k, a in enumerate(self.alpha):
@@ -408,7 +414,7 @@ class Model:
                 attention=tr.get("attention"), hidden=tr.get("hidden"),
                 attn_out=tr.get("attn_out"), mlp_out=tr.get("mlp_out"),
                 alpha=tr.get("alpha"), depth_mass=tr.get("depth_mass"), rms=tr.get("rms"),
-                alpha_labels=self.alpha_labels() if "alpha" in tr else None, seq_len=T)
+                copy_rms=tr.get("copy_rms"), alpha_labels=self.alpha_labels() if "alpha" in tr else None, seq_len=T)
         return Output(logits=logits, hidden_states=hidden, trace=trace_obj)
 
     forward = __call__

@@ -19,6 +19,14 @@ wiring's own cost):
   AttnRes depth reads    per sublayer k and the output aggregation, per token and source: the
                          key's RMS (2d), score (2d), mixing (2d) = 6d per source read
   plain residual         d per sublayer add
+  DenseFormer            the plain adds, plus per DWA (after block i when (i+1) % period == 0)
+                         2d per source (multiply-add), (i+1)//dilation + 1 sources
+  Hyper-Connections      per sublayer and token, n = hc_expansion copies: the read 2nd, the
+                         copies' mixing 2n^2 d, the write back 2nd; dynamic (hc_dynamic) adds
+                         the projections of the normed copies 2nd(n+2); the head's sum of the
+                         copies nd
+  mHC                    per sublayer and token: read 2nd, mixing 2n^2 d, write 2nd, the
+                         projection of vec(H) 2nd(n^2+2n), Sinkhorn 4 n^2 per iteration; head nd
   head                   2T d V
 Training = 3 x forward (backward ~ 2 x forward) x batch x steps. Wirings this file does not
 know (added to Config later) are counted as their plain stack plus nothing, flagged
@@ -36,7 +44,7 @@ from ..config import Config
 __all__ = ["num_params", "analytic_params", "forward_flops", "train_flops", "depth_reads",
            "match_d_ff", "KNOWN_RESIDUALS"]
 
-KNOWN_RESIDUALS = ("plain", "attnres_full", "attnres_block")
+KNOWN_RESIDUALS = ("plain", "attnres_full", "attnres_block", "denseformer", "hyper_connections", "mhc")
 
 
 def _cfg(c: Any) -> Config:
@@ -72,8 +80,19 @@ def analytic_params(cfg: Any) -> int:
     total = V * d + (c.max_seq_len * d if c.pos == "learned" else 0) + n * per_layer
     if c.moda:
         total += (n - 1) * 2 * Hkv * dh * d
-    if c.residual != "plain":
+    if c.residual in ("attnres_full", "attnres_block"):
         total += n * 4 * d + 2 * d
+    elif c.residual == "denseformer":
+        total += sum(_dwa_sources(c, i) for i in range(n) if (i + 1) % c.denseformer_period == 0)
+    elif c.residual in ("hyper_connections", "mhc"):
+        E = c.hc_expansion
+        if c.residual == "mhc":
+            per_sub = (E * E + 2 * E) * (E * d + 1) + 3
+        else:
+            per_sub = E * (E + 1) + E
+            if c.hc_dynamic:
+                per_sub += d * (2 if c.bias and c.norm == "layernorm" else 1) + (E + 2) * d + 2
+        total += 2 * n * per_sub
     if c.final_norm:
         total += norm
     if not c.tie_embeddings:
@@ -90,6 +109,11 @@ def _attnres_sources(c: Config) -> Tuple[int, ...]:
     out = [1 + k // S + (1 if k % S else 0) for k in range(L)]
     out.append(1 + (L + S - 1) // S)
     return tuple(out)
+
+
+def _dwa_sources(c: Config, i: int) -> int:
+    """Sources of DenseFormer's DWA after block i: j = (i+1) % k, +k, ..., i+1 (k = dilation)."""
+    return (i + 1) // c.denseformer_dilation + 1
 
 
 def _visible_depth_positions(T: int, C: int) -> int:
@@ -127,10 +151,22 @@ def forward_flops(cfg: Any, seq_len: int) -> Tuple[int, bool]:
         pos = _visible_depth_positions(T, c.moda_chunk) if c.causal else T * T
         total += sum(4 * H * dh * pos * 2 * l for l in range(n))
     exact = c.residual in KNOWN_RESIDUALS
+    L = 2 * n
     if c.residual in ("attnres_full", "attnres_block"):
         total += 6 * d * T * sum(_attnres_sources(c))
+    elif c.residual in ("hyper_connections", "mhc"):
+        E = c.hc_expansion
+        per_sub = 2 * E * d + 2 * E * E * d + 2 * E * d
+        if c.residual == "mhc":
+            per_sub += 2 * E * d * (E * E + 2 * E) + 4 * E * E * c.mhc_sinkhorn_iters
+        elif c.hc_dynamic:
+            per_sub += 2 * E * d * (E + 2)
+        total += T * (L * per_sub + E * d)
     else:
         total += 2 * n * T * d
+        if c.residual == "denseformer":
+            total += 2 * d * T * sum(_dwa_sources(c, i) for i in range(n)
+                                     if (i + 1) % c.denseformer_period == 0)
     return int(total), exact
 
 
