@@ -4,9 +4,52 @@
 #include "sf_internal.h"
 #include "sf_kernels.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+/* Every live model, so a forked child can reset the guards its parent's threads held. Create
+ * and free take the lock (never a hot path). */
+static pthread_mutex_t g_reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static sf_model *g_reg_head;
+
+void sf_models_registry_lock(void) { pthread_mutex_lock(&g_reg_lock); }
+void sf_models_registry_unlock(void) { pthread_mutex_unlock(&g_reg_lock); }
+
+void sf_models_after_fork(void) {
+    /* the child: the lock was taken by the prepare handler in the forking thread, which is
+     * this thread now; no other thread exists to race the walk */
+    for (sf_model *m = g_reg_head; m; m = m->reg_next) {
+        /* running forward calls (> 0) and a train step (-1 / pending) belonged to threads the
+         * child does not have: nobody will release them. A step interrupted this way leaves
+         * the child the weights as they were at the instant of fork. */
+        atomic_store(&m->state, 0);
+        if (atomic_load(&m->fwd_busy)) { /* taken by a vanished thread, maybe mid-resize: */
+            m->fwd_mem = NULL;          /* leave it (a leak in the child), never reuse it */
+            m->fwd_mem_bytes = 0;
+            atomic_store(&m->fwd_busy, 0);
+        }
+    }
+    pthread_mutex_unlock(&g_reg_lock);
+}
+
+static void registry_add(sf_model *m) {
+    pthread_mutex_lock(&g_reg_lock);
+    m->reg_next = g_reg_head;
+    if (g_reg_head) g_reg_head->reg_prev = m;
+    g_reg_head = m;
+    pthread_mutex_unlock(&g_reg_lock);
+}
+
+static void registry_remove(sf_model *m) {
+    pthread_mutex_lock(&g_reg_lock);
+    if (m->reg_prev) m->reg_prev->reg_next = m->reg_next;
+    else if (g_reg_head == m) g_reg_head = m->reg_next;
+    if (m->reg_next) m->reg_next->reg_prev = m->reg_prev;
+    m->reg_prev = m->reg_next = NULL;
+    pthread_mutex_unlock(&g_reg_lock);
+}
 
 sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, char *err,
                           size_t errlen) {
@@ -66,12 +109,14 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
     free(views);
     m->lm_head = cfg->tie_embeddings ? m->tok_emb : m->lm_head;
     sf_params_init(m, seed);
+    registry_add(m);
     *out = m;
     return SF_OK;
 }
 
 void sf_model_free(sf_model *m) {
     if (!m) return;
+    registry_remove(m);
     free(m->train_mem);
     free(m->fwd_mem);
     free(m->params);
