@@ -56,6 +56,8 @@ int sf_model_acquire_read(sf_model *m);
 void sf_model_release_read(sf_model *m);
 int sf_model_acquire_write(sf_model *m);
 void sf_model_release_write(sf_model *m);
+/* the read guard for calls that wait their turn instead of failing fast (sf_lifecycle.c) */
+void sf_model_acquire_read_wait(sf_model *m);
 
 /* fork (sf_threads.c's pthread_atfork handlers): the registry's lock is held across fork() so
  * the child's walk sees a whole list; in the child, every model's guard and forward-workspace
