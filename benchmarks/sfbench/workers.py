@@ -114,12 +114,18 @@ def _torch_setup_threads(threads: int):
 
 
 def _torch_build(state: Dict[str, Any], impl: str, cfg, seed: int = 0, adamw: str = "fused"):
-    """(module, optimizer, impl name) with the weights of sf.Model(cfg, seed)."""
+    """(sf model, module, optimizer, impl name, adamw) with the weights of sf.Model(cfg, seed).
+    impl: "sdpa" (the minimal mirror), "to_torch" (stackformer.torch), "compile" (torch.compile
+    of the sdpa mirror where it covers the config, else of to_torch) or "autocast" (the same
+    eager module, run under bf16 autocast by _torch_step)."""
     import torch
     import stackformer as sf
     import torch_mirror as tm
     sfm = sf.Model(cfg, seed=seed)
-    module, name = tm.build(sfm, "to_torch" if impl == "to_torch" else "mirror")
+    base = impl
+    if impl in ("compile", "autocast"):
+        base = "sdpa" if tm.mirror_supports(cfg)[0] else "to_torch"
+    module, name = tm.build(sfm, "to_torch" if base == "to_torch" else "mirror")
     module.train()
     kw = {"fused": True} if adamw == "fused" else {}
     try:
@@ -127,6 +133,13 @@ def _torch_build(state: Dict[str, Any], impl: str, cfg, seed: int = 0, adamw: st
     except Exception:
         opt = tm.adamw_for(module, sfm, LR)
         adamw = "default"
+    if impl == "compile":
+        # inductor, default mode; the module's parameters stay shared, so the optimizer steps
+        # the compiled module's weights. Graphs are compiled by the first (warm-up) calls.
+        module = torch.compile(module)
+        name = f"torch.compile({name})"
+    elif impl == "autocast":
+        name = f"autocast(bf16, {name})"
     return sfm, module, opt, name, adamw
 
 
@@ -149,18 +162,23 @@ def t_setup(state, msg):
                 ok, why = tm.mirror_supports(cfg)
                 if not ok:
                     raise NotImplementedError(why)
+            if impl in ("compile", "autocast") and not (tm.mirror_supports(cfg)[0] or tm.have_to_torch()):
+                raise NotImplementedError("no PyTorch module for this mode")
             sfm, module, opt, name, adamw = _torch_build(state, impl, cfg, adamw=msg.get("adamw", "fused"))
             info.update(impl=name, adamw=adamw)
             if msg.get("check", True):  # same weights, same math: compare on 2 sequences
-                xs, ys = x[:2], y[:2]
+                # (a compiled module on the timed batch itself: a second shape would recompile
+                # it with dynamic shapes, which is not what a user's fixed-shape loop runs)
+                xs, ys = (x, y) if impl == "compile" else (x[:2], y[:2])
                 ref = sfm(xs).logits
-                with torch.inference_mode():
-                    got = tm.logits_of(module(torch.from_numpy(xs))).numpy()
+                with torch.inference_mode(), _maybe_autocast(impl):
+                    got = tm.logits_of(module(torch.from_numpy(xs))).float().numpy()
                 info["max_abs_diff_logits"] = float(np.abs(ref - got).max())
                 loss_sf = sfm.forward_backward(xs, ys)
+                with _maybe_autocast(impl):
+                    lo = tm.logits_of(module(torch.from_numpy(xs)))
                 lt = torch.nn.functional.cross_entropy(
-                    tm.logits_of(module(torch.from_numpy(xs))).reshape(-1, cfg.vocab_size),
-                    torch.from_numpy(ys).reshape(-1))
+                    lo.float().reshape(-1, cfg.vocab_size), torch.from_numpy(ys).reshape(-1))
                 lt.backward()
                 module.zero_grad(set_to_none=True)
                 info["loss_sf"], info["loss_torch"] = loss_sf, float(lt.detach())
@@ -173,6 +191,15 @@ def t_setup(state, msg):
     return {"impls": out}
 
 
+def _maybe_autocast(impl: str):
+    """torch.autocast("cpu", bfloat16) for the autocast peer, else a no-op context."""
+    import contextlib
+    import torch
+    if impl == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _torch_step(state, impl: str, what: str) -> Callable[[], None]:
     import torch
     import torch_mirror as tm
@@ -180,13 +207,16 @@ def _torch_step(state, impl: str, what: str) -> Callable[[], None]:
     x, y = state["x"], state["y"]
     if what == "forward":
         def fwd():
-            with torch.inference_mode():
+            with torch.inference_mode(), _maybe_autocast(impl):
                 tm.logits_of(module(x))
         return fwd
 
     def train():
-        logits = tm.logits_of(module(x))
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        # autocast covers the forward and the loss (as torch's AMP recipe does); backward
+        # follows the forward's dtypes; the optimizer steps the fp32 weights
+        with _maybe_autocast(impl):
+            logits = tm.logits_of(module(x))
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
