@@ -20,7 +20,7 @@ from . import env
 from .matmul import find_openblas
 from .targets import TargetsMixin
 from .env import adaptive_reps, busy_processes, core_so_info, cpu_flags, cpu_model, git_info, loadavg, log, n_cores, now_iso, stats  # noqa: E402
-from .matrix import CONFIGS, GEN_NEW, GEN_PROMPT, LONG_SHORT_T, LR, TORCH_MEM_LIMIT, flops, make_batch, make_config, torch_attn_bytes  # noqa: E402
+from .matrix import TORCH_PEERS, CONFIGS, GEN_NEW, GEN_PROMPT, LONG_SHORT_T, LR, TORCH_MEM_LIMIT, flops, make_batch, make_config, torch_attn_bytes  # noqa: E402
 from .workers import Worker, WorkerError, run_mem, sf_phase, torch_env  # noqa: E402
 
 
@@ -103,13 +103,20 @@ class Bench(TargetsMixin):
             log("warning: csrc sources are newer than the built extension: rebuild (pip install -e .) to measure them")
 
     def torch_impls_for(self, mode: str) -> List[str]:
+        """The PyTorch peers timed beside a mode: eager (to_torch for every mode, the SDPA
+        mirror for plain), torch.compile and bf16 autocast (of the best eager module), as
+        --torch-impl and --torch-peers select."""
         if not self.torch_available:
             return []
+        peers = self.a.torch_peers.split(",")
         impls = []
-        if self.have_to_torch and self.a.torch_impl in ("auto", "to_torch", "both"):
-            impls.append("to_torch")
-        if mode == "plain" and self.a.torch_impl in ("auto", "sdpa", "both"):
-            impls.append("sdpa")
+        if "eager" in peers:
+            if self.have_to_torch and self.a.torch_impl in ("auto", "to_torch", "both"):
+                impls.append("to_torch")
+            if mode == "plain" and self.a.torch_impl in ("auto", "sdpa", "both"):
+                impls.append("sdpa")
+        if mode == "plain" or self.have_to_torch:
+            impls += [p for p in ("compile", "autocast") if p in peers]
         return impls
 
     # -- the matrix -------------------------------------------------------------------------
@@ -133,7 +140,7 @@ class Bench(TargetsMixin):
                 if tw and impls:
                     ok_impls = []
                     for impl in impls:
-                        if impl == "to_torch":
+                        if impl == "to_torch" or (impl in ("compile", "autocast") and mode != "plain"):
                             need = torch_attn_bytes(cfg, B, T, train=True)
                             if need > TORCH_MEM_LIMIT:
                                 case["torch"][impl] = {"skipped": f"stackformer.torch would materialize ~{need / 2**30:.1f} GiB of attention tensors"}
@@ -180,6 +187,8 @@ class Bench(TargetsMixin):
                 self.threads_row()
                 if len(modes) > 1:
                     self.overhead_row(modes)
+                if "moda" in modes:  # the MoDA paper's setting: 6 query heads, 2 kv heads
+                    self.overhead_row(["plain", "moda"], key="overhead_M_gqa_train", n_kv_heads=2)
             if name == "Deep" and not self.quick:
                 self.checkpoint_rows(modes)
         finally:
@@ -201,8 +210,8 @@ class Bench(TargetsMixin):
             t = c["torch"].get(impl, {})
             return f"{t[key + '_ratio']:.2f}x vs {impl}" if key + "_ratio" in t else ""
         f, t = c["sf"]["forward"], c["sf"]["train"]
-        log(f"    fwd {f['tok_s']:>9.0f} tok/s {f['gflops']:6.1f} GF/s  {tt('sdpa', 'forward')} {tt('to_torch', 'forward')}")
-        log(f"    trn {t['tok_s']:>9.0f} tok/s {t['gflops']:6.1f} GF/s  {tt('sdpa', 'train')} {tt('to_torch', 'train')}")
+        log(f"    fwd {f['tok_s']:>9.0f} tok/s {f['gflops']:6.1f} GF/s  " + " ".join(tt(i, 'forward') for i in TORCH_PEERS))
+        log(f"    trn {t['tok_s']:>9.0f} tok/s {t['gflops']:6.1f} GF/s  " + " ".join(tt(i, 'train') for i in TORCH_PEERS))
 
     def threads_row(self) -> None:
         import stackformer as sf
@@ -267,15 +276,16 @@ class Bench(TargetsMixin):
             sf.use_builtin_matmul()
         self.R["extras"]["blas_backend"] = {"library": info, "rows": rows}
 
-    def overhead_row(self, modes: List[str]) -> None:
+    def overhead_row(self, modes: List[str], key: str = "overhead_M_train", **extra: Any) -> None:
         """Train step of every mode at M, the modes taking turns within each repetition, so a
-        change of machine load between the matrix's cases cannot pose as an overhead."""
+        change of machine load between the matrix's cases cannot pose as an overhead. extra:
+        Config overrides shared by all modes (n_kv_heads=2 gives the M-GQA row)."""
         import stackformer as sf
         sf.set_num_threads(self.threads)
         B, T = CONFIGS["M"]["B"], CONFIGS["M"]["T"]
-        models = {mode: sf.Model(make_config("M", mode), seed=0) for mode in modes}
+        models = {mode: sf.Model(make_config("M", mode, **extra), seed=0) for mode in modes}
         x, y = make_batch(256, B, T)
-        log(f"[M] train step overheads, modes interleaved ({', '.join(modes)}) ...")
+        log(f"[M{'-GQA' if extra else ''}] train step overheads, modes interleaved ({', '.join(modes)}) ...")
         fns = {mode: (lambda m=m: m.train_step(x, y, lr=LR)) for mode, m in models.items()}
         # Two warm-up rounds and at least 7 measured ones: with one warm-up call per mode the
         # first two rounds of every mode ran 10-20% slow on the 2-core VM this was tuned on
@@ -288,17 +298,64 @@ class Bench(TargetsMixin):
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate who goes first
             for mode in order:
                 times[mode].append(timed(fns[mode])[0])
-        out: Dict[str, Any] = {"modes": {mode: stats(ts, B * T) for mode, ts in times.items()}}
+        fl_plain = flops(models["plain"].config, B, T)["train"]
+        out: Dict[str, Any] = {"modes": {mode: stats(ts, B * T) for mode, ts in times.items()}, "config": extra}
         for mode in modes:
             if mode != "plain":
                 out[mode] = {"overhead": statistics.median(times[mode]) / statistics.median(times["plain"]) - 1.0,
                              "overhead_best": min(times[mode]) / min(times["plain"]) - 1.0,
                              # per-repetition ratio: both ran back to back, so load cancels best
                              "overhead_paired_median": statistics.median(
-                                 [a / b for a, b in zip(times[mode], times["plain"])]) - 1.0}
-        self.R["extras"]["overhead_M_train"] = out
+                                 [a / b for a, b in zip(times[mode], times["plain"])]) - 1.0,
+                             # the analytic FLOPs the mode adds (matmuls incl. MoDA's depth
+                             # projections and depth attention; wirings' own element-wise work
+                             # is not in it)
+                             "flop_overhead": flops(models[mode].config, B, T)["train"] / fl_plain - 1.0}
+        self.R["extras"][key] = out
         del models
         gc.collect()
+
+    def bf16_rows(self, configs: List[str]) -> None:
+        """stackformer's bf16 compute mode against PyTorch's bf16 autocast (and stackformer
+        fp32), plain S and M, forward and train step, taking turns within each repetition."""
+        import stackformer as sf
+        out: Dict[str, Any] = {}
+        self.R["extras"]["bf16"] = out
+        if "compute_dtype" not in getattr(sf.Config, "__dataclass_fields__", {}):
+            out["error"] = "this stackformer has no bf16 compute mode"
+            return
+        out["kernel"] = getattr(sf, "bf16_kernel", lambda: "?")()
+        tw = Worker("torch", self.threads) if self.torch_available and "autocast" in self.a.torch_peers else None
+        try:
+            for name in [c for c in ("S", "M") if c in configs]:
+                B, T = CONFIGS[name]["B"], CONFIGS[name]["T"]
+                cfg = make_config(name, "plain", compute_dtype="bfloat16")
+                sf.set_num_threads(self.threads)
+                model = sf.Model(cfg, seed=0)
+                x, y = make_batch(cfg.vocab_size, B, T)
+                impls: List[str] = []
+                if tw:
+                    r = tw.call(op="setup", config=make_config(name, "plain").to_dict(), B=B, T=T, impls=["autocast"],
+                                adamw=self.a.torch_adamw)
+                    if r["impls"]["autocast"].get("ok"):
+                        impls = ["autocast"]
+                    out[f"{name}_autocast_info"] = r["impls"]["autocast"]
+                fl = flops(cfg, B, T)
+                row: Dict[str, Any] = {}
+                for what, fn, f in (("forward", lambda: model(x), fl["fwd"]),
+                                    ("train", lambda: model.train_step(x, y, lr=LR), fl["train"])):
+                    log(f"[{name}/plain bf16] {what} ...")
+                    res = interleave(fn, impls, tw, what, self.reps, self.warmup, self.min_total)
+                    row[what] = {"sf_bf16": stats(res["sf"][0], B * T, f)}
+                    if impls:
+                        row[what]["autocast"] = stats(res["autocast"][0], B * T, f)
+                        row[what]["ratio"] = (row[what]["autocast"]["median_s"] / row[what]["sf_bf16"]["median_s"])
+                        row[what]["ratio_best"] = (row[what]["autocast"]["min_s"] / row[what]["sf_bf16"]["min_s"])
+                out[name] = row
+                del model
+        finally:
+            if tw:
+                tw.close()
 
     def checkpoint_rows(self, modes: List[str]) -> None:
         import stackformer as sf

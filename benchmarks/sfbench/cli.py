@@ -29,6 +29,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--torch-impl", default="auto", choices=["auto", "both", "sdpa", "to_torch"],
                     help="PyTorch baselines: auto = stackformer.torch.to_torch for every mode when present, plus the SDPA mirror for plain")
+    ap.add_argument("--torch-peers", default="eager,compile,autocast",
+                    help="comma list of PyTorch peers: eager (see --torch-impl), compile (torch.compile, inductor), "
+                         "autocast (eager under torch.autocast cpu bfloat16)")
     ap.add_argument("--torch-adamw", default="fused", choices=["fused", "default"], help="torch AdamW implementation")
     ap.add_argument("--torch-omp-wait", default="same", choices=["same", "default"],
                     help="OMP_WAIT_POLICY of the PyTorch processes: the same as stackformer's (default; import stackformer "
@@ -114,6 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             stage(f"config {name}", lambda name=name: b.run_config(name, modes))
         if not args.no_openblas and not args.quick and "plain" in modes and ("S" in configs or "M" in configs):
             stage("blas backend", lambda: b.blas_backend_rows(configs))
+        if "plain" in modes and ("S" in configs or "M" in configs):
+            stage("bf16", lambda: b.bf16_rows(configs))
         if not args.no_generation:
             plan = []
             if "S" in configs:

@@ -227,14 +227,15 @@ def measure_peak(threads: int, quick: bool, tmp: Path) -> Dict[str, Any]:
     lib.peak_gflops.restype = ctypes.c_double
     lib.peak_gflops.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     has512 = bool(lib.peak_has_avx512())
-    res["isa"] = {"avx2_fma": bool(lib.peak_has_avx2_fma()), "avx512f": has512}
+    hasbf16 = bool(lib.peak_has_avx512_bf16())
+    res["isa"] = {"avx2_fma": bool(lib.peak_has_avx2_fma()), "avx512f": has512, "avx512_bf16": hasbf16}
     if not res["isa"]["avx2_fma"]:
         res["note"] = "no AVX2/FMA: the probe measures scalar throughput"
 
     def best(kind: int, nt: int, seconds: float, budget: float) -> Tuple[float, List[float]]:
         """Many short runs, keep the best: on a loaded machine a short run has a fair chance
         of not being preempted, while load from elsewhere can only lower a run's result."""
-        lanes = 16 if kind == 1 else 8
+        lanes = {0: 8, 1: 16, 2: 32}[kind]
         g = max(lib.peak_gflops(kind, nt, 20_000) for _ in range(3))  # calibrate
         iters = int(max(2e4, seconds * g * 1e9 / (nt * 12 * lanes * 2)))
         vals: List[float] = []
@@ -244,8 +245,8 @@ def measure_peak(threads: int, quick: bool, tmp: Path) -> Dict[str, Any]:
         return max(vals), vals
 
     budget = 0.3 if quick else 1.0
-    for kind, name in ((0, "avx2"), (1, "avx512")):
-        if kind == 1 and not has512:
+    for kind, name in ((0, "avx2"), (1, "avx512"), (2, "bf16")):
+        if (kind == 1 and not has512) or (kind == 2 and not hasbf16):
             continue
         for nt in sorted({1, threads}):
             b, vals = best(kind, nt, 0.002, budget)
@@ -262,6 +263,13 @@ def measure_peak(threads: int, quick: bool, tmp: Path) -> Dict[str, Any]:
     res["peak_all_measured"] = alln
     if has512:
         res["avx512_vs_avx2_1t"] = res.get("avx512_1t", 0) / one if one else None
+    # the bf16 ceiling (vdpbf16ps, fp32 accumulation); without AVX512_BF16 there is no bf16
+    # dot-product instruction, and a bf16 product's ceiling is the fp32 FMA peak
+    if hasbf16:
+        res["bf16_peak_1t"] = res["bf16_1t"]
+        res["bf16_peak_all"] = max(res.get(f"bf16_{threads}t", res["bf16_1t"]), res["bf16_1t"] * threads)
+    else:
+        res["bf16_note"] = "no AVX512_BF16 (vdpbf16ps): bf16 products cannot beat the fp32 FMA peak on this CPU"
     return res
 
 

@@ -17,7 +17,15 @@ MODES: Dict[str, Dict[str, Any]] = {
     "attnres_full": dict(residual="attnres_full"),
     "attnres_block": dict(residual="attnres_block", attnres_block_size=4),
     "moda": dict(moda=True),
+    # the competitor wirings (issue #19's overhead targets: M train step vs plain)
+    "denseformer": dict(residual="denseformer"),
+    "hyper_connections": dict(residual="hyper_connections", hc_expansion=4),
+    "mhc": dict(residual="mhc", hc_expansion=4),
 }
+# PyTorch peers, each in its own worker state: eager (sdpa: benchmarks/torch_mirror.py, plain
+# only; to_torch: stackformer.torch, every mode), torch.compile (inductor) of the best eager
+# module for the mode, and eager under torch.autocast("cpu", dtype=torch.bfloat16)
+TORCH_PEERS = ("sdpa", "to_torch", "compile", "autocast")
 LR = 1e-3  # train step: AdamW lr; betas (0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0 (stackformer's defaults)
 GEN_PROMPT = 32
 GEN_NEW = 256
@@ -26,13 +34,16 @@ TORCH_MEM_LIMIT = 4 << 30  # skip a PyTorch case whose explicit attention tensor
 
 
 
-def make_config(name: str, mode: str, T: Optional[int] = None, max_seq_len: Optional[int] = None):
+def make_config(name: str, mode: str, T: Optional[int] = None, max_seq_len: Optional[int] = None, **extra: Any):
+    """The Config of (config, mode); extra overrides (e.g. n_kv_heads=2 for M-GQA,
+    compute_dtype="bfloat16")."""
     import stackformer as sf
     spec = CONFIGS[name]
     T = T or spec["T"]
     kw = dict(vocab_size=spec["vocab_size"], d_model=spec["d_model"], n_heads=spec["n_heads"],
               n_layers=spec["n_layers"], max_seq_len=max_seq_len or max(T, spec["T"]))
     kw.update(MODES[mode])
+    kw.update(extra)
     return sf.Config(**kw)
 
 

@@ -2,6 +2,7 @@
 from typing import Any, Dict, List, Optional
 
 from .matmul import openblas_ratio_linear
+from .targets import PCT_TARGETS
 from .env import pick  # noqa: E402
 from .matrix import CONFIGS, LONG_SHORT_T  # noqa: E402
 
@@ -40,14 +41,21 @@ def report(R: Dict[str, Any]) -> str:
         extra = f", AVX-512 1 thread {pk['avx512_1t']:.0f}" if "avx512_1t" in pk else ""
         L.append(f"fp32 peak (AVX2 FMA probe, best of many 2 ms runs): 1 thread {pk['peak_1t']:.0f} GFLOP/s, {pk['threads']} threads measured "
                  f"{pk['peak_all_measured']:.0f}; reference for % of peak: {pk['peak_all']:.0f} GFLOP/s{extra}")
+        if "bf16_peak_all" in pk:
+            L.append(f"bf16 peak (vdpbf16ps probe, fp32 accumulation): 1 thread {pk['bf16_peak_1t']:.0f} GFLOP/s, "
+                     f"reference {pk['bf16_peak_all']:.0f} GFLOP/s ({pk['bf16_peak_all'] / pk['peak_all']:.2f}x the fp32 peak)")
+        elif "bf16_note" in pk:
+            L.append(f"bf16 peak: {pk['bf16_note']}")
     elif pk:
         L.append(f"fp32 peak: {pk.get('error')}")
     L.append("")
     # main matrix
     L.append(f"Throughput (tokens/s, {m.get('stat', 'median')} of repetitions; ratio = stackformer / PyTorch time; "
              f"GF/s = analytic matmul FLOPs incl. attention / time; mem = peak RSS delta of one step)")
-    hdr = f"{'config':<6}{'mode':<14}{'fwd tok/s':>11}{'GF/s':>7}{'%pk':>5}{'vs sdpa':>9}{'vs to_t':>9}" \
-          f"{'train tok/s':>12}{'GF/s':>7}{'%pk':>5}{'vs sdpa':>9}{'vs to_t':>9}{'mem fwd':>10}{'mem train':>11}"
+    peers = (("sdpa", "sdpa"), ("to_torch", "to_t"), ("compile", "compile"), ("autocast", "bf16 ac"))
+    ph = "".join(f"{'vs ' + short:>11}" for _, short in peers)
+    hdr = f"{'config':<6}{'mode':<18}{'fwd tok/s':>11}{'GF/s':>7}{'%pk':>5}{ph}" \
+          f"{'train tok/s':>12}{'GF/s':>7}{'%pk':>5}{ph}{'mem fwd':>10}{'mem train':>11}"
     L.append(hdr)
     L.append("-" * len(hdr))
     mem = {(r["config"], r["mode"], r["impl"], r["what"], r["T"], r.get("checkpoint", False)): r for r in R.get("memory", [])}
@@ -67,31 +75,32 @@ def report(R: Dict[str, Any]) -> str:
         return "-"
     for c in R["cases"]:
         f, t = c["sf"]["forward"], c["sf"]["train"]
-        L.append(f"{c['config']:<6}{c['mode']:<14}{fmt_tok(pick(f, 'tok_s')):>11}{pick(f, 'gflops'):>7.1f}{(pick(f, 'peak_frac') or 0) * 100:>4.0f}%"
-                 f"{ratio(c, 'sdpa', 'forward'):>9}{ratio(c, 'to_torch', 'forward'):>9}"
-                 f"{fmt_tok(pick(t, 'tok_s')):>12}{pick(t, 'gflops'):>7.1f}{(pick(t, 'peak_frac') or 0) * 100:>4.0f}%"
-                 f"{ratio(c, 'sdpa', 'train'):>9}{ratio(c, 'to_torch', 'train'):>9}"
+        L.append(f"{c['config']:<6}{c['mode']:<18}{fmt_tok(pick(f, 'tok_s')):>11}{pick(f, 'gflops'):>7.1f}{(pick(f, 'peak_frac') or 0) * 100:>4.0f}%"
+                 + "".join(f"{ratio(c, impl, 'forward'):>11}" for impl, _ in peers)
+                 + f"{fmt_tok(pick(t, 'tok_s')):>12}{pick(t, 'gflops'):>7.1f}{(pick(t, 'peak_frac') or 0) * 100:>4.0f}%"
+                 + "".join(f"{ratio(c, impl, 'train'):>11}" for impl, _ in peers) +
                  f"{memv(c, 'sf', 'forward'):>10}{memv(c, 'sf', 'train'):>11}")
     # torch absolute
     L.append("")
     L.append("PyTorch (same weights; sdpa = benchmarks/torch_mirror.py with F.scaled_dot_product_attention, "
-             "to_t = stackformer.torch.to_torch; AdamW fused)")
-    hdr = f"{'config':<6}{'mode':<14}{'impl':<10}{'fwd tok/s':>11}{'train tok/s':>12}{'mem fwd':>10}{'mem train':>11}  check (max|dlogits|, loss sf/torch)"
+             "to_t = stackformer.torch.to_torch; compile = torch.compile (inductor) of the best eager module; "
+             "bf16 ac = eager under torch.autocast('cpu', bfloat16); AdamW fused)")
+    hdr = f"{'config':<6}{'mode':<18}{'impl':<10}{'fwd tok/s':>11}{'train tok/s':>12}{'mem fwd':>10}{'mem train':>11}  check (max|dlogits|, loss sf/torch)"
     L.append(hdr)
     L.append("-" * len(hdr))
     for c in R["cases"]:
         for impl, t in c["torch"].items():
             if "skipped" in t:
-                L.append(f"{c['config']:<6}{c['mode']:<14}{impl:<10}  skipped: {t['skipped']}")
+                L.append(f"{c['config']:<6}{c['mode']:<18}{impl:<10}  skipped: {t['skipped']}")
                 continue
             info = t.get("info", {})
             if not info.get("ok"):
-                L.append(f"{c['config']:<6}{c['mode']:<14}{impl:<10}  error: {info.get('error', '?')[:80]}")
+                L.append(f"{c['config']:<6}{c['mode']:<18}{impl:<10}  error: {info.get('error', '?')[:80]}")
                 continue
             chk = ""
             if "max_abs_diff_logits" in info:
                 chk = f"{info['max_abs_diff_logits']:.1e}, {info['loss_sf']:.4f}/{info['loss_torch']:.4f}"
-            L.append(f"{c['config']:<6}{c['mode']:<14}{impl:<10}{fmt_tok(pick(t['forward'], 'tok_s')):>11}{fmt_tok(pick(t['train'], 'tok_s')):>12}"
+            L.append(f"{c['config']:<6}{c['mode']:<18}{impl:<10}{fmt_tok(pick(t['forward'], 'tok_s')):>11}{fmt_tok(pick(t['train'], 'tok_s')):>12}"
                      f"{memv(c, impl, 'forward'):>10}{memv(c, impl, 'train'):>11}  {chk}")
     # matmul
     mm = R.get("matmul")
@@ -165,15 +174,30 @@ def report(R: Dict[str, Any]) -> str:
             L.append(f"    {r['config']} plain {r['what']:<8} tiles {pick(r['tiles'], 'median_s') * 1e3:7.1f} ms, "
                      f"BLAS {pick(r['blas'], 'median_s') * 1e3:7.1f} ms -> BLAS speed "
                      f"{pick(r['tiles'], 'median_s') / pick(r['blas'], 'median_s'):.2f}x the tiles'")
-    ov = ex.get("overhead_M_train")
-    if ov:
-        parts = [f"{mode} {pick(v, 'overhead'):+.1%} (paired {v['overhead_paired_median']:+.1%})"
-                 for mode, v in ov.items() if mode != "modes"]
-        L.append("  Train step overhead vs plain at M, modes interleaved: " + "; ".join(parts))
+    for key, label in (("overhead_M_train", "M"), ("overhead_M_gqa_train", "M-GQA (2 kv heads)")):
+        ov = ex.get(key)
+        if ov:
+            parts = [f"{mode} {pick(v, 'overhead'):+.1%} (paired {v['overhead_paired_median']:+.1%}; FLOPs {v.get('flop_overhead', 0):+.1%})"
+                     for mode, v in ov.items() if mode not in ("modes", "config")]
+            L.append(f"  Train step overhead vs plain at {label}, modes interleaved:")
+            for i in range(0, len(parts), 3):
+                L.append("    " + "; ".join(parts[i:i + 3]))
+    b16 = ex.get("bf16")
+    if b16:
+        if "error" in b16:
+            L.append(f"  bf16: {b16['error']}")
+        else:
+            L.append(f"  stackformer bf16 (kernel: {b16.get('kernel')}) vs torch bf16 autocast, plain, taking turns:")
+            for name in ("S", "M"):
+                for what in ("forward", "train"):
+                    r = b16.get(name, {}).get(what)
+                    if r:
+                        L.append(f"    {name} {what:<8} sf bf16 {fmt_tok(pick(r['sf_bf16'], 'tok_s'))} tok/s"
+                                 + (f", autocast {fmt_tok(pick(r['autocast'], 'tok_s'))} tok/s -> {pick(r, 'ratio'):.2f}x" if "ratio" in r else ""))
     p = {c["mode"]: c for c in R["cases"] if c["config"] == "M"}
     if "plain" in p:
         parts = []
-        for mode in ("attnres_full", "attnres_block", "moda"):
+        for mode in ("attnres_full", "attnres_block", "moda", "denseformer", "hyper_connections", "mhc"):
             if mode in p:
                 tr = pick(p[mode]["sf"]["train"], "median_s") / pick(p["plain"]["sf"]["train"], "median_s") - 1
                 fw = pick(p[mode]["sf"]["forward"], "median_s") / pick(p["plain"]["sf"]["forward"], "median_s") - 1
@@ -229,7 +253,7 @@ def report(R: Dict[str, Any]) -> str:
     # targets
     L.append("")
     L.append("Targets")
-    hdr = f"{'':<3}{'target':<20}{'value':>10}  {'goal':<8} {'description':<70} note"
+    hdr = f"{'':<3}{'target':<26}{'value':>10}  {'goal':<8} {'description':<70} note"
     L.append(hdr)
     L.append("-" * 110)
     for t in R.get("targets", []):
@@ -237,12 +261,12 @@ def report(R: Dict[str, Any]) -> str:
         if v is None:
             vs, mark = "-", " ? "
         else:
-            pct = t["name"].startswith(("overhead", "ckpt_time", "matmul"))
+            pct = t["name"].startswith(PCT_TARGETS)
             vs = f"{v * 100:.1f}%" if pct else f"{v:.2f}x"
             mark = "OK " if t["met"] else "NO "
         thr = t["threshold"]
-        goal = f"{t['op']}{thr * 100:.0f}%" if t["name"].startswith(("overhead", "ckpt_time", "matmul")) else f"{t['op']}{thr}x"
-        L.append(f"{mark:<3}{t['name']:<20}{vs:>10}  {goal:<8} {t['description'][:70]:<70} {t['note']}")
+        goal = f"{t['op']}{thr * 100:.0f}%" if t["name"].startswith(PCT_TARGETS) else f"{t['op']}{thr}x"
+        L.append(f"{mark:<3}{t['name']:<26}{vs:>10}  {goal:<8} {t['description'][:70]:<70} {t['note']}")
     for e in R.get("errors", []):
         L.append(f"ERROR in {e['stage']}: {e['error'].strip().splitlines()[-1][:150]}")
     met = sum(1 for t in R.get("targets", []) if t["met"])

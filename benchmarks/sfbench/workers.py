@@ -8,88 +8,23 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
-from . import env
-
-from .env import THIS, USER_GOMP_SPINCOUNT, USER_OMP_WAIT_POLICY, proc_status_kib  # noqa: E402
+from .env import THIS, proc_status_kib  # noqa: E402
 from .matrix import LR, make_batch  # noqa: E402
+from .matmul import BLAS_OPS  # noqa: E402
+from .proc import torch_env, Worker, WorkerError  # noqa: F401  (Worker, WorkerError: re-exported for the runner)
 
 
 # ---------------------------------------------------------------------------------------------
 # worker processes (PyTorch, memory, profiling)
 
-def torch_env() -> Dict[str, str]:
-    """Environment for PyTorch processes: stackformer's OMP_WAIT_POLICY and GOMP_SPINCOUNT
-    ("same", the default), or the user's own settings ("default": libgomp's spinning default
-    when unset)."""
-    e = dict(os.environ)
-    if env.TORCH_OMP_WAIT == "same":
-        import stackformer  # noqa: F401  (sets its default into os.environ)
-        e = dict(os.environ)
-    else:
-        for key, user in (("OMP_WAIT_POLICY", USER_OMP_WAIT_POLICY), ("GOMP_SPINCOUNT", USER_GOMP_SPINCOUNT)):
-            if user is None:
-                e.pop(key, None)
-            else:
-                e[key] = user
-    return e
-
-
-class WorkerError(RuntimeError):
-    pass
-
-
-class Worker:
-    """A persistent subprocess answering JSON-line requests (see worker_main)."""
-
-    def __init__(self, kind: str, threads: int, env: Optional[Dict[str, str]] = None):
-        e = torch_env() if kind == "torch" else dict(os.environ)
-        e.update(env or {})
-        self.p = subprocess.Popen([sys.executable, str(THIS), "--_worker", kind, "--threads", str(threads)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=e)
-        # wait until it has imported its libraries: a worker starting up (seconds of CPU) would
-        # otherwise take a core from whatever is measured next
-        self.call(op="ping")
-
-    def call(self, **msg: Any) -> Dict[str, Any]:
-        try:
-            self.p.stdin.write(json.dumps(msg) + "\n")
-            self.p.stdin.flush()
-        except (BrokenPipeError, OSError) as ex:
-            raise WorkerError(f"worker is gone: {ex}")
-        while True:
-            line = self.p.stdout.readline()
-            if not line:
-                raise WorkerError(f"worker exited (rc={self.p.poll()})")
-            if line.startswith("@@"):
-                r = json.loads(line[2:])
-                if "error" in r:
-                    raise WorkerError(r["error"])
-                return r
-
-    @property
-    def pid(self) -> int:
-        return self.p.pid
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            try:
-                self.p.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.p.stdin.flush()
-                self.p.wait(timeout=30)
-            except Exception:
-                self.p.kill()
-                self.p.wait()
-
-
 def worker_main(kind: str, threads: int) -> None:
     reply_to = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
     state: Dict[str, Any] = {"threads": threads}
-    from .matmul import BLAS_OPS  # here: matmul.py starts workers itself
     handlers = {"torch": TORCH_OPS, "sfprof": SFPROF_OPS, "blas": BLAS_OPS}[kind]
     if kind == "torch":
         _torch_setup_threads(threads)
@@ -114,12 +49,18 @@ def _torch_setup_threads(threads: int):
 
 
 def _torch_build(state: Dict[str, Any], impl: str, cfg, seed: int = 0, adamw: str = "fused"):
-    """(module, optimizer, impl name) with the weights of sf.Model(cfg, seed)."""
+    """(sf model, module, optimizer, impl name, adamw) with the weights of sf.Model(cfg, seed).
+    impl: "sdpa" (the minimal mirror), "to_torch" (stackformer.torch), "compile" (torch.compile
+    of the sdpa mirror where it covers the config, else of to_torch) or "autocast" (the same
+    eager module, run under bf16 autocast by _torch_step)."""
     import torch
     import stackformer as sf
     import torch_mirror as tm
     sfm = sf.Model(cfg, seed=seed)
-    module, name = tm.build(sfm, "to_torch" if impl == "to_torch" else "mirror")
+    base = impl
+    if impl in ("compile", "autocast"):
+        base = "sdpa" if tm.mirror_supports(cfg)[0] else "to_torch"
+    module, name = tm.build(sfm, "to_torch" if base == "to_torch" else "mirror")
     module.train()
     kw = {"fused": True} if adamw == "fused" else {}
     try:
@@ -127,6 +68,13 @@ def _torch_build(state: Dict[str, Any], impl: str, cfg, seed: int = 0, adamw: st
     except Exception:
         opt = tm.adamw_for(module, sfm, LR)
         adamw = "default"
+    if impl == "compile":
+        # inductor, default mode; the module's parameters stay shared, so the optimizer steps
+        # the compiled module's weights. Graphs are compiled by the first (warm-up) calls.
+        module = torch.compile(module)
+        name = f"torch.compile({name})"
+    elif impl == "autocast":
+        name = f"autocast(bf16, {name})"
     return sfm, module, opt, name, adamw
 
 
@@ -149,18 +97,23 @@ def t_setup(state, msg):
                 ok, why = tm.mirror_supports(cfg)
                 if not ok:
                     raise NotImplementedError(why)
+            if impl in ("compile", "autocast") and not (tm.mirror_supports(cfg)[0] or tm.have_to_torch()):
+                raise NotImplementedError("no PyTorch module for this mode")
             sfm, module, opt, name, adamw = _torch_build(state, impl, cfg, adamw=msg.get("adamw", "fused"))
             info.update(impl=name, adamw=adamw)
             if msg.get("check", True):  # same weights, same math: compare on 2 sequences
-                xs, ys = x[:2], y[:2]
+                # (a compiled module on the timed batch itself: a second shape would recompile
+                # it with dynamic shapes, which is not what a user's fixed-shape loop runs)
+                xs, ys = (x, y) if impl == "compile" else (x[:2], y[:2])
                 ref = sfm(xs).logits
-                with torch.inference_mode():
-                    got = tm.logits_of(module(torch.from_numpy(xs))).numpy()
+                with torch.inference_mode(), _maybe_autocast(impl):
+                    got = tm.logits_of(module(torch.from_numpy(xs))).float().numpy()
                 info["max_abs_diff_logits"] = float(np.abs(ref - got).max())
                 loss_sf = sfm.forward_backward(xs, ys)
+                with _maybe_autocast(impl):
+                    lo = tm.logits_of(module(torch.from_numpy(xs)))
                 lt = torch.nn.functional.cross_entropy(
-                    tm.logits_of(module(torch.from_numpy(xs))).reshape(-1, cfg.vocab_size),
-                    torch.from_numpy(ys).reshape(-1))
+                    lo.float().reshape(-1, cfg.vocab_size), torch.from_numpy(ys).reshape(-1))
                 lt.backward()
                 module.zero_grad(set_to_none=True)
                 info["loss_sf"], info["loss_torch"] = loss_sf, float(lt.detach())
@@ -173,6 +126,15 @@ def t_setup(state, msg):
     return {"impls": out}
 
 
+def _maybe_autocast(impl: str):
+    """torch.autocast("cpu", bfloat16) for the autocast peer, else a no-op context."""
+    import contextlib
+    import torch
+    if impl == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _torch_step(state, impl: str, what: str) -> Callable[[], None]:
     import torch
     import torch_mirror as tm
@@ -180,13 +142,16 @@ def _torch_step(state, impl: str, what: str) -> Callable[[], None]:
     x, y = state["x"], state["y"]
     if what == "forward":
         def fwd():
-            with torch.inference_mode():
+            with torch.inference_mode(), _maybe_autocast(impl):
                 tm.logits_of(module(x))
         return fwd
 
     def train():
-        logits = tm.logits_of(module(x))
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        # autocast covers the forward and the loss (as torch's AMP recipe does); backward
+        # follows the forward's dtypes; the optimizer steps the fp32 weights
+        with _maybe_autocast(impl):
+            logits = tm.logits_of(module(x))
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
