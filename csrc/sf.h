@@ -174,6 +174,11 @@ int64_t sf_attnres_num_sources(const sf_config *cfg, int64_t k);
  * workspace). */
 sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
                      float *out_hidden, sf_trace *trace, char *err, size_t errlen);
+/* The checks sf_forward starts with (shapes, ranges, finiteness, mask values, the cache's
+ * room), without running anything: lets a caller refuse bad arguments before it allocates
+ * outputs. tracing: a trace will be passed. */
+sf_status sf_forward_check(const sf_model *m, const sf_forward_args *args, int tracing, char *err,
+                           size_t errlen);
 
 /* ---- key/value cache for incremental decoding ------------------------------------------- */
 /* Holds every layer's keys/values (and MoDA depth slots) for B sequences of up to max_len
@@ -183,7 +188,7 @@ sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cach
 void sf_cache_free(sf_cache *c);
 int64_t sf_cache_len(const sf_cache *c);
 int64_t sf_cache_batch(const sf_cache *c);
-void sf_cache_reset(sf_cache *c);
+sf_status sf_cache_reset(sf_cache *c); /* SF_ERR_BUSY while a call uses it */
 
 /* ---- training ----------------------------------------------------------------------------- */
 typedef struct {
@@ -207,9 +212,24 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *args, double *lo
 /* Gradient buffer (num_params floats; zeros before the first backward). */
 float *sf_model_grads(sf_model *m);
 /* The training workspace (kept between train steps) and the forward workspace (kept between
- * forward calls) are the model's; this frees both. */
+ * forward calls) are the model's; this frees both (waiting for a running train step; a forward
+ * workspace that a running forward call holds stays with it). */
 void sf_model_release_workspace(sf_model *m);
-/* Activation memory (bytes) one forward_backward call needs for (B, T). */
+/* A consistent copy of the model's state while other threads may train it or run forward
+ * calls: waits for a running train step (never for forward calls), then copies under the read
+ * guard. Any output may be NULL (num_params floats each). */
+void sf_model_snapshot(sf_model *m, float *params, float *grads, float *adam_m, float *adam_v,
+                       int64_t *step);
+/* Write state: waits for running forward calls and train steps (calls that start meanwhile
+ * fail with SF_ERR_BUSY, as during a train step), then copies under the write guard. params
+ * (num_params floats, the flat layout) is copied tensor by tensor where which[t] != 0 (which
+ * NULL: all); adam_m, adam_v, step: NULL keeps them. adam_v must be finite and >= 0 (checked
+ * before anything is written). */
+sf_status sf_model_restore(sf_model *m, const float *params, const uint8_t *which,
+                           const float *adam_m, const float *adam_v, const int64_t *step,
+                           char *err, size_t errlen);
+/* Activation memory (bytes) one forward_backward call needs for (B, T); -1 when the sizes
+ * overflow 64 bits. */
 int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint);
 
 typedef struct {

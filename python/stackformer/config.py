@@ -119,8 +119,8 @@ class _ConfigMethods:
                 out[name] = CHOICES[name].index(v)
             elif kind in ("int", "bool"):
                 out[name] = int(v)
-            else:
-                out[name] = float(v)
+            else:  # the binding converts (an int beyond double's range: ValueError naming it)
+                out[name] = v
         return out
 
 
