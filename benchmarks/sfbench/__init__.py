@@ -14,7 +14,8 @@ minus the resident size just before it). The machine's fp32 peak comes from a sm
 kernel (benchmarks/peak.c) compiled here at run time.
 
 
-The package: env (machine, statistics, peak), matrix (configs, modes, FLOPs), matmul
+The package: env (machine, statistics, peak), matrix (configs, modes, FLOPs), proc (worker
+processes: environment and protocol), matmul
 (isolated products, OpenBLAS), workers (PyTorch / profiling / memory subprocesses), cases
 (the runner), targets, report, cli.
 """

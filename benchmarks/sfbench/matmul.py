@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 from .env import adaptive_reps, build_c, pick, stats  # noqa: E402
 from .matrix import CONFIGS, make_config  # noqa: E402
-from .workers import Worker, WorkerError  # noqa: E402
+from .proc import Worker, WorkerError  # noqa: E402
 
 
 class CMatmul:

@@ -117,8 +117,8 @@ def demo(argv=None) -> int:
 
 
 MAIN_DESCRIPTION = """\
-Train plain, Full AttnRes, Block AttnRes and MoDA stacks (and DenseFormer, Hyper-Connections,
-mHC once Config has them) with several seeds each, at the same parameter count (d_ff adjusted),
+Train plain, Full AttnRes, Block AttnRes, MoDA, DenseFormer, Hyper-Connections and mHC stacks
+with several seeds each, at the same parameter count (d_ff adjusted),
 on the same data in the same order per seed with the same budget, and report each wiring's
 final validation loss with a 95% t-interval over seeds and its paired difference to plain:
 "better" / "worse" when that interval excludes 0, else "no difference shown".
