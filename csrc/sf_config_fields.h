@@ -42,3 +42,4 @@ SF_FIELD(moda_chunk, moda_chunk, INT, 1, 1, SF_DIM_MAX, "", "MoDA: depth slots v
 SF_FIELD(moda_depth_only, moda_depth_only, BOOL, 0, 0, 1, "", "MoDA ablation: heads attend to depth slots only (needs moda)")
 SF_FIELD(attn_dropout, attn_dropout, PROB, 0.0, 0, 1, "", "dropout on attention probabilities (training steps only)")
 SF_FIELD(resid_dropout, resid_dropout, PROB, 0.0, 0, 1, "", "dropout on every sublayer's output (training steps only)")
+SF_FIELD(compute_dtype, compute_dtype, ENUM, 0, 0, 1, "float32|bfloat16", "operands of the Linear products (forward, input and weight gradients, head): float32, or bfloat16 (round-to-nearest-even, fp32 accumulation, VDPBF16PS semantics; weights converted once per call from the fp32 master copy); everything else stays float32. Without AVX512_BF16 an emulated kernel gives the same bits, slowly (sf.bf16_kernel())")

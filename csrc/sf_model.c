@@ -126,6 +126,7 @@ static void layout(run *R, bump *bp, want w) {
         pk = max64(pk, sf_gemm_pack_floats(widest, N, max64(K1, widest), 1));
     }
     R->pack = take(bp, pk);
+    if (R->bf16) sf_bf16_layout(R, bp);
     sf_attn_args aa = {0};
     aa.Tk = R->cache ? R->cache->max_len : R->T;
     aa.n_read = R->n_slots;
@@ -191,6 +192,7 @@ static sf_status run_setup(run *R, const sf_model *m, int64_t B, int64_t T, int 
     R->nt = sf_threads_resolve(n_threads);
     R->training = training; R->per_block = per_block; R->two_phase = two_phase;
     R->cache = cache; R->pos0 = cache ? cache->len : 0;
+    R->bf16 = c->compute_dtype == SF_DTYPE_BFLOAT16;
     R->acts = calloc((size_t)c->n_layers, sizeof *R->acts);
     if (!R->acts) return SF_ERR_NOMEM;
     return R->W->init(R);
@@ -242,6 +244,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->kv_bstride = T * R->kvd;
     }
     if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, m->cfg.rope_theta, R->nt);
+    if (R->bf16) sf_bf16_convert_weights(R);
     return SF_OK;
 nomem:
     run_free(R);
@@ -341,8 +344,14 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
         /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
-        sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
-                      R->F, R->pack, R->nt);
+        if (R->bf16) { /* the product, then the same per-element activation in a pass */
+            float *pre = R->training ? A->f1 : A->g;
+            linear(R, pre, u, Lv->up_w, Lv->up_b, R->d, R->F);
+            sf_activation(c->act, A->g, pre, nF, R->nt);
+        } else {
+            sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
+                          R->F, R->pack, R->nt);
+        }
     }
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && i < c->n_layers - 1) {
@@ -513,8 +522,7 @@ static void stack_backward(run *R, const int32_t *tokens) {
     const sf_wiring *W = R->W;
     const int64_t N = R->N, d = R->d, Nd = N * d, V = R->V;
     /* head: logits = fin_u head^T */
-    sf_gemm(GRAD(R, m->lm_head), d, R->logits, 1, V, R->fin_u, 0, NULL, V, N, d, 1, R->pack, R->nt);
-    sf_gemm(R->dfin, d, R->logits, V, 1, m->lm_head, 0, NULL, N, V, d, 0, R->pack, R->nt);
+    linear_bwd(R, R->dfin, 0, R->logits, R->fin_u, m->lm_head, NULL, d, V);
     float *dfin_h = R->dfin;
     if (c->final_norm) {
         norm_bwd(R, R->dx, R->dfin, R->fin_h, m->final_norm_w, m->final_norm_b, 0);
@@ -623,7 +631,7 @@ static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, fl
         R.copy_rms = trace ? trace->copy_rms : NULL;
         stack_forward(&R, args->tokens, args->embeds, trace);
         copy(out_hidden, R.fin_u, R.N * R.d);
-        if (out_logits) sf_matmul(out_logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        if (out_logits) linear(&R, out_logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
         if (cache) cache->len += args->T;
         run_free(&R);
     }
@@ -694,7 +702,7 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
             R.drop_seed = z ^ (z >> 29);
         }
         stack_forward(&R, a->tokens, a->embeds, NULL);
-        sf_matmul(R.logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        linear(&R, R.logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
         double sum = 0.0;
         int64_t cnt = 0;
         sf_cross_entropy(R.logits, a->targets, R.N, R.V, a->ignore_index, &sum, &cnt, NULL, R.nt);
