@@ -42,3 +42,4 @@ SF_FIELD(moda_chunk, moda_chunk, INT, 1, 1, SF_DIM_MAX, "", "MoDA: depth slots v
 SF_FIELD(moda_depth_only, moda_depth_only, BOOL, 0, 0, 1, "", "MoDA ablation: heads attend to depth slots only (needs moda)")
 SF_FIELD(attn_dropout, attn_dropout, PROB, 0.0, 0, 1, "", "dropout on attention probabilities (training steps only)")
 SF_FIELD(resid_dropout, resid_dropout, PROB, 0.0, 0, 1, "", "dropout on every sublayer's output (training steps only)")
+SF_FIELD(moda_depth_rope, moda_depth_rope, ENUM, 1, 0, 2, "legacy|none|own", "MoDA with pos='rope': how depth logits see positions. none: depth keys and the query's depth logits are never rotated (attention slots hold pre-RoPE keys; offset-blind); own: every depth key is rotated at its own position, like the query (the logit sees t - u); legacy: attention slots rotated, FFN slots not (before issue 20; old checkpoints)")

@@ -108,7 +108,11 @@ def parse_checkpoint(data: bytes, path: str = "<bytes>") -> Tuple[Config, Dict[s
         raise ValueError(f"{path}: not a stackformer checkpoint (metadata format must be {FORMAT!r})")
     if not isinstance(meta["config"], str):
         raise ValueError(f"{path}: config metadata must be a JSON string")
-    config = Config.from_json(meta["config"])
+    try:
+        saved = json.loads(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config is not valid JSON: {e}") from None
+    config = Config.from_saved_dict(saved)  # fields added since it was saved keep its results
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, TypeError) as e:
