@@ -30,6 +30,10 @@ struct sf_cache {
     _Atomic int busy;         /* a call is appending to it (or resetting it) */
 };
 
+/* MoDA under RoPE: which depth-rope rule applies (SF_DROPE_*), or -1 when there is nothing to
+ * rotate (no MoDA or no RoPE: every rule is the same model). */
+static int depth_rope(const sf_config *c) { return c->moda && c->pos == SF_POS_ROPE ? c->moda_depth_rope : -1; }
+
 static int64_t n_depth_slots(const sf_config *c) { return c->moda ? 2 * (c->n_layers - 1) : 0; }
 
 sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cache **out,
@@ -97,6 +101,7 @@ static void layout(run *R, bump *bp, want w) {
             A->f1 = take(bp, cmul(&bad, N, R->F));
             A->f2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
             A->g = take(bp, cmul(&bad, N, R->F));
+            A->q_pre = depth_rope(c) == SF_DROPE_NONE ? take(bp, cmul(&bad, N, R->qd)) : NULL;
             W->layout_block(R, bp, A);
             if (i == 0) shared = *A;
         } else {
@@ -149,6 +154,7 @@ static void layout(run *R, bump *bp, want w) {
         R->df2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
         R->dg = take(bp, cmul(&bad, N, R->F));
         R->dmask = c->resid_dropout > 0.0f ? take(bp, Nd) : NULL;
+        R->dq_depth = depth_rope(c) == SF_DROPE_NONE ? take(bp, cmul(&bad, N, R->qd)) : NULL;
         if (c->moda) {
             int64_t arena = cmul(&bad, cmul(&bad, N, R->n_slots), R->kvd);
             R->ddepth_k = take(bp, arena);
@@ -297,6 +303,8 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.depth_len = R->depth_len;
     a.n_slots = R->n_slots; a.n_read = c->moda ? 2 * i : 0; a.chunk = c->moda_chunk;
     a.depth_only = c->moda_depth_only;
+    a.q_depth = A->q_pre; /* NULL unless moda_depth_rope='none' */
+    a.dq_depth = R->dq_depth;
     a.dropout = R->attn_p;
     a.dropout_seed = R->drop_seed;
     a.dropout_stream = 4 * (uint64_t)i;
@@ -313,6 +321,11 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
     linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
     linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
+    if (drope == SF_DROPE_NONE) { /* depth logits and this layer's depth slot stay unrotated */
+        copy(A->q_pre, A->q, R->N * R->qd);
+        if (writes) write_depth(R, R->depth_k, 2 * i, A->k);
+    }
     if (c->pos == SF_POS_ROPE) {
         sf_rope(A->q, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
         sf_rope(A->k, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
@@ -325,8 +338,8 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
             memcpy((float *)a.v + off, A->v + r * R->kvd, (size_t)R->kvd * sizeof(float));
         }
     }
-    if (c->moda && i < c->n_layers - 1) { /* this layer's (rotated) K and V: depth slot 2i */
-        write_depth(R, R->depth_k, 2 * i, A->k);
+    if (writes) { /* this layer's K (rotated at its own position unless 'none') and V: slot 2i */
+        if (drope != SF_DROPE_NONE) write_depth(R, R->depth_k, 2 * i, A->k);
         write_depth(R, R->depth_v, 2 * i, A->v);
     }
     sf_attention_forward(&a, A->q, A->att, A->lse, probs, depth_mass, R->attn_scratch, R->nt);
@@ -356,6 +369,8 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && i < c->n_layers - 1) {
         linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
+        if (depth_rope(c) == SF_DROPE_OWN) /* rotated at its own position, like attention's */
+            sf_rope(R->kvtmp, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
         write_depth(R, R->depth_k, 2 * i + 1, R->kvtmp);
         linear(R, R->kvtmp, u, Lv->depth_v_w, NULL, R->d, R->kvd);
         write_depth(R, R->depth_v, 2 * i + 1, R->kvtmp);
@@ -373,13 +388,18 @@ static void attn_backward(const run *R, int64_t i, block_acts *A, const float *u
     sf_attn_args a = attn_args(R, i, A);
     sf_attention_backward(&a, A->q, A->att, R->datt, A->lse, R->dq, R->dk, R->dv, R->ddepth_k,
                           R->ddepth_v, R->attn_scratch, R->nt);
-    if (c->moda && i < c->n_layers - 1) { /* later layers read this K, V as depth slot 2i */
-        read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
+    const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
+    if (writes) { /* later layers read this K, V as depth slot 2i */
+        if (drope != SF_DROPE_NONE) read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
         read_depth(R, R->dv, R->ddepth_v, 2 * i, 1);
     }
     if (c->pos == SF_POS_ROPE) {
         sf_rope_backward(R->dq, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
         sf_rope_backward(R->dk, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
+    }
+    if (drope == SF_DROPE_NONE) { /* the unrotated depth path joins after the inverse rotation */
+        for (int64_t j = 0; j < R->N * R->qd; j++) R->dq[j] += R->dq_depth[j];
+        if (writes) read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
     }
     linear_bwd(R, du, 0, R->dq, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear_bwd(R, du, 1, R->dk, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
@@ -402,6 +422,8 @@ static void mlp_backward(const run *R, int64_t i, block_acts *A, const float *u,
     }
     if (c->moda && i < c->n_layers - 1) {
         read_depth(R, R->dtmp_kv, R->ddepth_k, 2 * i + 1, 0);
+        if (depth_rope(c) == SF_DROPE_OWN)
+            sf_rope_backward(R->dtmp_kv, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
         linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->depth_k_w, NULL, R->d, R->kvd);
         read_depth(R, R->dtmp_kv, R->ddepth_v, 2 * i + 1, 0);
         linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->depth_v_w, NULL, R->d, R->kvd);

@@ -24,6 +24,7 @@ typedef struct {
     float *in_a, *u_a, *q, *k, *v, *att, *lse, *y_a, *z_a; /* attention sublayer */
     float *in_m, *u_m, *f1, *f2, *g, *y_m, *z_m;            /* MLP sublayer */
     float *alpha_a, *alpha_m;                               /* AttnRes weights (N, nsrc) */
+    float *q_pre; /* MoDA, moda_depth_rope='none': the pre-RoPE queries of the depth logits */
 } block_acts;
 
 typedef struct run {
@@ -48,6 +49,7 @@ typedef struct run {
     /* backward */
     float *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
     float *ddepth_k, *ddepth_v, *dtmp_kv;
+    float *dq_depth; /* moda_depth_rope='none': the depth columns' part of dq (pre-RoPE) */
     float *dmask;                       /* residual dropout: a masked copy of a gradient */
     float attn_p, resid_p;              /* dropout rates (0 outside training) */
     uint64_t drop_seed;

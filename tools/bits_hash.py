@@ -46,6 +46,11 @@ CONFIGS = {
                                         tie_embeddings=False, n_kv_heads=2),
     "bf16_moda_full": dict(compute_dtype="bfloat16", moda=True, residual="attnres_full"),
     "bf16_mhc_post_relu": dict(compute_dtype="bfloat16", residual="mhc", norm_position="post", activation="relu"),
+    # issue 20 ablation knobs
+    "moda_rope_none": dict(moda=True, pos="rope"),
+    "moda_rope_own_chunk2_gqa": dict(moda=True, pos="rope", moda_depth_rope="own", moda_chunk=2, n_kv_heads=2),
+    "moda_rope_legacy_post": dict(moda=True, pos="rope", moda_depth_rope="legacy", norm_position="post"),
+    "moda_rope_none_full_chunk3": dict(moda=True, pos="rope", residual="attnres_full", moda_chunk=3),
 }
 
 

@@ -121,6 +121,15 @@ class _ConfigMethods:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_saved_dict(cls, d: Dict[str, Any]) -> "Config":
+        """from_dict for a config saved by an older version (a checkpoint's metadata): a field
+        it predates takes the value that reproduces what that version computed, where that
+        differs from today's default (moda_depth_rope: 'legacy' for MoDA with RoPE)."""
+        if isinstance(d, dict) and "moda_depth_rope" not in d and d.get("moda") and d.get("pos") == "rope":
+            d = {**d, "moda_depth_rope": "legacy"}
+        return cls.from_dict(d)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 

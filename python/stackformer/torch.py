@@ -130,8 +130,13 @@ class Attention(nn.Module):
         q = _heads(self.q_proj(u), c.n_heads)
         k = _heads(self.k_proj(u), c.n_kv_heads)
         v = _heads(self.v_proj(u), c.n_kv_heads)
+        qd, slot_k = q, None  # the query of the depth logits, this layer's depth key
         if rope is not None:
+            if c.moda and c.moda_depth_rope == "none":  # depth logits and slots never rotated
+                slot_k = k
             q, k = _rope(q, *rope), _rope(k, *rope)
+            qd = q if slot_k is None else qd
+        slot_k = k if slot_k is None else slot_k
         keys, values, allowed = k, v, seq_ok
         if depth:  # MoDA: T*S depth columns, column u*S + s = slot s of position u
             S = len(depth)
@@ -143,10 +148,14 @@ class Attention(nn.Module):
             allowed = torch.cat([seq_ok, depth_ok.repeat_interleave(S, dim=-1)], dim=-1)
         G = c.n_heads // c.n_kv_heads  # query head h reads kv head h // G
         keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
-        scores = q @ keys.transpose(-1, -2) / math.sqrt(c.d_head)  # (B, H, T, columns)
+        if qd is q:
+            scores = q @ keys.transpose(-1, -2) / math.sqrt(c.d_head)  # (B, H, T, columns)
+        else:  # moda_depth_rope='none': rotated sequence logits, unrotated depth logits
+            scores = torch.cat([q @ keys[:, :, :T].transpose(-1, -2),
+                                qd @ keys[:, :, T:].transpose(-1, -2)], dim=-1) / math.sqrt(c.d_head)
         p = _masked_softmax(scores, allowed[:, None])  # one softmax over [sequence | depth]
         out = (p @ values).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), (k, v)
+        return self.o_proj(out), (slot_k, v)
 
 
 class MLP(nn.Module):
@@ -301,6 +310,8 @@ class TorchModel(nn.Module):
         appends the sublayer's MoDA depth slot to depth when moda is on."""
         blk = self.layers[k // 2]
         out, slot = blk.attn(u, depth, **att) if k % 2 == 0 else blk.mlp(u)
+        if k % 2 == 1 and slot is not None and att["rope"] is not None and self.config.moda_depth_rope == "own":
+            slot = (_rope(slot[0], *att["rope"]), slot[1])  # FFN key rotated at its own position
         if self.config.moda:
             depth.append(slot)
         return out
