@@ -33,6 +33,7 @@ const char *sf_status_name(sf_status s);
 typedef enum { SF_POS_NONE = 0, SF_POS_LEARNED = 1, SF_POS_SINUSOIDAL = 2, SF_POS_ROPE = 3 } sf_pos;
 typedef enum { SF_ACT_GELU = 0, SF_ACT_GELU_TANH = 1, SF_ACT_RELU = 2, SF_ACT_SWIGLU = 3 } sf_act;
 typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
+typedef enum { SF_DTYPE_FLOAT32 = 0, SF_DTYPE_BFLOAT16 = 1 } sf_compute_dtype;
 /* moda_depth_rope: how MoDA's depth logits see RoPE positions (sf_config_fields.h) */
 typedef enum { SF_DROPE_LEGACY = 0, SF_DROPE_NONE = 1, SF_DROPE_OWN = 2 } sf_depth_rope;
 /* moda_depth_kv: which sublayers write depth slots, and from what */
@@ -178,6 +179,11 @@ int64_t sf_attnres_num_sources(const sf_config *cfg, int64_t k);
  * workspace). */
 sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
                      float *out_hidden, sf_trace *trace, char *err, size_t errlen);
+/* The checks sf_forward starts with (shapes, ranges, finiteness, mask values, the cache's
+ * room), without running anything: lets a caller refuse bad arguments before it allocates
+ * outputs. tracing: a trace will be passed. */
+sf_status sf_forward_check(const sf_model *m, const sf_forward_args *args, int tracing, char *err,
+                           size_t errlen);
 
 /* ---- key/value cache for incremental decoding ------------------------------------------- */
 /* Holds every layer's keys/values (and MoDA depth slots) for B sequences of up to max_len
@@ -187,7 +193,7 @@ sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cach
 void sf_cache_free(sf_cache *c);
 int64_t sf_cache_len(const sf_cache *c);
 int64_t sf_cache_batch(const sf_cache *c);
-void sf_cache_reset(sf_cache *c);
+sf_status sf_cache_reset(sf_cache *c); /* SF_ERR_BUSY while a call uses it */
 
 /* ---- training ----------------------------------------------------------------------------- */
 typedef struct {
@@ -211,9 +217,24 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *args, double *lo
 /* Gradient buffer (num_params floats; zeros before the first backward). */
 float *sf_model_grads(sf_model *m);
 /* The training workspace (kept between train steps) and the forward workspace (kept between
- * forward calls) are the model's; this frees both. */
+ * forward calls) are the model's; this frees both (waiting for a running train step; a forward
+ * workspace that a running forward call holds stays with it). */
 void sf_model_release_workspace(sf_model *m);
-/* Activation memory (bytes) one forward_backward call needs for (B, T). */
+/* A consistent copy of the model's state while other threads may train it or run forward
+ * calls: waits for a running train step (never for forward calls), then copies under the read
+ * guard. Any output may be NULL (num_params floats each). */
+void sf_model_snapshot(sf_model *m, float *params, float *grads, float *adam_m, float *adam_v,
+                       int64_t *step);
+/* Write state: waits for running forward calls and train steps (calls that start meanwhile
+ * fail with SF_ERR_BUSY, as during a train step), then copies under the write guard. params
+ * (num_params floats, the flat layout) is copied tensor by tensor where which[t] != 0 (which
+ * NULL: all); adam_m, adam_v, step: NULL keeps them. adam_v must be finite and >= 0 (checked
+ * before anything is written). */
+sf_status sf_model_restore(sf_model *m, const float *params, const uint8_t *which,
+                           const float *adam_m, const float *adam_v, const int64_t *step,
+                           char *err, size_t errlen);
+/* Activation memory (bytes) one forward_backward call needs for (B, T); -1 when the sizes
+ * overflow 64 bits. */
 int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint);
 
 typedef struct {
@@ -253,6 +274,23 @@ const char *sf_matmul_kernel(void);
  * built-in tiles. With a BLAS the bitwise guarantees (same bits for any thread count, cached
  * decoding equal to the full pass) are the BLAS's, not ours; sf_matmul_kernel() says "blas". */
 sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errlen);
+
+/* bfloat16 products (Config compute_dtype = "bfloat16"; semantics in sf_bf16.h: VDPBF16PS).
+ * sf_bf16_kernel: "avx512_bf16" where the CPU has it (vdpbf16ps), else
+ * "emulated (...)" (the same bits on AVX2/FMA or portable C); STACKFORMER_NO_BF16=1 forces
+ * the emulated kernel. */
+const char *sf_bf16_kernel(void);
+/* 1 when this CPU has AVX512_BF16 (whatever STACKFORMER_NO_BF16 says) */
+int sf_bf16_cpu_has_native(void);
+/* y (N,M) = bf16(x) (N,K) . bf16(w)^T (w (M,K)) + bias, fp32 accumulation: operands converted
+ * and packed per call (tests, benchmarks). path -1 the default kernel, 0 emulated, 1 native
+ * (SF_ERR_INVALID_ARG without AVX512_BF16), 2 the portable model. */
+sf_status sf_bf16_matmul(float *y, const float *x, const float *w, const float *bias, int64_t N,
+                         int64_t K, int64_t M, int path, int n_threads);
+/* Benchmarks: seconds of the fastest of reps runs of the default kernel's y (N,M) = A (N,K) .
+ * B (K,M) on already packed bf16 operands (packing not timed; 2*N*K*M flops); -1 on bad
+ * arguments or no memory. */
+double sf_bf16_gemm_bench(int64_t N, int64_t K, int64_t M, int reps, int n_threads);
 
 #ifdef __cplusplus
 }

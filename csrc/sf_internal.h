@@ -48,6 +48,8 @@ struct sf_model {
     /* model-level views */
     float *tok_emb, *pos_emb, *final_norm_w, *final_norm_b, *out_res_q, *out_res_g, *lm_head;
     sf_layer_views *layers;
+    /* the registry of live models (sf_lifecycle.c), walked by the fork child handler */
+    struct sf_model *reg_prev, *reg_next;
 };
 
 /* Reader/writer guard: forward calls share the model, a train step needs it alone. */
@@ -55,6 +57,17 @@ int sf_model_acquire_read(sf_model *m);
 void sf_model_release_read(sf_model *m);
 int sf_model_acquire_write(sf_model *m);
 void sf_model_release_write(sf_model *m);
+/* the read guard for calls that wait their turn instead of failing fast (sf_lifecycle.c) */
+void sf_model_acquire_read_wait(sf_model *m);
+
+/* fork (sf_threads.c's pthread_atfork handlers): the registry's lock is held across fork() so
+ * the child's walk sees a whole list; in the child, every model's guard and forward-workspace
+ * flag are reset (the threads that held them exist only in the parent). */
+void sf_models_registry_lock(void);
+void sf_models_registry_unlock(void);
+void sf_models_after_fork(void);
+/* 1 in a child forked after its parent ran a team of threads: it runs on one thread */
+int sf_threads_forked_single(void);
 
 /* Write a formatted message into err (if non-NULL) and return status. */
 sf_status sf_fail(char *err, size_t errlen, sf_status st, const char *fmt, ...)

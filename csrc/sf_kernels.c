@@ -329,15 +329,23 @@ void sf_cross_entropy(float *logits, const int32_t *targets, int64_t N, int64_t 
     int nt = sf_threads_resolve(n_threads);
     int64_t cnt = 0;
     for (int64_t n = 0; n < N; n++) cnt += targets[n] != ignore_index;
-    double total = 0.0;
     float scale = cnt ? 1.0f / (float)cnt : 0.0f;
-#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total) if (N * V > 32768)
+    /* The rows' losses are summed in row order, whatever the thread count: an OpenMP
+     * reduction adds per-thread partials, so its last bits depended on the thread count (the
+     * returned loss of any B > 1 step differed between 1 and 2 threads). With a team, each row
+     * keeps its loss in rl and one thread sums them afterwards (N doubles per call, next to
+     * N x V logits); with one thread, or if rl cannot be had, the rows run serially. */
+    const int team = nt > 1 && N * V > 32768;
+    double *rl = team ? malloc((size_t)N * sizeof(double)) : NULL;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) num_threads(nt) if (rl != NULL)
     for (int64_t n = 0; n < N; n++) {
         float *z = logits + n * V;
         int32_t tgt = targets[n];
         if (tgt == ignore_index) {
             memset(z, 0, (size_t)V * sizeof(float));
             if (row_loss) row_loss[n] = NAN;
+            if (rl) rl[n] = 0.0;
             continue;
         }
         float mx = z[0];
@@ -352,11 +360,17 @@ void sf_cross_entropy(float *logits, const int32_t *targets, int64_t N, int64_t 
             z[j] = (float)e;
         }
         double l = ((double)mx + log(se)) - (double)zt; /* lse - z_tgt */
-        total += l;
+        if (rl) rl[n] = l;
+        else total += l; /* serial: the same order as the sum below */
         if (row_loss) row_loss[n] = (float)l;
         double inv = 1.0 / se;
         for (int64_t j = 0; j < V; j++) z[j] = (float)((double)z[j] * inv) * scale;
         z[tgt] -= scale;
+    }
+    if (rl) {
+        for (int64_t n = 0; n < N; n++)
+            if (targets[n] != ignore_index) total += rl[n];
+        free(rl);
     }
     *loss_sum = total;
     *count = cnt;

@@ -4,9 +4,53 @@
 #include "sf_internal.h"
 #include "sf_kernels.h"
 
+#include <pthread.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #include <time.h>
+
+/* Every live model, so a forked child can reset the guards its parent's threads held. Create
+ * and free take the lock (never a hot path). */
+static pthread_mutex_t g_reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static sf_model *g_reg_head;
+
+void sf_models_registry_lock(void) { pthread_mutex_lock(&g_reg_lock); }
+void sf_models_registry_unlock(void) { pthread_mutex_unlock(&g_reg_lock); }
+
+void sf_models_after_fork(void) {
+    /* the child: the lock was taken by the prepare handler in the forking thread, which is
+     * this thread now; no other thread exists to race the walk */
+    for (sf_model *m = g_reg_head; m; m = m->reg_next) {
+        /* running forward calls (> 0) and a train step (-1 / pending) belonged to threads the
+         * child does not have: nobody will release them. A step interrupted this way leaves
+         * the child the weights as they were at the instant of fork. */
+        atomic_store(&m->state, 0);
+        if (atomic_load(&m->fwd_busy)) { /* taken by a vanished thread, maybe mid-resize: */
+            m->fwd_mem = NULL;          /* leave it (a leak in the child), never reuse it */
+            m->fwd_mem_bytes = 0;
+            atomic_store(&m->fwd_busy, 0);
+        }
+    }
+    pthread_mutex_unlock(&g_reg_lock);
+}
+
+static void registry_add(sf_model *m) {
+    pthread_mutex_lock(&g_reg_lock);
+    m->reg_next = g_reg_head;
+    if (g_reg_head) g_reg_head->reg_prev = m;
+    g_reg_head = m;
+    pthread_mutex_unlock(&g_reg_lock);
+}
+
+static void registry_remove(sf_model *m) {
+    pthread_mutex_lock(&g_reg_lock);
+    if (m->reg_prev) m->reg_prev->reg_next = m->reg_next;
+    else if (g_reg_head == m) g_reg_head = m->reg_next;
+    if (m->reg_next) m->reg_next->reg_prev = m->reg_prev;
+    m->reg_prev = m->reg_next = NULL;
+    pthread_mutex_unlock(&g_reg_lock);
+}
 
 sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, char *err,
                           size_t errlen) {
@@ -66,12 +110,14 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
     free(views);
     m->lm_head = cfg->tie_embeddings ? m->tok_emb : m->lm_head;
     sf_params_init(m, seed);
+    registry_add(m);
     *out = m;
     return SF_OK;
 }
 
 void sf_model_free(sf_model *m) {
     if (!m) return;
+    registry_remove(m);
     free(m->train_mem);
     free(m->fwd_mem);
     free(m->params);
@@ -119,6 +165,61 @@ int sf_model_acquire_write(sf_model *m) {
     return 1;
 }
 void sf_model_release_write(sf_model *m) { atomic_store(&m->state, 0); }
+
+/* Waiting forms for the calls that copy state in or out (state_dict, save, load_state_dict,
+ * pickling): unlike forward calls and train steps, which fail fast, these wait their turn (a
+ * snapshot waits for at most the running step; a restore for the running calls). They poll:
+ * they are rare, and a condition variable would cost every forward call a lock. */
+static void pause_briefly(void) {
+    struct timespec ts = {0, 20000};
+    nanosleep(&ts, NULL);
+}
+void sf_model_acquire_read_wait(sf_model *m) {
+    while (!sf_model_acquire_read(m)) pause_briefly();
+}
+static void acquire_write_wait(sf_model *m) {
+    while (!sf_model_acquire_write(m)) pause_briefly();
+}
+
+static void copy_or_skip(float *dst, const float *src, int64_t n) {
+    if (dst) memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+void sf_model_snapshot(sf_model *m, float *params, float *grads, float *adam_m, float *adam_v,
+                       int64_t *step) {
+    sf_model_acquire_read_wait(m); /* no train step runs while any reader holds the guard */
+    copy_or_skip(params, m->params, m->num_params);
+    copy_or_skip(grads, m->grads, m->num_params);
+    copy_or_skip(adam_m, m->adam_m, m->num_params);
+    copy_or_skip(adam_v, m->adam_v, m->num_params);
+    if (step) *step = m->step;
+    sf_model_release_read(m);
+}
+
+sf_status sf_model_restore(sf_model *m, const float *params, const uint8_t *which,
+                           const float *adam_m, const float *adam_v, const int64_t *step,
+                           char *err, size_t errlen) {
+    if (step && *step < 0) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "step must be >= 0");
+    if (adam_v) /* a negative second moment makes sqrt(v) NaN at the next step, everywhere */
+        for (int64_t i = 0; i < m->num_params; i++)
+            if (!(adam_v[i] >= 0.0f) || adam_v[i] == INFINITY)
+                return sf_fail(err, errlen, SF_ERR_INVALID_ARG,
+                               "adam_v[%lld] = %g: the second moment must be finite and >= 0", (long long)i,
+                               (double)adam_v[i]);
+    acquire_write_wait(m);
+    if (params) {
+        for (int32_t t = 0; t < m->num_tensors; t++) {
+            const sf_tensor_info *ti = &m->tensors[t];
+            if (which && !which[t]) continue;
+            memcpy(m->params + ti->offset, params + ti->offset, (size_t)ti->numel * sizeof(float));
+        }
+    }
+    if (adam_m) memcpy(m->adam_m, adam_m, (size_t)m->num_params * sizeof(float));
+    if (adam_v) memcpy(m->adam_v, adam_v, (size_t)m->num_params * sizeof(float));
+    if (step) m->step = *step;
+    sf_model_release_write(m);
+    return SF_OK;
+}
 
 int32_t sf_model_find_tensor(const sf_model *m, const char *name) {
     /* linear scan: called at model build and by name lookups from Python, never in hot loops */

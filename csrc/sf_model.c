@@ -31,6 +31,7 @@ struct sf_cache {
     int64_t B, max_len, len;
     float *k, *v;             /* (n_layers, B, max_len, kvd) */
     float *depth_k, *depth_v; /* (B, Hkv, max_len, n_slots, dh) */
+    _Atomic int busy;         /* a call is appending to it (or resetting it) */
 };
 
 /* MoDA under RoPE: which depth-rope rule applies (SF_DROPE_*), or -1 when there is nothing to
@@ -69,7 +70,13 @@ void sf_cache_free(sf_cache *c) {
 }
 int64_t sf_cache_len(const sf_cache *c) { return c->len; }
 int64_t sf_cache_batch(const sf_cache *c) { return c->B; }
-void sf_cache_reset(sf_cache *c) { c->len = 0; }
+sf_status sf_cache_reset(sf_cache *c) {
+    int idle = 0;
+    if (!atomic_compare_exchange_strong(&c->busy, &idle, 1)) return SF_ERR_BUSY;
+    c->len = 0;
+    atomic_store(&c->busy, 0);
+    return SF_OK;
+}
 
 /* ---- one call's buffers ------------------------------------------------------------------- */
 
@@ -128,6 +135,7 @@ static void layout(run *R, bump *bp, want w) {
         pk = max64(pk, sf_gemm_pack_floats(widest, N, max64(K1, widest), 1));
     }
     R->pack = take(bp, pk);
+    if (R->bf16) sf_bf16_layout(R, bp);
     sf_attn_args aa = {0};
     aa.Tk = R->cache ? R->cache->max_len : R->T;
     aa.n_read = R->n_slots;
@@ -184,13 +192,17 @@ static sf_status run_setup(run *R, const sf_model *m, int64_t B, int64_t T, int 
                            int per_block, int two_phase, sf_cache *cache, int n_threads) {
     const sf_config *c = &m->cfg;
     memset(R, 0, sizeof *R);
-    R->m = m; R->c = c; R->W = sf_wiring_of(c); R->B = B; R->T = T; R->N = B * T; R->d = c->d_model;
+    int64_t N; /* every size of the call derives from N: a wrapped B*T (2**62 x 2**62) used to
+                * lay out a small workspace */
+    if (B < 1 || T < 1 || sf_mul_ok(B, T, &N)) return SF_ERR_OVERFLOW;
+    R->m = m; R->c = c; R->W = sf_wiring_of(c); R->B = B; R->T = T; R->N = N; R->d = c->d_model;
     R->dh = c->d_model / c->n_heads; R->qd = c->n_heads * R->dh; R->kvd = c->n_kv_heads * R->dh;
     R->F = c->d_ff; R->V = c->vocab_size; R->L = 2 * c->n_layers;
     R->n_slots = n_depth_slots(c);
     R->nt = sf_threads_resolve(n_threads);
     R->training = training; R->per_block = per_block; R->two_phase = two_phase;
     R->cache = cache; R->pos0 = cache ? cache->len : 0;
+    R->bf16 = c->compute_dtype == SF_DTYPE_BFLOAT16;
     R->acts = calloc((size_t)c->n_layers, sizeof *R->acts);
     if (!R->acts) return SF_ERR_NOMEM;
     return R->W->init(R);
@@ -242,6 +254,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->kv_bstride = T * R->kvd;
     }
     if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, m->cfg.rope_theta, R->nt);
+    if (R->bf16) sf_bf16_convert_weights(R);
     return SF_OK;
 nomem:
     run_free(R);
@@ -357,8 +370,14 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
         /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
-        sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
-                      R->F, R->pack, R->nt);
+        if (R->bf16) { /* the product, then the same per-element activation in a pass */
+            float *pre = R->training ? A->f1 : A->g;
+            linear(R, pre, u, Lv->up_w, Lv->up_b, R->d, R->F);
+            sf_activation(c->act, A->g, pre, nF, R->nt);
+        } else {
+            sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
+                          R->F, R->pack, R->nt);
+        }
     }
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
@@ -548,8 +567,7 @@ static void stack_backward(run *R, const int32_t *tokens) {
     const sf_wiring *W = R->W;
     const int64_t N = R->N, d = R->d, Nd = N * d, V = R->V;
     /* head: logits = fin_u head^T */
-    sf_gemm(GRAD(R, m->lm_head), d, R->logits, 1, V, R->fin_u, 0, NULL, V, N, d, 1, R->pack, R->nt);
-    sf_gemm(R->dfin, d, R->logits, V, 1, m->lm_head, 0, NULL, N, V, d, 0, R->pack, R->nt);
+    linear_bwd(R, R->dfin, 0, R->logits, R->fin_u, m->lm_head, NULL, d, V);
     float *dfin_h = R->dfin;
     if (c->final_norm) {
         norm_bwd(R, R->dx, R->dfin, R->fin_h, m->final_norm_w, m->final_norm_b, 0);
@@ -583,8 +601,9 @@ static void stack_backward(run *R, const int32_t *tokens) {
 /* ---- public entry points ------------------------------------------------------------------ */
 
 static sf_status check_inputs(const sf_config *c, const int32_t *tokens, const float *embeds,
-                              int64_t B, int64_t T, int64_t max_T, char *err, size_t errlen) {
-    if (B < 1 || T < 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "batch and sequence length must be >= 1 (got B=%lld, T=%lld)", (long long)B, (long long)T);
+                              const uint8_t *mask, int64_t B, int64_t T, int64_t max_T, char *err,
+                              size_t errlen) {
+    if (B < 1 || T < 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the input is empty: batch and sequence length must be >= 1 (got B=%lld, T=%lld)", (long long)B, (long long)T);
     if (T > max_T) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "sequence length %lld exceeds max_seq_len %lld", (long long)T, (long long)max_T);
     if (!tokens == !embeds) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "exactly one of tokens and embeds must be given");
     int64_t N;
@@ -597,13 +616,34 @@ static sf_status check_inputs(const sf_config *c, const int32_t *tokens, const f
         int64_t Nd;
         if (sf_mul_ok(N, c->d_model, &Nd)) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "B*T*d overflows");
         for (int64_t r = 0; r < Nd; r++)
-            if (!isfinite(embeds[r])) return sf_fail(err, errlen, SF_ERR_NONFINITE, "embeds contain NaN or inf at flat index %lld", (long long)r);
+            if (!isfinite(embeds[r])) return sf_fail(err, errlen, SF_ERR_NONFINITE, "embeds contain NaN or inf (as float32) at flat index %lld", (long long)r);
     }
+    if (mask) /* 1 = real token, 0 = padding; anything else is a caller's mistake, not a 1 */
+        for (int64_t r = 0; r < N; r++)
+            if (mask[r] > 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "key_padding_mask value %d at [%lld, %lld] is not 0 or 1", (int)mask[r], (long long)(r / T), (long long)(r % T));
     return SF_OK;
 }
 
+static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, float *out_logits,
+                              float *out_hidden, sf_trace *trace, char *err, size_t errlen);
+
 sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
                      float *out_hidden, sf_trace *trace, char *err, size_t errlen) {
+    if (!m || !args) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
+    sf_cache *cache = args->cache;
+    if (!cache) return forward_impl(m, args, out_logits, out_hidden, trace, err, errlen);
+    /* a cache is one sequence's state: two calls appending to it at once would both write
+     * position len (and both advance it), so the second one is refused */
+    int idle = 0;
+    if (!atomic_compare_exchange_strong(&cache->busy, &idle, 1))
+        return sf_fail(err, errlen, SF_ERR_BUSY, "the cache is in use by another call");
+    sf_status st = forward_impl(m, args, out_logits, out_hidden, trace, err, errlen);
+    atomic_store(&cache->busy, 0);
+    return st;
+}
+
+sf_status sf_forward_check(const sf_model *m, const sf_forward_args *args, int tracing, char *err,
+                           size_t errlen) {
     if (!m || !args) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
     const sf_config *c = &m->cfg;
     sf_cache *cache = args->cache;
@@ -611,16 +651,21 @@ sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_
     if (cache) {
         if (cache->m != m) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache belongs to another model");
         if (args->B != cache->B) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "batch %lld does not match the cache's batch %lld", (long long)args->B, (long long)cache->B);
-        if (args->key_padding_mask || trace) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "cached decoding supports neither key_padding_mask nor traces");
+        if (args->key_padding_mask || tracing) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "cached decoding supports neither key_padding_mask nor traces");
         if (!c->causal) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "cached decoding needs a causal (decoder) model");
         max_T = cache->max_len - cache->len;
     }
-    sf_status st = check_inputs(c, args->tokens, args->embeds, args->B, args->T, max_T, err, errlen);
-    if (st != SF_OK) {
-        if (cache && args->T > max_T && args->T >= 1)
-            return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache holds %lld of %lld positions: no room for %lld more", (long long)cache->len, (long long)cache->max_len, (long long)args->T);
-        return st;
-    }
+    sf_status st = check_inputs(c, args->tokens, args->embeds, args->key_padding_mask, args->B, args->T, max_T, err, errlen);
+    if (st != SF_OK && cache && args->T > max_T && args->T >= 1)
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache holds %lld of %lld positions: no room for %lld more", (long long)cache->len, (long long)cache->max_len, (long long)args->T);
+    return st;
+}
+
+static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, float *out_logits,
+                              float *out_hidden, sf_trace *trace, char *err, size_t errlen) {
+    sf_cache *cache = args->cache;
+    sf_status st = sf_forward_check(m, args, trace != NULL, err, errlen);
+    if (st != SF_OK) return st;
     if (!sf_model_acquire_read((sf_model *)m))
         return sf_fail(err, errlen, SF_ERR_BUSY, "the model is being trained by another thread");
     run R;
@@ -631,7 +676,7 @@ sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_
         R.copy_rms = trace ? trace->copy_rms : NULL;
         stack_forward(&R, args->tokens, args->embeds, trace);
         copy(out_hidden, R.fin_u, R.N * R.d);
-        if (out_logits) sf_matmul(out_logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        if (out_logits) linear(&R, out_logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
         if (cache) cache->len += args->T;
         run_free(&R);
     }
@@ -640,14 +685,22 @@ sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_
 }
 
 void sf_model_release_workspace(sf_model *m) {
-    if (!sf_model_acquire_write(m)) return;
+    /* As a reader, waiting for a running train step: no train step (the only user of
+     * train_mem) can start while a reader holds the guard, and forward calls keep running.
+     * The forward workspace is taken the way a forward call takes it; one that a running
+     * forward call holds stays with it. */
+    sf_model_acquire_read_wait(m);
     free(m->train_mem);
     m->train_mem = NULL;
     m->train_mem_bytes = 0;
-    free(m->fwd_mem); /* no forward is in flight under the write guard */
-    m->fwd_mem = NULL;
-    m->fwd_mem_bytes = 0;
-    sf_model_release_write(m);
+    int idle = 0;
+    if (atomic_compare_exchange_strong(&m->fwd_busy, &idle, 1)) {
+        free(m->fwd_mem);
+        m->fwd_mem = NULL;
+        m->fwd_mem_bytes = 0;
+        atomic_store(&m->fwd_busy, 0);
+    }
+    sf_model_release_read(m);
 }
 
 int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int checkpoint) {
@@ -660,7 +713,7 @@ int64_t sf_train_workspace_bytes(const sf_config *cfg, int64_t B, int64_t T, int
         bump bp = {NULL, 0, 0};
         want w = {0, 0};
         layout(&R, &bp, w);
-        if (!bp.bad) out = bp.used * (int64_t)sizeof(float);
+        if (!bp.bad && sf_mul_ok(bp.used, (int64_t)sizeof(float), &out)) out = -1;
     }
     if (R.W) R.W->free(&R);
     free(R.acts);
@@ -671,7 +724,7 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
                               char *err, size_t errlen) {
     if (!m || !a) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
     const sf_config *c = &m->cfg;
-    sf_status st = check_inputs(c, a->tokens, a->embeds, a->B, a->T, c->max_seq_len, err, errlen);
+    sf_status st = check_inputs(c, a->tokens, a->embeds, a->key_padding_mask, a->B, a->T, c->max_seq_len, err, errlen);
     if (st != SF_OK) return st;
     if (!a->targets) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "targets are required");
     for (int64_t r = 0; r < a->B * a->T; r++) {
@@ -694,7 +747,7 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
             R.drop_seed = z ^ (z >> 29);
         }
         stack_forward(&R, a->tokens, a->embeds, NULL);
-        sf_matmul(R.logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        linear(&R, R.logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
         double sum = 0.0;
         int64_t cnt = 0;
         sf_cross_entropy(R.logits, a->targets, R.N, R.V, a->ignore_index, &sum, &cnt, NULL, R.nt);

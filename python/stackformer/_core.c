@@ -32,6 +32,7 @@ static PyObject *status_error(sf_status st, const char *msg) {
     if (st == SF_ERR_NOMEM) exc = PyExc_MemoryError;
     else if (st == SF_ERR_OVERFLOW) exc = PyExc_OverflowError;
     else if (st == SF_ERR_TOKEN_RANGE) exc = PyExc_IndexError;
+    else if (st == SF_ERR_BUSY) exc = PyExc_RuntimeError;
     PyErr_SetString(exc, msg && msg[0] ? msg : sf_status_name(st));
     return NULL;
 }
@@ -53,7 +54,12 @@ static int config_from_kwargs(PyObject *kw, sf_config *c, const char *skip) {
         char *dst = (char *)c + f->offset;
         if (f->kind == SF_FIELD_REAL || f->kind == SF_FIELD_PROB) {
             double x = PyFloat_AsDouble(v);
-            if (x == -1.0 && PyErr_Occurred()) return -1;
+            if (x == -1.0 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+                PyErr_Clear(); /* an int beyond double's range: out of range like any other */
+                PyErr_Format(PyExc_ValueError, "%s is out of range, got %R", f->name, v);
+                return -1;
+            }
             float xf = (float)x; /* out-of-range doubles become inf and fail validation */
             memcpy(dst, &xf, sizeof xf);
         } else {
@@ -61,7 +67,7 @@ static int config_from_kwargs(PyObject *kw, sf_config *c, const char *skip) {
             long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
             if (x == -1 && PyErr_Occurred()) return -1;
             if (overflow || (f->kind != SF_FIELD_INT && (x < INT32_MIN || x > INT32_MAX))) {
-                PyErr_Format(PyExc_ValueError, "config field %s is out of range", f->name);
+                PyErr_Format(PyExc_ValueError, "%s is out of range, got %R", f->name, v);
                 return -1;
             }
             if (f->kind == SF_FIELD_INT) { int64_t x64 = (int64_t)x; memcpy(dst, &x64, sizeof x64); }
@@ -185,40 +191,112 @@ static int shape_bht(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int6
     d[0] = B; d[1] = c->n_heads; d[2] = T; return 3;
 }
 
-/* Tokens: any integer array (T,) or (B,T); returns a new C-contiguous int32 array or NULL. */
-static PyArrayObject *tokens_array(PyArrayObject *in, const sf_config *c) {
-    int nd = PyArray_NDIM(in);
-    if (nd != 1 && nd != 2) {
-        PyErr_Format(PyExc_ValueError, "tokens must have shape (T,) or (B, T), got %d dimensions", nd);
-        return NULL;
-    }
-    /* values are checked against [0, vocab) in int64 so nothing wraps before the check */
-    PyArrayObject *a64 = (PyArrayObject *)PyArray_FROMANY((PyObject *)in, NPY_INT64, 1, 2,
+/* ---- the one input parser of forward and forward_backward ------------------------------
+ * It only converts: arrays to the C types, refusing values the conversion would change (an
+ * int64 token of 2**32 + 5 must not become 5, a mask value of 256 must not become 0, a uint64
+ * near 2**64 must not become -100 = ignore_index) and shapes that do not line up. Everything C
+ * checks (token and target ranges, B, T, max_seq_len, non-finite embeddings after the float32
+ * conversion, mask values) it leaves to C. */
+typedef struct {
+    PyArrayObject *tok, *emb, *mask, *tgt;
+    int64_t B, T;
+} batch;
+
+static void batch_clear(batch *b) {
+    Py_XDECREF(b->tok); Py_XDECREF(b->emb); Py_XDECREF(b->mask); Py_XDECREF(b->tgt);
+    memset(b, 0, sizeof *b);
+}
+
+/* An integer (or bool) array as a C-contiguous array of `type` (NPY_INT32 or NPY_UINT8); NULL
+ * with an exception set when a value falls outside [lo, hi] (the message names `what`, the
+ * value and its index; IndexError for ids, ValueError otherwise) */
+static PyArrayObject *narrow_ints(PyArrayObject *in, int type, int64_t lo, int64_t hi, const char *what,
+                                  const char *range, PyObject *exc) {
+    int is_u64 = PyArray_TYPE(in) == NPY_UINT64 || PyArray_TYPE(in) == NPY_ULONGLONG || PyArray_TYPE(in) == NPY_ULONG;
+    PyArrayObject *a64 = (PyArrayObject *)PyArray_FROMANY((PyObject *)in, NPY_INT64, 0, 0,
                                                          NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
     if (!a64) return NULL;
-    int is_u64 = PyArray_TYPE(in) == NPY_UINT64 || PyArray_TYPE(in) == NPY_ULONGLONG;
-    npy_intp n = PyArray_SIZE(a64);
     const int64_t *v = (const int64_t *)PyArray_DATA(a64);
-    int64_t T = PyArray_DIM(a64, nd - 1);
-    for (npy_intp r = 0; r < n; r++) {
-        if (v[r] < 0 || v[r] >= c->vocab_size) {
-            if (is_u64 && v[r] < 0)
-                PyErr_Format(PyExc_IndexError, "token id %llu at flat index %lld is outside [0, vocab_size=%lld)",
-                             (unsigned long long)v[r], (long long)r, (long long)c->vocab_size);
-            else if (nd == 2)
-                PyErr_Format(PyExc_IndexError, "token id %lld at [%lld, %lld] is outside [0, vocab_size=%lld)",
-                             (long long)v[r], (long long)(r / T), (long long)(r % T), (long long)c->vocab_size);
-            else
-                PyErr_Format(PyExc_IndexError, "token id %lld at [%lld] is outside [0, vocab_size=%lld)",
-                             (long long)v[r], (long long)r, (long long)c->vocab_size);
-            Py_DECREF(a64);
-            return NULL;
-        }
+    for (npy_intp r = 0, n = PyArray_SIZE(a64); r < n; r++) {
+        if (v[r] >= lo && v[r] <= hi && !(is_u64 && v[r] < 0)) continue;
+        if (is_u64) PyErr_Format(exc, "%s %llu at flat index %lld is outside %s", what, (unsigned long long)v[r], (long long)r, range);
+        else PyErr_Format(exc, "%s %lld at flat index %lld is outside %s", what, (long long)v[r], (long long)r, range);
+        Py_DECREF(a64);
+        return NULL;
     }
-    PyArrayObject *a32 = (PyArrayObject *)PyArray_FROMANY((PyObject *)a64, NPY_INT32, 1, 2,
+    PyArrayObject *out = (PyArrayObject *)PyArray_FROMANY((PyObject *)a64, type, 0, 0,
                                                          NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
     Py_DECREF(a64);
-    return a32;
+    return out;
+}
+
+/* (B, T) of an array that must be (B, T), or (T,) for B == 1 */
+static int bt_matches(PyArrayObject *a, int64_t B, int64_t T) {
+    int nd = PyArray_NDIM(a);
+    if (nd == 1) return B == 1 && PyArray_DIM(a, 0) == T;
+    return nd == 2 && PyArray_DIM(a, 0) == B && PyArray_DIM(a, 1) == T;
+}
+
+/* input: integer ids (T,) / (B, T) or float embeddings (B, T, d_model); mask_obj: None or
+ * (B, T) bool/int of 0/1; targets_obj: NULL (forward) or integer ids shaped like the batch */
+static int parse_batch(const sf_config *c, const char *name, PyObject *input, PyObject *mask_obj, PyObject *targets_obj, batch *b) {
+    memset(b, 0, sizeof *b);
+    char vocab[64];
+    PyOS_snprintf(vocab, sizeof vocab, "[0, vocab_size=%lld)", (long long)c->vocab_size);
+    if (!PyArray_Check(input)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy array of token ids or embeddings, got %.200s", name, Py_TYPE(input)->tp_name);
+        return -1;
+    }
+    PyArrayObject *in = (PyArrayObject *)input;
+    int kind = PyArray_DESCR(in)->kind, nd = PyArray_NDIM(in);
+    if (kind == 'i' || kind == 'u') {
+        if (nd != 1 && nd != 2) {
+            PyErr_Format(PyExc_ValueError, "tokens must have shape (T,) or (B, T), got %d dimensions", nd);
+            return -1;
+        }
+        /* ids beyond int32 are refused here (they would wrap); C checks [0, vocab_size) */
+        if (!(b->tok = narrow_ints(in, NPY_INT32, INT32_MIN, INT32_MAX, "token id", vocab, PyExc_IndexError))) return -1;
+        b->B = nd == 2 ? PyArray_DIM(in, 0) : 1;
+        b->T = PyArray_DIM(in, nd - 1);
+    } else if (kind == 'f') {
+        if (nd != 3 || PyArray_DIM(in, 2) != c->d_model) {
+            PyErr_Format(PyExc_ValueError, "float %s must be embeddings of shape (B, T, d_model=%lld); token ids must be an integer array",
+                         name, (long long)c->d_model);
+            return -1;
+        }
+        /* to float32 first: C checks finiteness of what it computes with (1e39 becomes inf) */
+        if (!(b->emb = (PyArrayObject *)PyArray_FROMANY(input, NPY_FLOAT32, 3, 3, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST))) return -1;
+        b->B = PyArray_DIM(in, 0);
+        b->T = PyArray_DIM(in, 1);
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s must be integer token ids or float embeddings, got dtype %R", name, (PyObject *)PyArray_DESCR(in));
+        return -1;
+    }
+    if (mask_obj != Py_None) {
+        if (!PyArray_Check(mask_obj)) { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be a numpy array of shape (B, T)"); goto fail; }
+        PyArrayObject *mo = (PyArrayObject *)mask_obj;
+        int mk = PyArray_DESCR(mo)->kind;
+        if (mk != 'b' && mk != 'i' && mk != 'u') { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be bool or integer (1 = real token, 0 = padding)"); goto fail; }
+        if (!bt_matches(mo, b->B, b->T)) { PyErr_Format(PyExc_ValueError, "key_padding_mask must have shape (B=%lld, T=%lld)", (long long)b->B, (long long)b->T); goto fail; }
+        /* 0..255 survive the uint8 conversion unchanged; C refuses anything but 0 and 1 */
+        if (!(b->mask = narrow_ints(mo, NPY_UINT8, 0, 255, "key_padding_mask value", "{0, 1} (1 = real token, 0 = padding)", PyExc_ValueError))) goto fail;
+    }
+    if (targets_obj) {
+        if (!PyArray_Check(targets_obj)) { PyErr_SetString(PyExc_TypeError, "targets must be a numpy array of token ids"); goto fail; }
+        PyArrayObject *to = (PyArrayObject *)targets_obj;
+        int tk = PyArray_DESCR(to)->kind;
+        if (tk != 'i' && tk != 'u') { PyErr_SetString(PyExc_TypeError, "targets must be an integer array"); goto fail; }
+        if (!bt_matches(to, b->B, b->T)) {
+            PyErr_Format(PyExc_ValueError, "targets must have shape (B=%lld, T=%lld) like the inputs", (long long)b->B, (long long)b->T);
+            goto fail;
+        }
+        /* int32 both ways (ignore_index may be negative); C checks [0, vocab_size) */
+        if (!(b->tgt = narrow_ints(to, NPY_INT32, INT32_MIN, INT32_MAX, "target", vocab, PyExc_IndexError))) goto fail;
+    }
+    return 0;
+fail:
+    batch_clear(b);
+    return -1;
 }
 
 static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
@@ -240,53 +318,22 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         cache = ((CCache *)cache_obj)->cache;
     }
     const sf_config *c = sf_model_config(self->model);
-    if (!PyArray_Check(input)) {
-        PyErr_Format(PyExc_TypeError, "input must be a numpy array of token ids or embeddings, got %.200s", Py_TYPE(input)->tp_name);
-        return NULL;
-    }
     if (n_threads < 0 || n_threads > 1024) {
         PyErr_Format(PyExc_ValueError, "n_threads must be in [0, 1024], got %d", n_threads);
         return NULL;
     }
-    PyArrayObject *in = (PyArrayObject *)input;
-    int kind = PyArray_DESCR(in)->kind;
-    PyArrayObject *tok = NULL, *emb = NULL, *mask = NULL;
+    batch in;
     PyObject *logits = NULL, *hidden = NULL, *tdict = NULL;
     float **ptrs = NULL;
-    int64_t B, T;
-    if (kind == 'i' || kind == 'u') {
-        tok = tokens_array(in, c);
-        if (!tok) goto fail;
-        B = PyArray_NDIM(tok) == 2 ? PyArray_DIM(tok, 0) : 1;
-        T = PyArray_DIM(tok, PyArray_NDIM(tok) - 1);
-    } else if (kind == 'f') {
-        if (PyArray_NDIM(in) != 3 || PyArray_DIM(in, 2) != c->d_model) {
-            PyErr_Format(PyExc_ValueError, "float input must be embeddings of shape (B, T, d_model=%lld); token ids must be an integer array",
-                         (long long)c->d_model);
-            goto fail;
-        }
-        emb = (PyArrayObject *)PyArray_FROMANY(input, NPY_FLOAT32, 3, 3, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-        if (!emb) goto fail;
-        B = PyArray_DIM(emb, 0);
-        T = PyArray_DIM(emb, 1);
-    } else {
-        PyErr_Format(PyExc_TypeError, "input must be integer token ids or float embeddings, got dtype %R", (PyObject *)PyArray_DESCR(in));
-        goto fail;
-    }
-    if (B < 1 || T < 1) { PyErr_Format(PyExc_ValueError, "input is empty: B=%lld, T=%lld (both must be >= 1)", (long long)B, (long long)T); goto fail; }
-    if (!cache && T > c->max_seq_len) { PyErr_Format(PyExc_ValueError, "sequence length T=%lld exceeds max_seq_len=%lld", (long long)T, (long long)c->max_seq_len); goto fail; }
-    if (mask_obj != Py_None) {
-        if (!PyArray_Check(mask_obj)) { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be a numpy array of shape (B, T)"); goto fail; }
-        int mk = PyArray_DESCR((PyArrayObject *)mask_obj)->kind;
-        if (mk != 'b' && mk != 'i' && mk != 'u') { PyErr_SetString(PyExc_TypeError, "key_padding_mask must be bool or integer (1 = real token, 0 = padding)"); goto fail; }
-        mask = (PyArrayObject *)PyArray_FROMANY(mask_obj, NPY_UINT8, 1, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-        if (!mask) goto fail;
-        int64_t mB = PyArray_NDIM(mask) == 2 ? PyArray_DIM(mask, 0) : 1, mT = PyArray_DIM(mask, PyArray_NDIM(mask) - 1);
-        if (mB != B || mT != T) { PyErr_Format(PyExc_ValueError, "key_padding_mask must have shape (B=%lld, T=%lld)", (long long)B, (long long)T); goto fail; }
-        const uint8_t *mv = (const uint8_t *)PyArray_DATA(mask);
-        for (npy_intp r = 0; r < PyArray_SIZE(mask); r++)
-            if (mv[r] > 1) { PyErr_SetString(PyExc_ValueError, "key_padding_mask values must be 0 or 1"); goto fail; }
-    }
+    sf_trace tr = {0};
+    if (parse_batch(c, "input", input, mask_obj, NULL, &in) < 0) return NULL;
+    const int64_t B = in.B, T = in.T;
+    sf_forward_args fa = {in.tok ? (const int32_t *)PyArray_DATA(in.tok) : NULL,
+                          in.emb ? (const float *)PyArray_DATA(in.emb) : NULL,
+                          in.mask ? (const uint8_t *)PyArray_DATA(in.mask) : NULL, B, T, two_phase, n_threads, cache};
+    char err[ERRLEN] = {0};
+    sf_status st = sf_forward_check(self->model, &fa, flags != 0, err, sizeof err); /* before allocating outputs */
+    if (st != SF_OK) { status_error(st, err); goto fail; }
     /* layer selection for traces: indices in [0, n_layers]; n_layers = the output end */
     int64_t n = c->n_layers, L = 2 * n;
     char *sel = PyMem_Calloc((size_t)(n + 1), 1);
@@ -319,7 +366,6 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
             goto fail;
         }
     }
-    sf_trace tr = {0};
     tdict = PyDict_New();
     ptrs = PyMem_Calloc((size_t)(6 * (L + 2)), sizeof(float *));
     if (!tdict || !ptrs) { PyMem_Free(sel); if (!ptrs) PyErr_NoMemory(); goto fail; }
@@ -358,26 +404,19 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     if (want_logits && !(logits = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
     odims[2] = (npy_intp)c->d_model;
     if (want_hidden && !(hidden = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
-
-    sf_forward_args fa = {tok ? (const int32_t *)PyArray_DATA(tok) : NULL,
-                          emb ? (const float *)PyArray_DATA(emb) : NULL,
-                          mask ? (const uint8_t *)PyArray_DATA(mask) : NULL, B, T, two_phase, n_threads, cache};
-    char err[ERRLEN] = {0};
-    sf_status st;
     Py_BEGIN_ALLOW_THREADS
     st = sf_forward(self->model, &fa,
                     logits ? (float *)PyArray_DATA((PyArrayObject *)logits) : NULL,
                     hidden ? (float *)PyArray_DATA((PyArrayObject *)hidden) : NULL,
                     flags ? &tr : NULL, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (st == SF_ERR_BUSY) { PyErr_SetString(PyExc_RuntimeError, err); goto fail; }
     if (st != SF_OK) { status_error(st, err); goto fail; }
-    Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(mask);
+    batch_clear(&in);
     PyMem_Free(ptrs);
     return Py_BuildValue("(NNN)", logits ? logits : (Py_INCREF(Py_None), Py_None),
                          hidden ? hidden : (Py_INCREF(Py_None), Py_None), tdict);
 fail:
-    Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(mask);
+    batch_clear(&in);
     Py_XDECREF(logits); Py_XDECREF(hidden); Py_XDECREF(tdict);
     PyMem_Free(ptrs);
     return NULL;
@@ -423,61 +462,14 @@ static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject 
         return NULL;
     const sf_config *c = sf_model_config(self->model);
     if (n_threads < 0 || n_threads > 1024) { PyErr_Format(PyExc_ValueError, "n_threads must be in [0, 1024], got %d", n_threads); return NULL; }
-    if (!PyArray_Check(input) || !PyArray_Check(targets_obj)) {
-        PyErr_SetString(PyExc_TypeError, "inputs and targets must be numpy arrays");
-        return NULL;
-    }
-    PyArrayObject *in = (PyArrayObject *)input, *tok = NULL, *emb = NULL, *tgt = NULL, *mask = NULL;
+    batch in;
     PyObject *result = NULL;
-    int kind = PyArray_DESCR(in)->kind;
-    int64_t B, T;
-    if (kind == 'i' || kind == 'u') {
-        if (!(tok = tokens_array(in, c))) goto done;
-        B = PyArray_NDIM(tok) == 2 ? PyArray_DIM(tok, 0) : 1;
-        T = PyArray_DIM(tok, PyArray_NDIM(tok) - 1);
-    } else if (kind == 'f' && PyArray_NDIM(in) == 3 && PyArray_DIM(in, 2) == c->d_model) {
-        if (!(emb = (PyArrayObject *)PyArray_FROMANY(input, NPY_FLOAT32, 3, 3, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST))) goto done;
-        B = PyArray_DIM(emb, 0);
-        T = PyArray_DIM(emb, 1);
-    } else {
-        PyErr_Format(PyExc_TypeError, "inputs must be integer token ids (T,) / (B, T) or float embeddings (B, T, d_model=%lld)", (long long)c->d_model);
-        goto done;
-    }
-    if (B < 1 || T < 1) { PyErr_Format(PyExc_ValueError, "inputs are empty: B=%lld, T=%lld", (long long)B, (long long)T); goto done; }
-    if (T > c->max_seq_len) { PyErr_Format(PyExc_ValueError, "sequence length T=%lld exceeds max_seq_len=%lld", (long long)T, (long long)c->max_seq_len); goto done; }
-    int tk = PyArray_DESCR((PyArrayObject *)targets_obj)->kind;
-    if (tk != 'i' && tk != 'u') { PyErr_SetString(PyExc_TypeError, "targets must be an integer array"); goto done; }
-    if (PyArray_SIZE((PyArrayObject *)targets_obj) != B * T) {
-        PyErr_Format(PyExc_ValueError, "targets must have shape (B=%lld, T=%lld) like the inputs", (long long)B, (long long)T);
-        goto done;
-    }
+    if (parse_batch(c, "inputs", input, mask_obj, targets_obj, &in) < 0) return NULL;
     {
-        PyArrayObject *t64 = (PyArrayObject *)PyArray_FROMANY(targets_obj, NPY_INT64, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-        if (!t64) goto done;
-        const int64_t *tv = (const int64_t *)PyArray_DATA(t64);
-        for (npy_intp r = 0; r < PyArray_SIZE(t64); r++)
-            if (tv[r] != ignore_index && (tv[r] < 0 || tv[r] >= c->vocab_size)) {
-                PyErr_Format(PyExc_IndexError, "target %lld at flat index %lld is outside [0, vocab_size=%lld) and is not ignore_index=%d",
-                             (long long)tv[r], (long long)r, (long long)c->vocab_size, ignore_index);
-                Py_DECREF(t64);
-                goto done;
-            }
-        tgt = (PyArrayObject *)PyArray_FROMANY((PyObject *)t64, NPY_INT32, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
-        Py_DECREF(t64);
-        if (!tgt) goto done;
-    }
-    if (mask_obj != Py_None) {
-        if (!PyArray_Check(mask_obj) || PyArray_SIZE((PyArrayObject *)mask_obj) != B * T) {
-            PyErr_Format(PyExc_ValueError, "key_padding_mask must be an array of shape (B=%lld, T=%lld)", (long long)B, (long long)T);
-            goto done;
-        }
-        if (!(mask = (PyArrayObject *)PyArray_FROMANY(mask_obj, NPY_UINT8, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST))) goto done;
-    }
-    {
-        sf_train_args ta = {tok ? (const int32_t *)PyArray_DATA(tok) : NULL,
-                            emb ? (const float *)PyArray_DATA(emb) : NULL,
-                            mask ? (const uint8_t *)PyArray_DATA(mask) : NULL,
-                            (const int32_t *)PyArray_DATA(tgt), B, T, ignore_index, checkpoint, n_threads,
+        sf_train_args ta = {in.tok ? (const int32_t *)PyArray_DATA(in.tok) : NULL,
+                            in.emb ? (const float *)PyArray_DATA(in.emb) : NULL,
+                            in.mask ? (const uint8_t *)PyArray_DATA(in.mask) : NULL,
+                            (const int32_t *)PyArray_DATA(in.tgt), in.B, in.T, ignore_index, checkpoint, n_threads,
                             (uint64_t)dropout_seed};
         char err[ERRLEN] = {0};
         double loss = 0.0;
@@ -486,13 +478,12 @@ static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject 
         Py_BEGIN_ALLOW_THREADS
         st = sf_forward_backward(self->model, &ta, &loss, &count, err, sizeof err);
         Py_END_ALLOW_THREADS
-        if (st == SF_ERR_BUSY) { PyErr_SetString(PyExc_RuntimeError, err); goto done; }
-        if (st == SF_ERR_NONFINITE && !emb) { PyErr_SetString(PyExc_FloatingPointError, err); goto done; }
+        if (st == SF_ERR_NONFINITE && !in.emb) { PyErr_SetString(PyExc_FloatingPointError, err); goto done; }
         if (st != SF_OK) { status_error(st, err); goto done; }
         result = Py_BuildValue("(dL)", loss, (long long)count);
     }
 done:
-    Py_XDECREF(tok); Py_XDECREF(emb); Py_XDECREF(tgt); Py_XDECREF(mask);
+    batch_clear(&in);
     return result;
 }
 
@@ -519,7 +510,9 @@ static PyObject *CModel_train_workspace_bytes(CModel *self, PyObject *args) {
     int ck = 0;
     if (!ready(self) || !PyArg_ParseTuple(args, "LL|p", &B, &T, &ck)) return NULL;
     if (B < 1 || T < 1) { PyErr_SetString(PyExc_ValueError, "B and T must be >= 1"); return NULL; }
-    return PyLong_FromLongLong((long long)sf_train_workspace_bytes(sf_model_config(self->model), B, T, ck));
+    int64_t bytes = sf_train_workspace_bytes(sf_model_config(self->model), B, T, ck);
+    if (bytes < 0) { PyErr_Format(PyExc_OverflowError, "the workspace size for B=%lld, T=%lld overflows 64 bits", B, T); return NULL; }
+    return PyLong_FromLongLong((long long)bytes);
 }
 
 static PyObject *CModel_release_workspace(CModel *self, PyObject *unused) {
@@ -528,6 +521,82 @@ static PyObject *CModel_release_workspace(CModel *self, PyObject *unused) {
     sf_model_release_workspace(self->model);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+/* snapshot(params, grads, adam) -> (params | None, grads | None, adam_m | None, adam_v | None,
+ * step): fresh float32 copies taken as one consistent state (sf_model_snapshot) */
+static PyObject *CModel_snapshot(CModel *self, PyObject *args) {
+    int want[3] = {0, 0, 0};
+    if (!ready(self) || !PyArg_ParseTuple(args, "ppp", &want[0], &want[1], &want[2])) return NULL;
+    npy_intp n = (npy_intp)sf_model_num_params(self->model);
+    PyObject *arr[4] = {NULL, NULL, NULL, NULL};
+    float *ptr[4] = {NULL, NULL, NULL, NULL};
+    for (int i = 0; i < 4; i++) {
+        if (!want[i < 2 ? i : 2]) continue;
+        arr[i] = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
+        if (!arr[i]) { for (int j = 0; j < i; j++) Py_XDECREF(arr[j]); return NULL; }
+        ptr[i] = (float *)PyArray_DATA((PyArrayObject *)arr[i]);
+    }
+    int64_t step = 0;
+    Py_BEGIN_ALLOW_THREADS
+    sf_model_snapshot(self->model, ptr[0], ptr[1], ptr[2], ptr[3], &step);
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < 4; i++) if (!arr[i]) { Py_INCREF(Py_None); arr[i] = Py_None; }
+    return Py_BuildValue("NNNNL", arr[0], arr[1], arr[2], arr[3], (long long)step);
+}
+
+/* a C-contiguous float32 array of num_params floats, or None (-> NULL) */
+static int flat_arg(CModel *self, PyObject *o, const char *name, PyArrayObject **out) {
+    *out = NULL;
+    if (o == Py_None) return 0;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (!a) return -1;
+    if (PyArray_SIZE(a) != (npy_intp)sf_model_num_params(self->model)) {
+        PyErr_Format(PyExc_ValueError, "%s must hold num_params=%lld floats", name, (long long)sf_model_num_params(self->model));
+        Py_DECREF(a);
+        return -1;
+    }
+    *out = a;
+    return 0;
+}
+
+/* restore(params | None, which | None, adam_m | None, adam_v | None, step | None):
+ * sf_model_restore; which is a bytes-like of num_tensors flags */
+static PyObject *CModel_restore(CModel *self, PyObject *args) {
+    PyObject *po, *wo, *mo, *vo, *so;
+    if (!ready(self) || !PyArg_ParseTuple(args, "OOOOO", &po, &wo, &mo, &vo, &so)) return NULL;
+    PyArrayObject *p = NULL, *am = NULL, *av = NULL;
+    PyObject *res = NULL;
+    Py_buffer wb = {0};
+    int64_t step = 0;
+    if (flat_arg(self, po, "params", &p) < 0 || flat_arg(self, mo, "adam_m", &am) < 0 || flat_arg(self, vo, "adam_v", &av) < 0) goto done;
+    if (so != Py_None) {
+        long long v = PyLong_AsLongLong(so);
+        if (v == -1 && PyErr_Occurred()) goto done;
+        step = (int64_t)v;
+    }
+    if (wo != Py_None) {
+        if (PyObject_GetBuffer(wo, &wb, PyBUF_SIMPLE) < 0) goto done;
+        if (wb.len != (Py_ssize_t)sf_model_num_tensors(self->model)) {
+            PyErr_SetString(PyExc_ValueError, "which must hold one flag per tensor");
+            goto done;
+        }
+    }
+    char err[ERRLEN] = {0};
+    sf_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sf_model_restore(self->model, p ? PyArray_DATA(p) : NULL, wb.buf, am ? PyArray_DATA(am) : NULL,
+                          av ? PyArray_DATA(av) : NULL, so != Py_None ? &step : NULL, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (st != SF_OK) { status_error(st, err); goto done; }
+    Py_INCREF(Py_None);
+    res = Py_None;
+done:
+    if (wb.obj) PyBuffer_Release(&wb);
+    Py_XDECREF(p);
+    Py_XDECREF(am);
+    Py_XDECREF(av);
+    return res;
 }
 
 static PyObject *CModel_new_cache(CModel *self, PyObject *args) {
@@ -551,7 +620,10 @@ static void CCache_dealloc(CCache *self) {
     PyObject_Free(self);
 }
 static PyObject *CCache_len(CCache *self, void *c) { return PyLong_FromLongLong((long long)sf_cache_len(self->cache)); }
-static PyObject *CCache_reset(CCache *self, PyObject *unused) { sf_cache_reset(self->cache); Py_RETURN_NONE; }
+static PyObject *CCache_reset(CCache *self, PyObject *unused) {
+    if (sf_cache_reset(self->cache) != SF_OK) { PyErr_SetString(PyExc_RuntimeError, "the cache is in use by another call"); return NULL; }
+    Py_RETURN_NONE;
+}
 static PyGetSetDef CCache_getset[] = {{"length", (getter)CCache_len, NULL, "positions held", NULL}, {NULL}};
 static PyMethodDef CCache_methods[] = {{"reset", (PyCFunction)CCache_reset, METH_NOARGS, "forget all positions"}, {NULL}};
 static PyTypeObject CCacheType = {
@@ -597,6 +669,8 @@ static PyMethodDef CModel_methods[] = {
     {"train_workspace_bytes", (PyCFunction)CModel_train_workspace_bytes, METH_VARARGS, "train_workspace_bytes(B, T, checkpoint=False)"},
     {"new_cache", (PyCFunction)CModel_new_cache, METH_VARARGS, "new_cache(B, max_len) -> CCache"},
     {"release_workspace", (PyCFunction)CModel_release_workspace, METH_NOARGS, "free the cached training and forward workspaces"},
+    {"snapshot", (PyCFunction)CModel_snapshot, METH_VARARGS, "snapshot(params, grads, adam) -> (params, grads, adam_m, adam_v, step) copies, consistent under the guard"},
+    {"restore", (PyCFunction)CModel_restore, METH_VARARGS, "restore(params, which, adam_m, adam_v, step) under the write guard"},
     {NULL}};
 
 static PyGetSetDef CModel_getset[] = {
@@ -635,6 +709,66 @@ static PyObject *core_get_num_threads(PyObject *m, PyObject *unused) {
 
 static PyObject *core_matmul_kernel(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(sf_matmul_kernel());
+}
+
+static PyObject *core_bf16_kernel(PyObject *m, PyObject *unused) {
+    return PyUnicode_FromString(sf_bf16_kernel());
+}
+
+/* bf16_matmul(x (N,K), w (M,K), bias (M,) or None, path=-1, threads=0): y = bf16(x) bf16(w)^T
+ * + bias with fp32 accumulation (the bf16 mode's product; tests and benchmarks) */
+static PyObject *core_bf16_matmul(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "w", "bias", "path", "threads", NULL};
+    PyObject *xo, *wo, *bo = Py_None;
+    int path = -1, threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Oii:bf16_matmul", kwlist, &xo, &wo, &bo, &path, &threads)) return NULL;
+    if (path < -1 || path > 2) { PyErr_Format(PyExc_ValueError, "path must be -1, 0, 1 or 2, got %d", path); return NULL; }
+    if (path == 1 && !sf_bf16_native_usable()) { PyErr_SetString(PyExc_ValueError, "path=1 (native) needs a CPU with AVX512_BF16 whose results pass the bit-for-bit probe"); return NULL; }
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(xo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    PyArrayObject *w = x ? (PyArrayObject *)PyArray_FROM_OTF(wo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY) : NULL;
+    PyArrayObject *b = NULL, *y = NULL;
+    if (!w) goto done;
+    if (PyArray_NDIM(x) != 2 || PyArray_NDIM(w) != 2 || PyArray_DIM(x, 1) != PyArray_DIM(w, 1) ||
+        PyArray_DIM(x, 0) < 1 || PyArray_DIM(w, 0) < 1 || PyArray_DIM(x, 1) < 1) {
+        PyErr_SetString(PyExc_ValueError, "bf16_matmul: x must be (N, K) and w (M, K), all sizes >= 1");
+        goto done;
+    }
+    npy_intp N = PyArray_DIM(x, 0), K = PyArray_DIM(x, 1), M = PyArray_DIM(w, 0);
+    if (bo != Py_None) {
+        b = (PyArrayObject *)PyArray_FROM_OTF(bo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+        if (!b) goto done;
+        if (PyArray_NDIM(b) != 1 || PyArray_DIM(b, 0) != M) { PyErr_SetString(PyExc_ValueError, "bf16_matmul: bias must be (M,)"); goto done; }
+    }
+    npy_intp dims[2] = {N, M};
+    y = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!y) goto done;
+    sf_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sf_bf16_matmul((float *)PyArray_DATA(y), (const float *)PyArray_DATA(x), (const float *)PyArray_DATA(w),
+                        b ? (const float *)PyArray_DATA(b) : NULL, N, K, M, path, threads);
+    Py_END_ALLOW_THREADS
+    if (st != SF_OK) { Py_CLEAR(y); PyErr_NoMemory(); }
+done:
+    Py_XDECREF(x); Py_XDECREF(w); Py_XDECREF(b);
+    return (PyObject *)y;
+}
+
+/* bf16_gemm_bench(N, K, M, reps=5, threads=0): seconds of the fastest of reps bf16 products
+ * (N,K).(K,M) on packed operands (2 N K M flops; packing not timed) */
+static PyObject *core_bf16_gemm_bench(PyObject *m, PyObject *args) {
+    long long N, K, M;
+    int reps = 5, threads = 0;
+    if (!PyArg_ParseTuple(args, "LLL|ii:bf16_gemm_bench", &N, &K, &M, &reps, &threads)) return NULL;
+    if (N < 1 || K < 1 || M < 1 || reps < 1 || N > (1LL << 24) || K > (1LL << 24) || M > (1LL << 24)) {
+        PyErr_SetString(PyExc_ValueError, "bf16_gemm_bench: N, K, M must be in [1, 2^24] and reps >= 1");
+        return NULL;
+    }
+    double t;
+    Py_BEGIN_ALLOW_THREADS
+    t = sf_bf16_gemm_bench(N, K, M, reps, threads);
+    Py_END_ALLOW_THREADS
+    if (t < 0) return PyErr_NoMemory();
+    return PyFloat_FromDouble(t);
 }
 
 /* set_blas_sgemm(address, ilp64): address of a cblas_sgemm the caller loaded (0 = back to the
@@ -701,6 +835,12 @@ static PyMethodDef core_methods[] = {
     {"matmul_kernel", core_matmul_kernel, METH_NOARGS,
      "what the Linear products run on: the register tile for this CPU, 'avx512', 'avx2' or 'generic' "
      "(all give the same bits), or 'blas' after stackformer.use_blas()"},
+    {"bf16_kernel", core_bf16_kernel, METH_NOARGS,
+     "what compute_dtype='bfloat16' products run on: 'avx512_bf16' (vdpbf16ps) or the emulated kernel (same bits)"},
+    {"bf16_matmul", (PyCFunction)(void (*)(void))core_bf16_matmul, METH_VARARGS | METH_KEYWORDS,
+     "bf16_matmul(x, w, bias=None, path=-1, threads=0): bf16(x) bf16(w)^T + bias, fp32 accumulation"},
+    {"bf16_gemm_bench", core_bf16_gemm_bench, METH_VARARGS,
+     "bf16_gemm_bench(N, K, M, reps=5, threads=0): seconds of the fastest bf16 product on packed operands"},
     {"set_blas_sgemm", core_set_blas_sgemm, METH_VARARGS,
      "set_blas_sgemm(address, ilp64): route sf_gemm to a cblas_sgemm (0: the built-in tiles); use stackformer.use_blas"},
     {NULL}};

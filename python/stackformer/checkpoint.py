@@ -55,10 +55,9 @@ def save_model(model, path: str, optimizer: bool = False, extra: Optional[dict] 
     from ._checks import check_model, check_path
     check_model("model", model)
     path = check_path("path", path)
-    tensors = model.state_dict()
+    tensors, st = model._snapshot(optimizer)  # weights and moments from one instant
     meta = {"format": FORMAT, "config": model.config.to_json()}
     if optimizer:
-        st = model.optimizer_state()
         tensors[OPT_M] = st["adam_m"]
         tensors[OPT_V] = st["adam_v"]
         meta["step"] = str(int(st["step"]))
@@ -108,11 +107,11 @@ def parse_checkpoint(data: bytes, path: str = "<bytes>") -> Tuple[Config, Dict[s
         raise ValueError(f"{path}: not a stackformer checkpoint (metadata format must be {FORMAT!r})")
     if not isinstance(meta["config"], str):
         raise ValueError(f"{path}: config metadata must be a JSON string")
-    try:
-        saved = json.loads(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config is not valid JSON: {e}") from None
-    config = Config.from_saved_dict(saved)  # fields added since it was saved keep its results
+    try:  # forged metadata is a bad file, whatever Config thinks of the wrong type
+        # fields added since it was saved take the values that keep its results
+        config = Config.from_saved_dict(json.loads(meta["config"]))
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise ValueError(f"{path}: bad config in the checkpoint's metadata: {e}") from None
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, TypeError) as e:

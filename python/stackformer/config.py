@@ -44,6 +44,27 @@ def _py_type(kind: str) -> Any:
     return {"int": int, "bool": bool, "enum": str, "real": float, "prob": float}[kind]
 
 
+class BF16EmulatedWarning(RuntimeWarning):
+    """compute_dtype="bfloat16" on a CPU without AVX512_BF16: the products run on an emulated
+    kernel that gives the native instruction's bits, several times slower than float32."""
+
+
+_bf16_warned = False  # the warning is given once per process
+
+
+def _warn_bf16_emulated() -> None:
+    global _bf16_warned
+    if _bf16_warned or _core.bf16_kernel() == "avx512_bf16":
+        return
+    _bf16_warned = True
+    import warnings
+    warnings.warn("Config(compute_dtype='bfloat16'): this CPU has no AVX512_BF16 (or "
+                  "STACKFORMER_NO_BF16=1 is set), so bf16 products run on an emulated kernel: "
+                  "the same bits as vdpbf16ps, but slower than float32; use it for correctness, "
+                  "not speed (stackformer.bf16_kernel() says which kernel runs)",
+                  BF16EmulatedWarning, stacklevel=4)
+
+
 class _ConfigMethods:
     """Behaviour of Config; its fields come from the table (see Config's docstring)."""
 
@@ -53,6 +74,8 @@ class _ConfigMethods:
         if self.n_kv_heads is None and _is_int(self.n_heads):
             self.n_kv_heads = self.n_heads
         self.validate()
+        if self.compute_dtype == "bfloat16":
+            _warn_bf16_emulated()
 
     # -- validation ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -128,8 +151,8 @@ class _ConfigMethods:
                 out[name] = CHOICES[name].index(v)
             elif kind in ("int", "bool"):
                 out[name] = int(v)
-            else:
-                out[name] = float(v)
+            else:  # the binding converts (an int beyond double's range: ValueError naming it)
+                out[name] = v
         return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -269,6 +269,7 @@ class Model:
         self._params: Dict[str, np.ndarray] = {}
         self._grads: Dict[str, np.ndarray] = {}
         self._no_decay: Dict[str, bool] = {}
+        self._offsets: Dict[str, int] = {}
         self._root = ParamTree("")
         for name, offset, shape, _layer, no_decay in self._c.tensors():
             size = int(np.prod(shape))
@@ -278,6 +279,7 @@ class Model:
             self._params[name] = view
             self._grads[name] = grad
             self._no_decay[name] = bool(no_decay)
+            self._offsets[name] = int(offset)
             self._insert(name, view)
             self._insert(name + "_grad", grad)
         self.last_grad_norm: Optional[float] = None
@@ -335,8 +337,18 @@ class Model:
         return dict(self._params)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
-        """name -> float32 copy (PyTorch naming: Linear weights are (out, in))."""
-        return {k: v.copy() for k, v in self._params.items()}
+        """name -> float32 copy (PyTorch naming: Linear weights are (out, in)). The copy is one
+        consistent state: taken under the model's guard, it waits for a train step running
+        in another thread instead of catching it half-way."""
+        return self._split(self._c.snapshot(True, False, False)[0])
+
+    def _split(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+        """A flat copy cut into named tensors (views of the copy, not of the model)."""
+        out = {}
+        for k, v in self._params.items():
+            off = self._offsets[k]
+            out[k] = flat[off: off + v.size].reshape(v.shape)
+        return out
 
     def load_state_dict(self, state_dict: Dict[str, np.ndarray], strict: bool = True) -> None:
         """Copy tensors in. Every name, shape, dtype and value is checked before anything is
@@ -353,8 +365,16 @@ class Model:
             raise KeyError(f"missing key(s) in state_dict: {', '.join(missing[:10])}"
                            + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
         checked = {k: _checked_array(v, self._params[k].shape, k) for k, v in state_dict.items()}
-        for k, v in checked.items():
-            np.copyto(self._params[k], v, casting="unsafe")
+        # written as one step under the guard: it waits for running forward calls and train
+        # steps, so none of them sees half of the old weights and half of the new
+        flat = np.zeros(self.num_params, dtype=np.float32)
+        which = bytearray(len(self._params))
+        parts = self._split(flat)
+        for t, k in enumerate(self._params):
+            if k in checked:
+                np.copyto(parts[k], checked[k], casting="unsafe")
+                which[t] = 1
+        self._c.restore(flat, bytes(which), None, None, None)
 
     def save(self, path: str, optimizer: bool = False, extra: Optional[dict] = None) -> None:
         """Write a safetensors checkpoint (config in the metadata), atomically: a crash
@@ -477,6 +497,23 @@ class Model:
         checkpoint = check_bool("checkpoint", checkpoint)
         return int(self._c.train_workspace_bytes(batch_size, seq_len, checkpoint))
 
+    def check_finite(self) -> None:
+        """Raise FloatingPointError naming every parameter tensor (and AdamW moment) that holds
+        NaN or inf; return None when all are finite. NaN weights otherwise only show up as
+        all-NaN logits."""
+        params, _, adam_m, adam_v, _ = self._c.snapshot(True, False, True)
+        bad = []
+        for what, flat in (("", params), ("optimizer adam_m of ", adam_m), ("optimizer adam_v of ", adam_v)):
+            if np.all(np.isfinite(flat)):
+                continue
+            for k, v in self._split(flat).items():
+                n = int(v.size - np.count_nonzero(np.isfinite(v)))
+                if n:
+                    bad.append(f"{what}{k} ({n} of {v.size} values)")
+        if bad:
+            raise FloatingPointError("non-finite values in " + ", ".join(bad[:10])
+                                     + (f" and {len(bad) - 10} more tensors" if len(bad) > 10 else ""))
+
     def release_memory(self) -> None:
         """Free the activation workspaces the model keeps between calls: the training one
         (between train steps) and the forward one (between forward calls; sized by the largest
@@ -490,8 +527,14 @@ class Model:
 
     def optimizer_state(self) -> Dict[str, np.ndarray]:
         """Copies of AdamW's moments and step, for exact resumption."""
-        return {"adam_m": self._c.adam_m.copy(), "adam_v": self._c.adam_v.copy(),
-                "step": np.array(self._c.step, dtype=np.int64)}
+        _, _, m, v, step = self._c.snapshot(False, False, True)
+        return {"adam_m": m, "adam_v": v, "step": np.array(step, dtype=np.int64)}
+
+    def _snapshot(self, optimizer: bool) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]]]:
+        """(state_dict, optimizer_state or None) taken together as one consistent state."""
+        p, _, m, v, step = self._c.snapshot(True, False, optimizer)
+        opt = {"adam_m": m, "adam_v": v, "step": np.array(step, dtype=np.int64)} if optimizer else None
+        return self._split(p), opt
 
     def load_optimizer_state(self, state: Dict[str, np.ndarray]) -> None:
         """Restore what optimizer_state() returned (checked before anything is written)."""
@@ -504,15 +547,17 @@ class Model:
                 raise ValueError(f"optimizer state {k!r} must be a float array of shape ({P},)")
             if not np.all(np.isfinite(v)):
                 raise ValueError(f"optimizer state {k!r} contains NaN or inf")
+        if np.any(np.asarray(state["adam_v"]) < 0):
+            raise ValueError("optimizer state 'adam_v' (AdamW's second moment) must be >= 0: "
+                             "a negative entry turns every parameter NaN at the next step")
         step = np.asarray(state.get("step", 0))
         if step.shape != () or step.dtype.kind not in "iu":
             raise ValueError(f"optimizer state 'step' must be an integer, got {state.get('step')!r}")
         step = int(step)
         if step < 0:
             raise ValueError("optimizer state 'step' must be >= 0")
-        np.copyto(self._c.adam_m, state["adam_m"], casting="unsafe")
-        np.copyto(self._c.adam_v, state["adam_v"], casting="unsafe")
-        self._c.step = step
+        self._c.restore(None, None, np.asarray(state["adam_m"], dtype=np.float32),
+                        np.asarray(state["adam_v"], dtype=np.float32), step)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: Any, max_new_tokens: int, temperature: float = 1.0,
@@ -558,6 +603,10 @@ class Model:
         out = [p]
         logits = self._c.forward(p, cache=cache)[0][:, -1, :]
         for step in range(max_new_tokens):
+            if not np.all(np.isfinite(logits)):
+                raise FloatingPointError(
+                    f"generate: the logits for new token {step} contain NaN or inf (the weights "
+                    f"may not be finite: model.check_finite() names the tensors)")
             nxt = _sample(logits, temperature, top_k, rng)
             out.append(nxt[:, None])
             if step + 1 < max_new_tokens:
@@ -575,16 +624,18 @@ class Model:
     # weights, gradients of the last backward pass, AdamW's moments and step (the step also
     # keys the dropout masks), so a copy or an unpickled model continues bit for bit.
     def _getstate(self) -> Dict[str, Any]:
-        trained = self._c.step > 0 or bool(np.any(self._c.adam_m)) or bool(np.any(self._c.adam_v))
+        # one consistent copy, even while another thread trains (sf_model_snapshot)
+        params, grads, adam_m, adam_v, step = self._c.snapshot(True, True, True)
+        trained = step > 0 or bool(np.any(adam_m)) or bool(np.any(adam_v))
         state = {"format": PICKLE_FORMAT, "config": self.config.to_dict(),
-                 "params": self._flat.copy(), "step": int(self._c.step),
+                 "params": params, "step": int(step),
                  "last_grad_norm": self.last_grad_norm,
                  "checkpoint_extra": copy.deepcopy(self.checkpoint_extra)}
-        if np.any(self._flat_grads):
-            state["grads"] = self._flat_grads.copy()
+        if np.any(grads):
+            state["grads"] = grads
         if trained:  # a fresh model's moments are all zeros: not stored
-            state["adam_m"] = self._c.adam_m.copy()
-            state["adam_v"] = self._c.adam_v.copy()
+            state["adam_m"] = adam_m
+            state["adam_v"] = adam_v
         return state
 
     @classmethod
