@@ -13,7 +13,8 @@ typedef struct {
     float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
     float *mlp_norm_w, *mlp_norm_b;
     float *gate_w, *gate_b, *up_w, *up_b, *down_w, *down_b;
-    float *depth_k_w, *depth_v_w;             /* MoDA, blocks 0..n-2 */
+    float *depth_k_w, *depth_v_w;             /* MoDA, blocks 0..n-2 (FFN slots) */
+    float *attn_depth_k_w, *attn_depth_v_w;   /* MoDA attn+ffn+extra, blocks 0..n-2 */
     float *attn_res_q, *attn_res_g;           /* AttnRes pseudo-query (d) and key gain (d) */
     float *mlp_res_q, *mlp_res_g;
     float *dwa_w;                             /* DenseFormer: block i's DWA weights (1, n_i) */
