@@ -72,6 +72,7 @@ class Config:
     # Ablation knobs (issue 20; DEVELOPERS.md "Ablation knobs").
     moda_depth_rope: str = "none"  # legacy | none | own: RoPE on MoDA's depth logits
     moda_depth_kv: str = "attn+ffn"  # attn | attn+ffn | attn+ffn+extra: MoDA Table 3 rows 3-5
+    attnres_key_norm: bool = True  # AttnRes Table 4 "w/o key norm" = False
 
     @property
     def d_head(self) -> int:
@@ -193,13 +194,16 @@ def param_shapes(cfg) -> dict:
             linear(p + "mlp.depth_v_proj", Hkv * dh, d, bias=False)
         if _is_attnres(cfg):
             shapes[p + "attn_res_proj.weight"] = (1, d)
-            shapes[p + "attn_res_norm.weight"] = (d,)
+            if cfg.attnres_key_norm:
+                shapes[p + "attn_res_norm.weight"] = (d,)
             shapes[p + "mlp_res_proj.weight"] = (1, d)
-            shapes[p + "mlp_res_norm.weight"] = (d,)
+            if cfg.attnres_key_norm:
+                shapes[p + "mlp_res_norm.weight"] = (d,)
         shapes.update(wiring_layer_shapes(cfg, i))
     if _is_attnres(cfg):
         shapes["output_res_proj.weight"] = (1, d)
-        shapes["output_res_norm.weight"] = (d,)
+        if cfg.attnres_key_norm:
+            shapes["output_res_norm.weight"] = (d,)
     if cfg.final_norm:
         norm("final_norm")
     if not cfg.tie_embeddings:
@@ -590,12 +594,13 @@ class _Model:
 def attnres_aggregate(sources, w, g, eps):
     """One AttnRes aggregation, per token.
 
-    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,).
-    K_i = v_i / sqrt(mean(v_i^2) + eps) * g,  s_i = w . K_i,  alpha = softmax_i(s),  h = sum alpha_i v_i.
-    Returns (h (B, T, d), alpha (B, T, n_sources)).
+    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,), or None
+    for the paper's Table 4 ablation without the key norm (K_i = v_i).
+    K_i = v_i / sqrt(mean(v_i^2) + eps) * g (eq. 3-5),  s_i = w . K_i,  alpha = softmax_i(s),
+    h = sum alpha_i v_i.  Returns (h (B, T, d), alpha (B, T, n_sources)).
     """
     V = np.stack(sources, axis=2)  # (B, T, n_src, d)
-    K = V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
+    K = V if g is None else V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
     s = K @ w  # (B, T, n_src); no 1/sqrt(d) scaling
     alpha = softmax(s, axis=-1)
     h = np.einsum("btn,btnd->btd", alpha, V)
@@ -727,14 +732,14 @@ def wiring_attnres(cfg, S, x0):
         pfx = f"layers.{k // 2}.attn" if k % 2 == 0 else f"layers.{k // 2}.mlp"
         srcs = attnres_sources(v, k, cfg.residual, Sb)
         h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
-                                  M.p[pfx + "_res_norm.weight"], cfg.attnres_eps)
+                                  M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps)
         alpha.append(al)
         if k % 2 == 0:
             S.hidden.append(h)
         v.append(S.branch(k, h))
     srcs = attnres_sources(v, L, cfg.residual, Sb)
     x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
-                              M.p["output_res_norm.weight"], cfg.attnres_eps)
+                              M.p.get("output_res_norm.weight"), cfg.attnres_eps)
     alpha.append(al)
     S.hidden.append(x)
     return x, {"alpha": alpha}

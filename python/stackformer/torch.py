@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -355,11 +355,11 @@ class TorchModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
 
 
-def _aggregate(sources, proj: nn.Linear, gain: Norm) -> torch.Tensor:
-    """Attention Residuals, per token: K_i = RMSNorm(v_i) * g, alpha = softmax_i(w . K_i),
-    h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
+def _aggregate(sources, proj: nn.Linear, gain: Optional[Norm]) -> torch.Tensor:
+    """Attention Residuals, per token: K_i = RMSNorm(v_i) * g (K_i = v_i without the key norm,
+    gain None), alpha = softmax_i(w . K_i), h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
     V = torch.stack(sources, dim=2)  # (B, T, n_sources, d)
-    alpha = torch.softmax(proj(gain(V)).squeeze(-1), dim=-1)
+    alpha = torch.softmax(proj(V if gain is None else gain(V)).squeeze(-1), dim=-1)
     return (alpha.unsqueeze(-1) * V).sum(dim=2)
 
 
@@ -427,22 +427,26 @@ class AttnResWiring(Wiring):
 
     @staticmethod
     def add_block_params(blk, c, i):  # pseudo-queries w_k and key RMSNorm gains g_k
+        kn = c.attnres_key_norm  # Table 4 "w/o key norm": no norm, no gain
         blk.attn_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        blk.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        if kn:
+            blk.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
         blk.mlp_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        blk.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        if kn:
+            blk.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
 
     def add_model_params(self, model, c):
         model.output_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        model.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        if c.attnres_key_norm:
+            model.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
 
     def forward(self, model, x0, att):
         depth, v, L = [], [x0], 2 * self.c.n_layers  # v_0 = embedding, v_{k+1} = F_k's output
         for k in range(L):
             blk, s = model.layers[k // 2], "attn" if k % 2 == 0 else "mlp"
-            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm"))
+            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm", None))
             v.append(model.branch(k, h, depth, att))  # post-norm: v_{k+1} = Norm_k(F_k(h_k))
-        return _aggregate(self._sources(v, L), model.output_res_proj, model.output_res_norm)
+        return _aggregate(self._sources(v, L), model.output_res_proj, getattr(model, "output_res_norm", None))
 
     def _sources(self, v: List[torch.Tensor], k: int) -> List[torch.Tensor]:
         """What sublayer k (k = L: the output) reads, given v = [v_0 ... v_k].
