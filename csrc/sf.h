@@ -282,6 +282,8 @@ sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errl
 const char *sf_bf16_kernel(void);
 /* 1 when this CPU has AVX512_BF16 (whatever STACKFORMER_NO_BF16 says) */
 int sf_bf16_cpu_has_native(void);
+/* ... and its results passed the once-per-process bit-for-bit probe (only then is it used) */
+int sf_bf16_native_usable(void);
 /* y (N,M) = bf16(x) (N,K) . bf16(w)^T (w (M,K)) + bias, fp32 accumulation: operands converted
  * and packed per call (tests, benchmarks). path -1 the default kernel, 0 emulated, 1 native
  * (SF_ERR_INVALID_ARG without AVX512_BF16), 2 the portable model. */
