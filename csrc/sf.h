@@ -34,6 +34,9 @@ const char *sf_status_name(sf_status s);
 typedef enum { SF_POS_NONE = 0, SF_POS_LEARNED = 1, SF_POS_SINUSOIDAL = 2, SF_POS_ROPE = 3 } sf_pos;
 typedef enum { SF_ACT_GELU = 0, SF_ACT_GELU_TANH = 1, SF_ACT_RELU = 2, SF_ACT_SWIGLU = 3 } sf_act;
 typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
+typedef enum { SF_DTYPE_FLOAT32 = 0, SF_DTYPE_BFLOAT16 = 1 } sf_compute_dtype;
+/* moda_depth_rope: how MoDA's depth logits see RoPE positions (sf_config_fields.h) */
+typedef enum { SF_DROPE_LEGACY = 0, SF_DROPE_NONE = 1, SF_DROPE_OWN = 2 } sf_depth_rope;
 /* The depth wirings, in enum order (csrc/wiring/: one file each). */
 /* X(enum id, Config name, symbol: sf_wiring_<symbol> in csrc/wiring/) */
 #define SF_WIRINGS(X)                                   \
@@ -280,6 +283,23 @@ const char *sf_matmul_kernel(void);
  * built-in tiles. With a BLAS the bitwise guarantees (same bits for any thread count, cached
  * decoding equal to the full pass) are the BLAS's, not ours; sf_matmul_kernel() says "blas". */
 sf_status sf_set_blas_sgemm(void *cblas_sgemm, int ilp64, char *err, size_t errlen);
+
+/* bfloat16 products (Config compute_dtype = "bfloat16"; semantics in sf_bf16.h: VDPBF16PS).
+ * sf_bf16_kernel: "avx512_bf16" where the CPU has it (vdpbf16ps), else
+ * "emulated (...)" (the same bits on AVX2/FMA or portable C); STACKFORMER_NO_BF16=1 forces
+ * the emulated kernel. */
+const char *sf_bf16_kernel(void);
+/* 1 when this CPU has AVX512_BF16 (whatever STACKFORMER_NO_BF16 says) */
+int sf_bf16_cpu_has_native(void);
+/* y (N,M) = bf16(x) (N,K) . bf16(w)^T (w (M,K)) + bias, fp32 accumulation: operands converted
+ * and packed per call (tests, benchmarks). path -1 the default kernel, 0 emulated, 1 native
+ * (SF_ERR_INVALID_ARG without AVX512_BF16), 2 the portable model. */
+sf_status sf_bf16_matmul(float *y, const float *x, const float *w, const float *bias, int64_t N,
+                         int64_t K, int64_t M, int path, int n_threads);
+/* Benchmarks: seconds of the fastest of reps runs of the default kernel's y (N,M) = A (N,K) .
+ * B (K,M) on already packed bf16 operands (packing not timed; 2*N*K*M flops); -1 on bad
+ * arguments or no memory. */
+double sf_bf16_gemm_bench(int64_t N, int64_t K, int64_t M, int reps, int n_threads);
 
 #ifdef __cplusplus
 }

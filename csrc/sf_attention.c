@@ -57,6 +57,14 @@ static inline const float *depth_row(const sf_attn_args *a, const float *base, i
     return base + b * a->depth_bstride + ((g * a->depth_len + u) * a->n_slots + i) * a->dh;
 }
 
+/* The query row the depth logits of row (b, tq, head h) use: q's own, or the pre-RoPE one
+ * (moda_depth_rope='none'). */
+static inline const float *depth_query(const sf_attn_args *a, const float *q, int64_t b, int64_t tq,
+                                       int64_t h) {
+    const int64_t qd = a->H * a->dh;
+    return (a->q_depth ? a->q_depth : q) + (b * a->Tq + tq) * qd + h * a->dh;
+}
+
 static int seq_visible(const sf_attn_args *a) { return !(a->depth_only && a->n_read > 0); }
 
 /* Keys query position t may see: [0, key_limit) (before padding). */
@@ -92,8 +100,8 @@ static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int
 /* Logits of query row (b, h, t) into s[0 .. Tk + dcols) by dot products (the decode path):
  * sequence columns unscaled (as the tiles leave them), depth columns scaled; -inf marks
  * invisible columns. Returns the max of the scaled row (-inf when nothing is visible). */
-static float row_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
-                        float scale, float *s) {
+static float row_logits(const sf_attn_args *a, const float *qt, const float *qdt, int64_t b,
+                        int64_t g, int64_t t, float scale, float *s) {
     const int64_t Tk = a->Tk;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
     const int64_t u_end = key_limit(a, t);
@@ -112,7 +120,7 @@ static float row_logits(const sf_attn_args *a, const float *qt, int64_t b, int64
         }
     }
     for (int64_t u = u_end; u < Tk; u++) s[u] = -INFINITY;
-    float md = depth_logits(a, qt, b, g, t, scale, s + Tk);
+    float md = depth_logits(a, qdt, b, g, t, scale, s + Tk);
     mx *= scale; /* scale > 0: the max of the scaled logits, bit for bit */
     return md > mx ? md : mx;
 }
@@ -181,7 +189,7 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
     const float *qt = q + (b * Tq + tq) * qd + h * dh;
     float *ot = out + (b * Tq + tq) * qd + h * dh;
     const float scale = 1.0f / sqrtf((float)dh);
-    float mx = row_logits(a, qt, b, g, t, scale, s), dm, inv;
+    float mx = row_logits(a, qt, depth_query(a, q, b, tq, h), b, g, t, scale, s), dm, inv;
     float l = row_softmax(a, row, s, n, s + Tk, mx, scale, &dm, &inv);
     memset(ot, 0, (size_t)dh * sizeof(float));
     for (int64_t u = 0; u < n; u++) { /* ascending fma, as in the P V tiles */
@@ -286,7 +294,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                         int64_t n = key_limit(a, t);
                         float *s = sblk + i * width;
                         float mx = row_mask(a, b, s, n, kend, scale);
-                        float md = depth_logits(a, q + (b * Tq + tq0 + i) * qd + h * dh, b, g, t, scale, s + Tk);
+                        float md = depth_logits(a, depth_query(a, q, b, tq0 + i, h), b, g, t, scale, s + Tk);
                         lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &irow[i]);
                     }
                     float *ob = out + (b * Tq + tq0) * qd + h * dh;
@@ -388,6 +396,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                         float *s = sblk + i * width, *dp = pblk + i * width;
                         const float l = lse[row];
                         memset(dqt, 0, (size_t)dh * sizeof(float));
+                        if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
                         if (l == -INFINITY) n = 0; /* nothing visible: no gradient */
                         if (kend > n) {
                             memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
@@ -410,8 +419,11 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                         if (pad) /* padded keys: no probability, no gradient */
                             for (int64_t u = 0; u < n; u++)
                                 if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
-                        if (dcols > 0)
-                            depth_backward_row(a, b, g, t, row, qt, dot_, dqt, ddepth_k, ddepth_v, s + Tk, l, D);
+                        if (dcols > 0) {
+                            const float *qdt = a->q_depth ? depth_query(a, q, b, tq, h) : qt;
+                            float *dqdt = a->q_depth ? a->dq_depth + (b * Tq + tq) * qd + h * dh : dqt;
+                            depth_backward_row(a, b, g, t, row, qdt, dot_, dqdt, ddepth_k, ddepth_v, s + Tk, l, D);
+                        }
                     }
                     if (kend == 0) continue;
                     /* dQ += dS K */

@@ -94,6 +94,9 @@ sf_status sf_config_validate(const sf_config *c, char *err, size_t errlen) {
     if (c->pos == SF_POS_SINUSOIDAL) REQ(c->d_model % 2 == 0, "pos='sinusoidal' needs an even d_model, got %lld", (long long)c->d_model);
     REQ(!c->moda_depth_only || c->moda, "moda_depth_only needs moda=True");
     REQ(c->residual != SF_RES_MHC || c->hc_expansion >= 2, "hc_expansion must be >= 2 for residual='mhc' (its H_pre init is 1/n with b = -log(n-1)), got %lld", (long long)c->hc_expansion);
+    REQ(c->moda_depth_rope == SF_DROPE_NONE || (c->moda && c->pos == SF_POS_ROPE),
+        "moda_depth_rope='%s' needs moda=True and pos='rope' (otherwise nothing is rotated; leave it 'none')",
+        c->moda_depth_rope == SF_DROPE_LEGACY ? "legacy" : "own");
     REQ(c->moda_chunk <= c->max_seq_len, "moda_chunk must be in [1, max_seq_len=%lld], got %lld", (long long)c->max_seq_len, (long long)c->moda_chunk);
     if (sf_config_num_params(c) < 0) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "parameter count overflows 64 bits");
 #undef REQ

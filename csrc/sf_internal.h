@@ -123,6 +123,12 @@ typedef struct {
     const float *depth_k, *depth_v;
     int64_t depth_bstride, depth_len, n_slots, n_read, chunk;
     int depth_only;
+    /* the query rows the depth logits use (B,Tq,H*dh), NULL = q itself. moda_depth_rope='none'
+     * passes the pre-RoPE queries here; the backward then puts the depth columns' part of dq
+     * into dq_depth (like q, overwritten) instead of dq, for the caller to add after the
+     * inverse rotation. */
+    const float *q_depth;
+    float *dq_depth;
     /* attention dropout (training): probabilities p become p * keep(row, col) */
     float dropout;
     uint64_t dropout_seed, dropout_stream;

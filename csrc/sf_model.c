@@ -30,6 +30,10 @@ struct sf_cache {
     _Atomic int busy;         /* a call is appending to it (or resetting it) */
 };
 
+/* MoDA under RoPE: which depth-rope rule applies (SF_DROPE_*), or -1 when there is nothing to
+ * rotate (no MoDA or no RoPE: every rule is the same model). */
+static int depth_rope(const sf_config *c) { return c->moda && c->pos == SF_POS_ROPE ? c->moda_depth_rope : -1; }
+
 static int64_t n_depth_slots(const sf_config *c) { return c->moda ? 2 * (c->n_layers - 1) : 0; }
 
 sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cache **out,
@@ -97,6 +101,7 @@ static void layout(run *R, bump *bp, want w) {
             A->f1 = take(bp, cmul(&bad, N, R->F));
             A->f2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
             A->g = take(bp, cmul(&bad, N, R->F));
+            A->q_pre = depth_rope(c) == SF_DROPE_NONE ? take(bp, cmul(&bad, N, R->qd)) : NULL;
             W->layout_block(R, bp, A);
             if (i == 0) shared = *A;
         } else {
@@ -126,6 +131,7 @@ static void layout(run *R, bump *bp, want w) {
         pk = max64(pk, sf_gemm_pack_floats(widest, N, max64(K1, widest), 1));
     }
     R->pack = take(bp, pk);
+    if (R->bf16) sf_bf16_layout(R, bp);
     sf_attn_args aa = {0};
     aa.Tk = R->cache ? R->cache->max_len : R->T;
     aa.n_read = R->n_slots;
@@ -148,6 +154,7 @@ static void layout(run *R, bump *bp, want w) {
         R->df2 = c->act == SF_ACT_SWIGLU ? take(bp, cmul(&bad, N, R->F)) : NULL;
         R->dg = take(bp, cmul(&bad, N, R->F));
         R->dmask = c->resid_dropout > 0.0f ? take(bp, Nd) : NULL;
+        R->dq_depth = depth_rope(c) == SF_DROPE_NONE ? take(bp, cmul(&bad, N, R->qd)) : NULL;
         if (c->moda) {
             int64_t arena = cmul(&bad, cmul(&bad, N, R->n_slots), R->kvd);
             R->ddepth_k = take(bp, arena);
@@ -191,6 +198,7 @@ static sf_status run_setup(run *R, const sf_model *m, int64_t B, int64_t T, int 
     R->nt = sf_threads_resolve(n_threads);
     R->training = training; R->per_block = per_block; R->two_phase = two_phase;
     R->cache = cache; R->pos0 = cache ? cache->len : 0;
+    R->bf16 = c->compute_dtype == SF_DTYPE_BFLOAT16;
     R->acts = calloc((size_t)c->n_layers, sizeof *R->acts);
     if (!R->acts) return SF_ERR_NOMEM;
     return R->W->init(R);
@@ -242,6 +250,7 @@ static sf_status run_init(run *R, const sf_model *m, int64_t B, int64_t T, int t
         R->kv_bstride = T * R->kvd;
     }
     if (R->rope) sf_rope_table(R->rope, T, R->pos0, R->dh, m->cfg.rope_theta, R->nt);
+    if (R->bf16) sf_bf16_convert_weights(R);
     return SF_OK;
 nomem:
     run_free(R);
@@ -294,6 +303,8 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.depth_len = R->depth_len;
     a.n_slots = R->n_slots; a.n_read = c->moda ? 2 * i : 0; a.chunk = c->moda_chunk;
     a.depth_only = c->moda_depth_only;
+    a.q_depth = A->q_pre; /* NULL unless moda_depth_rope='none' */
+    a.dq_depth = R->dq_depth;
     a.dropout = R->attn_p;
     a.dropout_seed = R->drop_seed;
     a.dropout_stream = 4 * (uint64_t)i;
@@ -310,6 +321,11 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
     linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
     linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
+    if (drope == SF_DROPE_NONE) { /* depth logits and this layer's depth slot stay unrotated */
+        copy(A->q_pre, A->q, R->N * R->qd);
+        if (writes) write_depth(R, R->depth_k, 2 * i, A->k);
+    }
     if (c->pos == SF_POS_ROPE) {
         sf_rope(A->q, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
         sf_rope(A->k, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
@@ -322,8 +338,8 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
             memcpy((float *)a.v + off, A->v + r * R->kvd, (size_t)R->kvd * sizeof(float));
         }
     }
-    if (c->moda && i < c->n_layers - 1) { /* this layer's (rotated) K and V: depth slot 2i */
-        write_depth(R, R->depth_k, 2 * i, A->k);
+    if (writes) { /* this layer's K (rotated at its own position unless 'none') and V: slot 2i */
+        if (drope != SF_DROPE_NONE) write_depth(R, R->depth_k, 2 * i, A->k);
         write_depth(R, R->depth_v, 2 * i, A->v);
     }
     sf_attention_forward(&a, A->q, A->att, A->lse, probs, depth_mass, R->attn_scratch, R->nt);
@@ -341,12 +357,20 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
         /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
-        sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
-                      R->F, R->pack, R->nt);
+        if (R->bf16) { /* the product, then the same per-element activation in a pass */
+            float *pre = R->training ? A->f1 : A->g;
+            linear(R, pre, u, Lv->up_w, Lv->up_b, R->d, R->F);
+            sf_activation(c->act, A->g, pre, nF, R->nt);
+        } else {
+            sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
+                          R->F, R->pack, R->nt);
+        }
     }
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && i < c->n_layers - 1) {
         linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
+        if (depth_rope(c) == SF_DROPE_OWN) /* rotated at its own position, like attention's */
+            sf_rope(R->kvtmp, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
         write_depth(R, R->depth_k, 2 * i + 1, R->kvtmp);
         linear(R, R->kvtmp, u, Lv->depth_v_w, NULL, R->d, R->kvd);
         write_depth(R, R->depth_v, 2 * i + 1, R->kvtmp);
@@ -364,13 +388,18 @@ static void attn_backward(const run *R, int64_t i, block_acts *A, const float *u
     sf_attn_args a = attn_args(R, i, A);
     sf_attention_backward(&a, A->q, A->att, R->datt, A->lse, R->dq, R->dk, R->dv, R->ddepth_k,
                           R->ddepth_v, R->attn_scratch, R->nt);
-    if (c->moda && i < c->n_layers - 1) { /* later layers read this K, V as depth slot 2i */
-        read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
+    const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
+    if (writes) { /* later layers read this K, V as depth slot 2i */
+        if (drope != SF_DROPE_NONE) read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
         read_depth(R, R->dv, R->ddepth_v, 2 * i, 1);
     }
     if (c->pos == SF_POS_ROPE) {
         sf_rope_backward(R->dq, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
         sf_rope_backward(R->dk, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
+    }
+    if (drope == SF_DROPE_NONE) { /* the unrotated depth path joins after the inverse rotation */
+        for (int64_t j = 0; j < R->N * R->qd; j++) R->dq[j] += R->dq_depth[j];
+        if (writes) read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
     }
     linear_bwd(R, du, 0, R->dq, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear_bwd(R, du, 1, R->dk, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
@@ -393,6 +422,8 @@ static void mlp_backward(const run *R, int64_t i, block_acts *A, const float *u,
     }
     if (c->moda && i < c->n_layers - 1) {
         read_depth(R, R->dtmp_kv, R->ddepth_k, 2 * i + 1, 0);
+        if (depth_rope(c) == SF_DROPE_OWN)
+            sf_rope_backward(R->dtmp_kv, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
         linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->depth_k_w, NULL, R->d, R->kvd);
         read_depth(R, R->dtmp_kv, R->ddepth_v, 2 * i + 1, 0);
         linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->depth_v_w, NULL, R->d, R->kvd);
@@ -516,8 +547,7 @@ static sf_status stack_backward(run *R, const int32_t *tokens) {
     const sf_wiring *W = R->W;
     const int64_t N = R->N, d = R->d, Nd = N * d, V = R->V;
     /* head: logits = fin_u head^T */
-    sf_gemm(GRAD(R, m->lm_head), d, R->logits, 1, V, R->fin_u, 0, NULL, V, N, d, 1, R->pack, R->nt);
-    sf_gemm(R->dfin, d, R->logits, V, 1, m->lm_head, 0, NULL, N, V, d, 0, R->pack, R->nt);
+    linear_bwd(R, R->dfin, 0, R->logits, R->fin_u, m->lm_head, NULL, d, V);
     float *dfin_h = R->dfin;
     if (c->final_norm) {
         norm_bwd(R, R->dx, R->dfin, R->fin_h, m->final_norm_w, m->final_norm_b, 0);
@@ -631,7 +661,7 @@ static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, fl
         st = stack_forward(&R, args->tokens, args->embeds, trace);
         if (st == SF_OK) {
             copy(out_hidden, R.fin_u, R.N * R.d);
-            if (out_logits) sf_matmul(out_logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+            if (out_logits) linear(&R, out_logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
             if (cache) cache->len += args->T;
         } else {
             sf_fail(err, errlen, st, "interrupted");
@@ -707,7 +737,7 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
         R.cancel = a->cancel;
         st = stack_forward(&R, a->tokens, a->embeds, NULL);
         if (st != SF_OK) goto interrupted;
-        sf_matmul(R.logits, R.fin_u, m->lm_head, NULL, R.N, R.d, R.V, 0, R.pack, R.nt);
+        linear(&R, R.logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
         double sum = 0.0;
         int64_t cnt = 0;
         sf_cross_entropy(R.logits, a->targets, R.N, R.V, a->ignore_index, &sum, &cnt, NULL, R.nt);

@@ -24,6 +24,7 @@ typedef struct {
     float *in_a, *u_a, *q, *k, *v, *att, *lse, *y_a, *z_a; /* attention sublayer */
     float *in_m, *u_m, *f1, *f2, *g, *y_m, *z_m;            /* MLP sublayer */
     float *alpha_a, *alpha_m;                               /* AttnRes weights (N, nsrc) */
+    float *q_pre; /* MoDA, moda_depth_rope='none': the pre-RoPE queries of the depth logits */
 } block_acts;
 
 typedef struct run {
@@ -48,9 +49,16 @@ typedef struct run {
     /* backward */
     float *dx, *du, *dy, *dq, *dk, *dv, *datt, *df1, *df2, *dg, *dfin;
     float *ddepth_k, *ddepth_v, *dtmp_kv;
+    float *dq_depth; /* moda_depth_rope='none': the depth columns' part of dq (pre-RoPE) */
     float *dmask;                       /* residual dropout: a masked copy of a gradient */
     float attn_p, resid_p;              /* dropout rates (0 outside training) */
     uint64_t drop_seed;
+    /* compute_dtype = bfloat16 (sf_gemm_bf16.c): every Linear weight packed as bf16 panels once
+     * at the call's start (bf_list: sorted by weight, for the lookup), A / B scratch */
+    int bf16;
+    struct sf_bf16_weight *bf_list;
+    int64_t bf_n;
+    uint32_t *bf_a, *bf_b;
     void *mem; /* the one allocation */
     int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
     const volatile int *cancel; /* the caller's stop flag (sf_forward_args.cancel), or NULL */
@@ -99,14 +107,29 @@ static inline void norm_bwd(const run *R, float *dx, const float *dy, const floa
         sf_rmsnorm_backward(dx, GRAD(R, w), dy, x, w, R->N, R->d, R->c->norm_eps, R->stats, accumulate, R->nt);
 }
 
+/* bfloat16 mode's products (sf_gemm_bf16.c): the same contracts as linear / linear_bwd */
+void sf_bf16_linear(const run *R, float *y, const float *x, const float *w, const float *b,
+                    int64_t K, int64_t M);
+void sf_bf16_linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
+                        const float *x, const float *w, int64_t K, int64_t M);
+/* lay out the packed weights and scratch (bf16 mode only), and fill the weights */
+void sf_bf16_layout(run *R, bump *bp);
+void sf_bf16_convert_weights(run *R);
+
 static inline void linear(const run *R, float *y, const float *x, const float *w, const float *b,
                    int64_t K, int64_t M) {
+    if (R->bf16) { sf_bf16_linear(R, y, x, w, b, K, M); return; }
     sf_matmul(y, x, w, b, R->N, K, M, 0, R->pack, R->nt);
 }
 
 /* Backward of y = x W^T + b (W (M,K)): dW += dy^T x, db += colsum(dy), dx (=|+=) dy W. */
 static inline void linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
                        const float *x, const float *w, const float *b, int64_t K, int64_t M) {
+    if (R->bf16) {
+        sf_bf16_linear_bwd(R, dx, dx_accumulate, dy, x, w, K, M);
+        if (b) sf_colsum(GRAD(R, b), dy, R->N, M, R->nt);
+        return;
+    }
     sf_gemm(GRAD(R, w), K, dy, 1, M, x, 0, NULL, M, R->N, K, 1, R->pack, R->nt);
     if (b) sf_colsum(GRAD(R, b), dy, R->N, M, R->nt);
     if (dx) sf_gemm(dx, K, dy, M, 1, w, 0, NULL, R->N, M, K, dx_accumulate, R->pack, R->nt);

@@ -69,6 +69,8 @@ class Config:
     hc_expansion: int = 4  # n copies of the residual stream (hyper_connections and mhc)
     hc_dynamic: bool = False  # hyper_connections: input-dependent (tanh) connection weights
     mhc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations t_max (paper: 20)
+    # Ablation knobs (issue 20; DEVELOPERS.md "Ablation knobs").
+    moda_depth_rope: str = "none"  # legacy | none | own: RoPE on MoDA's depth logits
 
     @property
     def d_head(self) -> int:
@@ -85,6 +87,7 @@ class Config:
         assert self.denseformer_dilation >= 1 and self.denseformer_period >= 1
         assert self.hc_expansion >= (2 if self.residual == "mhc" else 1)
         assert self.mhc_sinkhorn_iters >= 1
+        assert self.moda_depth_rope in ("legacy", "none", "own")
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +416,7 @@ def moda_visibility(B, T, n_slots, *, causal, key_padding_mask=None, chunk=1, de
 
 
 def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=None, chunk=1,
-                   depth_only=False, visible=None):
+                   depth_only=False, visible=None, q_depth=None):
     """Multi-head attention with optional Mixture-of-Depths depth slots (one softmax over both).
 
     q: (B, H, T, dh) queries (already RoPE-rotated if pos == "rope")
@@ -421,6 +424,8 @@ def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=N
     kd, vd: (B, Hkv, T, S, dh) depth slots of every position (S = 2l for block l, in the order
         [attn_0, ffn_0, ..., attn_{l-1}, ffn_{l-1}]), or None for plain attention
     visible: optional bool (B, T, T + chunk*S) overriding ``moda_visibility`` (for tests)
+    q_depth: optional (B, H, T, dh) query of the depth logits (default q; moda_depth_rope='none'
+        passes the unrotated query)
     Returns (out, probs): out (B, H, T, dh) = sum_u p v_u + sum_c p' vd_c per head (before o_proj),
     probs (B, H, T, T + chunk*S) in the trace column layout (invisible columns are 0).
     """
@@ -451,7 +456,7 @@ def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=N
 
     scale = 1.0 / math.sqrt(dh)
     seq_logits = np.einsum("bhtd,bhud->bhtu", q, k_h) * scale
-    dep_logits = np.einsum("bhtd,bhtcd->bhtc", q, kd_h) * scale
+    dep_logits = np.einsum("bhtd,bhtcd->bhtc", q if q_depth is None else q_depth, kd_h) * scale
     logits = np.concatenate([seq_logits, dep_logits], axis=-1)
     probs = masked_softmax(logits, visible[:, None, :, :])
 
@@ -514,17 +519,24 @@ class _Model:
         """Block i's attention on input u (B,T,d).
 
         depth: list of 2i (kd, vd) pairs, each (B, Hkv, T, dh), from earlier sublayers (MoDA).
-        Returns (a, probs, own_slot) where own_slot = (k_rot, v) is what this layer writes as
-        depth slot attn_i.
+        Returns (a, probs, own_slot) where own_slot = (k_d, v) is what this layer writes as
+        depth slot attn_i: k_d = k rotated at its own position t (RoPE; moda_depth_rope 'own' or
+        'legacy'), or k unrotated (no RoPE, or 'none', which also gives the depth logits the
+        unrotated query: q_t . k_d then never depends on t).
         """
         cfg = self.cfg
         p = f"layers.{i}.attn."
         q = self.split_heads(self.lin(p + "q_proj", u), cfg.n_heads)
         k = self.split_heads(self.lin(p + "k_proj", u), cfg.n_kv_heads)
         v = self.split_heads(self.lin(p + "v_proj", u), cfg.n_kv_heads)
+        q_depth, k_slot = None, k
         if cfg.pos == "rope":
+            if cfg.moda and cfg.moda_depth_rope == "none":
+                q_depth = q
             q = apply_rope(q, cfg.rope_theta)
             k = apply_rope(k, cfg.rope_theta)
+            if q_depth is None:
+                k_slot = k
         if cfg.moda and depth:
             kd = np.stack([s[0] for s in depth], axis=3)  # (B, Hkv, T, 2i, dh)
             vd = np.stack([s[1] for s in depth], axis=3)
@@ -533,10 +545,10 @@ class _Model:
         ctx, probs = moda_attention(
             q, k, v, kd, vd, causal=cfg.causal, key_padding_mask=key_padding_mask,
             chunk=cfg.moda_chunk if cfg.moda else 1,
-            depth_only=cfg.moda and cfg.moda_depth_only)
+            depth_only=cfg.moda and cfg.moda_depth_only, q_depth=q_depth)
         B, H, T, dh = ctx.shape
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, H * dh)  # concat heads
-        return self.lin(p + "o_proj", ctx), probs, (k, v)
+        return self.lin(p + "o_proj", ctx), probs, (k_slot, v)
 
     def mlp(self, i, u):
         """Block i's MLP on input u; returns (m, depth slot ffn_i or None)."""
@@ -553,6 +565,8 @@ class _Model:
             # ffn_i's depth slot: (u Wdk^T, u Wdv^T), u = the MLP's input as the MLP sees it.
             slot = (self.split_heads(linear(u, self.p[p + "depth_k_proj.weight"]), cfg.n_kv_heads),
                     self.split_heads(linear(u, self.p[p + "depth_v_proj.weight"]), cfg.n_kv_heads))
+            if cfg.pos == "rope" and cfg.moda_depth_rope == "own":  # rotated at its own position
+                slot = (apply_rope(slot[0], cfg.rope_theta), slot[1])
         return m, slot
 
     def head(self, x):

@@ -138,6 +138,7 @@ void test_forward_threads(void);
 void test_cache(void);
 void test_forward_errors(void);
 void test_wirings(void);
+void test_bf16(void);
 
 /* model-level helpers (test_model.c), shared with test_wirings.c */
 sf_model *make_model(const sf_config *c, uint64_t seed, const char *label);

@@ -35,6 +35,7 @@ int main(void) {
         {"kv cache", test_cache},
         {"forward errors", test_forward_errors},
         {"wirings", test_wirings},
+        {"bf16", test_bf16},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         long c0 = g_checks, f0 = g_failed;

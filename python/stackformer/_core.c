@@ -763,6 +763,66 @@ static PyObject *core_matmul_kernel(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(sf_matmul_kernel());
 }
 
+static PyObject *core_bf16_kernel(PyObject *m, PyObject *unused) {
+    return PyUnicode_FromString(sf_bf16_kernel());
+}
+
+/* bf16_matmul(x (N,K), w (M,K), bias (M,) or None, path=-1, threads=0): y = bf16(x) bf16(w)^T
+ * + bias with fp32 accumulation (the bf16 mode's product; tests and benchmarks) */
+static PyObject *core_bf16_matmul(PyObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "w", "bias", "path", "threads", NULL};
+    PyObject *xo, *wo, *bo = Py_None;
+    int path = -1, threads = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|Oii:bf16_matmul", kwlist, &xo, &wo, &bo, &path, &threads)) return NULL;
+    if (path < -1 || path > 2) { PyErr_Format(PyExc_ValueError, "path must be -1, 0, 1 or 2, got %d", path); return NULL; }
+    if (path == 1 && !sf_bf16_native_usable()) { PyErr_SetString(PyExc_ValueError, "path=1 (native) needs a CPU with AVX512_BF16 whose results pass the bit-for-bit probe"); return NULL; }
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(xo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    PyArrayObject *w = x ? (PyArrayObject *)PyArray_FROM_OTF(wo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY) : NULL;
+    PyArrayObject *b = NULL, *y = NULL;
+    if (!w) goto done;
+    if (PyArray_NDIM(x) != 2 || PyArray_NDIM(w) != 2 || PyArray_DIM(x, 1) != PyArray_DIM(w, 1) ||
+        PyArray_DIM(x, 0) < 1 || PyArray_DIM(w, 0) < 1 || PyArray_DIM(x, 1) < 1) {
+        PyErr_SetString(PyExc_ValueError, "bf16_matmul: x must be (N, K) and w (M, K), all sizes >= 1");
+        goto done;
+    }
+    npy_intp N = PyArray_DIM(x, 0), K = PyArray_DIM(x, 1), M = PyArray_DIM(w, 0);
+    if (bo != Py_None) {
+        b = (PyArrayObject *)PyArray_FROM_OTF(bo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+        if (!b) goto done;
+        if (PyArray_NDIM(b) != 1 || PyArray_DIM(b, 0) != M) { PyErr_SetString(PyExc_ValueError, "bf16_matmul: bias must be (M,)"); goto done; }
+    }
+    npy_intp dims[2] = {N, M};
+    y = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!y) goto done;
+    sf_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sf_bf16_matmul((float *)PyArray_DATA(y), (const float *)PyArray_DATA(x), (const float *)PyArray_DATA(w),
+                        b ? (const float *)PyArray_DATA(b) : NULL, N, K, M, path, threads);
+    Py_END_ALLOW_THREADS
+    if (st != SF_OK) { Py_CLEAR(y); PyErr_NoMemory(); }
+done:
+    Py_XDECREF(x); Py_XDECREF(w); Py_XDECREF(b);
+    return (PyObject *)y;
+}
+
+/* bf16_gemm_bench(N, K, M, reps=5, threads=0): seconds of the fastest of reps bf16 products
+ * (N,K).(K,M) on packed operands (2 N K M flops; packing not timed) */
+static PyObject *core_bf16_gemm_bench(PyObject *m, PyObject *args) {
+    long long N, K, M;
+    int reps = 5, threads = 0;
+    if (!PyArg_ParseTuple(args, "LLL|ii:bf16_gemm_bench", &N, &K, &M, &reps, &threads)) return NULL;
+    if (N < 1 || K < 1 || M < 1 || reps < 1 || N > (1LL << 24) || K > (1LL << 24) || M > (1LL << 24)) {
+        PyErr_SetString(PyExc_ValueError, "bf16_gemm_bench: N, K, M must be in [1, 2^24] and reps >= 1");
+        return NULL;
+    }
+    double t;
+    Py_BEGIN_ALLOW_THREADS
+    t = sf_bf16_gemm_bench(N, K, M, reps, threads);
+    Py_END_ALLOW_THREADS
+    if (t < 0) return PyErr_NoMemory();
+    return PyFloat_FromDouble(t);
+}
+
 /* set_blas_sgemm(address, ilp64): address of a cblas_sgemm the caller loaded (0 = back to the
  * tiles). Only stackformer.blas calls this, after checking the library's integer width; the C
  * core probes the function on three small products before using it. */
@@ -852,6 +912,12 @@ static PyMethodDef core_methods[] = {
     {"matmul_kernel", core_matmul_kernel, METH_NOARGS,
      "what the Linear products run on: the register tile for this CPU, 'avx512', 'avx2' or 'generic' "
      "(all give the same bits), or 'blas' after stackformer.use_blas()"},
+    {"bf16_kernel", core_bf16_kernel, METH_NOARGS,
+     "what compute_dtype='bfloat16' products run on: 'avx512_bf16' (vdpbf16ps) or the emulated kernel (same bits)"},
+    {"bf16_matmul", (PyCFunction)(void (*)(void))core_bf16_matmul, METH_VARARGS | METH_KEYWORDS,
+     "bf16_matmul(x, w, bias=None, path=-1, threads=0): bf16(x) bf16(w)^T + bias, fp32 accumulation"},
+    {"bf16_gemm_bench", core_bf16_gemm_bench, METH_VARARGS,
+     "bf16_gemm_bench(N, K, M, reps=5, threads=0): seconds of the fastest bf16 product on packed operands"},
     {"set_blas_sgemm", core_set_blas_sgemm, METH_VARARGS,
      "set_blas_sgemm(address, ilp64): route sf_gemm to a cblas_sgemm (0: the built-in tiles); use stackformer.use_blas"},
     {NULL}};

@@ -196,7 +196,9 @@ def _check_header(data: bytes, size: int, path: str) -> Tuple[Config, dict, dict
     if not isinstance(meta["config"], str):
         raise ValueError(f"{path}: config metadata must be a JSON string")
     try:  # forged metadata is a bad file, whatever Config thinks of the wrong type
-        config = Config.from_json(meta["config"])
+        # fields added since the file was saved take the values that keep its results
+        # (Config.from_saved_dict)
+        config = Config.from_saved_dict(json.loads(meta["config"]))
         table, num_params = _core.config_tensors(**config._c_kwargs())
     except (TypeError, ValueError, OverflowError, RecursionError, MemoryError) as e:
         raise ValueError(f"{path}: bad config in the checkpoint's metadata: {e}") from None

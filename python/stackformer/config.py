@@ -44,6 +44,27 @@ def _py_type(kind: str) -> Any:
     return {"int": int, "bool": bool, "enum": str, "real": float, "prob": float}[kind]
 
 
+class BF16EmulatedWarning(RuntimeWarning):
+    """compute_dtype="bfloat16" on a CPU without AVX512_BF16: the products run on an emulated
+    kernel that gives the native instruction's bits, several times slower than float32."""
+
+
+_bf16_warned = False  # the warning is given once per process
+
+
+def _warn_bf16_emulated() -> None:
+    global _bf16_warned
+    if _bf16_warned or _core.bf16_kernel() == "avx512_bf16":
+        return
+    _bf16_warned = True
+    import warnings
+    warnings.warn("Config(compute_dtype='bfloat16'): this CPU has no AVX512_BF16 (or "
+                  "STACKFORMER_NO_BF16=1 is set), so bf16 products run on an emulated kernel: "
+                  "the same bits as vdpbf16ps, but slower than float32; use it for correctness, "
+                  "not speed (stackformer.bf16_kernel() says which kernel runs)",
+                  BF16EmulatedWarning, stacklevel=4)
+
+
 class _ConfigMethods:
     """Behaviour of Config; its fields come from the table (see Config's docstring)."""
 
@@ -53,6 +74,8 @@ class _ConfigMethods:
         if self.n_kv_heads is None and _is_int(self.n_heads):
             self.n_kv_heads = self.n_heads
         self.validate()
+        if self.compute_dtype == "bfloat16":
+            _warn_bf16_emulated()
 
     # -- validation ----------------------------------------------------------------------
     def validate(self) -> None:
@@ -97,6 +120,15 @@ class _ConfigMethods:
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_saved_dict(cls, d: Dict[str, Any]) -> "Config":
+        """from_dict for a config saved by an older version (a checkpoint's metadata): a field
+        it predates takes the value that reproduces what that version computed, where that
+        differs from today's default (moda_depth_rope: 'legacy' for MoDA with RoPE)."""
+        if isinstance(d, dict) and "moda_depth_rope" not in d and d.get("moda") and d.get("pos") == "rope":
+            d = {**d, "moda_depth_rope": "legacy"}
+        return cls.from_dict(d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -33,6 +33,50 @@ __all__ = ["TorchModel", "to_torch", "from_torch"]
 _ACT = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 -> fp32 as the C core converts (VCVTNEPS2BF16): round to nearest even,
+    zero and denormals to a signed zero (torch's own cast keeps bf16 denormals)."""
+    tiny = x.abs() < 2.0 ** -126
+    r = x.to(torch.bfloat16).to(x.dtype)
+    return torch.where(tiny, torch.zeros_like(x).copysign(x), r)
+
+
+class _BF16Product(torch.autograd.Function):
+    """compute_dtype="bfloat16": y = bf16(x) bf16(w)^T + b with fp32 accumulation; backward
+    dx = bf16(dy) bf16(w), dw = bf16(dy)^T bf16(x), db = sum dy (the C core's three products;
+    the accumulation order within each sum is torch's, so agreement is to rounding, not bits)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        xr, wr = bf16_round(x), bf16_round(w)
+        ctx.save_for_backward(xr, wr)
+        ctx.has_b = b is not None
+        y = xr @ wr.T
+        return y + b if b is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xr, wr = ctx.saved_tensors
+        dyr = bf16_round(dy)
+        dx = dyr @ wr
+        dw = dyr.reshape(-1, dy.shape[-1]).T @ xr.reshape(-1, xr.shape[-1])
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_b else None
+        return dx, dw, db
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose product follows Config.compute_dtype."""
+
+    def __init__(self, i: int, o: int, bias: bool, c=None):
+        super().__init__(i, o, bias=bias)
+        self.bf16 = c is not None and getattr(c, "compute_dtype", "float32") == "bfloat16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16:
+            return _BF16Product.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dimension: `weight` (d,), `bias` for LayerNorm with bias."""
 
@@ -72,10 +116,10 @@ class Attention(nn.Module):
         super().__init__()
         self.c = c
         d, dh = c.d_model, c.d_head
-        self.q_proj = nn.Linear(d, c.n_heads * dh, bias=c.bias)
-        self.k_proj = nn.Linear(d, c.n_kv_heads * dh, bias=c.bias)
-        self.v_proj = nn.Linear(d, c.n_kv_heads * dh, bias=c.bias)
-        self.o_proj = nn.Linear(c.n_heads * dh, d, bias=c.bias)
+        self.q_proj = Linear(d, c.n_heads * dh, c.bias, c)
+        self.k_proj = Linear(d, c.n_kv_heads * dh, c.bias, c)
+        self.v_proj = Linear(d, c.n_kv_heads * dh, c.bias, c)
+        self.o_proj = Linear(c.n_heads * dh, d, c.bias, c)
 
     def forward(self, u, depth, seq_ok, depth_ok, rope):
         """u (B, T, d). depth: MoDA slots written so far, a list of (k, v) each (B, Hkv, T, dh).
@@ -86,8 +130,13 @@ class Attention(nn.Module):
         q = _heads(self.q_proj(u), c.n_heads)
         k = _heads(self.k_proj(u), c.n_kv_heads)
         v = _heads(self.v_proj(u), c.n_kv_heads)
+        qd, slot_k = q, None  # the query of the depth logits, this layer's depth key
         if rope is not None:
+            if c.moda and c.moda_depth_rope == "none":  # depth logits and slots never rotated
+                slot_k = k
             q, k = _rope(q, *rope), _rope(k, *rope)
+            qd = q if slot_k is None else qd
+        slot_k = k if slot_k is None else slot_k
         keys, values, allowed = k, v, seq_ok
         if depth:  # MoDA: T*S depth columns, column u*S + s = slot s of position u
             S = len(depth)
@@ -99,10 +148,14 @@ class Attention(nn.Module):
             allowed = torch.cat([seq_ok, depth_ok.repeat_interleave(S, dim=-1)], dim=-1)
         G = c.n_heads // c.n_kv_heads  # query head h reads kv head h // G
         keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
-        scores = q @ keys.transpose(-1, -2) / math.sqrt(c.d_head)  # (B, H, T, columns)
+        if qd is q:
+            scores = q @ keys.transpose(-1, -2) / math.sqrt(c.d_head)  # (B, H, T, columns)
+        else:  # moda_depth_rope='none': rotated sequence logits, unrotated depth logits
+            scores = torch.cat([q @ keys[:, :, :T].transpose(-1, -2),
+                                qd @ keys[:, :, T:].transpose(-1, -2)], dim=-1) / math.sqrt(c.d_head)
         p = _masked_softmax(scores, allowed[:, None])  # one softmax over [sequence | depth]
         out = (p @ values).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), (k, v)
+        return self.o_proj(out), (slot_k, v)
 
 
 class MLP(nn.Module):
@@ -111,12 +164,12 @@ class MLP(nn.Module):
         self.c = c
         d, F_ = c.d_model, c.d_ff
         if c.activation == "swiglu":
-            self.gate_proj = nn.Linear(d, F_, bias=c.bias)
-        self.up_proj = nn.Linear(d, F_, bias=c.bias)
-        self.down_proj = nn.Linear(F_, d, bias=c.bias)
+            self.gate_proj = Linear(d, F_, c.bias, c)
+        self.up_proj = Linear(d, F_, c.bias, c)
+        self.down_proj = Linear(F_, d, c.bias, c)
         if depth_slot:  # MoDA: this FFN writes a depth slot (u Wdk^T, u Wdv^T)
-            self.depth_k_proj = nn.Linear(d, c.n_kv_heads * c.d_head, bias=False)
-            self.depth_v_proj = nn.Linear(d, c.n_kv_heads * c.d_head, bias=False)
+            self.depth_k_proj = Linear(d, c.n_kv_heads * c.d_head, False, c)
+            self.depth_v_proj = Linear(d, c.n_kv_heads * c.d_head, False, c)
 
     def forward(self, u):
         """u (B, T, d) -> (output, depth slot (k, v) or None)."""
@@ -163,7 +216,7 @@ class TorchModel(nn.Module):
         if c.final_norm:
             self.final_norm = Norm(c.d_model, c.norm, c.norm_eps, c.bias)
         if not c.tie_embeddings:
-            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            self.lm_head = Linear(c.d_model, c.vocab_size, False, c)
         self.reset_parameters()
 
     @staticmethod
@@ -248,6 +301,8 @@ class TorchModel(nn.Module):
         if c.final_norm:
             x = self.final_norm(x)
         head = self.tok_emb.weight if c.tie_embeddings else self.lm_head.weight
+        if getattr(c, "compute_dtype", "float32") == "bfloat16":
+            return _BF16Product.apply(x, head, None)
         return x @ head.T
 
     def sublayer(self, k: int, u: torch.Tensor, depth: list, att: dict) -> torch.Tensor:
@@ -255,6 +310,8 @@ class TorchModel(nn.Module):
         appends the sublayer's MoDA depth slot to depth when moda is on."""
         blk = self.layers[k // 2]
         out, slot = blk.attn(u, depth, **att) if k % 2 == 0 else blk.mlp(u)
+        if k % 2 == 1 and slot is not None and att["rope"] is not None and self.config.moda_depth_rope == "own":
+            slot = (_rope(slot[0], *att["rope"]), slot[1])  # FFN key rotated at its own position
         if self.config.moda:
             depth.append(slot)
         return out

@@ -1,0 +1,493 @@
+/* bfloat16 products with fp32 accumulation: the semantics (sf_bf16.h: VDPBF16PS, step by
+ * step), packing, and three kernels that give the same bits:
+ *   native    AVX512_BF16 register tiles of 8 rows x 32 columns (vdpbf16ps), chosen at run
+ *             time where the CPU has it (compiled with a target attribute, so the library
+ *             still loads on any x86);
+ *   emulated  AVX2/FMA tiles of 6 rows x 16 columns: bf16 widened to fp32 with a mask / shift,
+ *             two vfmadd231ps per pair (odd element first) under MXCSR.DAZ|FTZ;
+ *   model     portable C, one sf_bf16_fma_model per step (no AVX2, or non-x86).
+ * Every output element is one chain over all of K run by one thread, so the partition of the
+ * work (which differs between the kernels) never changes a bit. */
+#include "sf_bf16.h"
+#include "sf_cpu.h"
+#include "sf_kernels.h"
+#include "sf.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the reference step ------------------------------------------------------------------- */
+static float daz(float x) { return fpclassify(x) == FP_SUBNORMAL ? copysignf(0.0f, x) : x; }
+
+/* round the exact value s + e (|e| <= half an ulp of s in double) to the nearest fp32, ties to
+ * even: (float)s is right unless s is exactly halfway between two floats and e != 0 */
+static float round_sum(double s, double e) {
+    float r = (float)s;
+    double d = s - (double)r;
+    if (d != 0.0 && e != 0.0 && isfinite(r)) {
+        float r2 = nextafterf(r, d > 0 ? INFINITY : -INFINITY);
+        if (2.0 * fabs(d) == fabs((double)r2 - (double)r) && (e > 0) == (d > 0)) r = r2;
+    }
+    return r;
+}
+
+float sf_bf16_fma_model(float a, float b, float c) {
+    a = daz(a); b = daz(b); c = daz(c);
+    if (!isfinite(a) || !isfinite(b) || !isfinite(c)) return a * b + c; /* inf / NaN: IEEE */
+    double p = (double)a * (double)b; /* exact: 48 significant bits at most */
+    double s = p + (double)c;
+    double bb = s - p, e = (p - (s - bb)) + ((double)c - bb); /* TwoSum: s + e == p + c */
+    if (fabs(s) < 0x1p-100) {
+        /* near fp32's bottom: round with an unbounded exponent (scaled by 2^100, exact) and
+         * flush when that is below 2^-126 (tininess after rounding) */
+        double ss = s * 0x1p100, es = e * 0x1p100;
+        if (fabs(ss) < 0x1p-27) return copysignf(0.0f, (float)(ss != 0.0 ? ss : es != 0.0 ? es : s));
+        float r = round_sum(ss, es);
+        if (fabsf(r) < 0x1p-26f) return copysignf(0.0f, r);
+        return r * 0x1p-100f; /* exact: a normal number */
+    }
+    return round_sum(s, e);
+}
+
+/* ---- packing -------------------------------------------------------------------------------- */
+int64_t sf_bf16_pack_words(int64_t K, int64_t M) {
+    return ((M + SF_BF16_NR - 1) / SF_BF16_NR) * SF_BF16_NR * ((K + 1) / 2);
+}
+
+void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int64_t K,
+                    int64_t M, int nt) {
+    const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
+    for (int64_t p = 0; p < P; p++) {
+        uint32_t *dst = pack + p * Kh * SF_BF16_NR;
+        const int64_t j0 = p * SF_BF16_NR, mw = M - j0 < SF_BF16_NR ? M - j0 : SF_BF16_NR;
+        for (int64_t i = 0; i < Kh; i++) {
+            const float *r0 = b + 2 * i * rs, *r1 = r0 + rs;
+            const int odd = 2 * i + 1 < K;
+            for (int64_t j = 0; j < SF_BF16_NR; j++)
+                dst[i * SF_BF16_NR + j] = j < mw ? sf_bf16_pair(r0[(j0 + j) * cs], odd ? r1[(j0 + j) * cs] : 0.0f) : 0u;
+        }
+    }
+}
+
+void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int64_t cs,
+                    int64_t N, int64_t K, int nt) {
+    const int64_t Kh = (K + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * K > 65536)
+    for (int64_t r = 0; r < N; r++) {
+        const float *s = src + r * rs;
+        uint32_t *d = a + r * lda;
+        if (cs == 1) {
+            int64_t i = 0;
+            for (; 2 * i + 1 < K; i++) d[i] = sf_bf16_pair(s[2 * i], s[2 * i + 1]);
+            if (i < Kh) d[i] = sf_bf16_pair(s[2 * i], 0.0f);
+        } else {
+            for (int64_t i = 0; i < Kh; i++)
+                d[i] = sf_bf16_pair(s[2 * i * cs], 2 * i + 1 < K ? s[(2 * i + 1) * cs] : 0.0f);
+        }
+    }
+}
+
+/* ---- kernels -------------------------------------------------------------------------------- */
+/* The start of every chain: y (accumulate), the bias, or 0; tiles load it into registers. */
+static inline float chain_start(const float *y, int64_t ldy, const float *bias, int64_t r,
+                                int64_t j, int accumulate) {
+    return accumulate ? y[r * ldy + j] : bias ? bias[j] : 0.0f;
+}
+
+/* portable: the model, step by step (slow; for CPUs without AVX2/FMA and as a test oracle) */
+static void tile_model(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *panel,
+                       const float *bias, int64_t Kh, int64_t r0, int64_t mr, int64_t j0, int64_t mw,
+                       int accumulate) {
+    for (int64_t r = r0; r < r0 + mr; r++)
+        for (int64_t j = 0; j < mw; j++) {
+            float acc = chain_start(y, ldy, bias, r, j0 + j, accumulate);
+            for (int64_t i = 0; i < Kh; i++) {
+                uint32_t wa = a[r * lda + i], wb = panel[i * SF_BF16_NR + j];
+                acc = sf_bf16_fma_model(sf_bf16_to_f32((sf_bf16)(wa >> 16)), sf_bf16_to_f32((sf_bf16)(wb >> 16)), acc);
+                acc = sf_bf16_fma_model(sf_bf16_to_f32((sf_bf16)wa), sf_bf16_to_f32((sf_bf16)wb), acc);
+            }
+            y[r * ldy + j0 + j] = acc;
+        }
+}
+
+#ifdef SF_X86
+#define EMU_MR 6
+/* emulated: 6 rows x 16 columns (one panel), 12 ymm accumulators. Rows past mr reuse row r0's
+ * operands and are not stored. The caller has set MXCSR.DAZ|FTZ. */
+__attribute__((target("avx2,fma"))) static void
+tile_emulated(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *panel,
+              const float *bias, int64_t Kh, int64_t r0, int64_t mr, int64_t j0, int64_t mw,
+              int accumulate) {
+    __m256 acc[EMU_MR][2];
+    const uint32_t *ar[EMU_MR];
+    float tmp[SF_BF16_NR];
+    for (int r = 0; r < EMU_MR; r++) {
+        ar[r] = a + (r0 + (r < mr ? r : 0)) * lda;
+        for (int j = 0; j < SF_BF16_NR; j++)
+            tmp[j] = r < mr && j < mw ? chain_start(y, ldy, bias, r0 + r, j0 + j, accumulate) : 0.0f;
+        acc[r][0] = _mm256_loadu_ps(tmp);
+        acc[r][1] = _mm256_loadu_ps(tmp + 8);
+    }
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t i = 0; i < Kh; i++) {
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(panel + i * SF_BF16_NR));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(panel + i * SF_BF16_NR + 8));
+        __m256 bo0 = _mm256_castsi256_ps(_mm256_and_si256(b0, hi_mask));
+        __m256 bo1 = _mm256_castsi256_ps(_mm256_and_si256(b1, hi_mask));
+        __m256 be0 = _mm256_castsi256_ps(_mm256_slli_epi32(b0, 16));
+        __m256 be1 = _mm256_castsi256_ps(_mm256_slli_epi32(b1, 16));
+        for (int r = 0; r < EMU_MR; r++) {
+            __m256i w = _mm256_set1_epi32((int)ar[r][i]);
+            __m256 ao = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+            __m256 ae = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            acc[r][0] = _mm256_fmadd_ps(ao, bo0, acc[r][0]); /* odd element first */
+            acc[r][1] = _mm256_fmadd_ps(ao, bo1, acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(ae, be0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(ae, be1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        _mm256_storeu_ps(tmp, acc[r][0]);
+        _mm256_storeu_ps(tmp + 8, acc[r][1]);
+        memcpy(y + (r0 + r) * ldy + j0, tmp, (size_t)mw * sizeof(float));
+    }
+}
+
+#define NAT_MR 8
+/* native: 8 rows x 32 columns (two panels, np = 1 or 2 of them), 16 zmm accumulators; one
+ * vdpbf16ps per (row, panel) and pair. */
+__attribute__((target("avx512f,avx512bf16"))) static void
+tile_native(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *p0,
+            const uint32_t *p1, const float *bias, int64_t Kh, int64_t r0, int64_t mr, int64_t j0,
+            int64_t mw, int accumulate) {
+    __m512 acc[NAT_MR][2];
+    const uint32_t *ar[NAT_MR];
+    float tmp[2 * SF_BF16_NR];
+    for (int r = 0; r < NAT_MR; r++) {
+        ar[r] = a + (r0 + (r < mr ? r : 0)) * lda;
+        for (int j = 0; j < 2 * SF_BF16_NR; j++)
+            tmp[j] = r < mr && j < mw ? chain_start(y, ldy, bias, r0 + r, j0 + j, accumulate) : 0.0f;
+        acc[r][0] = _mm512_loadu_ps(tmp);
+        acc[r][1] = _mm512_loadu_ps(tmp + SF_BF16_NR);
+    }
+    if (!p1) p1 = p0; /* a lone last panel: the second half is computed and dropped */
+    for (int64_t i = 0; i < Kh; i++) {
+        __m512i b0 = _mm512_loadu_si512((const void *)(p0 + i * SF_BF16_NR));
+        __m512i b1 = _mm512_loadu_si512((const void *)(p1 + i * SF_BF16_NR));
+        for (int r = 0; r < NAT_MR; r++) {
+            __m512i w = _mm512_set1_epi32((int)ar[r][i]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)w, (__m512bh)b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)w, (__m512bh)b1);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        _mm512_storeu_ps(tmp, acc[r][0]);
+        _mm512_storeu_ps(tmp + SF_BF16_NR, acc[r][1]);
+        memcpy(y + (r0 + r) * ldy + j0, tmp, (size_t)mw * sizeof(float));
+    }
+}
+#endif
+
+/* ---- kernel choice -------------------------------------------------------------------------- */
+static _Atomic int native_flag = -1;
+
+int sf_bf16_cpu_has_native(void) {
+#ifdef SF_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+/* The native kernel is used only where it gives the bits the emulated kernel and the scalar
+ * model give (the documented VDPBF16PS semantics): once per process it runs a probe product
+ * with ragged edges, signed values from 2^-140 (bf16 denormals: DAZ) to 2^20, cancelling sums
+ * and denormal accumulators (FTZ) on both kernels and compares every bit. A CPU whose
+ * instruction rounds differently keeps bf16 mode deterministic and thread-independent by
+ * running the emulated kernel, and sf_bf16_kernel() says why. */
+static _Atomic int verified_flag = -1;
+
+static float probe_value(uint64_t *s) {
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    const uint32_t r = (uint32_t)(*s >> 33);
+    const int e = (int)(r % 161u) - 140;                 /* 2^-140 .. 2^20 */
+    const float m = 1.0f + (float)((r >> 8) & 0x7f) / 128.0f;
+    return ((r >> 16) & 1 ? -m : m) * ldexpf(1.0f, e);
+}
+
+static int native_verified(void) {
+    int v = atomic_load_explicit(&verified_flag, memory_order_relaxed);
+    if (v >= 0) return v;
+    v = 0;
+    if (sf_bf16_cpu_has_native()) {
+        enum { N = 11, K = 67, M = 45, KH = (K + 1) / 2 };
+        float x[N * K], w[M * K], y1[N * M], y2[N * M];
+        uint64_t s = 0x5DEECE66Dull;
+        for (int i = 0; i < N * K; i++) x[i] = probe_value(&s);
+        for (int i = 0; i < M * K; i++) w[i] = probe_value(&s);
+        for (int i = 0; i < N; i++) x[i * K + 3] = -x[i * K + 2]; /* exact cancellations */
+        for (int i = 0; i < N * M; i++) y1[i] = y2[i] = (i % 7 == 0) ? 0x1p-130f : probe_value(&s);
+        uint32_t *a = malloc((size_t)(N * KH) * sizeof(uint32_t));
+        uint32_t *b = malloc((size_t)sf_bf16_pack_words(K, M) * sizeof(uint32_t));
+        if (a && b) {
+            sf_bf16_pack_a(a, KH, x, K, 1, N, K, 1);
+            sf_bf16_pack_b(b, w, 1, K, K, M, 1);
+            sf_bf16_gemm_path(1, y1, M, a, KH, b, NULL, N, K, M, 1, 1);
+            sf_bf16_gemm_path(2, y2, M, a, KH, b, NULL, N, K, M, 1, 1);
+            v = memcmp(y1, y2, sizeof y1) == 0;
+        }
+        free(a);
+        free(b);
+    }
+    atomic_store_explicit(&verified_flag, v, memory_order_relaxed);
+    return v;
+}
+
+int sf_bf16_native_usable(void) { return sf_bf16_cpu_has_native() && native_verified(); }
+
+int sf_bf16_native(void) {
+    int have = atomic_load_explicit(&native_flag, memory_order_relaxed);
+    if (have < 0) {
+        const char *off = getenv("STACKFORMER_NO_BF16");
+        have = !(off && strcmp(off, "1") == 0) && sf_bf16_native_usable();
+        atomic_store_explicit(&native_flag, have, memory_order_relaxed);
+    }
+    return have;
+}
+
+const char *sf_bf16_kernel(void) {
+    if (sf_bf16_native()) return "avx512_bf16";
+    if (sf_bf16_cpu_has_native() && !native_verified())
+        return "emulated (this CPU's vdpbf16ps does not give the documented bits: its native kernel is off)";
+    return "emulated (no AVX512_BF16: bf16 mode is for correctness here, not speed)";
+}
+
+/* ---- the product ------------------------------------------------------------------------------ */
+void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
+                       const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                       int accumulate, int nt) {
+    if (N <= 0 || M <= 0) return;
+    const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#ifdef SF_X86
+    if (path == 0 && !sf_cpu_avx2_fma()) path = 2;
+#else
+    path = 2;
+#endif
+    /* a job: one row tile x one column group (1 panel emulated / model, 2 native) */
+    const int64_t mr_t = path == 1 ? 8 : 6, pw = path == 1 ? 2 : 1;
+    const int64_t rt = (N + mr_t - 1) / mr_t, ct = (P + pw - 1) / pw, jobs = rt * ct;
+    if (nt < 1) nt = 1;
+    if (N * Kh * M < (1 << 15)) nt = 1; /* too small to wake a second thread for */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#ifdef SF_X86
+        unsigned csr = _mm_getcsr();
+        if (path == 0) _mm_setcsr(csr | 0x8040u); /* FTZ (bit 15) | DAZ (bit 6) */
+#endif
+        const int tid = sf_team_tid(), nth = sf_team_size();
+        /* contiguous static split, column group outer so a B panel stays in cache */
+        const int64_t j_lo = jobs * tid / nth, j_hi = jobs * (tid + 1) / nth;
+        for (int64_t job = j_lo; job < j_hi; job++) {
+            const int64_t c = job / rt, t = job % rt;
+            const int64_t r0 = t * mr_t, mr = N - r0 < mr_t ? N - r0 : mr_t;
+            const int64_t p = c * pw, j0 = p * SF_BF16_NR;
+            const int64_t mw = M - j0 < pw * SF_BF16_NR ? M - j0 : pw * SF_BF16_NR;
+            const uint32_t *panel = b + p * Kh * SF_BF16_NR;
+#ifdef SF_X86
+            if (path == 1) {
+                tile_native(y, ldy, a, lda, panel, p + 1 < P ? panel + Kh * SF_BF16_NR : NULL, bias,
+                            Kh, r0, mr, j0, mw, accumulate);
+                continue;
+            }
+            if (path == 0) {
+                tile_emulated(y, ldy, a, lda, panel, bias, Kh, r0, mr, j0, mw, accumulate);
+                continue;
+            }
+#endif
+            tile_model(y, ldy, a, lda, panel, bias, Kh, r0, mr, j0, mw, accumulate);
+        }
+#ifdef SF_X86
+        _mm_setcsr(csr);
+#endif
+    }
+}
+
+void sf_bf16_gemm(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *b,
+                  const float *bias, int64_t N, int64_t K, int64_t M, int accumulate, int nt) {
+    sf_bf16_gemm_path(sf_bf16_native() ? 1 : 0, y, ldy, a, lda, b, bias, N, K, M, accumulate, nt);
+}
+
+/* ---- public entry points (sf.h) --------------------------------------------------------------- */
+sf_status sf_bf16_matmul(float *y, const float *x, const float *w, const float *bias, int64_t N,
+                         int64_t K, int64_t M, int path, int n_threads) {
+    if (N < 1 || K < 1 || M < 1 || !y || !x || !w) return SF_ERR_INVALID_ARG;
+    if (path == 1 && !sf_bf16_native_usable()) return SF_ERR_INVALID_ARG;
+    const int64_t Kh = (K + 1) / 2;
+    uint32_t *a = malloc((size_t)(N * Kh) * sizeof(uint32_t));
+    uint32_t *b = malloc((size_t)sf_bf16_pack_words(K, M) * sizeof(uint32_t));
+    if (!a || !b) { free(a); free(b); return SF_ERR_NOMEM; }
+    const int nt = sf_threads_resolve(n_threads);
+    sf_bf16_pack_a(a, Kh, x, K, 1, N, K, nt);
+    sf_bf16_pack_b(b, w, 1, K, K, M, nt);
+    if (path < 0) sf_bf16_gemm(y, M, a, Kh, b, bias, N, K, M, 0, nt);
+    else sf_bf16_gemm_path(path, y, M, a, Kh, b, bias, N, K, M, 0, nt);
+    free(a);
+    free(b);
+    return SF_OK;
+}
+
+#include <time.h>
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double sf_bf16_gemm_bench(int64_t N, int64_t K, int64_t M, int reps, int n_threads) {
+    if (N < 1 || K < 1 || M < 1 || reps < 1) return -1.0;
+    const int64_t Kh = (K + 1) / 2;
+    uint32_t *a = malloc((size_t)(N * Kh) * sizeof(uint32_t));
+    uint32_t *b = malloc((size_t)sf_bf16_pack_words(K, M) * sizeof(uint32_t));
+    float *y = malloc((size_t)(N * M) * sizeof(float));
+    if (!a || !b || !y) { free(a); free(b); free(y); return -1.0; }
+    /* operands: small bf16 values from a fixed LCG (the timing does not depend on them) */
+    uint32_t s = 12345u;
+    for (int64_t i = 0; i < N * Kh; i++) { s = s * 1664525u + 1013904223u; a[i] = (s & 0x00FF00FFu) | 0x3C003C00u; }
+    for (int64_t i = 0; i < sf_bf16_pack_words(K, M); i++) { s = s * 1664525u + 1013904223u; b[i] = (s & 0x00FF00FFu) | 0x3C003C00u; }
+    const int nt = sf_threads_resolve(n_threads);
+    sf_bf16_gemm(y, M, a, Kh, b, NULL, N, K, M, 0, nt); /* warm up */
+    double best = 1e300;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_s();
+        sf_bf16_gemm(y, M, a, Kh, b, NULL, N, K, M, 0, nt);
+        double t = now_s() - t0;
+        if (t < best) best = t;
+    }
+    free(a); free(b); free(y);
+    return best;
+}
+
+/* ---- the model's bf16 mode (compute_dtype = "bfloat16"; run state in sf_stack.h) ----------
+ * At a call's start every Linear weight is converted from the fp32 master copy and packed once:
+ * W^T panels for the forward and, in a train step, W panels for the input gradient. The copy
+ * lives in the call's workspace (the model's train or forward workspace), so weights written
+ * through NumPy views between calls are always seen, and concurrent forward calls never share
+ * a buffer. Activations are packed per product (they change every product). */
+#include "sf_stack.h"
+
+struct sf_bf16_weight {
+    const float *w;
+    int64_t M, K;           /* w is (M, K): out x in */
+    uint32_t *fwd, *bwd;    /* W^T panels (K x M), W panels (M x K; training only) */
+};
+
+/* Every weight linear() multiplies by: (view, M, K) in the stack's terms. The views are NULL
+ * when sizing a workspace without a model (sf_train_workspace_bytes). Must list every weight
+ * passed to linear / linear_bwd: sf_bf16_linear falls back to fp32 for one it cannot find,
+ * and tests/test_bf16.py checks every Linear tensor's product is bf16. */
+static int64_t list_weights(const run *R, struct sf_bf16_weight *out) {
+    const sf_config *c = R->c;
+    const sf_model *m = R->m;
+    int64_t n = 0;
+#define ADD(view, MM, KK) do { if (out) out[n] = (struct sf_bf16_weight){(view), (MM), (KK), NULL, NULL}; n++; } while (0)
+    for (int64_t i = 0; i < c->n_layers; i++) {
+        const sf_layer_views *Lv = m->layers ? &m->layers[i] : NULL;
+        ADD(Lv ? Lv->q_w : NULL, R->qd, R->d);
+        ADD(Lv ? Lv->k_w : NULL, R->kvd, R->d);
+        ADD(Lv ? Lv->v_w : NULL, R->kvd, R->d);
+        ADD(Lv ? Lv->o_w : NULL, R->d, R->qd);
+        if (c->act == SF_ACT_SWIGLU) ADD(Lv ? Lv->gate_w : NULL, R->F, R->d);
+        ADD(Lv ? Lv->up_w : NULL, R->F, R->d);
+        ADD(Lv ? Lv->down_w : NULL, R->d, R->F);
+        if (c->moda && i < c->n_layers - 1) {
+            ADD(Lv ? Lv->depth_k_w : NULL, R->kvd, R->d);
+            ADD(Lv ? Lv->depth_v_w : NULL, R->kvd, R->d);
+        }
+    }
+    ADD(m->lm_head, R->V, R->d); /* the head (tok_emb when tied) */
+#undef ADD
+    return n;
+}
+
+static int cmp_weight(const void *a, const void *b) {
+    const float *x = ((const struct sf_bf16_weight *)a)->w, *y = ((const struct sf_bf16_weight *)b)->w;
+    return x < y ? -1 : x > y;
+}
+
+void sf_bf16_layout(run *R, bump *bp) {
+    int bad = 0;
+    const int64_t n = list_weights(R, NULL);
+    R->bf_n = n;
+    R->bf_list = (struct sf_bf16_weight *)take(bp, cmul(&bad, n, (int64_t)((sizeof(struct sf_bf16_weight) + 3) / 4)));
+    struct sf_bf16_weight *sz = malloc((size_t)(n > 0 ? n : 1) * sizeof *sz);
+    if (!sz) { bp->bad = 1; return; }
+    list_weights(R, sz); /* sizes (and, with a model, the views) */
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t *f = (uint32_t *)take(bp, sf_bf16_pack_words(sz[i].K, sz[i].M));
+        uint32_t *g = R->training ? (uint32_t *)take(bp, sf_bf16_pack_words(sz[i].M, sz[i].K)) : NULL;
+        if (R->bf_list) { R->bf_list[i] = sz[i]; R->bf_list[i].fwd = f; R->bf_list[i].bwd = g; }
+    }
+    free(sz);
+    const int64_t kmax = max64(max64(max64(R->d, R->qd), max64(R->kvd, R->F)), R->V);
+    const int64_t N = R->N;
+    R->bf_a = (uint32_t *)take(bp, max64(cmul(&bad, N, (kmax + 1) / 2), cmul(&bad, kmax, (N + 1) / 2)));
+    R->bf_b = R->training ? (uint32_t *)take(bp, sf_bf16_pack_words(N, kmax)) : NULL;
+    if (bad) bp->bad = 1;
+}
+
+/* once per call, after the layout: pack every weight, then sort the list for find_weight */
+void sf_bf16_convert_weights(run *R) {
+    struct sf_bf16_weight *L = R->bf_list;
+    for (int64_t i = 0; i < R->bf_n; i++) {
+        sf_bf16_pack_b(L[i].fwd, L[i].w, 1, L[i].K, L[i].K, L[i].M, R->nt);
+        if (L[i].bwd) sf_bf16_pack_b(L[i].bwd, L[i].w, L[i].K, 1, L[i].M, L[i].K, R->nt);
+    }
+    qsort(L, (size_t)R->bf_n, sizeof *L, cmp_weight);
+}
+
+static const struct sf_bf16_weight *find_weight(const run *R, const float *w) {
+    int64_t lo = 0, hi = R->bf_n - 1;
+    while (lo <= hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (R->bf_list[mid].w == w) return &R->bf_list[mid];
+        if (R->bf_list[mid].w < w) lo = mid + 1; else hi = mid - 1;
+    }
+    return NULL;
+}
+
+void sf_bf16_linear(const run *R, float *y, const float *x, const float *w, const float *b,
+                    int64_t K, int64_t M) {
+    const struct sf_bf16_weight *e = find_weight(R, w);
+    if (!e || e->M != M || e->K != K) { /* not a listed weight: fp32 (see list_weights) */
+        sf_matmul(y, x, w, b, R->N, K, M, 0, R->pack, R->nt);
+        return;
+    }
+    const int64_t Kh = (K + 1) / 2;
+    sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
+    sf_bf16_gemm(y, M, R->bf_a, Kh, e->fwd, b, R->N, K, M, 0, R->nt);
+}
+
+void sf_bf16_linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
+                        const float *x, const float *w, int64_t K, int64_t M) {
+    const struct sf_bf16_weight *e = find_weight(R, w);
+    const int64_t N = R->N;
+    if (!e || !e->bwd || e->M != M || e->K != K) {
+        sf_gemm(GRAD(R, w), K, dy, 1, M, x, 0, NULL, M, N, K, 1, R->pack, R->nt);
+        if (dx) sf_gemm(dx, K, dy, M, 1, w, 0, NULL, N, M, K, dx_accumulate, R->pack, R->nt);
+        return;
+    }
+    /* dW (M x K) += dy^T (M x N) . x (N x K): the reduction runs over tokens */
+    const int64_t Nh = (N + 1) / 2, Mh = (M + 1) / 2;
+    sf_bf16_pack_a(R->bf_a, Nh, dy, 1, M, M, N, R->nt);
+    sf_bf16_pack_b(R->bf_b, x, K, 1, N, K, R->nt);
+    sf_bf16_gemm(GRAD(R, w), K, R->bf_a, Nh, R->bf_b, NULL, M, N, K, 1, R->nt);
+    /* dx (N x K) (+)= dy (N x M) . W (M x K) */
+    if (dx) {
+        sf_bf16_pack_a(R->bf_a, Mh, dy, M, 1, N, M, R->nt);
+        sf_bf16_gemm(dx, K, R->bf_a, Mh, e->bwd, NULL, N, M, K, dx_accumulate, R->nt);
+    }
+}
