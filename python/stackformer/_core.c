@@ -50,8 +50,8 @@ static void sigint_wrapper(int sig, siginfo_t *info, void *ctx) {
 }
 
 /* with the GIL; returns the cancel flag to pass to C (NULL: not interruptible) */
-static const volatile int *interrupt_begin(int64_t work) {
-    if (work < ((int64_t)1 << 24) || PyThread_get_thread_ident() != g_main_ident) return NULL;
+static const volatile int *interrupt_begin(double work) {
+    if (work < 16777216.0 || PyThread_get_thread_ident() != g_main_ident) return NULL;
     struct sigaction cur, w;
     if (sigaction(SIGINT, NULL, &cur) != 0) return NULL;
     int sinfo = (cur.sa_flags & SA_SIGINFO) != 0;
@@ -452,7 +452,7 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     if (want_logits && !(logits = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
     odims[2] = (npy_intp)c->d_model;
     if (want_hidden && !(hidden = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
-    fa.cancel = interrupt_begin(B * T * c->d_model * c->n_layers);
+    fa.cancel = interrupt_begin((double)B * (double)T * (double)c->d_model * (double)c->n_layers);
     Py_BEGIN_ALLOW_THREADS
     st = sf_forward(self->model, &fa,
                     logits ? (float *)PyArray_DATA((PyArrayObject *)logits) : NULL,
@@ -525,7 +525,7 @@ static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject 
         double loss = 0.0;
         int64_t count = 0;
         sf_status st;
-        ta.cancel = interrupt_begin(in.B * in.T * c->d_model * c->n_layers);
+        ta.cancel = interrupt_begin((double)in.B * (double)in.T * (double)c->d_model * (double)c->n_layers);
         Py_BEGIN_ALLOW_THREADS
         st = sf_forward_backward(self->model, &ta, &loss, &count, err, sizeof err);
         Py_END_ALLOW_THREADS
