@@ -37,6 +37,8 @@ typedef enum { SF_NORM_LAYERNORM = 0, SF_NORM_RMSNORM = 1 } sf_norm;
 typedef enum { SF_DTYPE_FLOAT32 = 0, SF_DTYPE_BFLOAT16 = 1 } sf_compute_dtype;
 /* moda_depth_rope: how MoDA's depth logits see RoPE positions (sf_config_fields.h) */
 typedef enum { SF_DROPE_LEGACY = 0, SF_DROPE_NONE = 1, SF_DROPE_OWN = 2 } sf_depth_rope;
+/* moda_depth_kv: which sublayers write depth slots, and from what */
+typedef enum { SF_DKV_ATTN = 0, SF_DKV_ATTN_FFN = 1, SF_DKV_EXTRA = 2 } sf_depth_kv;
 /* The depth wirings, in enum order (csrc/wiring/: one file each). */
 /* X(enum id, Config name, symbol: sf_wiring_<symbol> in csrc/wiring/) */
 #define SF_WIRINGS(X)                                   \

@@ -259,7 +259,8 @@ static void dots_fused(float *out, const float *g, const float *const *x, int64_
 void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                                  const float *const *inv_rms, int64_t nsrc, int64_t col0,
                                  int accumulate, const sf_attnres_reader *rd, int64_t nr,
-                                 int64_t e_tstride, int64_t N, int64_t d, int n_threads) {
+                                 int64_t e_tstride, int64_t N, int64_t d, int key_norm,
+                                 int n_threads) {
     int nt = sf_threads_resolve(n_threads);
     int64_t ntiles = (N + AR_TILE - 1) / AR_TILE;
 #pragma omp parallel num_threads(nt) if (N * d * nr * nsrc > 65536)
@@ -315,7 +316,7 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                             backward_updates(dsrc[i0 + i] + (n0 + t) * d, src[i0 + i] + (n0 + t) * d,
                                              rd + j0, jn, av[i][t], cv[i][t], (n0 + t) * d, eoff, d);
                 }
-                for (int i = 0; i < ni; i++)
+                for (int i = 0; key_norm && i < ni; i++) /* the RMS path (none without key norm) */
                     for (int64_t t = 0; t < nn; t++) {
                         int64_t n = n0 + t;
                         const float *x = src[i0 + i] + n * d;

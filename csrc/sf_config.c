@@ -94,6 +94,10 @@ sf_status sf_config_validate(const sf_config *c, char *err, size_t errlen) {
     if (c->pos == SF_POS_SINUSOIDAL) REQ(c->d_model % 2 == 0, "pos='sinusoidal' needs an even d_model, got %lld", (long long)c->d_model);
     REQ(!c->moda_depth_only || c->moda, "moda_depth_only needs moda=True");
     REQ(c->residual != SF_RES_MHC || c->hc_expansion >= 2, "hc_expansion must be >= 2 for residual='mhc' (its H_pre init is 1/n with b = -log(n-1)), got %lld", (long long)c->hc_expansion);
+    REQ(c->attnres_key_norm || c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK,
+        "attnres_key_norm=False needs residual='attnres_full' or 'attnres_block'");
+    REQ(c->moda_depth_kv == SF_DKV_ATTN_FFN || c->moda, "moda_depth_kv='%s' needs moda=True",
+        c->moda_depth_kv == SF_DKV_ATTN ? "attn" : "attn+ffn+extra");
     REQ(c->moda_depth_rope == SF_DROPE_NONE || (c->moda && c->pos == SF_POS_ROPE),
         "moda_depth_rope='%s' needs moda=True and pos='rope' (otherwise nothing is rotated; leave it 'none')",
         c->moda_depth_rope == SF_DROPE_LEGACY ? "legacy" : "own");

@@ -13,7 +13,8 @@ typedef struct {
     float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
     float *mlp_norm_w, *mlp_norm_b;
     float *gate_w, *gate_b, *up_w, *up_b, *down_w, *down_b;
-    float *depth_k_w, *depth_v_w;             /* MoDA, blocks 0..n-2 */
+    float *depth_k_w, *depth_v_w;             /* MoDA, blocks 0..n-2 (FFN slots) */
+    float *attn_depth_k_w, *attn_depth_v_w;   /* MoDA attn+ffn+extra, blocks 0..n-2 */
     float *attn_res_q, *attn_res_g;           /* AttnRes pseudo-query (d) and key gain (d) */
     float *mlp_res_q, *mlp_res_g;
     float *dwa_w;                             /* DenseFormer: block i's DWA weights (1, n_i) */
@@ -186,10 +187,13 @@ typedef struct {
     const float *qg;    /* (d) q ⊙ g */
     float *e;           /* (d) thread 0's accumulator */
 } sf_attnres_reader;
+/* key_norm 0 (attnres_key_norm=False): the keys are the sources themselves, inv_rms holds
+ * ones and there is no path through an RMS. */
 void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                                  const float *const *inv_rms, int64_t nsrc, int64_t col0,
                                  int accumulate, const sf_attnres_reader *rd, int64_t nr,
-                                 int64_t e_tstride, int64_t N, int64_t d, int n_threads);
+                                 int64_t e_tstride, int64_t N, int64_t d, int key_norm,
+                                 int n_threads);
 /* S (N) = row-wise dot products of a and b (N, d): a reader's dh · h */
 void sf_attnres_row_dots(float *S, const float *a, const float *b, int64_t N, int64_t d,
                          int n_threads);

@@ -16,8 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* MoDA: depth slots each block writes (its attention's; and its FFN's unless moda_depth_kv='attn'):
+ * block l reads the depth_slots_per_layer * l slots of blocks 0..l-1, in order. */
+static int64_t depth_slots_per_layer(const sf_config *c) { return c->moda_depth_kv == SF_DKV_ATTN ? 1 : 2; }
+
 int64_t sf_depth_cols(const sf_config *c, int64_t layer) {
-    return c->moda ? 2 * layer * c->moda_chunk : 0;
+    return c->moda ? depth_slots_per_layer(c) * layer * c->moda_chunk : 0;
 }
 
 /* ---- the decoding cache --------------------------------------------------------------------- */
@@ -34,7 +38,7 @@ struct sf_cache {
  * rotate (no MoDA or no RoPE: every rule is the same model). */
 static int depth_rope(const sf_config *c) { return c->moda && c->pos == SF_POS_ROPE ? c->moda_depth_rope : -1; }
 
-static int64_t n_depth_slots(const sf_config *c) { return c->moda ? 2 * (c->n_layers - 1) : 0; }
+static int64_t n_depth_slots(const sf_config *c) { return c->moda ? depth_slots_per_layer(c) * (c->n_layers - 1) : 0; }
 
 sf_status sf_cache_create(const sf_model *m, int64_t B, int64_t max_len, sf_cache **out,
                           char *err, size_t errlen) {
@@ -301,7 +305,7 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     }
     a.depth_k = R->depth_k; a.depth_v = R->depth_v; a.depth_bstride = R->depth_bstride;
     a.depth_len = R->depth_len;
-    a.n_slots = R->n_slots; a.n_read = c->moda ? 2 * i : 0; a.chunk = c->moda_chunk;
+    a.n_slots = R->n_slots; a.n_read = c->moda ? depth_slots_per_layer(c) * i : 0; a.chunk = c->moda_chunk;
     a.depth_only = c->moda_depth_only;
     a.q_depth = A->q_pre; /* NULL unless moda_depth_rope='none' */
     a.dq_depth = R->dq_depth;
@@ -322,9 +326,11 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
     linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
     linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
     const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
+    const int extra = c->moda_depth_kv == SF_DKV_EXTRA; /* the slot from its own projections */
+    const int64_t slot = depth_slots_per_layer(c) * i;  /* attn_i's depth slot */
     if (drope == SF_DROPE_NONE) { /* depth logits and this layer's depth slot stay unrotated */
         copy(A->q_pre, A->q, R->N * R->qd);
-        if (writes) write_depth(R, R->depth_k, 2 * i, A->k);
+        if (writes && !extra) write_depth(R, R->depth_k, slot, A->k);
     }
     if (c->pos == SF_POS_ROPE) {
         sf_rope(A->q, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
@@ -338,9 +344,16 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
             memcpy((float *)a.v + off, A->v + r * R->kvd, (size_t)R->kvd * sizeof(float));
         }
     }
-    if (writes) { /* this layer's K (rotated at its own position unless 'none') and V: slot 2i */
-        if (drope != SF_DROPE_NONE) write_depth(R, R->depth_k, 2 * i, A->k);
-        write_depth(R, R->depth_v, 2 * i, A->v);
+    if (writes && extra) { /* (u Wadk^T, u Wadv^T), the key rotated at its own position unless 'none' */
+        linear(R, R->kvtmp, u, Lv->attn_depth_k_w, NULL, R->d, R->kvd);
+        if (drope == SF_DROPE_OWN || drope == SF_DROPE_LEGACY)
+            sf_rope(R->kvtmp, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
+        write_depth(R, R->depth_k, slot, R->kvtmp);
+        linear(R, R->kvtmp, u, Lv->attn_depth_v_w, NULL, R->d, R->kvd);
+        write_depth(R, R->depth_v, slot, R->kvtmp);
+    } else if (writes) { /* this layer's K (rotated at its own position unless 'none') and V */
+        if (drope != SF_DROPE_NONE) write_depth(R, R->depth_k, slot, A->k);
+        write_depth(R, R->depth_v, slot, A->v);
     }
     sf_attention_forward(&a, A->q, A->att, A->lse, probs, depth_mass, R->attn_scratch, R->nt);
     linear(R, y, A->att, Lv->o_w, Lv->o_b, R->qd, R->d);
@@ -367,7 +380,7 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         }
     }
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
-    if (c->moda && i < c->n_layers - 1) {
+    if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
         linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
         if (depth_rope(c) == SF_DROPE_OWN) /* rotated at its own position, like attention's */
             sf_rope(R->kvtmp, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
@@ -389,9 +402,11 @@ static void attn_backward(const run *R, int64_t i, block_acts *A, const float *u
     sf_attention_backward(&a, A->q, A->att, R->datt, A->lse, R->dq, R->dk, R->dv, R->ddepth_k,
                           R->ddepth_v, R->attn_scratch, R->nt);
     const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
-    if (writes) { /* later layers read this K, V as depth slot 2i */
-        if (drope != SF_DROPE_NONE) read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
-        read_depth(R, R->dv, R->ddepth_v, 2 * i, 1);
+    const int extra = c->moda_depth_kv == SF_DKV_EXTRA;
+    const int64_t slot = depth_slots_per_layer(c) * i;
+    if (writes && !extra) { /* later layers read this K, V as depth slot attn_i */
+        if (drope != SF_DROPE_NONE) read_depth(R, R->dk, R->ddepth_k, slot, 1);
+        read_depth(R, R->dv, R->ddepth_v, slot, 1);
     }
     if (c->pos == SF_POS_ROPE) {
         sf_rope_backward(R->dq, R->N, R->T, c->n_heads, R->dh, R->qd, R->rope, R->nt);
@@ -399,11 +414,19 @@ static void attn_backward(const run *R, int64_t i, block_acts *A, const float *u
     }
     if (drope == SF_DROPE_NONE) { /* the unrotated depth path joins after the inverse rotation */
         for (int64_t j = 0; j < R->N * R->qd; j++) R->dq[j] += R->dq_depth[j];
-        if (writes) read_depth(R, R->dk, R->ddepth_k, 2 * i, 1);
+        if (writes && !extra) read_depth(R, R->dk, R->ddepth_k, slot, 1);
     }
     linear_bwd(R, du, 0, R->dq, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear_bwd(R, du, 1, R->dk, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
     linear_bwd(R, du, 1, R->dv, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    if (writes && extra) { /* the slot's own projections */
+        read_depth(R, R->dtmp_kv, R->ddepth_k, slot, 0);
+        if (drope == SF_DROPE_OWN || drope == SF_DROPE_LEGACY)
+            sf_rope_backward(R->dtmp_kv, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);
+        linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->attn_depth_k_w, NULL, R->d, R->kvd);
+        read_depth(R, R->dtmp_kv, R->ddepth_v, slot, 0);
+        linear_bwd(R, du, 1, R->dtmp_kv, u, Lv->attn_depth_v_w, NULL, R->d, R->kvd);
+    }
 }
 
 static void mlp_backward(const run *R, int64_t i, block_acts *A, const float *u,
@@ -420,7 +443,7 @@ static void mlp_backward(const run *R, int64_t i, block_acts *A, const float *u,
         sf_act_backward(c->act, R->df1, R->dg, A->f1, nF, R->nt);
         linear_bwd(R, du, 0, R->df1, u, Lv->up_w, Lv->up_b, R->d, R->F);
     }
-    if (c->moda && i < c->n_layers - 1) {
+    if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
         read_depth(R, R->dtmp_kv, R->ddepth_k, 2 * i + 1, 0);
         if (depth_rope(c) == SF_DROPE_OWN)
             sf_rope_backward(R->dtmp_kv, R->N, R->T, c->n_kv_heads, R->dh, R->kvd, R->rope, R->nt);

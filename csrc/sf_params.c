@@ -61,6 +61,10 @@ void sf_params_table(const sf_config *c, sf_table_builder *tb) {
         if (c->bias) E(i, 1, kvd, 0, 1, I0, L(v_b), "layers.%d.attn.v_proj.bias", i);
         E(i, 2, d, qd, 0, R, L(o_w), "layers.%d.attn.o_proj.weight", i);
         if (c->bias) E(i, 1, d, 0, 1, I0, L(o_b), "layers.%d.attn.o_proj.bias", i);
+        if (c->moda && c->moda_depth_kv == SF_DKV_EXTRA && i < c->n_layers - 1) {
+            E(i, 2, kvd, d, 0, N, L(attn_depth_k_w), "layers.%d.attn.depth_k_proj.weight", i);
+            E(i, 2, kvd, d, 0, N, L(attn_depth_v_w), "layers.%d.attn.depth_v_proj.weight", i);
+        }
         E(i, 1, d, 0, 1, I1, L(mlp_norm_w), "layers.%d.mlp_norm.weight", i);
         if (ln_bias) E(i, 1, d, 0, 1, I0, L(mlp_norm_b), "layers.%d.mlp_norm.bias", i);
         if (c->act == SF_ACT_SWIGLU) {
@@ -71,7 +75,7 @@ void sf_params_table(const sf_config *c, sf_table_builder *tb) {
         if (c->bias) E(i, 1, F, 0, 1, I0, L(up_b), "layers.%d.mlp.up_proj.bias", i);
         E(i, 2, d, F, 0, R, L(down_w), "layers.%d.mlp.down_proj.weight", i);
         if (c->bias) E(i, 1, d, 0, 1, I0, L(down_b), "layers.%d.mlp.down_proj.bias", i);
-        if (c->moda && i < c->n_layers - 1) {
+        if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
             E(i, 2, kvd, d, 0, N, L(depth_k_w), "layers.%d.mlp.depth_k_proj.weight", i);
             E(i, 2, kvd, d, 0, N, L(depth_v_w), "layers.%d.mlp.depth_v_proj.weight", i);
         }

@@ -71,6 +71,8 @@ class Config:
     mhc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations t_max (paper: 20)
     # Ablation knobs (issue 20; DEVELOPERS.md "Ablation knobs").
     moda_depth_rope: str = "none"  # legacy | none | own: RoPE on MoDA's depth logits
+    moda_depth_kv: str = "attn+ffn"  # attn | attn+ffn | attn+ffn+extra: MoDA Table 3 rows 3-5
+    attnres_key_norm: bool = True  # AttnRes Table 4 "w/o key norm" = False
 
     @property
     def d_head(self) -> int:
@@ -88,6 +90,7 @@ class Config:
         assert self.hc_expansion >= (2 if self.residual == "mhc" else 1)
         assert self.mhc_sinkhorn_iters >= 1
         assert self.moda_depth_rope in ("legacy", "none", "own")
+        assert self.moda_depth_kv in ("attn", "attn+ffn", "attn+ffn+extra")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,23 +180,30 @@ def param_shapes(cfg) -> dict:
         linear(p + "attn.k_proj", Hkv * dh, d)
         linear(p + "attn.v_proj", Hkv * dh, d)
         linear(p + "attn.o_proj", d, H * dh)
+        writes = cfg.moda and i < n - 1  # the last block's depth slots would never be read
+        if writes and cfg.moda_depth_kv == "attn+ffn+extra":  # MoDA Table 3 row 5
+            linear(p + "attn.depth_k_proj", Hkv * dh, d, bias=False)
+            linear(p + "attn.depth_v_proj", Hkv * dh, d, bias=False)
         norm(p + "mlp_norm")
         if cfg.activation == "swiglu":
             linear(p + "mlp.gate_proj", F, d)
         linear(p + "mlp.up_proj", F, d)
         linear(p + "mlp.down_proj", d, F)
-        if cfg.moda and i < n - 1:  # the last block's FFN depth slot would never be read
+        if writes and cfg.moda_depth_kv != "attn":
             linear(p + "mlp.depth_k_proj", Hkv * dh, d, bias=False)
             linear(p + "mlp.depth_v_proj", Hkv * dh, d, bias=False)
         if _is_attnres(cfg):
             shapes[p + "attn_res_proj.weight"] = (1, d)
-            shapes[p + "attn_res_norm.weight"] = (d,)
+            if cfg.attnres_key_norm:
+                shapes[p + "attn_res_norm.weight"] = (d,)
             shapes[p + "mlp_res_proj.weight"] = (1, d)
-            shapes[p + "mlp_res_norm.weight"] = (d,)
+            if cfg.attnres_key_norm:
+                shapes[p + "mlp_res_norm.weight"] = (d,)
         shapes.update(wiring_layer_shapes(cfg, i))
     if _is_attnres(cfg):
         shapes["output_res_proj.weight"] = (1, d)
-        shapes["output_res_norm.weight"] = (d,)
+        if cfg.attnres_key_norm:
+            shapes["output_res_norm.weight"] = (d,)
     if cfg.final_norm:
         norm("final_norm")
     if not cfg.tie_embeddings:
@@ -518,7 +528,7 @@ class _Model:
     def attention(self, i, u, depth, key_padding_mask):
         """Block i's attention on input u (B,T,d).
 
-        depth: list of 2i (kd, vd) pairs, each (B, Hkv, T, dh), from earlier sublayers (MoDA).
+        depth: list of the (kd, vd) pairs (2i, or i under moda_depth_kv="attn"), each (B, Hkv, T, dh), from earlier sublayers (MoDA).
         Returns (a, probs, own_slot) where own_slot = (k_d, v) is what this layer writes as
         depth slot attn_i: k_d = k rotated at its own position t (RoPE; moda_depth_rope 'own' or
         'legacy'), or k unrotated (no RoPE, or 'none', which also gives the depth logits the
@@ -548,7 +558,14 @@ class _Model:
             depth_only=cfg.moda and cfg.moda_depth_only, q_depth=q_depth)
         B, H, T, dh = ctx.shape
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, H * dh)  # concat heads
-        return self.lin(p + "o_proj", ctx), probs, (k_slot, v)
+        v_slot = v
+        if cfg.moda and cfg.moda_depth_kv == "attn+ffn+extra" and i < cfg.n_layers - 1:
+            # MoDA Table 3 row 5: the slot is (u Wadk^T, u Wadv^T) instead of the sequence K/V
+            k_slot = self.split_heads(linear(u, self.p[p + "depth_k_proj.weight"]), cfg.n_kv_heads)
+            v_slot = self.split_heads(linear(u, self.p[p + "depth_v_proj.weight"]), cfg.n_kv_heads)
+            if cfg.pos == "rope" and cfg.moda_depth_rope != "none":
+                k_slot = apply_rope(k_slot, cfg.rope_theta)
+        return self.lin(p + "o_proj", ctx), probs, (k_slot, v_slot)
 
     def mlp(self, i, u):
         """Block i's MLP on input u; returns (m, depth slot ffn_i or None)."""
@@ -561,7 +578,7 @@ class _Model:
             hid = act(self.lin(p + "up_proj", u))
         m = self.lin(p + "down_proj", hid)
         slot = None
-        if cfg.moda and i < cfg.n_layers - 1:
+        if cfg.moda and cfg.moda_depth_kv != "attn" and i < cfg.n_layers - 1:
             # ffn_i's depth slot: (u Wdk^T, u Wdv^T), u = the MLP's input as the MLP sees it.
             slot = (self.split_heads(linear(u, self.p[p + "depth_k_proj.weight"]), cfg.n_kv_heads),
                     self.split_heads(linear(u, self.p[p + "depth_v_proj.weight"]), cfg.n_kv_heads))
@@ -577,12 +594,13 @@ class _Model:
 def attnres_aggregate(sources, w, g, eps):
     """One AttnRes aggregation, per token.
 
-    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,).
-    K_i = v_i / sqrt(mean(v_i^2) + eps) * g,  s_i = w . K_i,  alpha = softmax_i(s),  h = sum alpha_i v_i.
-    Returns (h (B, T, d), alpha (B, T, n_sources)).
+    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,), or None
+    for the paper's Table 4 ablation without the key norm (K_i = v_i).
+    K_i = v_i / sqrt(mean(v_i^2) + eps) * g (eq. 3-5),  s_i = w . K_i,  alpha = softmax_i(s),
+    h = sum alpha_i v_i.  Returns (h (B, T, d), alpha (B, T, n_sources)).
     """
     V = np.stack(sources, axis=2)  # (B, T, n_src, d)
-    K = V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
+    K = V if g is None else V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
     s = K @ w  # (B, T, n_src); no 1/sqrt(d) scaling
     alpha = softmax(s, axis=-1)
     h = np.einsum("btn,btnd->btd", alpha, V)
@@ -658,7 +676,8 @@ class _Stack:
             self.attention.append(probs)
         else:
             out, slot = self.M.mlp(i, u)
-        self.depth.append(slot)
+        if slot is not None:  # moda_depth_kv='attn': FFNs write none
+            self.depth.append(slot)
         return out
 
     def branch(self, k, h):
@@ -713,14 +732,14 @@ def wiring_attnres(cfg, S, x0):
         pfx = f"layers.{k // 2}.attn" if k % 2 == 0 else f"layers.{k // 2}.mlp"
         srcs = attnres_sources(v, k, cfg.residual, Sb)
         h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
-                                  M.p[pfx + "_res_norm.weight"], cfg.attnres_eps)
+                                  M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps)
         alpha.append(al)
         if k % 2 == 0:
             S.hidden.append(h)
         v.append(S.branch(k, h))
     srcs = attnres_sources(v, L, cfg.residual, Sb)
     x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
-                              M.p["output_res_norm.weight"], cfg.attnres_eps)
+                              M.p.get("output_res_norm.weight"), cfg.attnres_eps)
     alpha.append(al)
     S.hidden.append(x)
     return x, {"alpha": alpha}

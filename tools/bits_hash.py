@@ -51,6 +51,14 @@ CONFIGS = {
     "moda_rope_own_chunk2_gqa": dict(moda=True, pos="rope", moda_depth_rope="own", moda_chunk=2, n_kv_heads=2),
     "moda_rope_legacy_post": dict(moda=True, pos="rope", moda_depth_rope="legacy", norm_position="post"),
     "moda_rope_none_full_chunk3": dict(moda=True, pos="rope", residual="attnres_full", moda_chunk=3),
+    "moda_kv_attn_rope": dict(moda=True, pos="rope", moda_depth_kv="attn"),
+    "full_no_key_norm": dict(residual="attnres_full", attnres_key_norm=False),
+    "block3_no_key_norm_post_moda": dict(residual="attnres_block", attnres_block_size=3, attnres_key_norm=False,
+                                         norm_position="post", moda=True),
+    "moda_kv_extra_chunk2_gqa": dict(moda=True, moda_depth_kv="attn+ffn+extra", moda_chunk=2, n_kv_heads=2),
+    "moda_kv_extra_rope_own_post_block2": dict(moda=True, moda_depth_kv="attn+ffn+extra", pos="rope",
+                                               moda_depth_rope="own", norm_position="post",
+                                               residual="attnres_block", attnres_block_size=2),
 }
 
 

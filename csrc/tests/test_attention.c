@@ -537,8 +537,8 @@ static void attnres_backward_case(int64_t nsrc, int64_t nr, int64_t N, int64_t d
     memset(e, 0, (size_t)(SF_AR_LANES * nr * d) * sizeof(float));
     memset(e1, 0, (size_t)(SF_AR_LANES * nr * d) * sizeof(float));
     const float *const *csrc = (const float *const *)src, *const *cirms = (const float *const *)irms;
-    sf_attnres_sources_backward(dsrc, csrc, cirms, nsrc, col0, accumulate, rd, nr, nr * d, N, d, nt);
-    sf_attnres_sources_backward(dsrc1, csrc, cirms, nsrc, col0, accumulate, rd1, nr, nr * d, N, d, 1);
+    sf_attnres_sources_backward(dsrc, csrc, cirms, nsrc, col0, accumulate, rd, nr, nr * d, N, d, 1, nt);
+    sf_attnres_sources_backward(dsrc1, csrc, cirms, nsrc, col0, accumulate, rd1, nr, nr * d, N, d, 1, 1);
 
     double *rdx = dalloc(N * d), *re = dalloc(nr * d);
     for (int64_t k = 0; k < nr * d; k++) re[k] = 0.0;

@@ -369,6 +369,16 @@ static void v_moda_block3(sf_config *c) {
 }
 static void v_moda_bidir_c2(sf_config *c) { c->moda = 1; c->moda_chunk = 2; c->causal = 0; }
 static void v_moda_full_post(sf_config *c) { c->moda = 1; c->residual = SF_RES_ATTNRES_FULL; c->pre_norm = 0; }
+/* issue 20's ablation knobs */
+static void v_moda_rope_own_c2(sf_config *c) { v_moda_c2_rope_mqa(c); c->moda_depth_rope = SF_DROPE_OWN; }
+static void v_moda_rope_legacy(sf_config *c) { c->moda = 1; c->pos = SF_POS_ROPE; c->moda_depth_rope = SF_DROPE_LEGACY; }
+static void v_moda_kv_attn_rope(sf_config *c) { c->moda = 1; c->pos = SF_POS_ROPE; c->moda_depth_kv = SF_DKV_ATTN; }
+static void v_moda_kv_extra_block3(sf_config *c) { v_moda_block3(c); c->moda_depth_kv = SF_DKV_EXTRA; c->pos = SF_POS_ROPE; }
+static void v_full_no_key_norm(sf_config *c) { v_full(c); c->attnres_key_norm = 0; }
+static void v_block2_no_key_norm_post(sf_config *c) { v_block2_post(c); c->attnres_key_norm = 0; }
+
+/* MoDA depth slots each block writes (moda_depth_kv='attn': its attention's only) */
+static int64_t slots_per_block(const sf_config *c) { return c->moda_depth_kv == SF_DKV_ATTN ? 1 : 2; }
 
 static const variant VARIANTS[] = {
     {"plain", v_plain},
@@ -388,6 +398,12 @@ static const variant VARIANTS[] = {
     {"moda chunk 2 + attnres_block S=3", v_moda_block3},
     {"moda bidirectional chunk 2", v_moda_bidir_c2},
     {"moda + attnres_full post", v_moda_full_post},
+    {"moda chunk 2 rope mqa, moda_depth_rope own", v_moda_rope_own_c2},
+    {"moda rope, moda_depth_rope legacy", v_moda_rope_legacy},
+    {"moda rope, moda_depth_kv attn", v_moda_kv_attn_rope},
+    {"moda rope attnres_block S=3, moda_depth_kv attn+ffn+extra", v_moda_kv_extra_block3},
+    {"attnres_full, no key norm", v_full_no_key_norm},
+    {"attnres_block S=2 post rope, no key norm", v_block2_no_key_norm_post},
 };
 enum { N_VARIANTS = (int)(sizeof VARIANTS / sizeof VARIANTS[0]) };
 
@@ -619,7 +635,7 @@ static void check_traces(const variant *v) {
               v->name, (long long)k, (long long)sf_attnres_num_sources(&c, k), (long long)want);
     }
     for (int64_t i = 0; i < n; i++)
-        CHECK(sf_depth_cols(&c, i) == (c.moda ? 2 * i * c.moda_chunk : 0), "%s: depth cols of layer %lld",
+        CHECK(sf_depth_cols(&c, i) == (c.moda ? slots_per_block(&c) * i * c.moda_chunk : 0), "%s: depth cols of layer %lld",
               v->name, (long long)i);
 
     float *logits = falloc(B * T * V), *logits2 = falloc(B * T * V);
@@ -648,7 +664,7 @@ static void check_traces(const variant *v) {
                 const int64_t t = r % T;
                 for (int64_t u = t + 1; u < T && c.causal; u++) bad_rows += p[u] != 0.0f;
                 for (int64_t col = 0; col < Dc; col++) {
-                    int64_t u = (t / c.moda_chunk) * c.moda_chunk + col / (2 * i);
+                    int64_t u = (t / c.moda_chunk) * c.moda_chunk + col / (slots_per_block(&c) * i);
                     bad_rows += u > t && p[T + col] != 0.0f;
                 }
             }

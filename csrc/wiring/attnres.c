@@ -43,6 +43,7 @@ typedef struct {
     int64_t ar_top;                     /* Full: the top source of the group gathered last */
     float *d_src, *d_acc;               /* source gradients; Block: the running partials' */
     float *dv;                          /* dL/dv_{k+1} of the sublayer being walked (rotates) */
+    float *ones;                        /* attnres_key_norm=False: d ones, the gain there is none */
 } ar_state;
 
 static int64_t num_sources(const sf_config *c, int64_t k) {
@@ -60,15 +61,17 @@ static int64_t num_sources(const sf_config *c, int64_t k) {
 static void table_layer(const sf_config *c, int i, sf_table_builder *tb) {
     const int64_t d = c->d_model;
     char nm[SF_NAME_MAX];
+    const int kn = c->attnres_key_norm; /* the key norm's gains exist only with the norm */
     snprintf(nm, sizeof nm, "layers.%d.attn_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1, SF_INIT_ZEROS, SF_LAYER_VIEW(attn_res_q));
-    snprintf(nm, sizeof nm, "layers.%d.attn_res_norm.weight", i); sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(attn_res_g));
+    snprintf(nm, sizeof nm, "layers.%d.attn_res_norm.weight", i); if (kn) sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(attn_res_g));
     snprintf(nm, sizeof nm, "layers.%d.mlp_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1, SF_INIT_ZEROS, SF_LAYER_VIEW(mlp_res_q));
-    snprintf(nm, sizeof nm, "layers.%d.mlp_res_norm.weight", i); sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(mlp_res_g));
+    snprintf(nm, sizeof nm, "layers.%d.mlp_res_norm.weight", i); if (kn) sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(mlp_res_g));
 }
 
 static void table_model(const sf_config *c, sf_table_builder *tb) {
     sf_params_emit(tb, "output_res_proj.weight", -1, 2, 1, c->d_model, 1, SF_INIT_ZEROS, SF_MODEL_VIEW(out_res_q));
-    sf_params_emit(tb, "output_res_norm.weight", -1, 1, c->d_model, 0, 1, SF_INIT_ONES, SF_MODEL_VIEW(out_res_g));
+    if (c->attnres_key_norm)
+        sf_params_emit(tb, "output_res_norm.weight", -1, 1, c->d_model, 0, 1, SF_INIT_ONES, SF_MODEL_VIEW(out_res_g));
 }
 
 /* ---- per call ---- */
@@ -155,6 +158,8 @@ static void layout(run *R, bump *bp, want w) {
         ar->ar_part = !ar->block ? take(bp, cmul(&bad, SF_AR_GROUP - 1, Nd)) : NULL;
     }
     ar->ar_scratch = take(bp, sf_attnres_scratch_floats(ar->nsrc_max, d, R->nt));
+    ar->ones = R->c->attnres_key_norm ? NULL : take(bp, d);
+    for (int64_t j = 0; ar->ones && j < d; j++) ar->ones[j] = 1.0f;
     if (ar->two_phase) {
         int64_t nq = ar->S < L ? ar->S : L;
         ar->p1_m = take(bp, cmul(&bad, nq, N));
@@ -167,6 +172,13 @@ static void layout(run *R, bump *bp, want w) {
 }
 
 /* ---- bookkeeping ---- */
+
+/* A source's per-token key scale: 1/RMS, or ones without the key norm (then every product
+ * with it is exact and the keys are the sources themselves). */
+static void source_inv_rms(const run *R, float *inv_rms, const float *src) {
+    if (R->c->attnres_key_norm) sf_attnres_inv_rms(inv_rms, src, R->N, R->d, R->c->attnres_eps, R->nt);
+    else for (int64_t n = 0; n < R->N; n++) inv_rms[n] = 1.0f;
+}
 
 static int64_t part_index(const run *R, int64_t k) { return R->training ? k : 0; }
 
@@ -199,6 +211,7 @@ static const float *res_q(const run *R, int64_t k) {
     return k % 2 == 0 ? Lv->attn_res_q : Lv->mlp_res_q;
 }
 static const float *res_g(const run *R, int64_t k) {
+    if (!R->c->attnres_key_norm) return ((const ar_state *)R->ws)->ones; /* q ⊙ 1 = q exactly */
     if (k >= R->L) return R->m->out_res_g;
     const sf_layer_views *Lv = &R->m->layers[k / 2];
     return k % 2 == 0 ? Lv->attn_res_g : Lv->mlp_res_g;
@@ -249,7 +262,6 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
                            float *trace_out) {
     ar_state *ar = R->ws;
     const int64_t N = R->N, d = R->d, Nd = N * d;
-    const float eps = R->c->attnres_eps;
     float *v = attnres_v(R, k);
     if (R->c->pre_norm) copy(v, y, Nd); /* nothing to copy when y was written there */
     else norm_fwd(R, v, y, nw, nb);
@@ -257,7 +269,7 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
     copy(trace_out, v, Nd);
     if (ar->running) sf_add(ar->running, v, Nd, R->nt);
     if (!ar->block) {
-        sf_attnres_inv_rms(ar->src_rms + (k + 1) * N, v, N, d, eps, R->nt);
+        source_inv_rms(R, ar->src_rms + (k + 1) * N, v);
         return;
     }
     int64_t pos = k % ar->S;
@@ -273,7 +285,7 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
     }
     if (prev) add3(R, dst, prev, v, Nd);
     else copy(dst, v, Nd);
-    sf_attnres_inv_rms(dst_rms, dst, N, d, eps, R->nt);
+    source_inv_rms(R, dst_rms, dst);
 }
 
 /* ---- forward hooks ---- */
@@ -286,7 +298,7 @@ static float *embed_dst(run *R) {
 
 static void begin(run *R, float *x0) {
     ar_state *ar = R->ws;
-    sf_attnres_inv_rms(ar->src_rms, x0, R->N, R->d, R->c->attnres_eps, R->nt);
+    source_inv_rms(R, ar->src_rms, x0);
     if (ar->running) copy(ar->running, x0, R->N * R->d);
 }
 
@@ -319,7 +331,7 @@ static void final(run *R, float *alpha_trace) {
     ar_state *ar = R->ws;
     int64_t ns = gather_sources(R, R->L);
     sf_attnres_aggregate(R->fin_h, alpha_trace ? alpha_trace : ar->alpha_out, ar->src_ptr, ar->rms_ptr,
-                         ns, R->m->out_res_q, R->m->out_res_g, R->N, R->d, ar->ar_scratch, R->nt);
+                         ns, R->m->out_res_q, res_g(R, R->L), R->N, R->d, ar->ar_scratch, R->nt);
 }
 
 /* ---- backward ---- */
@@ -339,7 +351,7 @@ static void full_source_grad(run *R, int64_t s) {
         float **part = &ar->ar_pbuf[top - s - 1], *done;
         const float *x = ar->src + s * Nd, *r = ar->src_rms + s * N;
         sf_attnres_sources_backward(part, &x, &r, 1, s, 1, ar->readers + s, top - s, (L + 1) * d, N,
-                                    d, R->nt);
+                                    d, R->c->attnres_key_norm, R->nt);
         done = *part;
         *part = ar->dv;
         ar->dv = done;
@@ -353,7 +365,7 @@ static void full_source_grad(run *R, int64_t s) {
         ar->dsrc_ptr[i] = si == s ? ar->dv : ar->ar_pbuf[s - si - 1];
     }
     sf_attnres_sources_backward(ar->dsrc_ptr, ar->src_ptr, ar->rms_ptr, n, lo, 0, ar->readers + s,
-                                L + 1 - s, (L + 1) * d, N, d, R->nt);
+                                L + 1 - s, (L + 1) * d, N, d, R->c->attnres_key_norm, R->nt);
     ar->ar_top = s;
 }
 
@@ -369,7 +381,7 @@ static void block_flush(run *R, int64_t m) {
         ar->dsrc_ptr[c] = ar->d_src + c * Nd;
     }
     sf_attnres_sources_backward(ar->dsrc_ptr, ar->src_ptr, ar->rms_ptr, m + 1, 0, 1, ar->readers + j0, nr,
-                                (L + 1) * d, N, d, R->nt);
+                                (L + 1) * d, N, d, R->c->attnres_key_norm, R->nt);
 }
 
 /* The walk back from the output aggregation. Each aggregation ("reader": sublayer j, or the
@@ -463,7 +475,8 @@ static void read_backward(run *R, int64_t k) {
         int64_t p = part_index(R, k);
         const float *ps = ar->part + p * N * d, *pr = ar->part_rms + p * N;
         float *dacc = ar->d_acc;
-        sf_attnres_sources_backward(&dacc, &ps, &pr, 1, k / ar->S + 1, 1, rd, 1, (L + 1) * d, N, d, R->nt);
+        sf_attnres_sources_backward(&dacc, &ps, &pr, 1, k / ar->S + 1, 1, rd, 1, (L + 1) * d, N, d,
+                                    R->c->attnres_key_norm, R->nt);
     }
 }
 
@@ -483,10 +496,11 @@ static void backward_end(run *R) {
     const int64_t d = R->d, L = R->L;
     for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, the lanes' partials in order */
         const float *q = res_q(R, j), *g = res_g(R, j);
-        float *dq = GRAD(R, q), *dg = GRAD(R, g);
+        float *dq = GRAD(R, q), *dg = R->c->attnres_key_norm ? GRAD(R, g) : NULL;
         for (int t = 0; t < SF_AR_LANES; t++) {
             const float *e = ar->ar_e + ((int64_t)t * (L + 1) + j) * d;
-            for (int64_t i = 0; i < d; i++) { dq[i] += g[i] * e[i]; dg[i] += q[i] * e[i]; }
+            if (dg) for (int64_t i = 0; i < d; i++) { dq[i] += g[i] * e[i]; dg[i] += q[i] * e[i]; }
+            else for (int64_t i = 0; i < d; i++) dq[i] += g[i] * e[i];
         }
     }
 }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def _masked_softmax(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, extra_slot: bool = False):
         super().__init__()
         self.c = c
         d, dh = c.d_model, c.d_head
@@ -120,6 +120,9 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, c.n_kv_heads * dh, c.bias, c)
         self.v_proj = Linear(d, c.n_kv_heads * dh, c.bias, c)
         self.o_proj = Linear(c.n_heads * dh, d, c.bias, c)
+        if extra_slot:  # moda_depth_kv='attn+ffn+extra': the depth slot from its own projections
+            self.depth_k_proj = Linear(d, c.n_kv_heads * dh, False, c)
+            self.depth_v_proj = Linear(d, c.n_kv_heads * dh, False, c)
 
     def forward(self, u, depth, seq_ok, depth_ok, rope):
         """u (B, T, d). depth: MoDA slots written so far, a list of (k, v) each (B, Hkv, T, dh).
@@ -137,6 +140,11 @@ class Attention(nn.Module):
             q, k = _rope(q, *rope), _rope(k, *rope)
             qd = q if slot_k is None else qd
         slot_k = k if slot_k is None else slot_k
+        slot_v = v
+        if hasattr(self, "depth_k_proj"):  # the extra projections replace the sequence K/V
+            slot_k, slot_v = _heads(self.depth_k_proj(u), c.n_kv_heads), _heads(self.depth_v_proj(u), c.n_kv_heads)
+            if rope is not None and c.moda_depth_rope != "none":  # rotated at its own position
+                slot_k = _rope(slot_k, *rope)
         keys, values, allowed = k, v, seq_ok
         if depth:  # MoDA: T*S depth columns, column u*S + s = slot s of position u
             S = len(depth)
@@ -155,7 +163,7 @@ class Attention(nn.Module):
                                 qd @ keys[:, :, T:].transpose(-1, -2)], dim=-1) / math.sqrt(c.d_head)
         p = _masked_softmax(scores, allowed[:, None])  # one softmax over [sequence | depth]
         out = (p @ values).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), (slot_k, v)
+        return self.o_proj(out), (slot_k, slot_v)
 
 
 class MLP(nn.Module):
@@ -189,9 +197,10 @@ class Block(nn.Module):
         super().__init__()
         norm = lambda: Norm(c.d_model, c.norm, c.norm_eps, c.bias)  # noqa: E731
         self.attn_norm = norm()
-        self.attn = Attention(c)
+        writes = c.moda and i < c.n_layers - 1  # MoDA: this block writes depth slots
+        self.attn = Attention(c, extra_slot=writes and c.moda_depth_kv == "attn+ffn+extra")
         self.mlp_norm = norm()
-        self.mlp = MLP(c, depth_slot=c.moda and i < c.n_layers - 1)
+        self.mlp = MLP(c, depth_slot=writes and c.moda_depth_kv != "attn")
         WIRINGS[c.residual].add_block_params(self, c, i)  # e.g. AttnRes w_k, g_k; HC weights
 
 
@@ -312,7 +321,7 @@ class TorchModel(nn.Module):
         out, slot = blk.attn(u, depth, **att) if k % 2 == 0 else blk.mlp(u)
         if k % 2 == 1 and slot is not None and att["rope"] is not None and self.config.moda_depth_rope == "own":
             slot = (_rope(slot[0], *att["rope"]), slot[1])  # FFN key rotated at its own position
-        if self.config.moda:
+        if self.config.moda and slot is not None:  # none: an FFN under moda_depth_kv='attn', the last block's
             depth.append(slot)
         return out
 
@@ -346,11 +355,11 @@ class TorchModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
 
 
-def _aggregate(sources, proj: nn.Linear, gain: Norm) -> torch.Tensor:
-    """Attention Residuals, per token: K_i = RMSNorm(v_i) * g, alpha = softmax_i(w . K_i),
-    h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
+def _aggregate(sources, proj: nn.Linear, gain: Optional[Norm]) -> torch.Tensor:
+    """Attention Residuals, per token: K_i = RMSNorm(v_i) * g (K_i = v_i without the key norm,
+    gain None), alpha = softmax_i(w . K_i), h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
     V = torch.stack(sources, dim=2)  # (B, T, n_sources, d)
-    alpha = torch.softmax(proj(gain(V)).squeeze(-1), dim=-1)
+    alpha = torch.softmax(proj(V if gain is None else gain(V)).squeeze(-1), dim=-1)
     return (alpha.unsqueeze(-1) * V).sum(dim=2)
 
 
@@ -418,22 +427,26 @@ class AttnResWiring(Wiring):
 
     @staticmethod
     def add_block_params(blk, c, i):  # pseudo-queries w_k and key RMSNorm gains g_k
+        kn = c.attnres_key_norm  # Table 4 "w/o key norm": no norm, no gain
         blk.attn_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        blk.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        if kn:
+            blk.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
         blk.mlp_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        blk.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        if kn:
+            blk.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
 
     def add_model_params(self, model, c):
         model.output_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        model.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        if c.attnres_key_norm:
+            model.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
 
     def forward(self, model, x0, att):
         depth, v, L = [], [x0], 2 * self.c.n_layers  # v_0 = embedding, v_{k+1} = F_k's output
         for k in range(L):
             blk, s = model.layers[k // 2], "attn" if k % 2 == 0 else "mlp"
-            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm"))
+            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm", None))
             v.append(model.branch(k, h, depth, att))  # post-norm: v_{k+1} = Norm_k(F_k(h_k))
-        return _aggregate(self._sources(v, L), model.output_res_proj, model.output_res_norm)
+        return _aggregate(self._sources(v, L), model.output_res_proj, getattr(model, "output_res_norm", None))
 
     def _sources(self, v: List[torch.Tensor], k: int) -> List[torch.Tensor]:
         """What sublayer k (k = L: the output) reads, given v = [v_0 ... v_k].

@@ -125,6 +125,11 @@ def _visible_depth_positions(T: int, C: int) -> int:
     return total
 
 
+def _moda_slots_per_block(c) -> int:
+    """MoDA depth slots a block writes: its attention's, and its FFN's unless moda_depth_kv='attn'."""
+    return 1 if getattr(c, "moda_depth_kv", "attn+ffn") == "attn" else 2
+
+
 def depth_reads(cfg: Any) -> int:
     """Vectors read across depth per token by the wiring (AttnRes: sources per aggregation,
     summed; MoDA: depth slots visible to one query head at chunk 1, summed over blocks; plain: 0)."""
@@ -133,7 +138,7 @@ def depth_reads(cfg: Any) -> int:
     if c.residual in ("attnres_full", "attnres_block"):
         reads += sum(_attnres_sources(c))
     if c.moda:
-        reads += sum(2 * l for l in range(c.n_layers))
+        reads += sum(_moda_slots_per_block(c) * l for l in range(c.n_layers))
     return reads
 
 
@@ -147,9 +152,10 @@ def forward_flops(cfg: Any, seq_len: int) -> Tuple[int, bool]:
     mlp = (2 if c.activation == "swiglu" else 1) * 2 * T * d * F + 2 * T * F * d
     total = n * (attn + mlp) + 2 * T * d * V
     if c.moda:
-        total += (n - 1) * 4 * T * d * Hkv * dh
+        kv = getattr(c, "moda_depth_kv", "attn+ffn")  # slot projections (k and v) per block
+        total += (n - 1) * 4 * T * d * Hkv * dh * {"attn": 0, "attn+ffn": 1, "attn+ffn+extra": 2}[kv]
         pos = _visible_depth_positions(T, c.moda_chunk) if c.causal else T * T
-        total += sum(4 * H * dh * pos * 2 * l for l in range(n))
+        total += sum(4 * H * dh * pos * _moda_slots_per_block(c) * l for l in range(n))
     exact = c.residual in KNOWN_RESIDUALS
     L = 2 * n
     if c.residual in ("attnres_full", "attnres_block"):
