@@ -26,6 +26,7 @@ typedef enum {
     SF_ERR_TOKEN_RANGE = 5,     /* a token id outside [0, vocab_size) */
     SF_ERR_NONFINITE = 6,       /* NaN or inf where a finite value is required */
     SF_ERR_BUSY = 7,            /* the model is being trained by another thread */
+    SF_ERR_INTERRUPTED = 8,     /* the call's cancel flag was raised (Ctrl-C): nothing kept */
 } sf_status;
 
 const char *sf_status_name(sf_status s);
@@ -120,6 +121,11 @@ typedef struct sf_model sf_model;
 /* Build a model and initialize its weights from seed (GPT-2 style, see DEVELOPERS.md). */
 sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, char *err, size_t errlen);
 void sf_model_free(sf_model *m);
+/* The tensor table a model of cfg would have (names, shapes, offsets), without allocating
+ * the model: *out (free() it) holds *n entries, *num_params the total floats. Lets a loader
+ * check a file's tensor list before it builds anything. */
+sf_status sf_config_tensors(const sf_config *cfg, sf_tensor_info **out, int32_t *n, int64_t *num_params,
+                            char *err, size_t errlen);
 const sf_config *sf_model_config(const sf_model *m);
 float *sf_model_params(sf_model *m);
 int64_t sf_model_num_params(const sf_model *m);
@@ -167,6 +173,9 @@ typedef struct {
     int32_t n_threads;              /* 0 = library default */
     sf_cache *cache;                /* NULL, or: the T inputs are positions len..len+T-1 after
                                        the cached ones (no mask, no trace); the cache grows */
+    const volatile int *cancel;     /* NULL, or read between blocks: nonzero stops the call with
+                                       SF_ERR_INTERRUPTED (outputs undefined, a cache keeps its
+                                       length, the model untouched) */
 } sf_forward_args;
 
 /* Depth columns of layer l in the attention trace: 0 without MoDA, else 2l * moda_chunk. */
@@ -207,6 +216,8 @@ typedef struct {
     int32_t n_threads;
     uint64_t dropout_seed;           /* dropout masks are a hash of (seed, optimizer step,
                                         position): recomputed in the backward, never stored */
+    const volatile int *cancel;      /* as in sf_forward_args: between sublayers; the gradient
+                                        buffer is then undefined, the weights untouched */
 } sf_train_args;
 
 /* Forward + backward of mean cross-entropy. Overwrites the model's gradient buffer (same

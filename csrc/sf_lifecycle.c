@@ -115,6 +115,25 @@ sf_status sf_model_create(const sf_config *cfg, uint64_t seed, sf_model **out, c
     return SF_OK;
 }
 
+sf_status sf_config_tensors(const sf_config *cfg, sf_tensor_info **out, int32_t *n, int64_t *num_params,
+                            char *err, size_t errlen) {
+    if (!cfg || !out || !n || !num_params) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "NULL argument");
+    *out = NULL;
+    sf_status st = sf_config_validate(cfg, err, errlen);
+    if (st != SF_OK) return st;
+    sf_table_builder tb = {0};
+    sf_params_table(cfg, &tb);
+    if (tb.overflow) return sf_fail(err, errlen, SF_ERR_OVERFLOW, "the parameter count overflows 64 bits");
+    sf_tensor_info *t = calloc((size_t)(tb.n > 0 ? tb.n : 1), sizeof *t);
+    if (!t) return sf_fail(err, errlen, SF_ERR_NOMEM, "cannot allocate the tensor table");
+    sf_table_builder fill = {t, 0, 0, 0, NULL};
+    sf_params_table(cfg, &fill);
+    *out = t;
+    *n = tb.n;
+    *num_params = tb.total;
+    return SF_OK;
+}
+
 void sf_model_free(sf_model *m) {
     if (!m) return;
     registry_remove(m);

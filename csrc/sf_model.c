@@ -518,6 +518,7 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
     const int64_t Nd = R->N * R->d;
     float *rms = tr ? tr->rms : NULL;
     for (int64_t s = 0; s < 2; s++) {
+        if (s == 1 && run_cancelled(R)) return; /* the caller's loop sees it next and stops */
         const int64_t k = 2 * i + s;
         float *h = s == 0 ? A->in_a : A->in_m, *u = s == 0 ? A->u_a : A->u_m;
         const float *nw, *nb;
@@ -538,13 +539,14 @@ static float *block_out(run *R, int64_t i) {
 }
 
 /* Everything from the embedding to fin_u (the head's input). */
-static void stack_forward(run *R, const int32_t *tokens, const float *embeds, sf_trace *tr) {
+static sf_status stack_forward(run *R, const int32_t *tokens, const float *embeds, sf_trace *tr) {
     const sf_config *c = R->c;
     const int64_t Nd = R->N * R->d, n = c->n_layers, L = R->L;
     float *x0 = R->W->embed_dst(R);
     embed(R, tokens, embeds, x0);
     R->W->begin(R, x0);
     for (int64_t i = 0; i < n; i++) {
+        if (run_cancelled(R)) return SF_ERR_INTERRUPTED;
         if (R->x_in) copy(R->x_in + i * Nd, R->acts[i].in_a, Nd); /* checkpoint: keep the input */
         block_forward(R, i, block_out(R, i), tr);
     }
@@ -556,12 +558,13 @@ static void stack_forward(run *R, const int32_t *tokens, const float *embeds, sf
         tr->rms[L * SF_RMS_COLS + SF_RMS_STREAM] = NAN;
     }
     if (c->final_norm) norm_fwd(R, R->fin_u, R->fin_h, R->m->final_norm_w, R->m->final_norm_b);
+    return run_cancelled(R) ? SF_ERR_INTERRUPTED : SF_OK;
 }
 
 /* Backward from dlogits (in R->logits) to every parameter gradient: the head, the final norm,
  * then the sublayers from the top, each through the wiring's write and read (sf_wiring.h),
  * recomputing a block's activations first when checkpointing; the embedding last. */
-static void stack_backward(run *R, const int32_t *tokens) {
+static sf_status stack_backward(run *R, const int32_t *tokens) {
     const sf_config *c = R->c;
     const sf_model *m = R->m;
     const sf_wiring *W = R->W;
@@ -575,11 +578,13 @@ static void stack_backward(run *R, const int32_t *tokens) {
     }
     W->backward_begin(R, dfin_h);
     for (int64_t k = R->L - 1; k >= 0; k--) {
+        if (run_cancelled(R)) return SF_ERR_INTERRUPTED;
         const int64_t i = k / 2;
         block_acts *A = &R->acts[i];
         if (!R->per_block && k % 2 == 1) { /* checkpointing: recompute block i */
             if (R->x_in) copy(A->in_a, R->x_in + i * Nd, Nd);
             block_forward(R, i, R->dfin, NULL); /* its output is not needed: a sink */
+            if (run_cancelled(R)) return SF_ERR_INTERRUPTED;
         }
         const float *dy = W->write_backward(R, k), *nw, *nb;
         float *h = k % 2 == 0 ? A->in_a : A->in_m, *u = k % 2 == 0 ? A->u_a : A->u_m;
@@ -596,6 +601,7 @@ static void stack_backward(run *R, const int32_t *tokens) {
     }
     embed_backward(R, tokens, W->embed_grad(R));
     W->backward_end(R);
+    return SF_OK;
 }
 
 /* ---- public entry points ------------------------------------------------------------------ */
@@ -674,10 +680,15 @@ static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, fl
     if (st == SF_OK) {
         R.pad = args->key_padding_mask;
         R.copy_rms = trace ? trace->copy_rms : NULL;
-        stack_forward(&R, args->tokens, args->embeds, trace);
-        copy(out_hidden, R.fin_u, R.N * R.d);
-        if (out_logits) linear(&R, out_logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
-        if (cache) cache->len += args->T;
+        R.cancel = args->cancel;
+        st = stack_forward(&R, args->tokens, args->embeds, trace);
+        if (st == SF_OK) {
+            copy(out_hidden, R.fin_u, R.N * R.d);
+            if (out_logits) linear(&R, out_logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
+            if (cache) cache->len += args->T;
+        } else {
+            sf_fail(err, errlen, st, "interrupted");
+        }
         run_free(&R);
     }
     sf_model_release_read((sf_model *)m);
@@ -746,7 +757,9 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
             z = (z ^ (z >> 31)) * 0xBF58476D1CE4E5B9ull;
             R.drop_seed = z ^ (z >> 29);
         }
-        stack_forward(&R, a->tokens, a->embeds, NULL);
+        R.cancel = a->cancel;
+        st = stack_forward(&R, a->tokens, a->embeds, NULL);
+        if (st != SF_OK) goto interrupted;
         linear(&R, R.logits, R.fin_u, m->lm_head, NULL, R.d, R.V);
         double sum = 0.0;
         int64_t cnt = 0;
@@ -757,11 +770,13 @@ sf_status sf_forward_backward(sf_model *m, const sf_train_args *a, double *loss,
             memset(R.ddepth_k, 0, (size_t)arena * sizeof(float));
             memset(R.ddepth_v, 0, (size_t)arena * sizeof(float));
         }
-        if (cnt > 0) stack_backward(&R, a->tokens);
+        if (cnt > 0 && (st = stack_backward(&R, a->tokens)) != SF_OK) goto interrupted;
         if (loss) *loss = cnt ? sum / (double)cnt : 0.0;
         if (count) *count = cnt;
         if (cnt > 0 && !isfinite(sum))
             st = sf_fail(err, errlen, SF_ERR_NONFINITE, "the loss is not finite (NaN or inf in weights or activations)");
+    interrupted:
+        if (st == SF_ERR_INTERRUPTED) sf_fail(err, errlen, st, "interrupted");
         run_free(&R);
     }
     sf_model_release_write(m);

@@ -61,7 +61,11 @@ typedef struct run {
     uint32_t *bf_a, *bf_b;
     void *mem; /* the one allocation */
     int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
+    const volatile int *cancel; /* the caller's stop flag (sf_forward_args.cancel), or NULL */
 } run;
+
+/* the caller asked the call to stop (checked between blocks: a check costs one load) */
+static inline int run_cancelled(const run *R) { return R->cancel && *R->cancel; }
 
 /* bump allocator over floats: measure with base == NULL, then assign */
 typedef struct { float *base; int64_t used; int bad; } bump;

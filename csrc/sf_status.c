@@ -17,6 +17,7 @@ const char *sf_status_name(sf_status s) {
     case SF_ERR_TOKEN_RANGE: return "token id out of range";
     case SF_ERR_NONFINITE: return "non-finite value";
     case SF_ERR_BUSY: return "model busy";
+    case SF_ERR_INTERRUPTED: return "interrupted";
     }
     return "unknown status";
 }

@@ -139,6 +139,7 @@ void test_cache(void);
 void test_forward_errors(void);
 void test_wirings(void);
 void test_bf16(void);
+void test_faults(void);
 
 /* model-level helpers (test_model.c), shared with test_wirings.c */
 sf_model *make_model(const sf_config *c, uint64_t seed, const char *label);

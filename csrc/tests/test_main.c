@@ -36,6 +36,7 @@ int main(void) {
         {"forward errors", test_forward_errors},
         {"wirings", test_wirings},
         {"bf16", test_bf16},
+        {"faults", test_faults},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         long c0 = g_checks, f0 = g_failed;

@@ -27,6 +27,54 @@ typedef struct {
 
 static PyTypeObject CCacheType;
 
+/* ---- Ctrl-C during a long call ------------------------------------------------------------
+ * Python runs its SIGINT handler only between bytecodes, so a call in C (minutes for a large
+ * forward) would finish before KeyboardInterrupt. For the call's duration, a long call from
+ * the main thread puts a wrapper in front of whatever C-level SIGINT handler is installed
+ * (Python's own): it raises the call's cancel flag, which C reads between blocks, and then
+ * runs that handler, so Python still sees the signal. The previous handler is put back when
+ * the call returns; then PyErr_CheckSignals runs the Python-level handler (KeyboardInterrupt
+ * by default). Short calls (and other threads) skip this: three sigaction calls cost ~1 us. */
+#include <signal.h>
+static volatile int g_cancel;
+static struct sigaction g_prev_sigint;
+static unsigned long g_main_ident;
+
+static void sigint_wrapper(int sig, siginfo_t *info, void *ctx) {
+    g_cancel = 1;
+    if (g_prev_sigint.sa_flags & SA_SIGINFO) {
+        if (g_prev_sigint.sa_sigaction) g_prev_sigint.sa_sigaction(sig, info, ctx);
+    } else if (g_prev_sigint.sa_handler != SIG_DFL && g_prev_sigint.sa_handler != SIG_IGN) {
+        g_prev_sigint.sa_handler(sig);
+    }
+}
+
+/* with the GIL; returns the cancel flag to pass to C (NULL: not interruptible) */
+static const volatile int *interrupt_begin(double work) {
+    if (work < 16777216.0 || PyThread_get_thread_ident() != g_main_ident) return NULL;
+    struct sigaction cur, w;
+    if (sigaction(SIGINT, NULL, &cur) != 0) return NULL;
+    int sinfo = (cur.sa_flags & SA_SIGINFO) != 0;
+    if (!sinfo && (cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)) return NULL;
+    g_prev_sigint = cur;
+    g_cancel = 0;
+    w = cur;
+    w.sa_sigaction = sigint_wrapper;
+    w.sa_flags = cur.sa_flags | SA_SIGINFO;
+    if (sigaction(SIGINT, &w, NULL) != 0) return NULL;
+    return &g_cancel;
+}
+
+/* with the GIL, after the call: the handler back; an interrupted call raises (-1) */
+static int interrupt_end(const volatile int *cancel, sf_status st) {
+    if (!cancel) return 0;
+    sigaction(SIGINT, &g_prev_sigint, NULL);
+    if (st != SF_ERR_INTERRUPTED) return 0;
+    if (PyErr_CheckSignals() < 0) return -1;          /* the Python handler raised */
+    PyErr_SetNone(PyExc_KeyboardInterrupt);           /* it only took note: stop anyway */
+    return -1;
+}
+
 static PyObject *status_error(sf_status st, const char *msg) {
     PyObject *exc = PyExc_ValueError;
     if (st == SF_ERR_NOMEM) exc = PyExc_MemoryError;
@@ -404,12 +452,14 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     if (want_logits && !(logits = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
     odims[2] = (npy_intp)c->d_model;
     if (want_hidden && !(hidden = PyArray_EMPTY(3, odims, NPY_FLOAT32, 0))) goto fail;
+    fa.cancel = interrupt_begin((double)B * (double)T * (double)c->d_model * (double)c->n_layers);
     Py_BEGIN_ALLOW_THREADS
     st = sf_forward(self->model, &fa,
                     logits ? (float *)PyArray_DATA((PyArrayObject *)logits) : NULL,
                     hidden ? (float *)PyArray_DATA((PyArrayObject *)hidden) : NULL,
                     flags ? &tr : NULL, err, sizeof err);
     Py_END_ALLOW_THREADS
+    if (interrupt_end(fa.cancel, st) < 0) goto fail;
     if (st != SF_OK) { status_error(st, err); goto fail; }
     batch_clear(&in);
     PyMem_Free(ptrs);
@@ -475,9 +525,11 @@ static PyObject *CModel_forward_backward(CModel *self, PyObject *args, PyObject 
         double loss = 0.0;
         int64_t count = 0;
         sf_status st;
+        ta.cancel = interrupt_begin((double)in.B * (double)in.T * (double)c->d_model * (double)c->n_layers);
         Py_BEGIN_ALLOW_THREADS
         st = sf_forward_backward(self->model, &ta, &loss, &count, err, sizeof err);
         Py_END_ALLOW_THREADS
+        if (interrupt_end(ta.cancel, st) < 0) goto done;
         if (st == SF_ERR_NONFINITE && !in.emb) { PyErr_SetString(PyExc_FloatingPointError, err); goto done; }
         if (st != SF_OK) { status_error(st, err); goto done; }
         result = Py_BuildValue("(dL)", loss, (long long)count);
@@ -826,7 +878,32 @@ static PyObject *core_config_validate(PyObject *m, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+/* config_tensors(**config) -> ([(name, shape)], num_params) of the model cfg describes, built
+ * from C's table without allocating the model */
+static PyObject *core_config_tensors(PyObject *m, PyObject *args, PyObject *kw) {
+    if (args && PyTuple_GET_SIZE(args)) { PyErr_SetString(PyExc_TypeError, "config_tensors takes keyword arguments only"); return NULL; }
+    sf_config c;
+    if (config_from_kwargs(kw, &c, NULL) < 0) return NULL;
+    char err[ERRLEN] = {0};
+    sf_tensor_info *t = NULL;
+    int32_t n = 0;
+    int64_t total = 0;
+    sf_status st = sf_config_tensors(&c, &t, &n, &total, err, sizeof err);
+    if (st != SF_OK) return status_error(st, err);
+    PyObject *list = PyList_New(n);
+    for (int32_t i = 0; list && i < n; i++) {
+        PyObject *item = t[i].ndim == 2 ? Py_BuildValue("(s(LL))", t[i].name, (long long)t[i].shape[0], (long long)t[i].shape[1])
+                                        : Py_BuildValue("(s(L))", t[i].name, (long long)t[i].shape[0]);
+        if (!item) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, i, item);
+    }
+    free(t);
+    return list ? Py_BuildValue("(NL)", list, (long long)total) : NULL;
+}
+
 static PyMethodDef core_methods[] = {
+    {"config_tensors", (PyCFunction)(void (*)(void))core_config_tensors, METH_VARARGS | METH_KEYWORDS,
+     "config_tensors(**fields) -> ([(name, shape)], num_params): the tensor table, nothing allocated"},
     {"config_fields", core_config_fields, METH_NOARGS, "the config field table (csrc/sf_config_fields.h)"},
     {"config_validate", (PyCFunction)(void (*)(void))core_config_validate, METH_VARARGS | METH_KEYWORDS,
      "config_validate(**fields): raise ValueError naming the first bad field (C's rules)"},
@@ -849,6 +926,14 @@ static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", "stackf
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
+    {   /* the main thread: only its calls are interruptible (Python delivers signals there) */
+        PyObject *th = PyImport_ImportModule("threading");
+        PyObject *mt = th ? PyObject_CallMethod(th, "main_thread", NULL) : NULL;
+        PyObject *id = mt ? PyObject_GetAttrString(mt, "ident") : NULL;
+        g_main_ident = id ? PyLong_AsUnsignedLong(id) : 0;
+        Py_XDECREF(id); Py_XDECREF(mt); Py_XDECREF(th);
+        if (PyErr_Occurred()) return NULL;
+    }
     if (PyType_Ready(&CModelType) < 0 || PyType_Ready(&CCacheType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -154,6 +156,58 @@ class _Progress:
             self.bar.close()
 
 
+class _StopSignals:
+    """While training, Ctrl-C (SIGINT) and SIGTERM stop the loop at the next point where the
+    model and the History agree: right after a forward_backward (the update is not applied)
+    or after a step's bookkeeping; KeyboardInterrupt / SystemExit(143) then carry the History
+    of the completed steps as `.history`. A second Ctrl-C interrupts at once, as usual. The
+    handlers are installed only from the main thread and only over Python's defaults (a
+    handler of the caller's own is left alone), and restored on the way out."""
+
+    def __init__(self) -> None:
+        self.pending: Optional[int] = None
+        self.saved: Dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for sig, default in defaults.items():
+            if signal.getsignal(sig) is default:
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: now
+        self.pending = signum
+
+    def check(self, hist: "History") -> None:
+        if self.pending is None:
+            return
+        if self.pending == signal.SIGINT:
+            exc: BaseException = KeyboardInterrupt()
+        else:
+            exc = SystemExit(128 + self.pending)
+        exc.history = hist
+        raise exc
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+
+
+def _truncate(hist: "History") -> None:
+    """After an interrupt that landed mid-bookkeeping (not from the main thread, where the
+    signal handlers defer it): keep the steps every per-step list has."""
+    n = min(len(hist.step), len(hist.loss), len(hist.lr), len(hist.grad_norm),
+            len(hist.tokens_per_s), len(hist.layer_grad_norm))
+    for name in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "layer_grad_norm"):
+        del getattr(hist, name)[n:]
+    v = min(len(hist.val_step), len(hist.val_loss))
+    del hist.val_step[v:], hist.val_loss[v:]
+
+
 def train(model, data, steps: int = 1000, batch_size: int = 16, lr: float = 3e-3,
           seq_len: Optional[int] = None, warmup: Optional[int] = None, min_lr: Optional[float] = None,
           weight_decay: float = 0.1, clip_norm: float = 1.0, betas: Tuple[float, float] = (0.9, 0.95),
@@ -174,6 +228,9 @@ def train(model, data, steps: int = 1000, batch_size: int = 16, lr: float = 3e-3
     checkpoint: activation checkpointing (less memory, more compute, same numbers).
     progress: tqdm bar or periodic lines on stderr; False prints nothing.
     callback(history): called after every step; returning True stops training early.
+    Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit(143)) stop it after the running step's
+    forward/backward (that update is not applied) or step; the exception's `.history` holds
+    the History of the completed steps, and the model is usable (and continues bit for bit).
 
     Warns (stackformer.DataWarning) when the validation loss would mislead: str/bytes data
     whose validation split is tiny or repeats the training text (see Corpus.data_problems),
@@ -238,34 +295,43 @@ def train(model, data, steps: int = 1000, batch_size: int = 16, lr: float = 3e-3
     if val_batches:
         hist.val_step.append(0)
         hist.val_loss.append(evaluate(model, val_batches))
+    stops = _StopSignals()
     try:
-        for i in range(steps):
-            x, y = sample("train", rng, mask_rng)
-            rate = lr_schedule(i, lr, steps, warmup, min_lr)
-            t0 = time.perf_counter()
-            loss = model.forward_backward(x, y, checkpoint=checkpoint)
-            layer_norms = layer_grad_norms(model, groups)   # unclipped, like grad_norm
-            gnorm = model.optimizer_step(rate, betas=betas, weight_decay=weight_decay, clip_norm=clip_norm)
-            dt = time.perf_counter() - t0
-            n_tok = int(np.count_nonzero(y != IGNORE_INDEX))
-            hist.step.append(i + 1)
-            hist.loss.append(loss)
-            hist.lr.append(rate)
-            hist.grad_norm.append(gnorm)
-            hist.tokens_per_s.append(n_tok / dt if dt > 0 else float("nan"))
-            hist.layer_grad_norm.append(layer_norms)
-            hist.train_time_s += dt
-            hist.tokens += n_tok
-            info = {"loss": f"{loss:.3f}", "lr": f"{rate:.2e}"}
-            if val_batches and ((i + 1) % eval_every == 0 or i + 1 == steps):
-                hist.val_step.append(i + 1)
-                hist.val_loss.append(evaluate(model, val_batches))
-            if hist.val_loss:
-                info["val"] = f"{hist.val_loss[-1]:.3f}"
-            info["tok/s"] = f"{hist.mean_tokens_per_s:,.0f}"
-            bar.update(i + 1, info)
-            if callback is not None and callback(hist):
-                break
+        with stops:
+            for i in range(steps):
+                x, y = sample("train", rng, mask_rng)
+                rate = lr_schedule(i, lr, steps, warmup, min_lr)
+                t0 = time.perf_counter()
+                loss = model.forward_backward(x, y, checkpoint=checkpoint)
+                stops.check(hist)  # a signal during the backward: stop before the update
+                layer_norms = layer_grad_norms(model, groups)   # unclipped, like grad_norm
+                gnorm = model.optimizer_step(rate, betas=betas, weight_decay=weight_decay, clip_norm=clip_norm)
+                dt = time.perf_counter() - t0
+                n_tok = int(np.count_nonzero(y != IGNORE_INDEX))
+                hist.step.append(i + 1)
+                hist.loss.append(loss)
+                hist.lr.append(rate)
+                hist.grad_norm.append(gnorm)
+                hist.tokens_per_s.append(n_tok / dt if dt > 0 else float("nan"))
+                hist.layer_grad_norm.append(layer_norms)
+                hist.train_time_s += dt
+                hist.tokens += n_tok
+                info = {"loss": f"{loss:.3f}", "lr": f"{rate:.2e}"}
+                if val_batches and ((i + 1) % eval_every == 0 or i + 1 == steps):
+                    hist.val_step.append(i + 1)
+                    hist.val_loss.append(evaluate(model, val_batches))
+                if hist.val_loss:
+                    info["val"] = f"{hist.val_loss[-1]:.3f}"
+                info["tok/s"] = f"{hist.mean_tokens_per_s:,.0f}"
+                bar.update(i + 1, info)
+                stops.check(hist)
+                if callback is not None and callback(hist):
+                    break
+    except (KeyboardInterrupt, SystemExit) as e:
+        if not hasattr(e, "history"):  # not deferred (another thread, a second Ctrl-C)
+            _truncate(hist)
+            e.history = hist
+        raise
     finally:
         bar.close()
     if val_batches and hist.step and hist.val_step[-1] != hist.step[-1]:  # stopped early
