@@ -266,10 +266,9 @@ static void test_kernel_bottom(void) {
             CHECK(u_of(yn[0]) == u_of(cs[i].want), "case %zu: native %a, expected %a", i, yn[0], cs[i].want);
         }
     }
-    /* the order within a pair: odd element first. 2^24 + 1 - 2^24 in that order is 0 then 1
-     * ... (a1 b1 = 1, a0 b0 = 2^24 from c = -2^24): odd first: (-2^24 + 1) + 2^24 = 1;
-     * even first: (-2^24 + 2^24) + 1 = 1 too; so use c = 2^24: odd first: 2^24 + 1 rounds to
-     * 2^24 (tie to even), + (-2^24) = 0; even first: 2^24 - 2^24 = 0, + 1 = 1 */
+    /* the order within a pair, odd element first: from c = 2^24 with a1 b1 = 1 (odd) and
+     * a0 b0 = -2^24 (even), odd first gives 2^24 + 1 -> 2^24 (tie to even), then 0; even
+     * first would give 0, then 1 */
     {
         uint32_t a = sf_bf16_pair(-0x1p24f, 1.0f), b[16] = {0};
         b[0] = sf_bf16_pair(1.0f, 1.0f);
