@@ -556,22 +556,35 @@ static int64_t list_weights(const run *R, struct sf_bf16_weight *out) {
     const sf_config *c = R->c;
     const sf_model *m = R->m;
     int64_t n = 0;
-#define ADD(view, MM, KK) do { if (out) out[n] = (struct sf_bf16_weight){(view), (MM), (KK), NULL, NULL}; n++; } while (0)
+    /* the conditions are sf_params.c's; with a model, a view it does not have is skipped (so
+     * the list can never point at a missing tensor) */
+#define ADD(view, MM, KK)                                                                      \
+    do {                                                                                       \
+        if (m->layers && !(view)) break;                                                       \
+        if (out) out[n] = (struct sf_bf16_weight){(view), (MM), (KK), NULL, NULL};             \
+        n++;                                                                                   \
+    } while (0)
     for (int64_t i = 0; i < c->n_layers; i++) {
         const sf_layer_views *Lv = m->layers ? &m->layers[i] : NULL;
+        const int last = i == c->n_layers - 1;
         ADD(Lv ? Lv->q_w : NULL, R->qd, R->d);
         ADD(Lv ? Lv->k_w : NULL, R->kvd, R->d);
         ADD(Lv ? Lv->v_w : NULL, R->kvd, R->d);
         ADD(Lv ? Lv->o_w : NULL, R->d, R->qd);
+        if (c->moda && c->moda_depth_kv == SF_DKV_EXTRA && !last) { /* attention's own depth K/V */
+            ADD(Lv ? Lv->attn_depth_k_w : NULL, R->kvd, R->d);
+            ADD(Lv ? Lv->attn_depth_v_w : NULL, R->kvd, R->d);
+        }
         if (c->act == SF_ACT_SWIGLU) ADD(Lv ? Lv->gate_w : NULL, R->F, R->d);
         ADD(Lv ? Lv->up_w : NULL, R->F, R->d);
         ADD(Lv ? Lv->down_w : NULL, R->d, R->F);
-        if (c->moda && i < c->n_layers - 1) {
+        if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && !last) {
             ADD(Lv ? Lv->depth_k_w : NULL, R->kvd, R->d);
             ADD(Lv ? Lv->depth_v_w : NULL, R->kvd, R->d);
         }
     }
-    ADD(m->lm_head, R->V, R->d); /* the head (tok_emb when tied) */
+    if (out) out[n] = (struct sf_bf16_weight){m->lm_head, R->V, R->d, NULL, NULL}; /* the head (tok_emb when tied) */
+    n++;
 #undef ADD
     return n;
 }

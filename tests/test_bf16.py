@@ -209,6 +209,8 @@ CONFIGS = {
     "hyper_dyn": dict(residual="hyper_connections", hc_dynamic=True),
     "denseformer_moda": dict(residual="denseformer", moda=True, n_kv_heads=2),
     "encoder": dict(causal=False, pos="sinusoidal", bias=False),
+    "moda_extra_kv": dict(moda=True, moda_depth_kv="attn+ffn+extra", pos="rope"),
+    "moda_attn_kv_only": dict(moda=True, moda_depth_kv="attn", n_kv_heads=2),
 }
 
 
@@ -239,7 +241,8 @@ def test_forward_close_to_float32_and_not_equal(name):
     assert diff > 1e-4 * scale  # bf16 really ran (fp32 noise here is ~1e-7)
 
 
-@pytest.mark.parametrize("name", ["plain", "swiglu_rope_untied_gqa", "moda_full_post", "hyper_dyn"])
+@pytest.mark.parametrize("name", ["plain", "swiglu_rope_untied_gqa", "moda_full_post", "hyper_dyn",
+                                  "moda_extra_kv", "moda_attn_kv_only"])
 def test_every_linear_weight_goes_through_bf16_and_nothing_else(name):
     """Rounding every Linear weight to bf16 leaves a bf16 model's bits unchanged (the products
     round them anyway), so no Linear product fell back to fp32; the same weights moved by one
@@ -264,7 +267,8 @@ def test_every_linear_weight_goes_through_bf16_and_nothing_else(name):
         assert not same_bits(m16(x).logits, z), k
 
 
-@pytest.mark.parametrize("name", ["plain", "swiglu_rope_untied_gqa", "moda_full_post", "denseformer_moda"])
+@pytest.mark.parametrize("name", ["plain", "swiglu_rope_untied_gqa", "moda_full_post", "denseformer_moda",
+                                  "moda_extra_kv", "moda_attn_kv_only"])
 def test_threads_checkpointing_and_env_give_the_same_bits(name):
     m16, _ = pair(name)
     x, y = data(m16.config)
@@ -294,7 +298,7 @@ def test_no_bf16_env_gives_the_same_bits():
     assert outs[0][-1] == outs[1][-1]  # native (where present) and emulated: the same bits
 
 
-@pytest.mark.parametrize("name", ["plain", "swiglu_rope_untied_gqa", "moda_full_post"])
+@pytest.mark.parametrize("name", ["plain", "swiglu_rope_untied_gqa", "moda_full_post", "moda_extra_kv"])
 def test_cached_decoding_equals_the_full_bf16_forward(name):
     m16, _ = pair(name)
     x, _ = data(m16.config, B=2, T=10)

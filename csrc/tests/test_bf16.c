@@ -266,10 +266,9 @@ static void test_kernel_bottom(void) {
             CHECK(u_of(yn[0]) == u_of(cs[i].want), "case %zu: native %a, expected %a", i, yn[0], cs[i].want);
         }
     }
-    /* the order within a pair: odd element first. 2^24 + 1 - 2^24 in that order is 0 then 1
-     * ... (a1 b1 = 1, a0 b0 = 2^24 from c = -2^24): odd first: (-2^24 + 1) + 2^24 = 1;
-     * even first: (-2^24 + 2^24) + 1 = 1 too; so use c = 2^24: odd first: 2^24 + 1 rounds to
-     * 2^24 (tie to even), + (-2^24) = 0; even first: 2^24 - 2^24 = 0, + 1 = 1 */
+    /* the order within a pair, odd element first: from c = 2^24 with a1 b1 = 1 (odd) and
+     * a0 b0 = -2^24 (even), odd first gives 2^24 + 1 -> 2^24 (tie to even), then 0; even
+     * first would give 0, then 1 */
     {
         uint32_t a = sf_bf16_pair(-0x1p24f, 1.0f), b[16] = {0};
         b[0] = sf_bf16_pair(1.0f, 1.0f);
@@ -297,16 +296,19 @@ static void test_names(void) {
 /* the model in bf16 mode: cached decoding = the full pass (test_model.c's check), thread-count
  * bits, and the logits are the bf16 head product of the returned hidden states, bit for bit */
 static void test_bf16_model(void) {
-    const struct { const char *name; int act, pos, residual, moda, tie; } cs[] = {
-        {"bf16 plain", SF_ACT_GELU, SF_POS_LEARNED, SF_RES_PLAIN, 0, 1},
-        {"bf16 swiglu rope untied", SF_ACT_SWIGLU, SF_POS_ROPE, SF_RES_PLAIN, 0, 0},
-        {"bf16 full attnres moda", SF_ACT_RELU, SF_POS_LEARNED, SF_RES_ATTNRES_FULL, 1, 1},
+    const struct { const char *name; int act, pos, residual, moda, tie, depth_kv; } cs[] = {
+        {"bf16 plain", SF_ACT_GELU, SF_POS_LEARNED, SF_RES_PLAIN, 0, 1, SF_DKV_ATTN_FFN},
+        {"bf16 swiglu rope untied", SF_ACT_SWIGLU, SF_POS_ROPE, SF_RES_PLAIN, 0, 0, SF_DKV_ATTN_FFN},
+        {"bf16 full attnres moda", SF_ACT_RELU, SF_POS_LEARNED, SF_RES_ATTNRES_FULL, 1, 1, SF_DKV_ATTN_FFN},
+        {"bf16 moda extra kv", SF_ACT_GELU, SF_POS_ROPE, SF_RES_PLAIN, 1, 1, SF_DKV_EXTRA},
+        {"bf16 moda attn kv", SF_ACT_GELU, SF_POS_LEARNED, SF_RES_PLAIN, 1, 0, SF_DKV_ATTN},
     };
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
         sf_config c;
         sf_config_default(&c, 40, 32, 4, 2, 16);
         c.act = cs[i].act; c.pos = cs[i].pos; c.residual = cs[i].residual; c.moda = cs[i].moda;
         c.tie_embeddings = cs[i].tie;
+        c.moda_depth_kv = cs[i].depth_kv;
         c.compute_dtype = SF_DTYPE_BFLOAT16;
         check_cache_config(&c, cs[i].name); /* cached decoding = the full pass, bit for bit */
         enum { B = 2, T = 9 };
