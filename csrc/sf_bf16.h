@@ -74,7 +74,8 @@ void sf_bf16_gemm(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const u
                   int n_threads);
 
 /* Which kernel sf_bf16_gemm runs: 1 native AVX512_BF16 (vdpbf16ps), 0 emulated (AVX2/FMA or
- * portable C). STACKFORMER_NO_BF16=1 in the environment forces the emulated kernel. */
+ * portable C). STACKFORMER_NO_BF16=1 (or STACKFORMER_NO_AVX512=1) in the environment forces
+ * the emulated kernel. */
 int sf_bf16_native(void);
 /* 1 when this CPU has AVX512_BF16 (whatever STACKFORMER_NO_BF16 says). */
 int sf_bf16_cpu_has_native(void);

@@ -56,13 +56,147 @@ int64_t sf_bf16_pack_words(int64_t K, int64_t M) {
     return ((M + SF_BF16_NR - 1) / SF_BF16_NR) * SF_BF16_NR * ((K + 1) / 2);
 }
 
+#ifdef SF_X86
+/* sf_bf16_from_f32 on 8 lanes (the bf16 in each 32-bit lane's low half): the same integer
+ * operations, so the same bits. Packing one-element-at-a-time cost more than the emulated
+ * product itself for the weight gradient's transposed dy (and would dominate a native one). */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256i
+cvt8(const float *src) {
+    const __m256i u = _mm256_loadu_si256((const __m256i *)src);
+    const __m256i expo = _mm256_and_si256(u, _mm256_set1_epi32(0x7F800000));
+    const __m256i mant = _mm256_and_si256(u, _mm256_set1_epi32(0x007FFFFF));
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    r = _mm256_srli_epi32(r, 16);
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i zero_den = _mm256_cmpeq_epi32(expo, _mm256_setzero_si256());
+    const __m256i inf_nan = _mm256_cmpeq_epi32(expo, _mm256_set1_epi32(0x7F800000));
+    const __m256i is_nan = _mm256_andnot_si256(_mm256_cmpeq_epi32(mant, _mm256_setzero_si256()), inf_nan);
+    r = _mm256_blendv_epi8(r, _mm256_and_si256(hi, _mm256_set1_epi32(0x8000)), zero_den);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_and_si256(is_nan, _mm256_set1_epi32(0x40))), inf_nan);
+    return r;
+}
+/* 8 pair words from rows lo and hi (8 columns each; hi may be NULL: zeros) */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256i
+pair8(const float *lo, const float *hi) {
+    __m256i w = cvt8(lo);
+    if (hi) w = _mm256_or_si256(w, _mm256_slli_epi32(cvt8(hi), 16));
+    return w;
+}
+/* 8 pair words from 16 consecutive floats (elements 2i, 2i+1 -> word i) */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256i
+pairs_of16(const float *src) {
+    __m256i p = _mm256_packus_epi32(cvt8(src), cvt8(src + 8)); /* a0-3 b0-3 | a4-7 b4-7 */
+    return _mm256_permute4x64_epi64(p, 0xD8);                   /* a0-7 b0-7 */
+}
+/* an 8x8 block of 32-bit words transposed in registers */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+transpose8_words(__m256i v[8]) {
+    __m256 r[8], t[8], q[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_castsi256_ps(v[i]);
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    q[0] = _mm256_shuffle_ps(t[0], t[2], 0x44); q[1] = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+    q[2] = _mm256_shuffle_ps(t[1], t[3], 0x44); q[3] = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+    q[4] = _mm256_shuffle_ps(t[4], t[6], 0x44); q[5] = _mm256_shuffle_ps(t[4], t[6], 0xEE);
+    q[6] = _mm256_shuffle_ps(t[5], t[7], 0x44); q[7] = _mm256_shuffle_ps(t[5], t[7], 0xEE);
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(q[i], q[i + 4], 0x20));
+        v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(q[i], q[i + 4], 0x31));
+    }
+}
+
+/* B with unit column stride (x for the weight gradient, W for the input gradient): row pair i
+ * into every whole panel, eight columns per conversion */
+__attribute__((target("avx2,fma"))) static void
+pack_b_pair_avx2(uint32_t *pack, const float *b, int64_t rs, int64_t K, int64_t Kh, int64_t i, int64_t Pf) {
+    const float *r0 = b + 2 * i * rs, *r1 = 2 * i + 1 < K ? r0 + rs : NULL;
+    for (int64_t p = 0; p < Pf; p++) {
+        uint32_t *dst = pack + (p * Kh + i) * SF_BF16_NR;
+        const int64_t j0 = p * SF_BF16_NR;
+        _mm256_storeu_si256((__m256i *)dst, pair8(r0 + j0, r1 ? r1 + j0 : NULL));
+        _mm256_storeu_si256((__m256i *)(dst + 8), pair8(r0 + j0 + 8, r1 ? r1 + j0 + 8 : NULL));
+    }
+}
+
+/* B = W^T (W rows of unit stride: the forward's weights): panel of rows j0..j0+15 of W, each
+ * row's pair words (8 per 16 floats) transposed in registers into the panel's k-major order */
+__attribute__((target("avx2,fma"))) static void
+pack_b_t_avx2(uint32_t *dst, const float *w, int64_t ldw, int64_t K, int64_t j0) {
+    const int64_t Kh = (K + 1) / 2;
+    int64_t i = 0;
+    for (; 2 * i + 16 <= K; i += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256i v[8];
+            for (int r = 0; r < 8; r++) v[r] = pairs_of16(w + (j0 + 8 * h + r) * ldw + 2 * i);
+            transpose8_words(v);
+            for (int q = 0; q < 8; q++) _mm256_storeu_si256((__m256i *)(dst + (i + q) * SF_BF16_NR + 8 * h), v[q]);
+        }
+    for (; i < Kh; i++)
+        for (int j = 0; j < SF_BF16_NR; j++) {
+            const float *row = w + (j0 + j) * ldw;
+            dst[i * SF_BF16_NR + j] = sf_bf16_pair(row[2 * i], 2 * i + 1 < K ? row[2 * i + 1] : 0.0f);
+        }
+}
+
+/* A row with unit column stride: 8 words per 16 floats, the tail in scalar code */
+__attribute__((target("avx2,fma"))) static void pack_a_row_avx2(uint32_t *d, const float *s, int64_t K) {
+    int64_t i = 0;
+    for (; 2 * i + 16 <= K; i += 8) _mm256_storeu_si256((__m256i *)(d + i), pairs_of16(s + 2 * i));
+    for (; 2 * i + 1 < K; i++) d[i] = sf_bf16_pair(s[2 * i], s[2 * i + 1]);
+    if (2 * i < K) d[i] = sf_bf16_pair(s[2 * i], 0.0f);
+}
+
+/* A with unit row stride (dy^T for the weight gradient): rows r0..r0+15 of A, pairs [i0, i1)
+ * (i1 - i0 a multiple of 8 unless i1 == Kh), in blocks of 16 rows x 8 pairs converted down
+ * columns (16 consecutive rows are one 64-byte line of src) and transposed in registers */
+__attribute__((target("avx2,fma"))) static void
+pack_a_cols_avx2(uint32_t *a, int64_t lda, const float *src, int64_t cs, int64_t r0, int64_t K,
+                 int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256i v[8];
+            for (int q = 0; q < 8; q++) {
+                const int64_t k = 2 * (i + q);
+                v[q] = pair8(src + k * cs + r0 + 8 * h, k + 1 < K ? src + (k + 1) * cs + r0 + 8 * h : NULL);
+            }
+            transpose8_words(v);
+            for (int r = 0; r < 8; r++) _mm256_storeu_si256((__m256i *)(a + (r0 + 8 * h + r) * lda + i), v[r]);
+        }
+    for (; i < i1; i++)
+        for (int r = 0; r < 16; r++)
+            a[(r0 + r) * lda + i] = sf_bf16_pair(src[2 * i * cs + r0 + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r0 + r] : 0.0f);
+}
+#endif
+
 void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int64_t K,
                     int64_t M, int nt) {
     const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#ifdef SF_X86
+    const int vec = cs == 1 && sf_cpu_avx2_fma(), vec_t = rs == 1 && cs != 1 && sf_cpu_avx2_fma();
+#else
+    const int vec = 0, vec_t = 0;
+#endif
+#ifdef SF_X86
+    if (vec) { /* row pairs outer: each pair of rows of B is read once, contiguously, and each
+                * (pair, panel) writes one 64-byte line */
+        const int64_t Pf = M / SF_BF16_NR;
 #pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
-    for (int64_t p = 0; p < P; p++) {
+        for (int64_t i = 0; i < Kh; i++) pack_b_pair_avx2(pack, b, rs, K, Kh, i, Pf);
+        if (Pf == P) return;
+    }
+#endif
+#pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
+    for (int64_t p = vec ? M / SF_BF16_NR : 0; p < P; p++) {
         uint32_t *dst = pack + p * Kh * SF_BF16_NR;
         const int64_t j0 = p * SF_BF16_NR, mw = M - j0 < SF_BF16_NR ? M - j0 : SF_BF16_NR;
+#ifdef SF_X86
+        if (vec_t && mw == SF_BF16_NR) { pack_b_t_avx2(dst, b, cs, K, j0); continue; }
+#endif
         for (int64_t i = 0; i < Kh; i++) {
             const float *r0 = b + 2 * i * rs, *r1 = r0 + rs;
             const int odd = 2 * i + 1 < K;
@@ -70,15 +204,42 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
                 dst[i * SF_BF16_NR + j] = j < mw ? sf_bf16_pair(r0[(j0 + j) * cs], odd ? r1[(j0 + j) * cs] : 0.0f) : 0u;
         }
     }
+    (void)vec; (void)vec_t;
 }
 
 void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int64_t cs,
                     int64_t N, int64_t K, int nt) {
     const int64_t Kh = (K + 1) / 2;
+#ifdef SF_X86
+    if (rs == 1 && cs != 1 && sf_cpu_avx2_fma()) { /* columns of src are rows of A */
+        /* each thread takes a run of 16-row blocks and walks src in chunks of 64 rows (32
+         * pairs) across all of them: a chunk stays in L2 and its pages in the TLB (a block at a
+         * time down all of src's rows, one page each, thrashed the TLB) */
+        const int64_t blocks = N / 16, CH = 32;
+#pragma omp parallel num_threads(nt) if (N * K > 65536)
+        {
+            const int tid = sf_team_tid(), nth = sf_team_size();
+            const int64_t b_lo = blocks * tid / nth, b_hi = blocks * (tid + 1) / nth;
+            for (int64_t i0 = 0; i0 < Kh; i0 += CH)
+                for (int64_t bl = b_lo; bl < b_hi; bl++)
+                    pack_a_cols_avx2(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
+        }
+        for (int64_t r = blocks * 16; r < N; r++)
+            for (int64_t i = 0; i < Kh; i++)
+                a[r * lda + i] = sf_bf16_pair(src[2 * i * cs + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r] : 0.0f);
+        return;
+    }
+    const int vec = cs == 1 && sf_cpu_avx2_fma();
+#else
+    const int vec = 0;
+#endif
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * K > 65536)
     for (int64_t r = 0; r < N; r++) {
         const float *s = src + r * rs;
         uint32_t *d = a + r * lda;
+#ifdef SF_X86
+        if (vec) { pack_a_row_avx2(d, s, K); continue; }
+#endif
         if (cs == 1) {
             int64_t i = 0;
             for (; 2 * i + 1 < K; i++) d[i] = sf_bf16_pair(s[2 * i], s[2 * i + 1]);
@@ -88,6 +249,7 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
                 d[i] = sf_bf16_pair(s[2 * i * cs], 2 * i + 1 < K ? s[(2 * i + 1) * cs] : 0.0f);
         }
     }
+    (void)vec;
 }
 
 /* ---- kernels -------------------------------------------------------------------------------- */
@@ -253,7 +415,8 @@ int sf_bf16_native(void) {
     int have = atomic_load_explicit(&native_flag, memory_order_relaxed);
     if (have < 0) {
         const char *off = getenv("STACKFORMER_NO_BF16");
-        have = !(off && strcmp(off, "1") == 0) && sf_bf16_native_usable();
+        /* STACKFORMER_NO_AVX512=1 keeps the products off 512-bit registers here too */
+        have = !(off && strcmp(off, "1") == 0) && sf_cpu_avx512() && sf_bf16_native_usable();
         atomic_store_explicit(&native_flag, have, memory_order_relaxed);
     }
     return have;

@@ -14,7 +14,6 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRELUDE = """
 import copy, os, pickle, signal, sys, threading, time
@@ -55,7 +54,11 @@ def check(ref, got, toks_ref):
 def _run(tmp_path, body, timeout=120):
     script = tmp_path / "scenario.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    # the scenario imports the stackformer this test imported (an installed or an in-place
+    # build; the checkout's python/ has no extension under a plain `pip install .`)
+    import stackformer
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(stackformer.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
     try:
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            timeout=timeout, env=env, cwd=str(tmp_path))

@@ -115,7 +115,8 @@ class Bench(TargetsMixin):
                 impls.append("to_torch")
             if mode == "plain" and self.a.torch_impl in ("auto", "sdpa", "both"):
                 impls.append("sdpa")
-        if mode == "plain" or self.have_to_torch:
+        peer_modes = self.a.peer_modes.split(",") if self.a.peer_modes else None
+        if (mode == "plain" or self.have_to_torch) and (peer_modes is None or mode in peer_modes):
             impls += [p for p in ("compile", "autocast") if p in peers]
         return impls
 

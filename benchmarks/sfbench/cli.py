@@ -32,6 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--torch-peers", default="eager,compile,autocast",
                     help="comma list of PyTorch peers: eager (see --torch-impl), compile (torch.compile, inductor), "
                          "autocast (eager under torch.autocast cpu bfloat16)")
+    ap.add_argument("--peer-modes", default="", help="comma list of modes that get the compile/autocast peers "
+                    "(default: every mode; compiling each takes a minute or more on 2 cores)")
     ap.add_argument("--torch-adamw", default="fused", choices=["fused", "default"], help="torch AdamW implementation")
     ap.add_argument("--torch-omp-wait", default="same", choices=["same", "default"],
                     help="OMP_WAIT_POLICY of the PyTorch processes: the same as stackformer's (default; import stackformer "

@@ -51,6 +51,55 @@ static void test_conversion(void) {
     CHECK(sf_bf16_from_f32(f_of(0x00800000u)) == 0x0080, "FLT_MIN stays");
 }
 
+/* ---- packing: the vector paths against plain loops of sf_bf16_pair, every stride ---- */
+static uint32_t ref_pair(const float *src, int64_t rs, int64_t cs, int64_t r, int64_t i, int64_t K) {
+    return sf_bf16_pair(src[r * rs + 2 * i * cs], 2 * i + 1 < K ? src[r * rs + (2 * i + 1) * cs] : 0.0f);
+}
+
+static void test_packing(void) {
+    const int64_t dims[][2] = {{1, 1}, {8, 16}, {9, 17}, {16, 32}, {23, 35}, {40, 64}, {17, 130}};
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++) {
+        const int64_t R = dims[di][0], K = dims[di][1], Kh = (K + 1) / 2;
+        float *src = malloc((size_t)(R * K) * sizeof(float));
+        for (int64_t i = 0; i < R * K; i++) { /* ordinary values, ties, and every special */
+            uint32_t u = rnd32();
+            switch (i % 7) {
+                case 0: u = (u & 0xFFFF0000u) | 0x8000u; break;
+                case 1: u &= 0x807FFFFFu; break;                 /* zero / denormal */
+                case 2: u = (u & 0x80000000u) | 0x7F800000u | (u & 0x7Fu); break; /* inf / NaN */
+                default: u = (u & 0xBFFFFFFFu) | 0x30000000u; break;
+            }
+            src[i] = f_of(u);
+        }
+        uint32_t *a = malloc((size_t)(R * Kh + 8) * sizeof(uint32_t));
+        for (int t = 0; t < 2; t++) { /* A rows: row-major (cs 1) and transposed (rs 1) */
+            const int64_t rs = t ? 1 : K, cs = t ? R : 1;
+            sf_bf16_pack_a(a, Kh, src, rs, cs, R, K, 2);
+            long bad = 0;
+            for (int64_t r = 0; r < R; r++)
+                for (int64_t i = 0; i < Kh; i++) bad += a[r * Kh + i] != ref_pair(src, rs, cs, r, i, K);
+            CHECK(bad == 0, "pack_a R=%lld K=%lld rs=%lld cs=%lld: %ld words differ", (long long)R, (long long)K, (long long)rs, (long long)cs, bad);
+        }
+        /* B (K x M) with M = R columns: unit column stride, and W^T */
+        const int64_t M = R;
+        uint32_t *b = malloc((size_t)sf_bf16_pack_words(K, M) * sizeof(uint32_t));
+        for (int t = 0; t < 2; t++) {
+            const int64_t rs = t ? 1 : M, cs = t ? K : 1; /* src viewed as (K x M) or as W (M x K) */
+            sf_bf16_pack_b(b, src, rs, cs, K, M, 2);
+            long bad = 0;
+            for (int64_t p = 0; p * 16 < M; p++)
+                for (int64_t i = 0; i < Kh; i++)
+                    for (int64_t j = 0; j < 16; j++) {
+                        const int64_t col = p * 16 + j;
+                        uint32_t want = col < M ? sf_bf16_pair(src[2 * i * rs + col * cs], 2 * i + 1 < K ? src[(2 * i + 1) * rs + col * cs] : 0.0f) : 0u;
+                        bad += b[(p * Kh + i) * 16 + j] != want;
+                    }
+            CHECK(bad == 0, "pack_b K=%lld M=%lld rs=%lld cs=%lld: %ld words differ", (long long)K, (long long)M, (long long)rs, (long long)cs, bad);
+        }
+        free(src); free(a); free(b);
+    }
+}
+
 /* ---- the model step ---- */
 static void test_model_step(void) {
     /* away from the bottom (and with no denormal input) the model is a correctly rounded fma */
@@ -287,6 +336,7 @@ static void test_bf16_model(void) {
 
 void test_bf16(void) {
     test_conversion();
+    test_packing();
     test_model_step();
     test_kernels();
     test_kernel_bottom();

@@ -108,7 +108,8 @@ def parse_checkpoint(data: bytes, path: str = "<bytes>") -> Tuple[Config, Dict[s
     if not isinstance(meta["config"], str):
         raise ValueError(f"{path}: config metadata must be a JSON string")
     try:  # forged metadata is a bad file, whatever Config thinks of the wrong type
-        # fields added since it was saved take the values that keep its results
+        # fields added since the file was saved take the values that keep its results
+        # (Config.from_saved_dict)
         config = Config.from_saved_dict(json.loads(meta["config"]))
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
         raise ValueError(f"{path}: bad config in the checkpoint's metadata: {e}") from None
