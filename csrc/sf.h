@@ -39,6 +39,8 @@ typedef enum { SF_DTYPE_FLOAT32 = 0, SF_DTYPE_BFLOAT16 = 1 } sf_compute_dtype;
 typedef enum { SF_DROPE_LEGACY = 0, SF_DROPE_NONE = 1, SF_DROPE_OWN = 2 } sf_depth_rope;
 /* moda_depth_kv: which sublayers write depth slots, and from what */
 typedef enum { SF_DKV_ATTN = 0, SF_DKV_ATTN_FFN = 1, SF_DKV_EXTRA = 2 } sf_depth_kv;
+/* attnres_mixing: how AttnRes turns its logits into depth weights */
+typedef enum { SF_MIX_SOFTMAX = 0, SF_MIX_SIGMOID = 1 } sf_attnres_mixing;
 /* The depth wirings, in enum order (csrc/wiring/: one file each). */
 /* X(enum id, Config name, symbol: sf_wiring_<symbol> in csrc/wiring/) */
 #define SF_WIRINGS(X)                                   \

@@ -56,6 +56,13 @@ int64_t sf_attnres_scratch_floats(int64_t nsrc, int64_t d, int n_threads) {
 void sf_attnres_aggregate(float *h, float *alpha_out, const float *const *src,
                           const float *const *inv_rms, int64_t nsrc, const float *q,
                           const float *g, int64_t N, int64_t d, float *scratch, int n_threads) {
+    sf_attnres_aggregate_mix(h, alpha_out, src, inv_rms, nsrc, q, g, N, d, 0, scratch, n_threads);
+}
+
+void sf_attnres_aggregate_mix(float *h, float *alpha_out, const float *const *src,
+                              const float *const *inv_rms, int64_t nsrc, const float *q,
+                              const float *g, int64_t N, int64_t d, int sigmoid, float *scratch,
+                              int n_threads) {
     int nt = sf_threads_resolve(n_threads);
     int64_t ntiles = (N + AR_TILE - 1) / AR_TILE;
 #pragma omp parallel num_threads(nt) if (N * d * nsrc > 65536)
@@ -71,7 +78,12 @@ void sf_attnres_aggregate(float *h, float *alpha_out, const float *const *src,
             for (int64_t i = 0; i < nsrc; i++)
                 for (int64_t t = 0; t < nn; t++)
                     s[t * nsrc + i] = dotf(qg, src[i] + (n0 + t) * d, d) * inv_rms[i][n0 + t];
-            for (int64_t t = 0; t < nn; t++) { /* softmax over the sources, in place */
+            for (int64_t t = 0; t < nn && sigmoid; t++) { /* independent gates, in place */
+                float *st = s + t * nsrc;
+                for (int64_t i = 0; i < nsrc; i++) st[i] = 1.0f / (1.0f + sf_expf(-st[i]));
+                if (alpha_out) memcpy(alpha_out + (n0 + t) * nsrc, st, (size_t)nsrc * sizeof(float));
+            }
+            for (int64_t t = 0; t < nn && !sigmoid; t++) { /* softmax over the sources, in place */
                 float *st = s + t * nsrc, mx = -INFINITY, sum = 0.0f;
                 for (int64_t i = 0; i < nsrc; i++) if (st[i] > mx) mx = st[i];
                 for (int64_t i = 0; i < nsrc; i++) { st[i] = sf_expf(st[i] - mx); sum += st[i]; }
@@ -304,7 +316,8 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
                             for (int i = 0; i < ni; i++) {
                                 float a = R->alpha[n * R->ld + col0 + i0 + i];
                                 av[i][t][j] = a;
-                                cv[i][t][j] = a * (gx[i] - R->S[n]) * inv_rms[i0 + i][n];
+                                /* softmax: ds = a (dh·x - S); sigmoid gate: ds = a (1 - a) dh·x */
+                                cv[i][t][j] = (R->sigmoid ? a * (1.0f - a) * gx[i] : a * (gx[i] - R->S[n])) * inv_rms[i0 + i][n];
                                 xd[i][t] += a * gx[i];
                             }
                         }

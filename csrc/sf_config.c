@@ -96,6 +96,8 @@ sf_status sf_config_validate(const sf_config *c, char *err, size_t errlen) {
     REQ(c->residual != SF_RES_MHC || c->hc_expansion >= 2, "hc_expansion must be >= 2 for residual='mhc' (its H_pre init is 1/n with b = -log(n-1)), got %lld", (long long)c->hc_expansion);
     REQ(c->attnres_key_norm || c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK,
         "attnres_key_norm=False needs residual='attnres_full' or 'attnres_block'");
+    REQ(c->attnres_mixing == SF_MIX_SOFTMAX || c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK,
+        "attnres_mixing='sigmoid' needs residual='attnres_full' or 'attnres_block'");
     REQ(c->moda_depth_kv == SF_DKV_ATTN_FFN || c->moda, "moda_depth_kv='%s' needs moda=True",
         c->moda_depth_kv == SF_DKV_ATTN ? "attn" : "attn+ffn+extra");
     REQ(c->moda_depth_rope == SF_DROPE_NONE || (c->moda && c->pos == SF_POS_ROPE),

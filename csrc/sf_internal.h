@@ -154,6 +154,11 @@ int64_t sf_attnres_scratch_floats(int64_t nsrc, int64_t d, int n_threads);
 void sf_attnres_aggregate(float *h, float *alpha_out, const float *const *src,
                           const float *const *inv_rms, int64_t nsrc, const float *q,
                           const float *g, int64_t N, int64_t d, float *scratch, int n_threads);
+/* The same with sigmoid gates (sigmoid 1): alpha_i = 1 / (1 + exp(-s_i)), no normalisation. */
+void sf_attnres_aggregate_mix(float *h, float *alpha_out, const float *const *src,
+                              const float *const *inv_rms, int64_t nsrc, const float *q,
+                              const float *g, int64_t N, int64_t d, int sigmoid, float *scratch,
+                              int n_threads);
 /* inv_rms(N) of one source */
 void sf_attnres_inv_rms(float *inv_rms, const float *src, int64_t N, int64_t d, float eps,
                         int n_threads);
@@ -186,6 +191,7 @@ typedef struct {
     const float *S;     /* (N) dh · h: Σ_i alpha_i (dh · src_i), since h = Σ_i alpha_i src_i */
     const float *qg;    /* (d) q ⊙ g */
     float *e;           /* (d) thread 0's accumulator */
+    int sigmoid;        /* its weights are sigmoid gates: ds = a (1 - a) dh·x (S unused) */
 } sf_attnres_reader;
 /* key_norm 0 (attnres_key_norm=False): the keys are the sources themselves, inv_rms holds
  * ones and there is no path through an RMS. */

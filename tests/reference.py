@@ -73,6 +73,7 @@ class Config:
     moda_depth_rope: str = "none"  # legacy | none | own: RoPE on MoDA's depth logits
     moda_depth_kv: str = "attn+ffn"  # attn | attn+ffn | attn+ffn+extra: MoDA Table 3 rows 3-5
     attnres_key_norm: bool = True  # AttnRes Table 4 "w/o key norm" = False
+    attnres_mixing: str = "softmax"  # softmax | sigmoid (AttnRes Table 4: sigmoid gates)
 
     @property
     def d_head(self) -> int:
@@ -591,18 +592,19 @@ class _Model:
         return x @ w.T
 
 
-def attnres_aggregate(sources, w, g, eps):
+def attnres_aggregate(sources, w, g, eps, mixing="softmax"):
     """One AttnRes aggregation, per token.
 
     sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,), or None
     for the paper's Table 4 ablation without the key norm (K_i = v_i).
     K_i = v_i / sqrt(mean(v_i^2) + eps) * g (eq. 3-5),  s_i = w . K_i,  alpha = softmax_i(s),
-    h = sum alpha_i v_i.  Returns (h (B, T, d), alpha (B, T, n_sources)).
+    h = sum alpha_i v_i.  mixing="sigmoid" (Table 4): alpha_i = sigmoid(s_i), no normalisation.
+    Returns (h (B, T, d), alpha (B, T, n_sources)).
     """
     V = np.stack(sources, axis=2)  # (B, T, n_src, d)
     K = V if g is None else V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
     s = K @ w  # (B, T, n_src); no 1/sqrt(d) scaling
-    alpha = softmax(s, axis=-1)
+    alpha = softmax(s, axis=-1) if mixing == "softmax" else 1.0 / (1.0 + np.exp(-s))
     h = np.einsum("btn,btnd->btd", alpha, V)
     return h, alpha
 
@@ -732,14 +734,14 @@ def wiring_attnres(cfg, S, x0):
         pfx = f"layers.{k // 2}.attn" if k % 2 == 0 else f"layers.{k // 2}.mlp"
         srcs = attnres_sources(v, k, cfg.residual, Sb)
         h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
-                                  M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps)
+                                  M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps, cfg.attnres_mixing)
         alpha.append(al)
         if k % 2 == 0:
             S.hidden.append(h)
         v.append(S.branch(k, h))
     srcs = attnres_sources(v, L, cfg.residual, Sb)
     x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
-                              M.p.get("output_res_norm.weight"), cfg.attnres_eps)
+                              M.p.get("output_res_norm.weight"), cfg.attnres_eps, cfg.attnres_mixing)
     alpha.append(al)
     S.hidden.append(x)
     return x, {"alpha": alpha}

@@ -162,3 +162,96 @@ def test_block_size_sweep_with_16_blocks_runs_and_trains(S):
     losses = [m.train_step(x, y, lr=3e-3) for _ in range(5)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert all(np.isfinite(g).all() for g in m.grads.values())
+
+
+# -- attnres_mixing="sigmoid" (Table 4: sigmoid gates instead of the softmax) ------------------
+
+SIG = {
+    "full": dict(residual="attnres_full"),
+    "block2_rope": dict(residual="attnres_block", attnres_block_size=2, pos="rope"),
+    "block3_post_moda": dict(residual="attnres_block", attnres_block_size=3, norm_position="post", moda=True),
+    "full_no_key_norm": dict(residual="attnres_full", attnres_key_norm=False),
+    "block4_layers5_encoder": dict(residual="attnres_block", attnres_block_size=4, n_layers=5, causal=False),
+}
+
+
+@pytest.mark.parametrize("case", list(SIG))
+def test_sigmoid_mixing_matches_the_float64_reference_and_traces_the_gates(case):
+    model, rcfg, params = build(attnres_mixing="sigmoid", **SIG[case])
+    x = toks(2, 10)
+    out = model(x, trace=True)
+    ref = R.forward(rcfg, {k: v.astype(np.float64) for k, v in params.items()}, tokens=x)
+    assert np.abs(out.logits - ref["logits"]).max() <= TOL
+    for k, (a, b) in enumerate(zip(out.trace.alpha, ref["alpha"])):
+        assert np.abs(a - b).max() <= TOL, f"alpha[{k}]"
+        assert ((a > 0) & (a < 1)).all()  # gates, one per source
+    sums = np.concatenate([a.sum(-1).ravel() for a in out.trace.alpha[1:]])
+    assert np.abs(sums - 1).max() > 1e-2  # not a softmax: the gates need not sum to 1
+    # the two-phase schedule is a softmax's; sigmoid takes the direct path whatever is asked
+    assert np.array_equal(model(x, attnres_two_phase=False).logits, model(x).logits)
+
+
+def test_sigmoid_at_the_papers_init_gates_every_source_by_one_half():
+    cfg = sf.Config(**BASE, residual="attnres_full", attnres_mixing="sigmoid")
+    tr = sf.Model(cfg, seed=0)(toks(1, 6), trace=True).trace
+    assert all(np.array_equal(a, np.full_like(a, 0.5)) for a in tr.alpha)
+
+
+@pytest.mark.parametrize("case", ["full", "block3_post_moda", "full_no_key_norm"])
+def test_sigmoid_gradients_match_finite_differences_of_the_reference(case):
+    model, rcfg, params = build(attnres_mixing="sigmoid", **SIG[case])
+    rng = np.random.default_rng(6)
+    x, y = toks(2, 8, seed=3), toks(2, 8, seed=4)
+    model.forward_backward(x, y)
+    grads = model.grads
+    p64 = {n: v.astype(np.float64) for n, v in params.items()}
+    h = 1e-5
+    names = [n for n in p64 if "_res_" in n] + ["layers.0.attn.q_proj.weight", "tok_emb.weight"]
+    probes = [(n, tuple(int(rng.integers(0, s)) for s in p64[n].shape)) for n in names for _ in range(2)]
+    for name, idx in probes:
+        old = p64[name][idx]
+        p64[name][idx] = old + h
+        lp = R.loss(rcfg, p64, x, y)
+        p64[name][idx] = old - h
+        lm = R.loss(rcfg, p64, x, y)
+        p64[name][idx] = old
+        fd = (lp - lm) / (2 * h)
+        got = float(grads[name][idx])
+        assert abs(got - fd) <= 2e-4 * max(1.0, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
+
+
+@pytest.mark.parametrize("case", ["full", "block2_rope"])
+def test_sigmoid_cache_checkpointing_threads_mirror_and_save(case, tmp_path):
+    model, rcfg, params = build(attnres_mixing="sigmoid", **SIG[case])
+    x, y = toks(2, 10), toks(2, 10, seed=2)
+    full = model(x).logits
+    cache = model._c.new_cache(2, 10)
+    parts = [model._c.forward(x[:, :4], cache=cache)[0]]
+    for t in range(4, 10):
+        parts.append(model._c.forward(x[:, t:t + 1], cache=cache)[0])
+    assert np.array_equal(np.concatenate(parts, axis=1), full)
+    l1 = model.forward_backward(x, y, n_threads=1)
+    g1 = {n: g.copy() for n, g in model.grads.items()}
+    for kw in (dict(checkpoint=True, n_threads=1), dict(n_threads=2), dict(checkpoint=True, n_threads=2)):
+        assert model.forward_backward(x, y, **kw) == l1, kw
+        for n, g in model.grads.items():
+            assert np.array_equal(g, g1[n]), (kw, n)
+    pytest.importorskip("safetensors")
+    path = str(tmp_path / "m.safetensors")
+    model.save(path)
+    assert np.array_equal(sf.Model.load(path)(x).logits, full)
+    torch = pytest.importorskip("torch")
+    from stackformer.torch import TorchModel
+    tm = TorchModel(model.config).double()
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    tm.load_state_dict({k: torch.tensor(v) for k, v in p64.items()})
+    got = tm(torch.tensor(x)).detach().numpy()
+    assert np.abs(got - R.forward(rcfg, p64, tokens=x)["logits"]).max() < 1e-10
+
+
+def test_sigmoid_bad_values_and_combinations_name_the_field():
+    with pytest.raises(ValueError, match="attnres_mixing"):
+        sf.Config(**BASE, residual="attnres_full", attnres_mixing="relu")
+    for residual in ("plain", "hyper_connections"):
+        with pytest.raises(ValueError, match="attnres_mixing"):
+            sf.Config(**BASE, residual=residual, attnres_mixing="sigmoid")

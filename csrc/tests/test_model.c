@@ -376,6 +376,8 @@ static void v_moda_kv_attn_rope(sf_config *c) { c->moda = 1; c->pos = SF_POS_ROP
 static void v_moda_kv_extra_block3(sf_config *c) { v_moda_block3(c); c->moda_depth_kv = SF_DKV_EXTRA; c->pos = SF_POS_ROPE; }
 static void v_full_no_key_norm(sf_config *c) { v_full(c); c->attnres_key_norm = 0; }
 static void v_block2_no_key_norm_post(sf_config *c) { v_block2_post(c); c->attnres_key_norm = 0; }
+static void v_full_sigmoid(sf_config *c) { v_full(c); c->attnres_mixing = SF_MIX_SIGMOID; }
+static void v_block3_sigmoid_moda(sf_config *c) { v_moda_block3(c); c->attnres_mixing = SF_MIX_SIGMOID; }
 
 /* MoDA depth slots each block writes (moda_depth_kv='attn': its attention's only) */
 static int64_t slots_per_block(const sf_config *c) { return c->moda_depth_kv == SF_DKV_ATTN ? 1 : 2; }
@@ -404,6 +406,8 @@ static const variant VARIANTS[] = {
     {"moda rope attnres_block S=3, moda_depth_kv attn+ffn+extra", v_moda_kv_extra_block3},
     {"attnres_full, no key norm", v_full_no_key_norm},
     {"attnres_block S=2 post rope, no key norm", v_block2_no_key_norm_post},
+    {"attnres_full, sigmoid gates", v_full_sigmoid},
+    {"moda + attnres_block S=3, sigmoid gates", v_block3_sigmoid_moda},
 };
 enum { N_VARIANTS = (int)(sizeof VARIANTS / sizeof VARIANTS[0]) };
 

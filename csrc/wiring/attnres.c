@@ -82,7 +82,8 @@ static sf_status init(run *R) {
     if (!ar) return SF_ERR_NOMEM;
     R->ws = ar;
     ar->block = c->residual == SF_RES_ATTNRES_BLOCK;
-    ar->two_phase = ar->block && R->two_phase;
+    /* the two-phase schedule is an online softmax; sigmoid gates take the direct path */
+    ar->two_phase = ar->block && R->two_phase && R->c->attnres_mixing == SF_MIX_SOFTMAX;
     ar->S = c->attnres_block_size;
     ar->nb = (R->L + ar->S - 1) / ar->S;
     ar->nsrc_max = ar->block ? ar->nb + 1 : R->L + 1;
@@ -247,8 +248,8 @@ static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
         return;
     }
     int64_t ns = gather_sources(R, k);
-    sf_attnres_aggregate(h, alpha, ar->src_ptr, ar->rms_ptr, ns, res_q(R, k), res_g(R, k), N, d,
-                         ar->ar_scratch, R->nt);
+    sf_attnres_aggregate_mix(h, alpha, ar->src_ptr, ar->rms_ptr, ns, res_q(R, k), res_g(R, k), N, d,
+                             R->c->attnres_mixing == SF_MIX_SIGMOID, ar->ar_scratch, R->nt);
 }
 
 /* Where sublayer k's output v is kept: Full, its source slot k+1; Block, the staging row. */
@@ -330,8 +331,9 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
 static void final(run *R, float *alpha_trace) {
     ar_state *ar = R->ws;
     int64_t ns = gather_sources(R, R->L);
-    sf_attnres_aggregate(R->fin_h, alpha_trace ? alpha_trace : ar->alpha_out, ar->src_ptr, ar->rms_ptr,
-                         ns, R->m->out_res_q, res_g(R, R->L), R->N, R->d, ar->ar_scratch, R->nt);
+    sf_attnres_aggregate_mix(R->fin_h, alpha_trace ? alpha_trace : ar->alpha_out, ar->src_ptr, ar->rms_ptr,
+                             ns, R->m->out_res_q, res_g(R, R->L), R->N, R->d,
+                             R->c->attnres_mixing == SF_MIX_SIGMOID, ar->ar_scratch, R->nt);
 }
 
 /* ---- backward ---- */
@@ -399,7 +401,8 @@ static void backward_begin(run *R, const float *dfin_h) {
         float *qg = ar->ar_qg + j * d;
         for (int64_t e = 0; e < d; e++) qg[e] = q[e] * g[e];
         sf_attnres_reader *rd = &ar->readers[j];
-        *rd = (sf_attnres_reader){.S = ar->ar_S + j * N, .qg = qg, .e = ar->ar_e + j * d};
+        *rd = (sf_attnres_reader){.S = ar->ar_S + j * N, .qg = qg, .e = ar->ar_e + j * d,
+                                  .sigmoid = R->c->attnres_mixing == SF_MIX_SIGMOID};
         if (!ar->block) {
             rd->dh = ar->d_src + j * Nd;
             rd->alpha = reader_alpha(R, j);

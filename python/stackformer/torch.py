@@ -355,11 +355,13 @@ class TorchModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
 
 
-def _aggregate(sources, proj: nn.Linear, gain: Optional[Norm]) -> torch.Tensor:
+def _aggregate(sources, proj: nn.Linear, gain: Optional[Norm], mixing: str = "softmax") -> torch.Tensor:
     """Attention Residuals, per token: K_i = RMSNorm(v_i) * g (K_i = v_i without the key norm,
-    gain None), alpha = softmax_i(w . K_i), h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
+    gain None), alpha = softmax_i(w . K_i) (or sigmoid gates, mixing="sigmoid"),
+    h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
     V = torch.stack(sources, dim=2)  # (B, T, n_sources, d)
-    alpha = torch.softmax(proj(V if gain is None else gain(V)).squeeze(-1), dim=-1)
+    s = proj(V if gain is None else gain(V)).squeeze(-1)
+    alpha = torch.softmax(s, dim=-1) if mixing == "softmax" else torch.sigmoid(s)
     return (alpha.unsqueeze(-1) * V).sum(dim=2)
 
 
@@ -444,9 +446,11 @@ class AttnResWiring(Wiring):
         depth, v, L = [], [x0], 2 * self.c.n_layers  # v_0 = embedding, v_{k+1} = F_k's output
         for k in range(L):
             blk, s = model.layers[k // 2], "attn" if k % 2 == 0 else "mlp"
-            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm", None))
+            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm", None),
+                           self.c.attnres_mixing)
             v.append(model.branch(k, h, depth, att))  # post-norm: v_{k+1} = Norm_k(F_k(h_k))
-        return _aggregate(self._sources(v, L), model.output_res_proj, getattr(model, "output_res_norm", None))
+        return _aggregate(self._sources(v, L), model.output_res_proj, getattr(model, "output_res_norm", None),
+                          self.c.attnres_mixing)
 
     def _sources(self, v: List[torch.Tensor], k: int) -> List[torch.Tensor]:
         """What sublayer k (k = L: the output) reads, given v = [v_0 ... v_k].
