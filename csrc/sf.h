@@ -195,6 +195,12 @@ sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_
  * outputs. tracing: a trace will be passed. */
 sf_status sf_forward_check(const sf_model *m, const sf_forward_args *args, int tracing, char *err,
                            size_t errlen);
+/* The memory a forward call needs on top of what the model holds -- its workspace (laid out,
+ * not allocated) plus output_bytes the caller allocates for it (logits, hidden, traces) --
+ * checked as one total against sf_memory_limit_bytes() before either is allocated:
+ * SF_ERR_NOMEM naming both parts. want_rms / want_alpha: the trace kinds that add workspace. */
+sf_status sf_forward_memory_check(const sf_model *m, const sf_forward_args *args, int want_rms,
+                                  int want_alpha, int64_t output_bytes, char *err, size_t errlen);
 
 /* ---- key/value cache for incremental decoding ------------------------------------------- */
 /* Holds every layer's keys/values (and MoDA depth slots) for B sequences of up to max_len
@@ -265,8 +271,14 @@ float *sf_model_adam_v(sf_model *m);
 int64_t sf_model_step_count(const sf_model *m);
 void sf_model_set_step_count(sf_model *m, int64_t step);
 
-/* Physical memory: larger single requests fail with SF_ERR_NOMEM before allocating. */
+/* What this process may allocate: physical memory, lowered by its cgroup limit and by
+ * STACKFORMER_MEMORY_LIMIT (bytes); larger requests fail with SF_ERR_NOMEM before allocating. */
 int64_t sf_memory_limit_bytes(void);
+/* The lowest cgroup memory limit over this process's group and its ancestors (v2
+ * <root>/<group>/memory.max, the group read from self_cgroup, e.g. /proc/self/cgroup) and v1
+ * (<root>/memory/memory.limit_in_bytes); -1 when none. sf_memory_limit_bytes uses it with
+ * "/sys/fs/cgroup"; tests pass a directory of their own. */
+int64_t sf_cgroup_limit_bytes(const char *root, const char *self_cgroup);
 
 /* Threads used when n_threads == 0. */
 void sf_set_num_threads(int n);

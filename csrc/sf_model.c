@@ -13,6 +13,7 @@
 #include "sf_wiring.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -665,6 +666,44 @@ sf_status sf_forward_check(const sf_model *m, const sf_forward_args *args, int t
     if (st != SF_OK && cache && args->T > max_T && args->T >= 1)
         return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache holds %lld of %lld positions: no room for %lld more", (long long)cache->len, (long long)cache->max_len, (long long)args->T);
     return st;
+}
+
+/* "1.5 GiB", "12.0 MiB", "512 B" for messages. */
+static const char *human_bytes(char *buf, int64_t n) {
+    if (n >= ((int64_t)1 << 30)) snprintf(buf, 32, "%.1f GiB", (double)n / 1073741824.0);
+    else if (n >= ((int64_t)1 << 20)) snprintf(buf, 32, "%.1f MiB", (double)n / 1048576.0);
+    else snprintf(buf, 32, "%lld B", (long long)n);
+    return buf;
+}
+
+sf_status sf_forward_memory_check(const sf_model *m, const sf_forward_args *args, int want_rms,
+                                  int want_alpha, int64_t output_bytes, char *err, size_t errlen) {
+    if (!m || !args) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
+    if (output_bytes < 0) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "output_bytes is negative (%lld)", (long long)output_bytes);
+    /* lay the workspace out without allocating it (the same sizes run_init will use): each
+     * part may fit on its own while the two together do not */
+    run R;
+    int64_t ws = -1;
+    if (run_setup(&R, m, args->B, args->T, 0, 0, args->attnres_two_phase, args->cache, args->n_threads) == SF_OK) {
+        bump bp = {NULL, 0, 0};
+        layout(&R, &bp, (want){want_rms != 0, want_alpha != 0});
+        if (!bp.bad && sf_mul_ok(bp.used + 16, (int64_t)sizeof(float), &ws)) ws = -1;
+    }
+    run_free(&R);
+    int64_t total;
+    if (ws < 0 || sf_add_ok(ws, output_bytes, &total))
+        return sf_fail(err, errlen, SF_ERR_OVERFLOW, "workspace size for B=%lld, T=%lld overflows",
+                       (long long)args->B, (long long)args->T);
+    const int64_t lim = sf_memory_limit_bytes();
+    if (total > lim) {
+        char a[32], b[32], c[32], d[32];
+        return sf_fail(err, errlen, SF_ERR_NOMEM,
+                       "B=%lld, T=%lld would need %s (outputs and traces %s + workspace %s), more than the %s "
+                       "this process may use (physical memory, cgroup limit, STACKFORMER_MEMORY_LIMIT)",
+                       (long long)args->B, (long long)args->T, human_bytes(a, total),
+                       human_bytes(b, output_bytes), human_bytes(c, ws), human_bytes(d, lim));
+    }
+    return SF_OK;
 }
 
 static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, float *out_logits,

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,14 @@ WIRINGS_AND_MODA = {**WIRINGS, "moda": dict(moda=True),
                     "hyper_connections+moda": dict(residual="hyper_connections", moda=True),
                     "mhc+moda": dict(residual="mhc", moda=True)}
 
+
+def subprocess_env(**extra):
+    """os.environ for a child Python that must import the stackformer this test run imported:
+    an installed package or an in-place build (the checkout's python/ holds no compiled
+    extension after a plain `pip install .`, so pointing PYTHONPATH there breaks in CI)."""
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(sf.__file__)))
+    path = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def small_config(**kw):

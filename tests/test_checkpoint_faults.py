@@ -20,8 +20,8 @@ from safetensors.numpy import load_file, save_file
 
 import stackformer as sf
 from stackformer import checkpoint as ck
+from conftest import subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)
 X = np.random.default_rng(0).integers(0, 64, (2, 8))
 
@@ -165,7 +165,7 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(m, tmp_path
         m = sf.Model(sf.Config(**{CFG!r}), seed=1)
         m.save({str(target)!r})
     """)
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = subprocess_env()
     for _ in range(2):
         r = subprocess.run([sys.executable, "-c", script], env=env, timeout=120)
         assert r.returncode == -signal.SIGKILL
@@ -205,7 +205,7 @@ def test_file_size_limit_during_save_keeps_the_previous_checkpoint(tmp_path):
         np.testing.assert_array_equal(sf.Model.load({str(target)!r}).flat_params, m.flat_params)
         print("SCENARIO OK")
     """)
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = subprocess_env()
     r = subprocess.run([sys.executable, "-c", script], env=env, timeout=120, capture_output=True, text=True)
     assert r.returncode == 0 and "SCENARIO OK" in r.stdout, r.stdout + r.stderr
     assert "OSError 27" in r.stdout  # EFBIG

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from conftest import subprocess_env
+
 
 PRELUDE = """
 import copy, os, pickle, signal, sys, threading, time
@@ -54,11 +56,8 @@ def check(ref, got, toks_ref):
 def _run(tmp_path, body, timeout=120):
     script = tmp_path / "scenario.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
-    # the scenario imports the stackformer this test imported (an installed or an in-place
-    # build; the checkout's python/ has no extension under a plain `pip install .`)
-    import stackformer
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(stackformer.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    # the scenario imports the stackformer this test imported (see conftest.subprocess_env)
+    env = subprocess_env()
     try:
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            timeout=timeout, env=env, cwd=str(tmp_path))

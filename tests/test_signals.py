@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import subprocess_env
+
 
 PRELUDE = """
 import os, signal, threading, time
@@ -38,7 +39,7 @@ def same_as_a_run_of(m, n, steps=200):
 
 
 def _run(body, timeout=180):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = subprocess_env()
     try:
         r = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], env=env,
                            capture_output=True, text=True, timeout=timeout)

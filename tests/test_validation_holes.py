@@ -160,3 +160,32 @@ def test_train_memory_bytes_does_not_wrap(m):
     with pytest.raises(OverflowError, match="overflows"):
         m.train_memory_bytes(2**40, 2**40)
     assert m.train_memory_bytes(2, 8) > 0
+
+
+def _mib(msg, label):
+    import re
+    m = re.search(label + r" ([\d.]+) (MiB|GiB)", msg)
+    assert m, msg
+    return float(m.group(1)) * (1024.0 if m.group(2) == "GiB" else 1.0)
+
+
+def test_outputs_and_workspace_are_checked_as_one_total(monkeypatch):
+    """Each part of a forward's memory fitting is not enough: logits + traces (the binding's
+    outputs) and the C workspace are checked together against the limit, before either is
+    allocated (issue #24: 7.5 GiB of logits + 21.6 GiB of workspace passed on 23.5 GiB)."""
+    m = sf.Model(sf.Config(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=256), seed=0)
+    x = np.zeros((8, 256), np.int64)
+    monkeypatch.setenv("STACKFORMER_MEMORY_LIMIT", "1")
+    with pytest.raises(MemoryError, match="workspace") as e:
+        m(x, trace=["attention"])
+    out, ws = _mib(str(e.value), "outputs and traces"), _mib(str(e.value), r"\+ workspace")
+    assert out > 0.5 and ws > 0.5
+    mib = 1 << 20
+    # each part alone fits, the sum does not: refused, and the model still works afterwards
+    monkeypatch.setenv("STACKFORMER_MEMORY_LIMIT", str(int((max(out, ws) + 0.3 * min(out, ws)) * mib)))
+    with pytest.raises(MemoryError, match=r"outputs and traces .* \+ workspace"):
+        m(x, trace=["attention"])
+    monkeypatch.setenv("STACKFORMER_MEMORY_LIMIT", str(int((out + ws + 2) * mib)))
+    assert m(x, trace=["attention"]).logits.shape == (8, 256, 256)
+    monkeypatch.delenv("STACKFORMER_MEMORY_LIMIT")
+    assert np.isfinite(m(x[:1, :8]).logits).all()

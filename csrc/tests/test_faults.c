@@ -1,11 +1,71 @@
 /* Faults (issue #24): the cancel flag, snapshot/restore and their checks, the tensor table
- * without a model, the cache's busy flag, workspace sizes that would wrap, mask values. */
+ * without a model, the cache's busy flag, workspace sizes that would wrap, mask values, the
+ * memory limit (cgroup files) and the one-total memory check of a forward. */
 #include "check.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    if (!f) return;
+    fputs(text, f);
+    fclose(f);
+}
+
+/* a fake cgroup tree: v2 limits on the process's group and its ancestors, v1's file */
+static void test_cgroup_limits(void) {
+    char root[] = "/tmp/sf-cgroup-XXXXXX", p[512];
+    if (!mkdtemp(root)) { CHECK(0, "mkdtemp failed"); return; }
+    snprintf(p, sizeof p, "%s/self", root);
+    write_text(p, "0::/a/b\n");
+    char self[512];
+    snprintf(self, sizeof self, "%s/self", root);
+    CHECK(sf_cgroup_limit_bytes(root, self) == -1, "no limit files: -1");
+    snprintf(p, sizeof p, "%s/a", root); mkdir(p, 0700);
+    snprintf(p, sizeof p, "%s/a/b", root); mkdir(p, 0700);
+    snprintf(p, sizeof p, "%s/a/b/memory.max", root); write_text(p, "max\n");
+    CHECK(sf_cgroup_limit_bytes(root, self) == -1, "'max' is no limit");
+    snprintf(p, sizeof p, "%s/a/memory.max", root); write_text(p, "1000000\n");
+    CHECK(sf_cgroup_limit_bytes(root, self) == 1000000, "an ancestor's limit caps the group: %lld",
+          (long long)sf_cgroup_limit_bytes(root, self));
+    snprintf(p, sizeof p, "%s/memory.max", root); write_text(p, "2000000\n");
+    CHECK(sf_cgroup_limit_bytes(root, self) == 1000000, "the lowest of the chain");
+    snprintf(p, sizeof p, "%s/a/b/memory.max", root); write_text(p, "300000\n");
+    CHECK(sf_cgroup_limit_bytes(root, self) == 300000, "the group's own limit");
+    snprintf(p, sizeof p, "%s/memory", root); mkdir(p, 0700);
+    snprintf(p, sizeof p, "%s/memory/memory.limit_in_bytes", root); write_text(p, "5000\n");
+    CHECK(sf_cgroup_limit_bytes(root, self) == 5000, "cgroup v1's limit");
+    const char *files[] = {"memory/memory.limit_in_bytes", "memory.max", "a/b/memory.max", "a/memory.max", "self"};
+    for (int i = 0; i < 5; i++) { snprintf(p, sizeof p, "%s/%s", root, files[i]); unlink(p); }
+    const char *dirs[] = {"memory", "a/b", "a", ""};
+    for (int i = 0; i < 4; i++) { snprintf(p, sizeof p, "%s/%s", root, dirs[i]); rmdir(p); }
+}
+
+/* a forward whose outputs and workspace each fit under the limit but not together is refused,
+ * naming both parts, before anything is allocated */
+static void test_forward_memory_total(void) {
+    sf_config c;
+    sf_config_default(&c, 37, 32, 4, 2, 12);
+    sf_model *m = NULL;
+    char err[512] = "";
+    if (sf_model_create(&c, 1, &m, err, sizeof err) != SF_OK) { CHECK(0, "create: %s", err); return; }
+    int32_t tok[2 * 12] = {0};
+    sf_forward_args a = {.tokens = tok, .B = 2, .T = 12, .attnres_two_phase = 1, .n_threads = 1};
+    CHECK(sf_forward_memory_check(m, &a, 0, 0, 1000, err, sizeof err) == SF_OK, "a small call passes: %s", err);
+    sf_status st = sf_forward_memory_check(m, &a, 0, 0, sf_memory_limit_bytes(), err, sizeof err);
+    CHECK(st == SF_ERR_NOMEM && strstr(err, "workspace") && strstr(err, "outputs"),
+          "outputs at the limit plus any workspace: %s '%s'", sf_status_name(st), err);
+    CHECK(sf_forward_memory_check(m, &a, 0, 0, -1, err, sizeof err) == SF_ERR_INVALID_ARG, "negative bytes refused");
+    sf_model_free(m);
+}
 
 void test_faults(void) {
+    test_cgroup_limits();
+    test_forward_memory_total();
     char err[256];
     sf_config c;
     sf_config_default(&c, 37, 32, 4, 2, 12);

@@ -398,21 +398,17 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         }
         Py_DECREF(seq);
     }
-    {   /* refuse outputs that cannot fit in memory before allocating any of them */
+    {   /* outputs and traces this call allocates, then C checks them with its workspace as one
+         * total before either exists */
         double bt = (double)B * (double)T, est = 4.0 * bt * ((want_logits ? c->vocab_size : 0) + (want_hidden ? c->d_model : 0));
         double nsel = 0;
         for (int64_t j = 0; j <= n; j++) nsel += sel[j];
         if (flags & TR_ATTENTION) est += 4.0 * nsel * bt * c->n_heads * ((double)T + sf_depth_cols(c, n));
         if (flags & (TR_HIDDEN | TR_SUBLAYER)) est += 4.0 * 3.0 * nsel * bt * c->d_model;
         if (flags & TR_ALPHA) est += 4.0 * 2.0 * nsel * bt * (2.0 * n + 2);
-        if (est > (double)sf_memory_limit_bytes()) {
-            char msg[200];
-            PyOS_snprintf(msg, sizeof msg, "outputs and traces for B=%lld, T=%lld would need %.1f GiB, more than this machine's memory",
-                          (long long)B, (long long)T, est / 1073741824.0);
-            PyErr_SetString(PyExc_MemoryError, msg);
-            PyMem_Free(sel);
-            goto fail;
-        }
+        st = sf_forward_memory_check(self->model, &fa, (flags & TR_RMS) != 0, (flags & TR_ALPHA) != 0,
+                                     est < 9.0e18 ? (int64_t)est : INT64_MAX / 2, err, sizeof err);
+        if (st != SF_OK) { status_error(st, err); PyMem_Free(sel); goto fail; }
     }
     tdict = PyDict_New();
     ptrs = PyMem_Calloc((size_t)(6 * (L + 2)), sizeof(float *));
