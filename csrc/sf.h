@@ -283,6 +283,10 @@ int64_t sf_cgroup_limit_bytes(const char *root, const char *self_cgroup);
 /* Threads used when n_threads == 0. */
 void sf_set_num_threads(int n);
 int sf_get_num_threads(void);
+/* NULL, or why teams are capped below what was asked: before a team larger than any this
+ * process ran, the library checks that its threads can start (libgomp would end the process
+ * when they cannot) and caps every later team at what could start. */
+const char *sf_threads_capped(void);
 
 /* The register tile the matrix products run on this CPU: "avx512" (8 x 32), "avx2" (6 x 16)
  * or "generic" (portable C). Chosen once at the first call from CPU features and the

@@ -17,7 +17,7 @@ if "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from ._core import get_num_threads, matmul_kernel, bf16_kernel  # noqa: E402
+from ._core import get_num_threads, matmul_kernel, bf16_kernel, threads_capped  # noqa: E402
 from . import _core as _c
 from ._checks import check_int as _check_int
 from .blas import blas_info, use_blas, use_builtin_matmul
@@ -38,6 +38,6 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = ["Config", "Model", "Output", "ParamTree", "Trace", "TraceOptions",
-           "set_num_threads", "get_num_threads", "matmul_kernel", "bf16_kernel", "BF16EmulatedWarning", "use_blas", "use_builtin_matmul", "blas_info",
+           "set_num_threads", "get_num_threads", "threads_capped", "matmul_kernel", "bf16_kernel", "BF16EmulatedWarning", "use_blas", "use_builtin_matmul", "blas_info",
            "__version__",
            "data", "Corpus", "DataWarning", "default_corpus", "History", "lr_schedule", "train", "study"]

@@ -755,6 +755,12 @@ static PyObject *core_get_num_threads(PyObject *m, PyObject *unused) {
     return PyLong_FromLong(sf_get_num_threads());
 }
 
+static PyObject *core_threads_capped(PyObject *m, PyObject *unused) {
+    const char *why = sf_threads_capped();
+    if (!why) Py_RETURN_NONE;
+    return PyUnicode_FromString(why);
+}
+
 static PyObject *core_matmul_kernel(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(sf_matmul_kernel());
 }
@@ -905,6 +911,7 @@ static PyMethodDef core_methods[] = {
      "config_validate(**fields): raise ValueError naming the first bad field (C's rules)"},
     {"set_num_threads", core_set_num_threads, METH_O, "set the default thread count (0 = all cores)"},
     {"get_num_threads", core_get_num_threads, METH_NOARGS, "default thread count"},
+    {"threads_capped", core_threads_capped, METH_NOARGS, "None, or why teams run on fewer threads than asked (threads that could not start)"},
     {"matmul_kernel", core_matmul_kernel, METH_NOARGS,
      "what the Linear products run on: the register tile for this CPU, 'avx512', 'avx2' or 'generic' "
      "(all give the same bits), or 'blas' after stackformer.use_blas()"},
