@@ -244,3 +244,44 @@ def test_saving_into_a_read_only_directory_fails_before_writing(m, tmp_path):
         assert os.listdir(d) == []
     finally:
         os.chmod(d, 0o700)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged case runs in the test above")
+def test_saving_into_a_read_only_directory_fails_before_writing_as_another_user(tmp_path):
+    """Run as root (as CI is), the real check runs in a child that imports as root, then drops
+    to user nobody (root writes into any directory; nobody may not run the interpreter)."""
+    opened = [(p, os.stat(p).st_mode) for p in [tmp_path, *tmp_path.parents][:3]]
+    for p, mode in opened:  # pytest's base directory is 0700: open the way (restored below)
+        os.chmod(p, mode | 0o055)
+    try:
+        _save_as_nobody(tmp_path)
+    finally:
+        for p, mode in opened:
+            os.chmod(p, mode)
+
+
+def _save_as_nobody(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    script = textwrap.dedent(f"""
+        import os, stackformer as sf, safetensors.numpy
+        from stackformer import checkpoint
+        m = sf.Model(sf.Config(**{CFG!r}), seed=0)
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            m.save({str(ro / "c.safetensors")!r})
+        except PermissionError as e:
+            assert "not writable" in str(e), e
+            print("SCENARIO OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), cwd="/",
+                       capture_output=True, text=True, timeout=120)
+    assert "SCENARIO OK" in r.stdout, r.stdout + r.stderr
+    assert os.listdir(ro) == []
+    # a directory behind one it may not search is named as such, not as missing
+    os.chmod(tmp_path, 0o700)
+    r = subprocess.run([sys.executable, "-c", script.replace('"not writable"', '"cannot be reached"')],
+                       env=subprocess_env(), cwd="/", capture_output=True, text=True, timeout=120)
+    assert "SCENARIO OK" in r.stdout, r.stdout + r.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Dict, Optional, Tuple
 
@@ -63,7 +64,14 @@ def writable_target(path: str) -> str:
     path = os.fspath(path)
     target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(directory).st_mode)
+    except PermissionError:  # a directory above it cannot be searched: it may well exist
+        raise PermissionError(f"cannot save to {path!r}: directory {directory!r} cannot be reached "
+                              "(no search permission on a directory above it)") from None
+    except OSError:
+        is_dir = False
+    if not is_dir:
         raise FileNotFoundError(f"cannot save to {path!r}: directory {directory!r} does not exist")
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot save to {path!r}: it is a directory")
