@@ -380,12 +380,17 @@ def test_torch_mirror_follows_compute_dtype(name):
     z16, z32 = m16(x).logits, m32(x).logits
     tm = to_torch(m16)
     zt = tm(torch.from_numpy(x)).detach().numpy()
-    gap = np.abs(z16 - z32).max()  # what bf16 changes
+    gap = np.abs(z16 - z32)  # what bf16 changes
     d = np.abs(zt - z16)
     # the same bf16 products summed in another order: fp32 noise, except where that noise
-    # moves an activation across a bf16 rounding boundary (then that token's logits move)
-    assert d.max() <= 0.5 * gap
-    assert np.mean(d.max(-1) > 1e-6) <= 0.25
+    # moves an activation across a bf16 rounding boundary. One such flip moves its value by a
+    # bf16 step (as much as bf16 itself moves it) and, through attention, every later token
+    # of its sequence; which values flip depends on the BLAS torch runs (AVX2 vs AVX-512
+    # CPUs flip different ones), so the test asks for bf16's effect reproduced on average
+    # and never exceeded, not for a count of untouched tokens (worst seen: moda_full_post on
+    # an AVX-512 CPU, mean 0.13 and max 0.44 of bf16's effect; an fp32 mirror gives ~1.0)
+    assert d.max() <= gap.max()
+    assert d.mean() <= 0.25 * gap.mean(), (d.mean(), gap.mean())
     # gradients through the mirror's bf16 products (its custom backward) vs the C core's
     logits = tm(torch.from_numpy(x))
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1))
