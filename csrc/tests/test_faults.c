@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L
 /* Faults (issue #24): the cancel flag, snapshot/restore and their checks, the tensor table
  * without a model, the cache's busy flag, workspace sizes that would wrap, mask values, the
  * memory limit (cgroup files) and the one-total memory check of a forward. */
