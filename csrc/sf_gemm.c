@@ -234,7 +234,8 @@ tile_avx2_edge(float *y, int64_t ldy, const float *x, int64_t rs, int64_t cs, in
  * operations as tile_avx2 (init, one fma per k ascending): the same bits. */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 tile_avx512_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, const float *pp,
-                 int64_t ps, int64_t np1, const float *b, int accumulate, const int mr, const int np) {
+                 int64_t ps, int64_t np1, const float *b, int accumulate, const int mr, const int np,
+                 const int packed) {
     __m512 c0[8], c1[8];
 #pragma GCC unroll 8
     for (int r = 0; r < mr; r++) {
@@ -251,7 +252,8 @@ tile_avx512_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, c
         __m512 w1 = np == 2 ? _mm512_loadu_ps(pp + np1 + k * ps) : w0;
 #pragma GCC unroll 8
         for (int r = 0; r < mr; r++) {
-            __m512 a = _mm512_set1_ps(x[r * rs + k]);
+            /* packed: a strided A's row panel [k][8] (the dW products), one pointer for all rows */
+            __m512 a = _mm512_set1_ps(packed ? x[k * 8 + r] : x[r * rs + k]);
             c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
             if (np == 2) c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
         }
@@ -268,8 +270,24 @@ tile_avx512(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, const 
             int64_t ps, int64_t np1, const float *b, int accumulate, int64_t mr, int np) {
 #define SF_T512(n)                                                                               \
     case n:                                                                                      \
-        if (np == 2) tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 2);       \
-        else tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 1);               \
+        if (np == 2) tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 2, 0);    \
+        else tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 1, 0);            \
+        break;
+    switch (mr) {
+    SF_T512(1) SF_T512(2) SF_T512(3) SF_T512(4) SF_T512(5) SF_T512(6) SF_T512(7)
+    default: SF_T512(8)
+    }
+#undef SF_T512
+}
+
+/* The same tile over a packed row panel of a strided A ([k][8], rows past mr unread). */
+__attribute__((target("avx512f"))) static void
+tile_avx512_packed(float *y, int64_t ldy, const float *x, int64_t K, const float *pp, int64_t ps,
+                   int64_t np1, const float *b, int accumulate, int64_t mr, int np) {
+#define SF_T512(n)                                                                               \
+    case n:                                                                                      \
+        if (np == 2) tile_avx512_rows(y, ldy, x, 0, K, pp, ps, np1, b, accumulate, n, 2, 1);     \
+        else tile_avx512_rows(y, ldy, x, 0, K, pp, ps, np1, b, accumulate, n, 1, 1);             \
         break;
     switch (mr) {
     SF_T512(1) SF_T512(2) SF_T512(3) SF_T512(4) SF_T512(5) SF_T512(6) SF_T512(7)
@@ -406,7 +424,9 @@ static inline void run_rows(float *y, int64_t ldy, const float *x, int64_t rs, i
 int64_t sf_gemm_pack_floats(int64_t N, int64_t K, int64_t M, int a_strided) {
     /* strided A: per row tile a K chunk of A (6 x 128), and per thread (never more threads
      * than row tiles) one chunk of one B panel (128 x 16) */
-    return a_strided ? (N + SF_MR - 1) / SF_MR * SF_KC * (SF_MR + SF_NR) : sf_matmul_pack_floats(K, M);
+    /* (with AVX-512: 8-row panels and two B panels per thread, the larger of the two) */
+    const int64_t six = (N + SF_MR - 1) / SF_MR * SF_KC * (SF_MR + SF_NR), eight = (N + 7) / 8 * SF_KC * (8 + 2 * SF_NR);
+    return a_strided ? (six > eight ? six : eight) : sf_matmul_pack_floats(K, M);
 }
 
 /* out[i] = act(pre[i]), i < n; one loop per activation so each vectorizes */
@@ -472,39 +492,52 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
     else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
     if (a_packed) {
         /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
-         * [tile][k][6] so the tiles read A contiguously; y carries the sums across chunks.
+         * [tile][k][mrt] (8 rows with AVX-512, else 6) so the tiles read A contiguously; y
+         * carries the sums across chunks. With AVX-512 the tile is 8 x 32 like the contiguous
+         * products' (two B slices per thread): on a CPU whose 512-bit FMAs run at full width
+         * the 6 x 16 AVX2 tile left dW at half the peak (207 against ~500 GFLOP/s at M).
          * B is copied one (chunk, panel) slice at a time into this thread's own 8 KB, right
          * before its tiles read it from L1. Packing all of B up front wrote and re-read K x M
          * floats through L3 (x, 3 MB for M's dW), and on two threads half of the panels
          * crossed cores; both threads now copy every slice, ~1% of the tiles' work. dW at
          * M's shapes: 153 -> 186 GFLOP/s on 2 threads, 93 -> 97 on one. */
-        float *ap = pack + r0 * SF_MR * SF_KC;
-        float *bs = pack + nr * SF_MR * SF_KC + (int64_t)tid * SF_KC * SF_NR;
+        float *ap = pack + r0 * mrt * SF_KC;
+        float *bs = pack + nr * mrt * SF_KC + (int64_t)tid * 2 * SF_KC * SF_NR;
         for (int64_t k0 = 0; k0 < K; k0 += SF_KC) {
             int64_t kc = K - k0 < SF_KC ? K - k0 : SF_KC;
             int acc = accumulate || k0 > 0;
             for (int64_t r = r0; r < r1; r++) {
-                int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                float *dst = ap + (r - r0) * kc * SF_MR;
+                int64_t n0 = r * mrt, mr = N - n0 < mrt ? N - n0 : mrt;
+                float *dst = ap + (r - r0) * kc * mrt;
                 for (int64_t k = 0; k < kc; k++) {
                     const float *src = a + n0 * a_rs + (k0 + k) * a_cs;
-                    for (int64_t i = 0; i < mr; i++) dst[k * SF_MR + i] = src[i * a_rs];
+                    for (int64_t i = 0; i < mr; i++) dst[k * mrt + i] = src[i * a_rs];
                 }
             }
-            for (int64_t p = p0; p < p1; p++) {
+            for (int64_t p = p0, two; p < p1; p += 1 + two) {
                 int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
+                two = use512 && p + 1 < p1 && M - m0 >= 2 * SF_NR; /* AVX-512: 8 x 32 tiles */
                 pack_panel(bs, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p);
+                if (two) pack_panel(bs + SF_KC * SF_NR, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p + 1);
                 const float *bp = (b && k0 == 0) ? b + m0 : NULL;
                 for (int64_t r = r0; r < r1; r++) {
-                    int64_t n0 = r * SF_MR, mr = N - n0 < SF_MR ? N - n0 : SF_MR;
-                    run_tile(y + n0 * ldy + m0, ldy, ap + (r - r0) * kc * SF_MR, 1, SF_MR, kc, bs,
-                             SF_NR, bp, mr, mw, acc, use_avx);
+                    int64_t n0 = r * mrt, mr = N - n0 < mrt ? N - n0 : mrt;
+                    const float *at = ap + (r - r0) * kc * mrt;
+#ifdef SF_X86
+                    if (use512 && mw == SF_NR) {
+                        tile_avx512_packed(y + n0 * ldy + m0, ldy, at, kc, bs, SF_NR, SF_KC * SF_NR, bp, acc, mr, two ? 2 : 1);
+                        continue;
+                    }
+#endif
+                    for (int64_t i = 0; i < mr; i += SF_MR) /* 6-row tiles over the panel's rows */
+                        run_tile(y + (n0 + i) * ldy + m0, ldy, at + i, 1, mrt, kc, bs, SF_NR, bp,
+                                 mr - i < SF_MR ? mr - i : SF_MR, mw, acc, use_avx);
                 }
             }
         }
         for (int64_t r = r0; r < r1; r++) {
-            int64_t n0 = r * SF_MR;
-            act_block(act, act_out, y, ldy, n0, N - n0 < SF_MR ? N - n0 : SF_MR, 0, M);
+            int64_t n0 = r * mrt;
+            act_block(act, act_out, y, ldy, n0, N - n0 < mrt ? N - n0 : mrt, 0, M);
         }
     } else if (!direct) {
         if (by_rows) {
@@ -588,7 +621,7 @@ static void gemm(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_
     int use_avx = 0, use512 = 0;
 #ifdef SF_X86
     use_avx = sf_cpu_avx2_fma();
-    use512 = !a_packed && sf_cpu_avx512();
+    use512 = sf_cpu_avx512();
 #endif
     const int64_t mrt = use512 ? 8 : SF_MR;                /* rows per row tile */
     const int64_t rblk = SF_ROW_BLOCK * SF_MR / mrt;       /* row tiles per L2 block (96 rows) */

@@ -38,8 +38,10 @@ def report(R: Dict[str, Any]) -> str:
     L.append(f"load average start {m['loadavg_start']} end {m.get('loadavg_end')}"
              + (f"; OTHER PROCESSES BUSY at start: {sum(b['cpu'] for b in m['busy_processes_start']):.1f} cores" if m["busy_processes_start"] else ""))
     if "peak_1t" in pk:
-        extra = f", AVX-512 1 thread {pk['avx512_1t']:.0f}" if "avx512_1t" in pk else ""
-        L.append(f"fp32 peak (AVX2 FMA probe, best of many 2 ms runs): 1 thread {pk['peak_1t']:.0f} GFLOP/s, {pk['threads']} threads measured "
+        extra = (f" (AVX2 1 thread {pk['avx2_1t']:.0f}, AVX-512 1 thread {pk['avx512_1t']:.0f})"
+                 if "avx512_1t" in pk and "avx2_1t" in pk else "")
+        isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(pk.get("peak_isa", "avx2"), "AVX2")
+        L.append(f"fp32 peak ({isa} FMA probe, the wider of AVX2/AVX-512, best of many 2 ms runs): 1 thread {pk['peak_1t']:.0f} GFLOP/s, {pk['threads']} threads measured "
                  f"{pk['peak_all_measured']:.0f}; reference for % of peak: {pk['peak_all']:.0f} GFLOP/s{extra}")
         if "bf16_peak_all" in pk:
             L.append(f"bf16 peak (vdpbf16ps probe, fp32 accumulation): 1 thread {pk['bf16_peak_1t']:.0f} GFLOP/s, "
