@@ -57,7 +57,7 @@ int64_t sf_cgroup_limit_bytes(const char *root, const char *self_cgroup) {
     best = limit_file(path);
     /* cgroup v2: this process's group ("0::/a/b" in /proc/self/cgroup) and every ancestor,
      * each of which caps it; the root's own file, where a container mounts its group there */
-    char grp[2048] = "";
+    char grp[2400] = "";
     FILE *f = fopen(self_cgroup, "r");
     if (f) {
         char line[2304];
