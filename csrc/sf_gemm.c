@@ -265,35 +265,24 @@ tile_avx512_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, c
     }
 }
 
+/* packed = 0: rows of A rs floats apart (the contiguous products); packed = 1: a strided A's
+ * row panel [k][8] (the dW products), rows past mr unread. */
 __attribute__((target("avx512f"))) static void
 tile_avx512(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, const float *pp,
-            int64_t ps, int64_t np1, const float *b, int accumulate, int64_t mr, int np) {
+            int64_t ps, int64_t np1, const float *b, int accumulate, int64_t mr, int np, int packed) {
+#define SF_T512_P(n, p)                                                                          \
+    if (np == 2) tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 2, p);        \
+    else tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 1, p);
 #define SF_T512(n)                                                                               \
     case n:                                                                                      \
-        if (np == 2) tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 2, 0);    \
-        else tile_avx512_rows(y, ldy, x, rs, K, pp, ps, np1, b, accumulate, n, 1, 0);            \
+        if (packed) { SF_T512_P(n, 1) } else { SF_T512_P(n, 0) }                                 \
         break;
     switch (mr) {
     SF_T512(1) SF_T512(2) SF_T512(3) SF_T512(4) SF_T512(5) SF_T512(6) SF_T512(7)
     default: SF_T512(8)
     }
 #undef SF_T512
-}
-
-/* The same tile over a packed row panel of a strided A ([k][8], rows past mr unread). */
-__attribute__((target("avx512f"))) static void
-tile_avx512_packed(float *y, int64_t ldy, const float *x, int64_t K, const float *pp, int64_t ps,
-                   int64_t np1, const float *b, int accumulate, int64_t mr, int np) {
-#define SF_T512(n)                                                                               \
-    case n:                                                                                      \
-        if (np == 2) tile_avx512_rows(y, ldy, x, 0, K, pp, ps, np1, b, accumulate, n, 2, 1);     \
-        else tile_avx512_rows(y, ldy, x, 0, K, pp, ps, np1, b, accumulate, n, 1, 1);             \
-        break;
-    switch (mr) {
-    SF_T512(1) SF_T512(2) SF_T512(3) SF_T512(4) SF_T512(5) SF_T512(6) SF_T512(7)
-    default: SF_T512(8)
-    }
-#undef SF_T512
+#undef SF_T512_P
 }
 #endif
 
@@ -411,7 +400,7 @@ static inline void run_rows(float *y, int64_t ldy, const float *x, int64_t rs, i
                             int64_t mw, int np, int acc, int use_avx, int use512) {
 #ifdef SF_X86
     if (use512 && mw == SF_NR) {
-        tile_avx512(y, ldy, x, rs, K, pp, ps, np1, b, acc, mr, np);
+        tile_avx512(y, ldy, x, rs, K, pp, ps, np1, b, acc, mr, np, 0);
         return;
     }
 #endif
@@ -525,7 +514,7 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
                     const float *at = ap + (r - r0) * kc * mrt;
 #ifdef SF_X86
                     if (use512 && mw == SF_NR) {
-                        tile_avx512_packed(y + n0 * ldy + m0, ldy, at, kc, bs, SF_NR, SF_KC * SF_NR, bp, acc, mr, two ? 2 : 1);
+                        tile_avx512(y + n0 * ldy + m0, ldy, at, 0, kc, bs, SF_NR, SF_KC * SF_NR, bp, acc, mr, two ? 2 : 1, 1);
                         continue;
                     }
 #endif
