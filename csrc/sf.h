@@ -40,7 +40,9 @@ typedef enum { SF_DROPE_LEGACY = 0, SF_DROPE_NONE = 1, SF_DROPE_OWN = 2 } sf_dep
 /* moda_depth_kv: which sublayers write depth slots, and from what */
 typedef enum { SF_DKV_ATTN = 0, SF_DKV_ATTN_FFN = 1, SF_DKV_EXTRA = 2 } sf_depth_kv;
 /* attnres_mixing: how AttnRes turns its logits into depth weights */
-typedef enum { SF_MIX_SOFTMAX = 0, SF_MIX_SIGMOID = 1 } sf_attnres_mixing;
+typedef enum { SF_MIX_SOFTMAX = 0, SF_MIX_SIGMOID = 1, SF_MIX_STATIC = 2 } sf_attnres_mixing;
+/* attnres_query: where AttnRes' query comes from */
+typedef enum { SF_ARQ_STATIC = 0, SF_ARQ_INPUT = 1 } sf_attnres_query;
 /* The depth wirings, in enum order (csrc/wiring/: one file each). */
 /* X(enum id, Config name, symbol: sf_wiring_<symbol> in csrc/wiring/) */
 #define SF_WIRINGS(X)                                   \

@@ -348,3 +348,119 @@ void sf_attnres_row_dots(float *S, const float *a, const float *b, int64_t N, in
 #pragma omp parallel for schedule(static) num_threads(nt) if (N * d > 65536)
     for (int64_t n = 0; n < N; n++) S[n] = dotf(a + n * d, b + n * d, d);
 }
+
+/* ---- the general read (see sf_internal.h): heads, per-token queries, static weights, windows.
+ * Written for clarity over speed (these are ablations): per token, per head, per source, with
+ * every sum in ascending order, so a token's results do not depend on which thread runs it. */
+
+int64_t sf_attnres_general_scratch_floats(int64_t nsrc, int64_t H, int n_threads) {
+    return (int64_t)sf_threads_resolve(n_threads) * 3 * H * nsrc;
+}
+
+/* alpha_t (H, nsrc) of token n: the logits, then softmax or sigmoid per head */
+static void general_weights(float *a, const float *const *src, const float *const *inv_rms,
+                            int64_t nsrc, const sf_attnres_read *rd, int64_t n, int64_t d) {
+    const int64_t H = rd->H, dh = d / H;
+    const float *qg = rd->qg ? rd->qg + n * rd->qg_ld : NULL;
+    for (int64_t h = 0; h < H; h++) {
+        float *ah = a + h * nsrc;
+        for (int64_t i = 0; i < nsrc; i++)
+            ah[i] = rd->mixing == SF_MIX_STATIC ? rd->logits[h * nsrc + i]
+                                                : dotf(qg + h * dh, src[i] + n * d + h * dh, dh) * inv_rms[i][n];
+        if (rd->mixing == SF_MIX_SIGMOID) {
+            for (int64_t i = 0; i < nsrc; i++) ah[i] = 1.0f / (1.0f + sf_expf(-ah[i]));
+            continue;
+        }
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t i = 0; i < nsrc; i++) if (ah[i] > mx) mx = ah[i];
+        for (int64_t i = 0; i < nsrc; i++) { ah[i] = sf_expf(ah[i] - mx); sum += ah[i]; }
+        float inv = 1.0f / sum;
+        for (int64_t i = 0; i < nsrc; i++) ah[i] *= inv;
+    }
+}
+
+void sf_attnres_general_forward(float *h, float *alpha_out, const float *const *src,
+                                const float *const *inv_rms, int64_t nsrc, const sf_attnres_read *rd,
+                                int64_t N, int64_t d, float *scratch, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+    const int64_t H = rd->H, dh = d / H, w = H * nsrc;
+#pragma omp parallel num_threads(nt) if (N * d * nsrc > 65536)
+    {
+        float *a = scratch + (int64_t)sf_team_tid() * 3 * w;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            general_weights(a, src, inv_rms, nsrc, rd, n, d);
+            if (alpha_out) memcpy(alpha_out + n * w, a, (size_t)w * sizeof(float));
+            float *hn = h + n * d;
+            for (int64_t hh = 0; hh < H; hh++)
+                for (int64_t i = 0; i < nsrc; i++) {
+                    const float wi = a[hh * nsrc + i], *x = src[i] + n * d + hh * dh;
+                    float *y = hn + hh * dh;
+                    if (i == 0) for (int64_t e = 0; e < dh; e++) y[e] = wi * x[e];
+                    else for (int64_t e = 0; e < dh; e++) y[e] += wi * x[e];
+                }
+        }
+    }
+}
+
+/* d s / d src for s = r (qg·x)_h with r = 1/sqrt(mean(x²)+eps) over the whole row:
+ * ds/dx_e = r qg_e [e in h] - (qg·x)_h r³ x_e / d, so the RMS term of source i collects
+ * Σ_h ds_h (qg·x)_h once per token. */
+void sf_attnres_general_backward(float *const *dsrc, const float *const *src,
+                                 const float *const *inv_rms, int64_t nsrc, const sf_attnres_read *rd,
+                                 const float *alpha, const float *dh, int key_norm, float *dqg_lanes,
+                                 float *dqg_rows, float *dlogit_lanes, int64_t lane_stride, int64_t N,
+                                 int64_t d, float *scratch, int n_threads) {
+    int nt = sf_threads_resolve(n_threads);
+    const int64_t H = rd->H, hd = d / H, w = H * nsrc;
+    const int stat = rd->mixing == SF_MIX_STATIC;
+#pragma omp parallel num_threads(nt) if (N * d * nsrc > 65536)
+    {
+        float *ga = scratch + (int64_t)sf_team_tid() * 3 * w, *ds = ga + w, *P = ds + w;
+#pragma omp for schedule(static)
+        for (int64_t lane = 0; lane < SF_AR_LANES; lane++)
+        for (int64_t n = N * lane / SF_AR_LANES; n < N * (lane + 1) / SF_AR_LANES; n++) {
+            const float *a = alpha + n * w, *g = dh + n * d;
+            const float *qg = stat ? NULL : rd->qg + n * rd->qg_ld;
+            float *dq = dqg_rows ? dqg_rows + n * d : dqg_lanes ? dqg_lanes + lane * lane_stride : NULL;
+            for (int64_t h = 0; h < H; h++) {
+                float c = 0.0f;
+                for (int64_t i = 0; i < nsrc; i++) {
+                    ga[h * nsrc + i] = dotf(g + h * hd, src[i] + n * d + h * hd, hd); /* dL/d alpha */
+                    c += a[h * nsrc + i] * ga[h * nsrc + i];
+                }
+                for (int64_t i = 0; i < nsrc; i++) { /* dL/ds: softmax (static too) or sigmoid gates */
+                    float ai = a[h * nsrc + i], gi = ga[h * nsrc + i];
+                    ds[h * nsrc + i] = rd->mixing == SF_MIX_SIGMOID ? ai * (1.0f - ai) * gi : ai * (gi - c);
+                }
+            }
+            for (int64_t i = 0; i < nsrc; i++) {
+                const float *x = src[i] + n * d, r = inv_rms[i][n];
+                float *dx = dsrc[i] + n * d, corr = 0.0f;
+                if (!stat && key_norm) {
+                    for (int64_t h = 0; h < H; h++) {
+                        P[h] = dotf(qg + h * hd, x + h * hd, hd);
+                        corr += ds[h * nsrc + i] * P[h];
+                    }
+                    corr *= r * r * r / (float)d;
+                }
+                for (int64_t h = 0; h < H; h++) {
+                    const float ai = a[h * nsrc + i], ci = ds[h * nsrc + i] * r;
+                    const int64_t e0 = h * hd, e1 = e0 + hd;
+                    if (stat) {
+                        for (int64_t e = e0; e < e1; e++) dx[e] += ai * g[e];
+                        continue;
+                    }
+                    for (int64_t e = e0; e < e1; e++) {
+                        dx[e] += ai * g[e] + ci * qg[e] - corr * x[e];
+                        dq[e] += ci * x[e];
+                    }
+                }
+            }
+            if (stat) {
+                float *db = dlogit_lanes + lane * lane_stride;
+                for (int64_t j = 0; j < w; j++) db[j] += ds[j];
+            }
+        }
+    }
+}

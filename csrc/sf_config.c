@@ -96,8 +96,22 @@ sf_status sf_config_validate(const sf_config *c, char *err, size_t errlen) {
     REQ(c->residual != SF_RES_MHC || c->hc_expansion >= 2, "hc_expansion must be >= 2 for residual='mhc' (its H_pre init is 1/n with b = -log(n-1)), got %lld", (long long)c->hc_expansion);
     REQ(c->attnres_key_norm || c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK,
         "attnres_key_norm=False needs residual='attnres_full' or 'attnres_block'");
-    REQ(c->attnres_mixing == SF_MIX_SOFTMAX || c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK,
-        "attnres_mixing='sigmoid' needs residual='attnres_full' or 'attnres_block'");
+    {
+        const int ar = c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK;
+        static const char *mix[] = {"softmax", "sigmoid", "static"};
+        REQ(c->attnres_mixing == SF_MIX_SOFTMAX || ar, "attnres_mixing='%s' needs residual='attnres_full' or 'attnres_block'",
+            mix[c->attnres_mixing]);
+        REQ(c->attnres_query == SF_ARQ_STATIC || ar, "attnres_query='input' needs residual='attnres_full' or 'attnres_block'");
+        REQ(c->attnres_window == 0 || ar, "attnres_window needs residual='attnres_full' or 'attnres_block'");
+        REQ(c->attnres_heads == 1 || ar, "attnres_heads needs residual='attnres_full' or 'attnres_block'");
+        /* static weights read no keys and no query: the key norm and the query have nothing to act on */
+        REQ(c->attnres_mixing != SF_MIX_STATIC || !c->attnres_key_norm,
+            "attnres_mixing='static' has no keys to normalise: set attnres_key_norm=False");
+        REQ(c->attnres_mixing != SF_MIX_STATIC || c->attnres_query == SF_ARQ_STATIC,
+            "attnres_mixing='static' reads no query: attnres_query='input' cannot be combined with it");
+        REQ(c->attnres_heads <= c->d_model && c->d_model % c->attnres_heads == 0,
+            "attnres_heads (%lld) must divide d_model (%lld)", (long long)c->attnres_heads, (long long)c->d_model);
+    }
     REQ(c->moda_depth_kv == SF_DKV_ATTN_FFN || c->moda, "moda_depth_kv='%s' needs moda=True",
         c->moda_depth_kv == SF_DKV_ATTN ? "attn" : "attn+ffn+extra");
     REQ(c->moda_depth_rope == SF_DROPE_NONE || (c->moda && c->pos == SF_POS_ROPE),

@@ -204,4 +204,36 @@ void sf_attnres_sources_backward(float *const *dsrc, const float *const *src,
 void sf_attnres_row_dots(float *S, const float *a, const float *b, int64_t N, int64_t d,
                          int n_threads);
 
+/* ---- the general AttnRes read (sf_attnres.c): every Table 4 ablation that changes the
+ * logits' shape (attnres_heads, attnres_query="input", attnres_mixing="static",
+ * attnres_window) runs on this one pair of kernels; the default read keeps the tuned ones
+ * above, bit for bit. Per token t, head h (d/H contiguous columns), source i:
+ *     s_{t,h,i} = r_{t,i} Σ_{e in h} qg_{t,e} src_{i,t,e}     (static: s_{h,i} = b_{h,i})
+ *     alpha_{t,h,.} = softmax_i(s) | sigmoid(s) ,   h_{t,e} = Σ_i alpha_{t,h(e),i} src_{i,t,e}
+ * with r the per-token inverse RMS of the whole source (ones without the key norm) and qg the
+ * query ⊙ key gain: one row shared by all tokens (qg_ld 0) or one row per token (qg_ld d). */
+typedef struct {
+    int64_t H;            /* heads (1: one softmax over the whole d) */
+    int mixing;           /* sf_attnres_mixing */
+    const float *qg;      /* (d) or (N, d) at row stride qg_ld; NULL with static mixing */
+    int64_t qg_ld;
+    const float *logits;  /* static mixing: (H, nsrc) */
+} sf_attnres_read;
+int64_t sf_attnres_general_scratch_floats(int64_t nsrc, int64_t H, int n_threads);
+/* h (N, d); alpha_out (N, H, nsrc) optional */
+void sf_attnres_general_forward(float *h, float *alpha_out, const float *const *src,
+                                const float *const *inv_rms, int64_t nsrc, const sf_attnres_read *rd,
+                                int64_t N, int64_t d, float *scratch, int n_threads);
+/* Backward of one general read with input gradient dh and its forward weights alpha (N, H,
+ * nsrc): dsrc[i] += its source gradient (value path, and the key path through the logits and
+ * the RMS unless static); the query gradient d(qg) into dqg_lanes (shared query: SF_AR_LANES
+ * fixed row runs, lane l at dqg_lanes + l * lane_stride, summed by the caller in lane order)
+ * or dqg_rows (N, d) (one query per token); static mixing: d logits (H, nsrc) into
+ * dlogit_lanes the same way. Every sum has a fixed order: the same bits for any threads. */
+void sf_attnres_general_backward(float *const *dsrc, const float *const *src,
+                                 const float *const *inv_rms, int64_t nsrc, const sf_attnres_read *rd,
+                                 const float *alpha, const float *dh, int key_norm, float *dqg_lanes,
+                                 float *dqg_rows, float *dlogit_lanes, int64_t lane_stride, int64_t N,
+                                 int64_t d, float *scratch, int n_threads);
+
 #endif

@@ -73,7 +73,10 @@ class Config:
     moda_depth_rope: str = "none"  # legacy | none | own: RoPE on MoDA's depth logits
     moda_depth_kv: str = "attn+ffn"  # attn | attn+ffn | attn+ffn+extra: MoDA Table 3 rows 3-5
     attnres_key_norm: bool = True  # AttnRes Table 4 "w/o key norm" = False
-    attnres_mixing: str = "softmax"  # softmax | sigmoid (AttnRes Table 4: sigmoid gates)
+    attnres_mixing: str = "softmax"  # softmax | sigmoid | static (AttnRes Table 4 rows)
+    attnres_query: str = "static"  # static (pseudo-query) | input (q_t = W x_t, x the newest source)
+    attnres_window: Optional[int] = None  # SWA: the embedding plus the last W sources
+    attnres_heads: int = 1  # multi-head AttnRes: one depth softmax per d/H columns
 
     @property
     def d_head(self) -> int:
@@ -194,22 +197,35 @@ def param_shapes(cfg) -> dict:
             linear(p + "mlp.depth_k_proj", Hkv * dh, d, bias=False)
             linear(p + "mlp.depth_v_proj", Hkv * dh, d, bias=False)
         if _is_attnres(cfg):
-            shapes[p + "attn_res_proj.weight"] = (1, d)
-            if cfg.attnres_key_norm:
-                shapes[p + "attn_res_norm.weight"] = (d,)
-            shapes[p + "mlp_res_proj.weight"] = (1, d)
-            if cfg.attnres_key_norm:
-                shapes[p + "mlp_res_norm.weight"] = (d,)
+            shapes.update(attnres_reader_shapes(cfg, p + "attn", 2 * i))
+            shapes.update(attnres_reader_shapes(cfg, p + "mlp", 2 * i + 1))
         shapes.update(wiring_layer_shapes(cfg, i))
     if _is_attnres(cfg):
-        shapes["output_res_proj.weight"] = (1, d)
-        if cfg.attnres_key_norm:
-            shapes["output_res_norm.weight"] = (d,)
+        shapes.update(attnres_reader_shapes(cfg, "output", 2 * cfg.n_layers))
     if cfg.final_norm:
         norm("final_norm")
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, d)
     return shapes
+
+
+def attnres_reader_shapes(cfg, pfx, k) -> dict:
+    """One AttnRes read's tensors: static mixing, its logits b (H, n_sources); otherwise the
+    query, a pseudo-query w (1, d) or (input query) a projection W (d, d), and the key-norm gain."""
+    d = cfg.d_model
+    if cfg.attnres_mixing == "static":
+        return {pfx + "_res_logits.weight": (cfg.attnres_heads, n_reader_sources(cfg, k))}
+    out = {pfx + "_res_proj.weight": (d if cfg.attnres_query == "input" else 1, d)}
+    if cfg.attnres_key_norm:
+        out[pfx + "_res_norm.weight"] = (d,)
+    return out
+
+
+def n_reader_sources(cfg, k):
+    S = cfg.attnres_block_size if cfg.residual == "attnres_block" else 1
+    n = n_attnres_sources(k, S) if k < 2 * cfg.n_layers else 1 + -(-k // S)
+    W = cfg.attnres_window
+    return n if W is None else min(n, 1 + W)
 
 
 def init_params(cfg, rng, weight_std=None) -> dict:
@@ -236,8 +252,10 @@ def init_params(cfg, rng, weight_std=None) -> dict:
             val = z / math.sqrt(shape[1])
         elif w0 is not None:  # DWA weights, HC static alpha/beta, mHC biases: the init perturbed
             val = w0 + (0.5 if name.endswith("base.weight") else 0.3) * z
-        elif name.endswith("_res_proj.weight"):  # AttnRes pseudo-query w_k
-            val = 0.25 * z
+        elif name.endswith("_res_proj.weight"):  # AttnRes pseudo-query w_k (or input query W_k)
+            val = 0.25 * z if shape[0] == 1 else z / math.sqrt(shape[1])
+        elif name.endswith("_res_logits.weight"):  # AttnRes static mixing logits b_k
+            val = 0.7 * z
         elif name.endswith("_res_norm.weight"):  # AttnRes key-norm gain g_k
             val = 1.0 + 0.1 * z
         elif "norm" in name:  # attn_norm / mlp_norm / final_norm weight or bias
@@ -592,21 +610,45 @@ class _Model:
         return x @ w.T
 
 
-def attnres_aggregate(sources, w, g, eps, mixing="softmax"):
+def attnres_aggregate(sources, w, g, eps, mixing="softmax", heads=1, logits=None):
     """One AttnRes aggregation, per token.
 
-    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,); g: key-norm gain (d,), or None
-    for the paper's Table 4 ablation without the key norm (K_i = v_i).
+    sources: list of (B, T, d) arrays v_i; w: pseudo-query (d,), or one query per token
+    (B, T, d) (attnres_query="input"); g: key-norm gain (d,), or None for the paper's Table 4
+    ablation without the key norm (K_i = v_i).
     K_i = v_i / sqrt(mean(v_i^2) + eps) * g (eq. 3-5),  s_i = w . K_i,  alpha = softmax_i(s),
-    h = sum alpha_i v_i.  mixing="sigmoid" (Table 4): alpha_i = sigmoid(s_i), no normalisation.
-    Returns (h (B, T, d), alpha (B, T, n_sources)).
+    h = sum alpha_i v_i.  mixing="sigmoid" (Table 4): alpha_i = sigmoid(s_i), no normalisation;
+    mixing="static": s = logits (heads, n_sources), the same for every token (no keys, no query).
+    heads = H > 1: the d columns split into H contiguous heads, head h's logit
+    s_{h,i} = w_h . K_{i,h} over its columns (K normalised over the whole d), its own softmax,
+    and h's columns of the output mix with alpha_{h,.}.
+    Returns (h (B, T, d), alpha (B, T, n_sources), or (B, T, H, n_sources) for H > 1).
     """
     V = np.stack(sources, axis=2)  # (B, T, n_src, d)
-    K = V if g is None else V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
-    s = K @ w  # (B, T, n_src); no 1/sqrt(d) scaling
-    alpha = softmax(s, axis=-1) if mixing == "softmax" else 1.0 / (1.0 + np.exp(-s))
-    h = np.einsum("btn,btnd->btd", alpha, V)
-    return h, alpha
+    B, T, n, d = V.shape
+    H = heads
+    Vh = V.reshape(B, T, n, H, d // H)
+    if mixing == "static":
+        s = np.broadcast_to(np.asarray(logits, np.float64).T[None, None], (B, T, n, H))
+    else:
+        K = V if g is None else V / np.sqrt((V ** 2).mean(-1, keepdims=True) + eps) * g
+        wq = np.broadcast_to(w, (B, T, d)).reshape(B, T, H, d // H)
+        s = np.einsum("bthe,btnhe->btnh", wq, K.reshape(B, T, n, H, d // H))  # no 1/sqrt(d) scaling
+    alpha = 1.0 / (1.0 + np.exp(-s)) if mixing == "sigmoid" else softmax(s, axis=2)  # (B, T, n, H)
+    h = np.einsum("btnh,btnhe->bthe", alpha, Vh).reshape(B, T, d)
+    alpha = alpha.transpose(0, 1, 3, 2)  # (B, T, H, n)
+    return h, (alpha[:, :, 0] if H == 1 else alpha)
+
+
+def attnres_read(cfg, M, pfx, srcs):
+    """The read of one AttnRes reader with parameter prefix pfx over its sources srcs."""
+    if cfg.attnres_mixing == "static":
+        return attnres_aggregate(srcs, None, None, cfg.attnres_eps, "static", cfg.attnres_heads,
+                                 M.p[pfx + "_res_logits.weight"])
+    W = M.p[pfx + "_res_proj.weight"]
+    q = srcs[-1] @ W.T if cfg.attnres_query == "input" else W[0]  # input: from the newest source
+    return attnres_aggregate(srcs, q, M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps,
+                             cfg.attnres_mixing, cfg.attnres_heads)
 
 
 def block_sum(v, first, last):
@@ -614,7 +656,7 @@ def block_sum(v, first, last):
     return sum(v[j + 1] for j in range(first, last))
 
 
-def attnres_sources(v, k, residual, S):
+def attnres_sources(v, k, residual, S, window=None):
     """The source list that sublayer k (or the output aggregator, k = L) reads.
 
     v = [v_0, v_1, ..., v_k]: v_0 the embedding, v_{j+1} the output of sublayer j.
@@ -626,6 +668,9 @@ def attnres_sources(v, k, residual, S):
     The output aggregator (k = L) reads [b_0 ... b_N], N = ceil(L/S), the last block possibly short.
     """
     assert len(v) == k + 1
+    if window is not None:  # SWA (Table 4): the embedding b_0 and the last W of the others
+        srcs = attnres_sources(v, k, residual, S)
+        return srcs if len(srcs) <= 1 + window else [srcs[0]] + srcs[-window:]
     if residual == "attnres_full":
         return list(v)
     m = k // S + 1  # the block holding sublayer k (k = L: the block after the last full one)
@@ -732,16 +777,14 @@ def wiring_attnres(cfg, S, x0):
     alpha = []
     for k in range(L):
         pfx = f"layers.{k // 2}.attn" if k % 2 == 0 else f"layers.{k // 2}.mlp"
-        srcs = attnres_sources(v, k, cfg.residual, Sb)
-        h, al = attnres_aggregate(srcs, M.p[pfx + "_res_proj.weight"][0],
-                                  M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps, cfg.attnres_mixing)
+        srcs = attnres_sources(v, k, cfg.residual, Sb, cfg.attnres_window)
+        h, al = attnres_read(cfg, M, pfx, srcs)
         alpha.append(al)
         if k % 2 == 0:
             S.hidden.append(h)
         v.append(S.branch(k, h))
-    srcs = attnres_sources(v, L, cfg.residual, Sb)
-    x, al = attnres_aggregate(srcs, M.p["output_res_proj.weight"][0],
-                              M.p.get("output_res_norm.weight"), cfg.attnres_eps, cfg.attnres_mixing)
+    srcs = attnres_sources(v, L, cfg.residual, Sb, cfg.attnres_window)
+    x, al = attnres_read(cfg, M, "output", srcs)
     alpha.append(al)
     S.hidden.append(x)
     return x, {"alpha": alpha}

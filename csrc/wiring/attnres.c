@@ -44,9 +44,24 @@ typedef struct {
     float *d_src, *d_acc;               /* source gradients; Block: the running partials' */
     float *dv;                          /* dL/dv_{k+1} of the sublayer being walked (rotates) */
     float *ones;                        /* attnres_key_norm=False: d ones, the gain there is none */
+    /* the general read (Table 4 ablations: heads, input query, static weights, window; see
+     * sf_attnres_general_forward): backward scatters each reader's source gradients at once */
+    int general;
+    int64_t H;                          /* heads */
+    float *g_scratch, *g_qg;            /* kernel scratch; a shared query's q ⊙ g (d) */
+    float *g_q, *g_qgt, *g_dq;          /* input query: q = x W^T, q ⊙ g, d(q ⊙ g) (N, d) each */
+    float *g_dh;                        /* the reader's input gradient, consumed at once */
+    float *g_dlogit;                    /* static: d logits (SF_AR_LANES, L+1, H nsrc_max) */
 } ar_state;
 
-static int64_t num_sources(const sf_config *c, int64_t k) {
+/* an AttnRes read other than the tuned default (sf_attnres.c's general kernels) */
+static int general_read(const sf_config *c) {
+    return c->attnres_heads > 1 || c->attnres_query == SF_ARQ_INPUT || c->attnres_mixing == SF_MIX_STATIC ||
+           c->attnres_window > 0;
+}
+
+/* sources before the window */
+static int64_t all_sources(const sf_config *c, int64_t k) {
     int64_t L = 2 * c->n_layers;
     if (c->residual == SF_RES_ATTNRES_FULL) return k + 1;
     int64_t S = c->attnres_block_size;
@@ -54,24 +69,46 @@ static int64_t num_sources(const sf_config *c, int64_t k) {
     return 1 + k / S + (k % S != 0);
 }
 
+/* attnres_window = W: the embedding (b_0) and the last W of the others */
+static int64_t num_sources(const sf_config *c, int64_t k) {
+    int64_t n = all_sources(c, k), W = c->attnres_window;
+    return W > 0 && n > 1 + W ? 1 + W : n;
+}
+
 /* ---- parameters: per sublayer a pseudo-query (1, d) and a key-norm gain (d), zero (uniform
  * mixing, the paper's mandatory init) and one at init, no weight decay; the same pair for the
  * output aggregator ---- */
 
-static void table_layer(const sf_config *c, int i, sf_table_builder *tb) {
+/* One reader's query parameters (the view *_res_q): the pseudo-query "<pfx>_res_proj.weight"
+ * (1, d); with attnres_query="input" the projection q_t = W x_t, (d, d) under the same name (a
+ * Linear d -> d instead of d -> 1); with attnres_mixing="static" its logits
+ * "<pfx>_res_logits.weight" (H, n_sources) instead (no keys, so no key norm either). All zero
+ * at init (uniform mixing), none decayed. */
+static void emit_reader(const sf_config *c, sf_table_builder *tb, const char *pfx, int layer, int64_t k,
+                        size_t qview, size_t gview) {
     const int64_t d = c->d_model;
     char nm[SF_NAME_MAX];
-    const int kn = c->attnres_key_norm; /* the key norm's gains exist only with the norm */
-    snprintf(nm, sizeof nm, "layers.%d.attn_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1, SF_INIT_ZEROS, SF_LAYER_VIEW(attn_res_q));
-    snprintf(nm, sizeof nm, "layers.%d.attn_res_norm.weight", i); if (kn) sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(attn_res_g));
-    snprintf(nm, sizeof nm, "layers.%d.mlp_res_proj.weight", i); sf_params_emit(tb, nm, i, 2, 1, d, 1, SF_INIT_ZEROS, SF_LAYER_VIEW(mlp_res_q));
-    snprintf(nm, sizeof nm, "layers.%d.mlp_res_norm.weight", i); if (kn) sf_params_emit(tb, nm, i, 1, d, 0, 1, SF_INIT_ONES, SF_LAYER_VIEW(mlp_res_g));
+    if (c->attnres_mixing == SF_MIX_STATIC) {
+        snprintf(nm, sizeof nm, "%.40s_res_logits.weight", pfx);
+        sf_params_emit(tb, nm, layer, 2, c->attnres_heads, num_sources(c, k), 1, SF_INIT_ZEROS, qview);
+        return;
+    }
+    snprintf(nm, sizeof nm, "%.40s_res_proj.weight", pfx);
+    sf_params_emit(tb, nm, layer, 2, c->attnres_query == SF_ARQ_INPUT ? d : 1, d, 1, SF_INIT_ZEROS, qview);
+    snprintf(nm, sizeof nm, "%.40s_res_norm.weight", pfx); /* the key norm's gains exist only with the norm */
+    if (c->attnres_key_norm) sf_params_emit(tb, nm, layer, 1, d, 0, 1, SF_INIT_ONES, gview);
+}
+
+static void table_layer(const sf_config *c, int i, sf_table_builder *tb) {
+    char pfx[40];
+    snprintf(pfx, sizeof pfx, "layers.%d.attn", i);
+    emit_reader(c, tb, pfx, i, 2 * (int64_t)i, SF_LAYER_VIEW(attn_res_q), SF_LAYER_VIEW(attn_res_g));
+    snprintf(pfx, sizeof pfx, "layers.%d.mlp", i);
+    emit_reader(c, tb, pfx, i, 2 * (int64_t)i + 1, SF_LAYER_VIEW(mlp_res_q), SF_LAYER_VIEW(mlp_res_g));
 }
 
 static void table_model(const sf_config *c, sf_table_builder *tb) {
-    sf_params_emit(tb, "output_res_proj.weight", -1, 2, 1, c->d_model, 1, SF_INIT_ZEROS, SF_MODEL_VIEW(out_res_q));
-    if (c->attnres_key_norm)
-        sf_params_emit(tb, "output_res_norm.weight", -1, 1, c->d_model, 0, 1, SF_INIT_ONES, SF_MODEL_VIEW(out_res_g));
+    emit_reader(c, tb, "output", -1, 2 * c->n_layers, SF_MODEL_VIEW(out_res_q), SF_MODEL_VIEW(out_res_g));
 }
 
 /* ---- per call ---- */
@@ -82,8 +119,11 @@ static sf_status init(run *R) {
     if (!ar) return SF_ERR_NOMEM;
     R->ws = ar;
     ar->block = c->residual == SF_RES_ATTNRES_BLOCK;
-    /* the two-phase schedule is an online softmax; sigmoid gates take the direct path */
-    ar->two_phase = ar->block && R->two_phase && R->c->attnres_mixing == SF_MIX_SOFTMAX;
+    ar->general = general_read(c);
+    ar->H = c->attnres_heads;
+    /* the two-phase schedule is an online softmax with one shared query; sigmoid gates and the
+     * general read take the direct path */
+    ar->two_phase = ar->block && R->two_phase && R->c->attnres_mixing == SF_MIX_SOFTMAX && !ar->general;
     ar->S = c->attnres_block_size;
     ar->nb = (R->L + ar->S - 1) / ar->S;
     ar->nsrc_max = ar->block ? ar->nb + 1 : R->L + 1;
@@ -116,8 +156,8 @@ static void layout_block(run *R, bump *bp, block_acts *A) {
     int bad = 0;
     A->y_a = pre ? NULL : take(bp, Nd);
     A->y_m = pre ? NULL : take(bp, Nd);
-    A->alpha_a = (ar->block && R->training) ? take(bp, cmul(&bad, N, ar->nsrc_max)) : NULL;
-    A->alpha_m = (ar->block && R->training) ? take(bp, cmul(&bad, N, ar->nsrc_max)) : NULL;
+    A->alpha_a = (ar->block && R->training) ? take(bp, cmul(&bad, N, ar->nsrc_max * ar->H)) : NULL;
+    A->alpha_m = (ar->block && R->training) ? take(bp, cmul(&bad, N, ar->nsrc_max * ar->H)) : NULL;
     if (bad) bp->bad = 1;
 }
 
@@ -133,14 +173,16 @@ static void layout(run *R, bump *bp, want w) {
     ar->part_rms = take(bp, cmul(&bad, npart, N));
     ar->vtmp = take(bp, Nd);
     ar->running = w.rms ? take(bp, Nd) : NULL;
-    ar->alpha_out = (ar->block && R->training) ? take(bp, cmul(&bad, N, ar->nsrc_max)) : NULL;
+    const int64_t H = ar->H;
+    ar->alpha_out = (ar->block && R->training) ? take(bp, cmul(&bad, N, ar->nsrc_max * H)) : NULL;
     if (R->training) {
         if (!ar->block) {
             /* Full: the gathered backward reads every reader's weights at every source, so all
-             * of them are kept (also when checkpointing), reader j's (N, j+1) at N j(j+1)/2 */
-            float *al = take(bp, cmul(&bad, N, (L + 1) * (L + 2) / 2));
+             * of them are kept (also when checkpointing), reader j's (N, H, <= j+1) at
+             * N H j(j+1)/2 */
+            float *al = take(bp, cmul(&bad, cmul(&bad, N, H), (L + 1) * (L + 2) / 2));
             for (int64_t j = 0; al && j <= L; j++) {
-                float *aj = al + N * (j * (j + 1) / 2);
+                float *aj = al + N * H * (j * (j + 1) / 2);
                 if (j == L) ar->alpha_out = aj;
                 else if (j % 2 == 0) R->acts[j / 2].alpha_a = aj;
                 else R->acts[j / 2].alpha_m = aj;
@@ -159,6 +201,17 @@ static void layout(run *R, bump *bp, want w) {
         ar->ar_part = !ar->block ? take(bp, cmul(&bad, SF_AR_GROUP - 1, Nd)) : NULL;
     }
     ar->ar_scratch = take(bp, sf_attnres_scratch_floats(ar->nsrc_max, d, R->nt));
+    if (ar->general) {
+        const int inq = R->c->attnres_query == SF_ARQ_INPUT;
+        ar->g_scratch = take(bp, sf_attnres_general_scratch_floats(ar->nsrc_max, H, R->nt));
+        ar->g_qg = take(bp, d);
+        ar->g_qgt = inq ? take(bp, Nd) : NULL;
+        ar->g_q = inq && R->training ? take(bp, Nd) : NULL;
+        ar->g_dq = inq && R->training ? take(bp, Nd) : NULL;
+        ar->g_dh = R->training ? take(bp, Nd) : NULL;
+        ar->g_dlogit = R->training && R->c->attnres_mixing == SF_MIX_STATIC
+                           ? take(bp, cmul(&bad, SF_AR_LANES, cmul(&bad, L + 1, H * ar->nsrc_max))) : NULL;
+    }
     ar->ones = R->c->attnres_key_norm ? NULL : take(bp, d);
     for (int64_t j = 0; ar->ones && j < d; j++) ar->ones[j] = 1.0f;
     if (ar->two_phase) {
@@ -203,6 +256,15 @@ static int64_t gather_sources(const run *R, int64_t k) {
         if (ar->d_src) ar->dsrc_ptr[ns] = ar->d_acc;
         ns++;
     }
+    const int64_t W = R->c->attnres_window;
+    if (W > 0 && ns > 1 + W) { /* the window: source 0 and the last W */
+        for (int64_t j = 1; j <= W; j++) {
+            ar->src_ptr[j] = ar->src_ptr[ns - W - 1 + j];
+            ar->rms_ptr[j] = ar->rms_ptr[ns - W - 1 + j];
+            ar->dsrc_ptr[j] = ar->dsrc_ptr[ns - W - 1 + j];
+        }
+        ns = 1 + W;
+    }
     return ns;
 }
 
@@ -225,10 +287,44 @@ static float *reader_alpha(const run *R, int64_t j) {
     return j % 2 == 0 ? R->acts[j / 2].alpha_a : R->acts[j / 2].alpha_m;
 }
 
-/* h = AttnRes_k(sources); alpha (N, nsrc) optional */
+/* The general read's description for reader k over the ns sources gather_sources pointed at:
+ * its query (shared: q ⊙ g in g_qg; input: q_t = x_t W^T from the newest source x, then ⊙ g,
+ * in g_qgt, with q itself kept in q_out when given) or its static logits. */
+static sf_attnres_read general_desc(run *R, int64_t k, int64_t ns, float *q_out) {
+    ar_state *ar = R->ws;
+    const int64_t N = R->N, d = R->d;
+    const float *q = res_q(R, k), *g = res_g(R, k);
+    sf_attnres_read rd = {.H = ar->H, .mixing = R->c->attnres_mixing};
+    if (rd.mixing == SF_MIX_STATIC) {
+        rd.logits = q;
+        return rd;
+    }
+    if (R->c->attnres_query == SF_ARQ_INPUT) {
+        /* an AttnRes product: fp32 also in bfloat16 mode (the aggregation stays fp32) */
+        float *qt = ar->g_qgt;
+        sf_matmul(qt, ar->src_ptr[ns - 1], q, NULL, N, d, d, 0, R->pack, R->nt);
+        if (q_out) copy(q_out, qt, N * d);
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t e = 0; e < d; e++) qt[n * d + e] *= g[e];
+        rd.qg = qt;
+        rd.qg_ld = d;
+        return rd;
+    }
+    for (int64_t e = 0; e < d; e++) ar->g_qg[e] = q[e] * g[e];
+    rd.qg = ar->g_qg;
+    return rd;
+}
+
+/* h = AttnRes_k(sources); alpha (N, nsrc) optional (general read: (N, H, nsrc)) */
 static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
     ar_state *ar = R->ws;
     const int64_t N = R->N, d = R->d;
+    if (ar->general) {
+        int64_t ns = gather_sources(R, k);
+        sf_attnres_read rd = general_desc(R, k, ns, NULL);
+        sf_attnres_general_forward(h, alpha, ar->src_ptr, ar->rms_ptr, ns, &rd, N, d, ar->g_scratch, R->nt);
+        return;
+    }
     int64_t pos = ar->block ? k % ar->S : 0;
     if (ar->two_phase && k < R->L) {
         int64_t nsrc = k / ar->S + 1; /* completed blocks b_0 .. b_{m-1} */
@@ -330,10 +426,7 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
 /* the head reads the output aggregate h_L */
 static void final(run *R, float *alpha_trace) {
     ar_state *ar = R->ws;
-    int64_t ns = gather_sources(R, R->L);
-    sf_attnres_aggregate_mix(R->fin_h, alpha_trace ? alpha_trace : ar->alpha_out, ar->src_ptr, ar->rms_ptr,
-                             ns, R->m->out_res_q, res_g(R, R->L), R->N, R->d,
-                             R->c->attnres_mixing == SF_MIX_SIGMOID, ar->ar_scratch, R->nt);
+    attnres_input(R, R->L, R->fin_h, alpha_trace ? alpha_trace : ar->alpha_out);
 }
 
 /* ---- backward ---- */
@@ -371,6 +464,35 @@ static void full_source_grad(run *R, int64_t s) {
     ar->ar_top = s;
 }
 
+/* The general read's backward for reader k with input gradient dh: every source's gradient at
+ * once into its accumulator (gather_sources' dsrc_ptr: Full d_src slots, Block d_src block
+ * slots or d_acc for the partial sum), the query's into ar_e lanes (shared, finished in
+ * backward_end), W and g (input query) or the logits' lanes (static). */
+static void general_backward(run *R, int64_t k, const float *dh) {
+    ar_state *ar = R->ws;
+    const int64_t N = R->N, d = R->d, L = R->L, Nd = N * d;
+    int64_t ns = gather_sources(R, k);
+    const int inq = R->c->attnres_query == SF_ARQ_INPUT, stat = R->c->attnres_mixing == SF_MIX_STATIC;
+    sf_attnres_read rd = general_desc(R, k, ns, ar->g_q);
+    const int64_t hw = ar->H * ar->nsrc_max;
+    if (inq) memset(ar->g_dq, 0, (size_t)Nd * sizeof(float));
+    sf_attnres_general_backward(ar->dsrc_ptr, ar->src_ptr, ar->rms_ptr, ns, &rd, reader_alpha(R, k), dh,
+                                R->c->attnres_key_norm, (inq || stat) ? NULL : ar->ar_e + k * d,
+                                inq ? ar->g_dq : NULL, stat ? ar->g_dlogit + k * hw : NULL,
+                                stat ? (L + 1) * hw : (L + 1) * d, N, d, ar->g_scratch, R->nt);
+    if (!inq) return;
+    /* qg_t = (x_t W^T) ⊙ g: dg += Σ_t dqg_t ⊙ q_t (tokens in order), dq = dqg ⊙ g, then the
+     * Linear's dW += dq^T x and dx += dq W into the newest source's gradient */
+    const float *g = res_g(R, k), *W = res_q(R, k), *x = ar->src_ptr[ns - 1];
+    float *dg = R->c->attnres_key_norm ? GRAD(R, g) : NULL, *dq = ar->g_dq;
+    for (int64_t n = 0; dg && n < N; n++)
+        for (int64_t e = 0; e < d; e++) dg[e] += dq[n * d + e] * ar->g_q[n * d + e];
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t e = 0; e < d; e++) dq[n * d + e] *= g[e];
+    sf_gemm(GRAD(R, W), d, dq, 1, d, x, 0, NULL, d, N, d, 1, R->pack, R->nt);
+    sf_gemm(ar->dsrc_ptr[ns - 1], d, dq, d, 1, W, 0, NULL, N, d, d, 1, R->pack, R->nt);
+}
+
 /* Block: the waiting readers of block m+1 (or the output, m = nb) over the completed blocks
  * they read, b_0 .. b_m; afterwards d b_m is complete. */
 static void block_flush(run *R, int64_t m) {
@@ -396,6 +518,14 @@ static void backward_begin(run *R, const float *dfin_h) {
     ar_state *ar = R->ws;
     const int64_t N = R->N, d = R->d, Nd = N * d, L = R->L, S = ar->S;
     ar->dv = R->dy;
+    if (ar->general) { /* every reader scatters into zeroed source gradients as it is walked */
+        memset(ar->d_src, 0, (size_t)((ar->block ? ar->nb + 1 : L + 1) * Nd) * sizeof(float));
+        memset(ar->ar_e, 0, (size_t)(SF_AR_LANES * (L + 1) * d) * sizeof(float));
+        if (ar->g_dlogit)
+            memset(ar->g_dlogit, 0, (size_t)(SF_AR_LANES * (L + 1) * ar->H * ar->nsrc_max) * sizeof(float));
+        general_backward(R, L, dfin_h);
+        return;
+    }
     for (int64_t j = 0; j <= L; j++) {
         const float *q = res_q(R, j), *g = res_g(R, j);
         float *qg = ar->ar_qg + j * d;
@@ -433,11 +563,12 @@ static const float *write_backward(run *R, int64_t k) {
     ar_state *ar = R->ws;
     const int64_t Nd = R->N * R->d, S = ar->S;
     if (!ar->block) {
-        full_source_grad(R, k + 1);
+        if (ar->general) ar->dv = ar->d_src + (k + 1) * Nd; /* complete: its readers are walked */
+        else full_source_grad(R, k + 1);
     } else {
         int64_t m = k / S + 1;
         if (k % S == S - 1 || k == R->L - 1) { /* entering block m from above */
-            block_flush(R, m);
+            if (!ar->general) block_flush(R, m);
             memset(ar->d_acc, 0, (size_t)Nd * sizeof(float));
         }
         add3(R, ar->dv, ar->d_src + m * Nd, ar->d_acc, Nd); /* d v_k = d b_m + later partials */
@@ -456,6 +587,7 @@ static float *read_grad_dst(run *R, int64_t k, int *accumulate) {
     ar_state *ar = R->ws;
     const int64_t Nd = R->N * R->d;
     *accumulate = 0;
+    if (ar->general) return ar->g_dh;
     return !ar->block ? ar->d_src + k * Nd : ar->ar_dh + (k % ar->S) * Nd;
 }
 
@@ -464,6 +596,10 @@ static void read_backward(run *R, int64_t k) {
     const int64_t N = R->N, d = R->d, L = R->L;
     int acc;
     const float *dh = read_grad_dst(R, k, &acc), *h = sub_in(R, k);
+    if (ar->general) {
+        general_backward(R, k, dh);
+        return;
+    }
     sf_attnres_row_dots(ar->ar_S + k * N, dh, h, N, d, R->nt);
     if (!ar->block) return;
     sf_attnres_reader *rd = &ar->readers[k];
@@ -486,6 +622,7 @@ static void read_backward(run *R, int64_t k) {
 /* the embedding is source 0: its gradient is complete once its readers are walked */
 static const float *embed_grad(run *R) {
     ar_state *ar = R->ws;
+    if (ar->general) return ar->d_src; /* slot 0 */
     if (!ar->block) {
         full_source_grad(R, 0);
         return ar->dv;
@@ -497,6 +634,19 @@ static const float *embed_grad(run *R) {
 static void backward_end(run *R) {
     ar_state *ar = R->ws;
     const int64_t d = R->d, L = R->L;
+    if (R->c->attnres_query == SF_ARQ_INPUT) return; /* W and g: done per reader */
+    if (ar->g_dlogit) { /* static logits: the lanes' partials in order */
+        const int64_t hw = ar->H * ar->nsrc_max;
+        for (int64_t j = 0; j <= L; j++) {
+            const int64_t n = ar->H * num_sources(R->c, j);
+            float *db = GRAD(R, res_q(R, j));
+            for (int t = 0; t < SF_AR_LANES; t++) {
+                const float *p = ar->g_dlogit + ((int64_t)t * (L + 1) + j) * hw;
+                for (int64_t i = 0; i < n; i++) db[i] += p[i];
+            }
+        }
+        return;
+    }
     for (int64_t j = 0; j <= L; j++) { /* dq = g ⊙ e, dg = q ⊙ e, the lanes' partials in order */
         const float *q = res_q(R, j), *g = res_g(R, j);
         float *dq = GRAD(R, q), *dg = R->c->attnres_key_norm ? GRAD(R, g) : NULL;

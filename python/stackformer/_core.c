@@ -233,7 +233,9 @@ static int shape_btd(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int6
     d[0] = B; d[1] = T; d[2] = c->d_model; return 3;
 }
 static int shape_alpha(const sf_config *c, int64_t k, npy_intp *d, int64_t B, int64_t T) {
-    d[0] = B; d[1] = T; d[2] = sf_attnres_num_sources(c, k); return 3;
+    d[0] = B; d[1] = T;
+    if (c->attnres_heads > 1) { d[2] = c->attnres_heads; d[3] = sf_attnres_num_sources(c, k); return 4; }
+    d[2] = sf_attnres_num_sources(c, k); return 3;
 }
 static int shape_bht(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
     d[0] = B; d[1] = c->n_heads; d[2] = T; return 3;
@@ -405,7 +407,7 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         for (int64_t j = 0; j <= n; j++) nsel += sel[j];
         if (flags & TR_ATTENTION) est += 4.0 * nsel * bt * c->n_heads * ((double)T + sf_depth_cols(c, n));
         if (flags & (TR_HIDDEN | TR_SUBLAYER)) est += 4.0 * 3.0 * nsel * bt * c->d_model;
-        if (flags & TR_ALPHA) est += 4.0 * 2.0 * nsel * bt * (2.0 * n + 2);
+        if (flags & TR_ALPHA) est += 4.0 * 2.0 * nsel * bt * (2.0 * n + 2) * (double)c->attnres_heads;
         st = sf_forward_memory_check(self->model, &fa, (flags & TR_RMS) != 0, (flags & TR_ALPHA) != 0,
                                      est < 9.0e18 ? (int64_t)est : INT64_MAX / 2, err, sizeof err);
         if (st != SF_OK) { status_error(st, err); PyMem_Free(sel); goto fail; }

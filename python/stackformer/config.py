@@ -25,11 +25,13 @@ NORM_POSITION = {n: i for i, n in enumerate(CHOICES["norm_position"])}
 RESIDUAL = {n: i for i, n in enumerate(CHOICES["residual"])}
 # INT fields whose default is computed from others (None until __post_init__)
 _DERIVED = {"n_kv_heads": lambda c: c.n_heads, "d_ff": lambda c: 4 * c.d_model}
+# INT fields where None means "no limit" (0 in C, which Python does not accept as a value)
+_NONE_IS_ZERO = {"attnres_window": "all sources"}
 
 
 def _default(f):
     name, _, kind, default = f[:4]
-    if name in _DERIVED:
+    if name in _DERIVED or name in _NONE_IS_ZERO:
         return None
     if kind == "int":
         return int(default)
@@ -82,7 +84,11 @@ class _ConfigMethods:
         """Raise TypeError (wrong type) or ValueError (wrong value) naming the first bad field."""
         for name, _, kind, *_rest in FIELDS:
             v = getattr(self, name)
+            if name in _NONE_IS_ZERO and v is not None and _is_int(v) and v < 1:
+                raise ValueError(f"Config.{name} must be None ({_NONE_IS_ZERO[name]}) or an int >= 1, got {v!r}")
             if kind == "int":
+                if name in _NONE_IS_ZERO and v is None:
+                    continue
                 if not _is_int(v):
                     raise TypeError(f"Config.{name} must be an int, got {type(v).__name__} {v!r}")
             elif kind == "bool":
@@ -149,6 +155,8 @@ class _ConfigMethods:
             v = getattr(self, name)
             if kind == "enum":
                 out[name] = CHOICES[name].index(v)
+            elif name in _NONE_IS_ZERO and v is None:
+                out[name] = 0
             elif kind in ("int", "bool"):
                 out[name] = int(v)
             else:  # the binding converts (an int beyond double's range: ValueError naming it)
@@ -167,7 +175,7 @@ def _docstring() -> str:
 
 Config = dataclasses.make_dataclass(
     "Config",
-    [(f[0], Optional[int] if f[0] in _DERIVED else _py_type(f[2]), dataclasses.field(default=_default(f)))
+    [(f[0], Optional[int] if f[0] in _DERIVED or f[0] in _NONE_IS_ZERO else _py_type(f[2]), dataclasses.field(default=_default(f)))
      for f in FIELDS],
     bases=(_ConfigMethods,),
     namespace={"__doc__": _docstring(), "__module__": __name__},
