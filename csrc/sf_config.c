@@ -94,13 +94,12 @@ sf_status sf_config_validate(const sf_config *c, char *err, size_t errlen) {
     if (c->pos == SF_POS_SINUSOIDAL) REQ(c->d_model % 2 == 0, "pos='sinusoidal' needs an even d_model, got %lld", (long long)c->d_model);
     REQ(!c->moda_depth_only || c->moda, "moda_depth_only needs moda=True");
     REQ(c->residual != SF_RES_MHC || c->hc_expansion >= 2, "hc_expansion must be >= 2 for residual='mhc' (its H_pre init is 1/n with b = -log(n-1)), got %lld", (long long)c->hc_expansion);
-    REQ(c->attnres_key_norm || c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK,
-        "attnres_key_norm=False needs residual='attnres_full' or 'attnres_block'");
     {
         const int ar = c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK;
         static const char *mix[] = {"softmax", "sigmoid", "static"};
         REQ(c->attnres_mixing == SF_MIX_SOFTMAX || ar, "attnres_mixing='%s' needs residual='attnres_full' or 'attnres_block'",
             mix[c->attnres_mixing]);
+        REQ(c->attnres_key_norm || ar, "attnres_key_norm=False needs residual='attnres_full' or 'attnres_block'");
         REQ(c->attnres_query == SF_ARQ_STATIC || ar, "attnres_query='input' needs residual='attnres_full' or 'attnres_block'");
         REQ(c->attnres_window == 0 || ar, "attnres_window needs residual='attnres_full' or 'attnres_block'");
         REQ(c->attnres_heads == 1 || ar, "attnres_heads needs residual='attnres_full' or 'attnres_block'");

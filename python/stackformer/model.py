@@ -84,7 +84,8 @@ class Trace:
                    aggregate h_{2i}); hidden[n] = the final stream/aggregate before final_norm.
     attn_out[i], mlp_out[i]: (B, T, d) each sublayer's output (plain: the update it adds).
     alpha[k]:      (B, T, n_sources(k)) the depth-mixing weights sublayer k reads with (k = L:
-                   the output read), with `alpha_labels[k]` naming the sources. AttnRes: the
+                   the output read), with `alpha_labels[k]` naming the sources (attnres_heads
+                   H > 1: (B, T, H, n_sources(k)), one softmax per head). AttnRes: the
                    depth softmax over v0..vk (or blocks); DenseFormer: the DWA weights over
                    x0..xi (before attention sublayers and the head; None before MLPs);
                    Hyper-Connections/mHC: the read weights over the copies h1..hn. Plain: None.
@@ -109,14 +110,35 @@ class Trace:
 
     @property
     def alpha_matrix(self) -> np.ndarray:
-        """(L+1, max_sources) token- and batch-averaged alpha, NaN where a row has fewer sources."""
+        """(L+1, max_sources) token- and batch-averaged alpha (and head-averaged with
+        attnres_heads > 1), NaN where a row does not read a source. Columns are sources in
+        order (v0, v1, ... or b0, b1, ...); under attnres_window a row's window lands in the
+        columns of the sources it reads, so a column is the same source in every row."""
         if self.alpha is None:
             raise ValueError("no alpha recorded (a model with depth-mixing weights, traced with alpha=True, needed)")
-        width = max(a.shape[-1] for a in self.alpha if a is not None)
+        cols = self._alpha_columns()
+        width = max(int(c[-1]) + 1 for c in cols if c is not None and len(c))
         out = np.full((len(self.alpha), width), np.nan, dtype=np.float64)
         for k, a in enumerate(self.alpha):
             if a is not None:
-                out[k, : a.shape[-1]] = a.mean(axis=(0, 1))
+                out[k, cols[k]] = a.mean(axis=tuple(range(a.ndim - 1)))
+        return out
+
+    def _alpha_columns(self) -> List[Optional[np.ndarray]]:
+        """alpha_matrix's column of each recorded source: its position in the unwindowed list
+        (the window keeps source 0 and the last W, whose positions are known from labels)."""
+        out: List[Optional[np.ndarray]] = []
+        for k, a in enumerate(self.alpha):
+            if a is None:
+                out.append(None)
+                continue
+            n = a.shape[-1]
+            lab = self.alpha_labels[k] if self.alpha_labels and k < len(self.alpha_labels) else None
+            if lab and len(lab) == n and all(x[0] in "vb" and x[1:].split("^")[0].isdigit() for x in lab):
+                # v{i} / b{j}: column i / j (the partial sum b{m}^{i} sits in column m)
+                out.append(np.array([int(x[1:].split("^")[0]) for x in lab]))
+            else:
+                out.append(np.arange(n))
         return out
 
     @property
@@ -685,17 +707,19 @@ class Model:
             # x1..x{i} = the block outputs; the MLPs read inside their block (no sources)
             return [[f"x{j}" for j in range(k // 2 + 1)] if k % 2 == 0 else [] for k in range(L + 1)]
         if c.residual == "attnres_full":
-            return [[f"v{i}" for i in range(k + 1)] for k in range(L + 1)]
-        S = c.attnres_block_size
-        out = []
-        for k in range(L):
-            m, i = k // S + 1, k % S
-            labels = [f"b{j}" for j in range(m)]
-            if i:
-                labels.append(f"b{m}^{i}")
-            out.append(labels)
-        out.append([f"b{j}" for j in range(1 + (L + S - 1) // S)])
-        return out
+            out = [[f"v{i}" for i in range(k + 1)] for k in range(L + 1)]
+        else:
+            S = c.attnres_block_size
+            out = []
+            for k in range(L):
+                m, i = k // S + 1, k % S
+                labels = [f"b{j}" for j in range(m)]
+                if i:
+                    labels.append(f"b{m}^{i}")
+                out.append(labels)
+            out.append([f"b{j}" for j in range(1 + (L + S - 1) // S)])
+        W = c.attnres_window  # sliding window: the embedding and the last W others
+        return [lab if W is None or len(lab) <= 1 + W else lab[:1] + lab[-W:] for lab in out]
 
     def __repr__(self) -> str:
         if "_c" not in self.__dict__:

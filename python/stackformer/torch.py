@@ -241,7 +241,7 @@ class TorchModel(nn.Module):
         for name, p in self.named_parameters():
             if self.wiring.owns(name):
                 continue
-            if name.endswith("_res_proj.weight"):
+            if name.endswith(("_res_proj.weight", "_res_logits.weight")):
                 p.zero_()
             elif "norm" in name:
                 p.fill_(1.0 if name.endswith(".weight") else 0.0)
@@ -262,7 +262,8 @@ class TorchModel(nn.Module):
         """stackformer's AdamW rule: decay 2-D weights and embeddings only (never norms, biases,
         AttnRes pseudo-queries or gains, nor Hyper-Connections / mHC connection weights; DenseFormer's
         (1, m) DWA weights are decayed, as in the authors' code)."""
-        return self.get_parameter(name).dim() != 2 or "_res_proj" in name or self.wiring.no_decay(name)
+        return (self.get_parameter(name).dim() != 2 or "_res_proj" in name or "_res_logits" in name
+                or self.wiring.no_decay(name))
 
     def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
         """Parameter groups for torch.optim.AdamW with stackformer's decay rule."""
@@ -355,14 +356,29 @@ class TorchModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index)
 
 
-def _aggregate(sources, proj: nn.Linear, gain: Optional[Norm], mixing: str = "softmax") -> torch.Tensor:
+def _aggregate(sources, proj: Optional[nn.Linear], gain: Optional[Norm], mixing: str = "softmax",
+               heads: int = 1, query: str = "static", logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention Residuals, per token: K_i = RMSNorm(v_i) * g (K_i = v_i without the key norm,
     gain None), alpha = softmax_i(w . K_i) (or sigmoid gates, mixing="sigmoid"),
-    h = sum_i alpha_i v_i (no 1/sqrt(d) scaling)."""
+    h = sum_i alpha_i v_i (no 1/sqrt(d) scaling). The Table 4 ablations: query="input" reads
+    with q_t = W x_t (proj a d -> d Linear, x the newest source) instead of the pseudo-query;
+    mixing="static" mixes with softmax(logits) (heads, n_sources), the same for every token;
+    heads H > 1 gives each d/H columns their own logits over the head's columns and softmax."""
     V = torch.stack(sources, dim=2)  # (B, T, n_sources, d)
-    s = proj(V if gain is None else gain(V)).squeeze(-1)
-    alpha = torch.softmax(s, dim=-1) if mixing == "softmax" else torch.sigmoid(s)
-    return (alpha.unsqueeze(-1) * V).sum(dim=2)
+    if heads == 1 and query == "static" and mixing != "static":
+        s = proj(V if gain is None else gain(V)).squeeze(-1)
+        alpha = torch.softmax(s, dim=-1) if mixing == "softmax" else torch.sigmoid(s)
+        return (alpha.unsqueeze(-1) * V).sum(dim=2)
+    B, T, n, d = V.shape
+    Vh = V.reshape(B, T, n, heads, d // heads)
+    if mixing == "static":
+        s = logits.t().expand(B, T, n, heads)
+    else:
+        K = (V if gain is None else gain(V)).reshape(B, T, n, heads, d // heads)
+        q = proj(sources[-1]) if query == "input" else proj.weight[0].expand(B, T, d)
+        s = (K * q.reshape(B, T, 1, heads, d // heads)).sum(-1)  # (B, T, n, H)
+    alpha = torch.sigmoid(s) if mixing == "sigmoid" else torch.softmax(s, dim=2)
+    return (alpha.unsqueeze(-1) * Vh).sum(dim=2).reshape(B, T, d)
 
 
 # -- depth wirings -----------------------------------------------------------------------------
@@ -428,40 +444,59 @@ class AttnResWiring(Wiring):
     sources, v_{k+1} = branch_k(h_k), one more aggregation for the output."""
 
     @staticmethod
-    def add_block_params(blk, c, i):  # pseudo-queries w_k and key RMSNorm gains g_k
-        kn = c.attnres_key_norm  # Table 4 "w/o key norm": no norm, no gain
-        blk.attn_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        if kn:
-            blk.attn_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
-        blk.mlp_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        if kn:
-            blk.mlp_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+    def _add_reader(mod, c, s: str, k: int) -> None:
+        """One read's tensors: the pseudo-query w_k (a d -> 1 Linear; attnres_query="input":
+        d -> d) and the key RMSNorm gain g_k, or with static mixing its logits (H, n_sources)."""
+        if c.attnres_mixing == "static":
+            setattr(mod, s + "_res_logits", _Weight(c.attnres_heads, len(AttnResWiring(c)._source_ids(k))))
+            return
+        setattr(mod, s + "_res_proj", nn.Linear(c.d_model, c.d_model if c.attnres_query == "input" else 1, bias=False))
+        if c.attnres_key_norm:  # Table 4 "w/o key norm": no norm, no gain
+            setattr(mod, s + "_res_norm", Norm(c.d_model, "rmsnorm", c.attnres_eps, False))
+
+    @staticmethod
+    def add_block_params(blk, c, i):
+        AttnResWiring._add_reader(blk, c, "attn", 2 * i)
+        AttnResWiring._add_reader(blk, c, "mlp", 2 * i + 1)
 
     def add_model_params(self, model, c):
-        model.output_res_proj = nn.Linear(c.d_model, 1, bias=False)
-        if c.attnres_key_norm:
-            model.output_res_norm = Norm(c.d_model, "rmsnorm", c.attnres_eps, False)
+        AttnResWiring._add_reader(model, c, "output", 2 * c.n_layers)
+
+    def _read(self, mod, s: str, srcs):
+        c = self.c
+        lg = getattr(mod, s + "_res_logits", None)
+        return _aggregate(srcs, getattr(mod, s + "_res_proj", None), getattr(mod, s + "_res_norm", None),
+                          c.attnres_mixing, c.attnres_heads, c.attnres_query, lg.weight if lg is not None else None)
 
     def forward(self, model, x0, att):
         depth, v, L = [], [x0], 2 * self.c.n_layers  # v_0 = embedding, v_{k+1} = F_k's output
         for k in range(L):
             blk, s = model.layers[k // 2], "attn" if k % 2 == 0 else "mlp"
-            h = _aggregate(self._sources(v, k), getattr(blk, s + "_res_proj"), getattr(blk, s + "_res_norm", None),
-                           self.c.attnres_mixing)
+            h = self._read(blk, s, self._sources(v, k))
             v.append(model.branch(k, h, depth, att))  # post-norm: v_{k+1} = Norm_k(F_k(h_k))
-        return _aggregate(self._sources(v, L), model.output_res_proj, getattr(model, "output_res_norm", None),
-                          self.c.attnres_mixing)
+        return self._read(model, "output", self._sources(v, L))
+
+    def _source_ids(self, k: int) -> List[int]:
+        """Positions in the unwindowed source list that read k keeps (attnres_window W: the
+        embedding and the last W)."""
+        S = 1 if self.c.residual == "attnres_full" else self.c.attnres_block_size
+        L = 2 * self.c.n_layers
+        n = 1 + -(-k // S) if k >= L else 1 + k // S + (k % S != 0)
+        W = self.c.attnres_window
+        return list(range(n)) if W is None or n <= 1 + W else [0] + list(range(n - W, n))
 
     def _sources(self, v: List[torch.Tensor], k: int) -> List[torch.Tensor]:
         """What sublayer k (k = L: the output) reads, given v = [v_0 ... v_k].
         Full: all of v. Block (size S): b_0 = v_0, the sums b_m of each completed block of S
         sublayer outputs, and the partial sum of k's own block so far (if non-empty)."""
         if self.c.residual == "attnres_full":
-            return list(v)
-        S, m = self.c.attnres_block_size, k // self.c.attnres_block_size
-        blocks = [v[0]] + [sum(v[j * S + 1:(j + 1) * S + 1]) for j in range(m)]
-        partial = v[m * S + 1:k + 1]
-        return blocks + ([sum(partial)] if partial else [])
+            out = list(v)
+        else:
+            S, m = self.c.attnres_block_size, k // self.c.attnres_block_size
+            blocks = [v[0]] + [sum(v[j * S + 1:(j + 1) * S + 1]) for j in range(m)]
+            partial = v[m * S + 1:k + 1]
+            out = blocks + ([sum(partial)] if partial else [])
+        return [out[j] for j in self._source_ids(k)]
 
 
 def dwa_sources(i: int, k: int) -> List[int]:

@@ -118,7 +118,7 @@ def attnres_table4(scale: float = 1.0) -> StudySpec:
         ("mHC", {"residual": "mhc"}),
         ("Full AttnRes", FULL),
         ("Full w/ input-dependent query", dict(FULL, attnres_query="input")),
-        ("Full w/ input-independent mixing", dict(FULL, attnres_mixing="static")),
+        ("Full w/ input-independent mixing", dict(FULL, attnres_mixing="static", attnres_key_norm=False)),
         ("Full w/ sigmoid", dict(FULL, attnres_mixing="sigmoid")),
         ("Full w/o RMSNorm", dict(FULL, attnres_key_norm=False)),
         ("Full SWA (W=8)", dict(FULL, attnres_window=8)),
