@@ -582,6 +582,151 @@ static void attnres_backward_case(int64_t nsrc, int64_t nr, int64_t N, int64_t d
     free(qg); free(e); free(e1); free(init); free(rd); free(rd1); free(rdx); free(re);
 }
 
+/* The general read (heads, per-token queries, static weights, sigmoid gates, with and without
+ * the key norm) against a double-precision forward written from its definition, and its
+ * backward against central differences of that forward's loss Σ dh ⊙ h. */
+typedef struct { int64_t ns, N, d, H; int mixing, per_token, key_norm; } general_case;
+
+static double general_naive(double *h, double *alpha, const double *src, const double *qg,
+                            const double *lg, const general_case *c, const double *dh) {
+    const int64_t ns = c->ns, N = c->N, d = c->d, H = c->H, hd = d / H;
+    double loss = 0.0, *s = dalloc(ns);
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t hh = 0; hh < H; hh++) {
+            double mx = -INFINITY, sum = 0.0;
+            for (int64_t i = 0; i < ns; i++) {
+                const double *x = src + (i * N + n) * d;
+                double r = 1.0, dot = 0.0;
+                if (c->key_norm) {
+                    double ss = 0.0;
+                    for (int64_t e = 0; e < d; e++) ss += x[e] * x[e];
+                    r = 1.0 / sqrt(ss / (double)d + 1e-6);
+                }
+                const double *q = qg + (c->per_token ? n * d : 0);
+                for (int64_t e = hh * hd; e < (hh + 1) * hd; e++) dot += q[e] * x[e];
+                s[i] = c->mixing == SF_MIX_STATIC ? lg[hh * ns + i] : dot * r;
+                if (s[i] > mx) mx = s[i];
+            }
+            for (int64_t i = 0; i < ns; i++) sum += exp(s[i] - mx);
+            for (int64_t e = hh * hd; e < (hh + 1) * hd; e++) h[n * d + e] = 0.0;
+            for (int64_t i = 0; i < ns; i++) {
+                double a = c->mixing == SF_MIX_SIGMOID ? 1.0 / (1.0 + exp(-s[i])) : exp(s[i] - mx) / sum;
+                if (alpha) alpha[(n * H + hh) * ns + i] = a;
+                for (int64_t e = hh * hd; e < (hh + 1) * hd; e++) h[n * d + e] += a * src[(i * N + n) * d + e];
+            }
+        }
+        for (int64_t e = 0; e < d; e++) loss += dh[n * d + e] * h[n * d + e];
+    }
+    free(s);
+    return loss;
+}
+
+static double fd_of(double *v, const double *src, const double *qg, const double *lg,
+                    const general_case *c, const double *dh, double *hbuf) {
+    const double step = 1e-5, old = *v;
+    *v = old + step;
+    double lp = general_naive(hbuf, NULL, src, qg, lg, c, dh);
+    *v = old - step;
+    double lm = general_naive(hbuf, NULL, src, qg, lg, c, dh);
+    *v = old;
+    return (lp - lm) / (2 * step);
+}
+
+static void attnres_general_case(const general_case *c, int nt) {
+    const int64_t ns = c->ns, N = c->N, d = c->d, H = c->H, w = H * ns;
+    const int stat = c->mixing == SF_MIX_STATIC;
+    char what[200], sub[260];
+    snprintf(what, sizeof what, "attnres general ns=%lld N=%lld d=%lld H=%lld mixing=%d per_token=%d key_norm=%d threads=%d",
+             (long long)ns, (long long)N, (long long)d, (long long)H, c->mixing, c->per_token, c->key_norm, nt);
+    float **src = make_sources(ns, N, d), **irms = xmalloc((size_t)ns * sizeof(float *));
+    float **dsrc = xmalloc((size_t)ns * sizeof(float *)), **dsrc1 = xmalloc((size_t)ns * sizeof(float *));
+    int64_t nq = c->per_token ? N * d : d;
+    float *qg = falloc(nq), *lg = falloc(w), *dh = falloc(N * d);
+    fill(qg, nq, -0.6f, 0.6f);
+    fill(lg, w, -1.5f, 1.5f);
+    fill(dh, N * d, -1.0f, 1.0f);
+    for (int64_t i = 0; i < ns; i++) {
+        irms[i] = falloc(N);
+        if (c->key_norm) sf_attnres_inv_rms(irms[i], src[i], N, d, 1e-6f, 1);
+        else for (int64_t n = 0; n < N; n++) irms[i][n] = 1.0f;
+        dsrc[i] = falloc(N * d);
+        dsrc1[i] = falloc(N * d);
+        memset(dsrc[i], 0, (size_t)(N * d) * sizeof(float));
+        memset(dsrc1[i], 0, (size_t)(N * d) * sizeof(float));
+    }
+    sf_attnres_read rd = {.H = H, .mixing = c->mixing, .qg = stat ? NULL : qg, .qg_ld = c->per_token ? d : 0,
+                          .logits = stat ? lg : NULL};
+    const float *const *csrc = (const float *const *)src, *const *cirms = (const float *const *)irms;
+    float *h = falloc(N * d), *h1 = falloc(N * d), *alpha = falloc(N * w), *alpha1 = falloc(N * w);
+    float *scr = falloc(sf_attnres_general_scratch_floats(ns, H, nt)), *scr1 = falloc(sf_attnres_general_scratch_floats(ns, H, 1));
+    sf_attnres_general_forward(h, alpha, csrc, cirms, ns, &rd, N, d, scr, nt);
+    sf_attnres_general_forward(h1, alpha1, csrc, cirms, ns, &rd, N, d, scr1, 1);
+    snprintf(sub, sizeof sub, "%s: h vs 1 thread", what);
+    CHECK_SAME(sub, h, h1, N * d);
+    snprintf(sub, sizeof sub, "%s: alpha vs 1 thread", what);
+    CHECK_SAME(sub, alpha, alpha1, N * w);
+    /* double copies of the inputs, the naive forward */
+    double *s64 = dalloc(ns * N * d), *q64 = dalloc(nq), *l64 = dalloc(w), *dh64 = dalloc(N * d);
+    double *rh = dalloc(N * d), *ra = dalloc(N * w);
+    for (int64_t i = 0; i < ns; i++) for (int64_t k = 0; k < N * d; k++) s64[i * N * d + k] = src[i][k];
+    for (int64_t k = 0; k < nq; k++) q64[k] = qg[k];
+    for (int64_t k = 0; k < w; k++) l64[k] = lg[k];
+    for (int64_t k = 0; k < N * d; k++) dh64[k] = dh[k];
+    general_naive(rh, ra, s64, q64, l64, c, dh64);
+    snprintf(sub, sizeof sub, "%s: h", what);
+    CHECK_CLOSE(sub, h, rh, N * d, 1e-5, 1e-5);
+    snprintf(sub, sizeof sub, "%s: alpha", what);
+    CHECK_CLOSE(sub, alpha, ra, N * w, 1e-6, 1e-5);
+    /* backward, 1 thread vs nt, then against finite differences (small cases only) */
+    float *dql = falloc(SF_AR_LANES * (w > d ? w : d)), *dql1 = falloc(SF_AR_LANES * (w > d ? w : d));
+    float *dqr = falloc(N * d), *dqr1 = falloc(N * d);
+    const int64_t ls = w > d ? w : d;
+    memset(dql, 0, (size_t)(SF_AR_LANES * ls) * sizeof(float));
+    memset(dql1, 0, (size_t)(SF_AR_LANES * ls) * sizeof(float));
+    memset(dqr, 0, (size_t)(N * d) * sizeof(float));
+    memset(dqr1, 0, (size_t)(N * d) * sizeof(float));
+    float *lanes = stat || !c->per_token ? dql : NULL, *lanes1 = stat || !c->per_token ? dql1 : NULL;
+    sf_attnres_general_backward(dsrc, csrc, cirms, ns, &rd, alpha, dh, c->key_norm, stat ? NULL : (c->per_token ? NULL : dql),
+                                stat || !c->per_token ? NULL : dqr, stat ? dql : NULL, ls, N, d, scr, nt);
+    sf_attnres_general_backward(dsrc1, csrc, cirms, ns, &rd, alpha1, dh, c->key_norm, stat ? NULL : (c->per_token ? NULL : dql1),
+                                stat || !c->per_token ? NULL : dqr1, stat ? dql1 : NULL, ls, N, d, scr1, 1);
+    for (int64_t i = 0; i < ns; i++) {
+        snprintf(sub, sizeof sub, "%s: d src %lld vs 1 thread", what, (long long)i);
+        CHECK_SAME(sub, dsrc[i], dsrc1[i], N * d);
+    }
+    snprintf(sub, sizeof sub, "%s: query/logit gradient vs 1 thread", what);
+    if (lanes) CHECK_SAME(sub, lanes, lanes1, SF_AR_LANES * ls);
+    else CHECK_SAME(sub, dqr, dqr1, N * d);
+    if (N * d * ns <= 2000) {
+        double *hb = dalloc(N * d), *fd = dalloc(N * d);
+        for (int64_t i = 0; i < ns; i++) {
+            for (int64_t k = 0; k < N * d; k++) fd[k] = fd_of(s64 + i * N * d + k, s64, q64, l64, c, dh64, hb);
+            snprintf(sub, sizeof sub, "%s: d src %lld vs finite differences", what, (long long)i);
+            CHECK_CLOSE(sub, dsrc[i], fd, N * d, 1e-4, 1e-4);
+        }
+        if (stat) {
+            for (int t = 1; t < SF_AR_LANES; t++) for (int64_t k = 0; k < w; k++) dql[k] += dql[t * ls + k];
+            for (int64_t k = 0; k < w; k++) fd[k] = fd_of(l64 + k, s64, q64, l64, c, dh64, hb);
+            snprintf(sub, sizeof sub, "%s: d logits vs finite differences", what);
+            CHECK_CLOSE(sub, dql, fd, w, 1e-4, 1e-4);
+        } else if (!c->per_token) {
+            for (int t = 1; t < SF_AR_LANES; t++) for (int64_t k = 0; k < d; k++) dql[k] += dql[t * ls + k];
+            for (int64_t k = 0; k < d; k++) fd[k] = fd_of(q64 + k, s64, q64, l64, c, dh64, hb);
+            snprintf(sub, sizeof sub, "%s: d qg (shared) vs finite differences", what);
+            CHECK_CLOSE(sub, dql, fd, d, 1e-4, 1e-4);
+        } else {
+            for (int64_t k = 0; k < N * d; k++) fd[k] = fd_of(q64 + k, s64, q64, l64, c, dh64, hb);
+            snprintf(sub, sizeof sub, "%s: d qg (per token) vs finite differences", what);
+            CHECK_CLOSE(sub, dqr, fd, N * d, 1e-4, 1e-4);
+        }
+        free(hb); free(fd);
+    }
+    for (int64_t i = 0; i < ns; i++) { free(irms[i]); free(dsrc[i]); free(dsrc1[i]); }
+    free(irms); free(dsrc); free(dsrc1); free_sources(src, ns); free(qg); free(lg); free(dh); free(h); free(h1);
+    free(alpha); free(alpha1); free(scr); free(scr1); free(s64); free(q64); free(l64); free(dh64); free(rh);
+    free(ra); free(dql); free(dql1); free(dqr); free(dqr1);
+}
+
 void test_attnres(void) {
     static const int64_t nsrcs[] = {1, 2, 5};
     static const int64_t Ns[] = {1, 7};
@@ -604,5 +749,18 @@ void test_attnres(void) {
             for (int c = 0; c < 3; c++)
                 for (int acc = 0; acc <= 1; acc++)
                     attnres_backward_case(1 + 2 * acc, bnr[c], bN[a], bd[b], acc, 1 + (a + b + c) % 3);
+
+    static const int mixes[] = {SF_MIX_SOFTMAX, SF_MIX_SIGMOID, SF_MIX_STATIC};
+    for (int m = 0; m < 3; m++)
+        for (int64_t H = 1; H <= 4; H *= 2)
+            for (int pt = 0; pt <= (mixes[m] != SF_MIX_STATIC); pt++)
+                for (int kn = 0; kn <= (mixes[m] != SF_MIX_STATIC); kn++) {
+                    general_case gc = {3, 5, 8, H, mixes[m], pt, kn};
+                    attnres_general_case(&gc, 2);
+                    general_case one = {1, 2, 4, H, mixes[m], pt, kn}; /* a single source */
+                    attnres_general_case(&one, 1);
+                    general_case big = {4, 700, 40, H, mixes[m], pt, kn}; /* threaded */
+                    attnres_general_case(&big, 2);
+                }
 }
 
