@@ -168,6 +168,24 @@ enum { SF_RMS_INPUT = 0, SF_RMS_OUTPUT = 1, SF_RMS_STREAM = 2, SF_RMS_COLS = 3 }
 
 typedef struct sf_cache sf_cache;
 
+/* Interventions on a forward pass (no cache): values that replace activations at hook points,
+ * and sources removed from Attention Residuals reads. Every pointer may be NULL (= untouched);
+ * arrays are caller-owned float32 (ablate: uint8), C-contiguous, of exactly the trace's shape
+ * at the same point, so a recorded value patched back in changes nothing. n = n_layers. */
+typedef struct {
+    const float *embed;       /* (B, T, d) the embedding x0 (positions included) */
+    const float **resid_pre;  /* [n] (B, T, d) what block i's attention sublayer reads (plain:
+                                 the residual stream itself; AttnRes: the aggregate h_{2i}) */
+    const float **resid_mid;  /* [n] (B, T, d) what block i's MLP sublayer reads */
+    const float **attn_out;   /* [n] (B, T, d) the attention sublayer's output as the wiring
+                                 takes it (trace attn_out: post-norm, after the norm) */
+    const float **mlp_out;    /* [n] (B, T, d) the MLP sublayer's, likewise */
+    const float **alpha;      /* [L+1] AttnRes only: (B, T[, H], n_sources(k)) the weights read
+                                 k mixes its sources with (k = L: the output read) */
+    const uint8_t **ablate;   /* [L+1] AttnRes only: (n_sources(k)) 1 = source removed from read
+                                 k: softmax renormalised over the rest, a sigmoid gate 0 */
+} sf_patch;
+
 typedef struct {
     const int32_t *tokens;          /* (B, T) ids in [0, V), or NULL when embeds is given */
     const float *embeds;            /* (B, T, d) input embeddings, or NULL */
@@ -180,6 +198,7 @@ typedef struct {
     const volatile int *cancel;     /* NULL, or read between blocks: nonzero stops the call with
                                        SF_ERR_INTERRUPTED (outputs undefined, a cache keeps its
                                        length, the model untouched) */
+    const sf_patch *patch;          /* NULL, or interventions (forward only, no cache) */
 } sf_forward_args;
 
 /* Depth columns of layer l in the attention trace: 0 without MoDA, else 2l * moda_chunk. */

@@ -365,10 +365,11 @@ static void general_weights(float *a, const float *const *src, const float *cons
     for (int64_t h = 0; h < H; h++) {
         float *ah = a + h * nsrc;
         for (int64_t i = 0; i < nsrc; i++)
-            ah[i] = rd->mixing == SF_MIX_STATIC ? rd->logits[h * nsrc + i]
-                                                : dotf(qg + h * dh, src[i] + n * d + h * dh, dh) * inv_rms[i][n];
-        if (rd->mixing == SF_MIX_SIGMOID) {
-            for (int64_t i = 0; i < nsrc; i++) ah[i] = 1.0f / (1.0f + sf_expf(-ah[i]));
+            ah[i] = rd->drop && rd->drop[i] ? -INFINITY
+                    : rd->mixing == SF_MIX_STATIC ? rd->logits[h * nsrc + i]
+                                                  : dotf(qg + h * dh, src[i] + n * d + h * dh, dh) * inv_rms[i][n];
+        if (rd->mixing == SF_MIX_SIGMOID) { /* a dropped gate is 0 */
+            for (int64_t i = 0; i < nsrc; i++) ah[i] = rd->drop && rd->drop[i] ? 0.0f : 1.0f / (1.0f + sf_expf(-ah[i]));
             continue;
         }
         float mx = -INFINITY, sum = 0.0f;
@@ -389,7 +390,8 @@ void sf_attnres_general_forward(float *h, float *alpha_out, const float *const *
         float *a = scratch + (int64_t)sf_team_tid() * 3 * w;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            general_weights(a, src, inv_rms, nsrc, rd, n, d);
+            if (rd->alpha_in) memcpy(a, rd->alpha_in + n * w, (size_t)w * sizeof(float));
+            else general_weights(a, src, inv_rms, nsrc, rd, n, d);
             if (alpha_out) memcpy(alpha_out + n * w, a, (size_t)w * sizeof(float));
             float *hn = h + n * d;
             for (int64_t hh = 0; hh < H; hh++)

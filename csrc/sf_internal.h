@@ -218,6 +218,11 @@ typedef struct {
     const float *qg;      /* (d) or (N, d) at row stride qg_ld; NULL with static mixing */
     int64_t qg_ld;
     const float *logits;  /* static mixing: (H, nsrc) */
+    /* interventions (sf_patch, forward only): the weights themselves (N, H, nsrc) instead of
+     * computing them, or sources removed from the read (drop[i] = 1: its logit is -inf, so
+     * the softmax renormalises over the rest; a sigmoid gate is 0) */
+    const float *alpha_in;
+    const uint8_t *drop;
 } sf_attnres_read;
 int64_t sf_attnres_general_scratch_floats(int64_t nsrc, int64_t H, int n_threads);
 /* h (N, d); alpha_out (N, H, nsrc) optional */

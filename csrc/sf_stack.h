@@ -62,6 +62,7 @@ typedef struct run {
     void *mem; /* the one allocation */
     int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
     const volatile int *cancel; /* the caller's stop flag (sf_forward_args.cancel), or NULL */
+    const sf_patch *patch;      /* the caller's interventions (sf_forward_args.patch), or NULL */
 } run;
 
 /* the caller asked the call to stop (checked between blocks: a check costs one load) */
@@ -167,6 +168,14 @@ static inline void sub_norm(const run *R, int64_t k, const float **w, const floa
 }
 
 /* What sublayer k reads (block k/2's in_a or in_m). */
+/* Sublayer k's output v as the wiring takes it (where the trace records attn_out/mlp_out):
+ * replaced by the caller's patch if it has one, then recorded. */
+static inline void sub_out_hook(const run *R, int64_t k, float *v, float *trace_out) {
+    const float *const *p = R->patch ? (k % 2 == 0 ? R->patch->attn_out : R->patch->mlp_out) : NULL;
+    if (p && p[k / 2]) copy(v, p[k / 2], R->N * R->d);
+    copy(trace_out, v, R->N * R->d);
+}
+
 static inline float *sub_in(const run *R, int64_t k) {
     return k % 2 == 0 ? R->acts[k / 2].in_a : R->acts[k / 2].in_m;
 }

@@ -201,10 +201,11 @@ static void layout(run *R, bump *bp, want w) {
         ar->ar_part = !ar->block ? take(bp, cmul(&bad, SF_AR_GROUP - 1, Nd)) : NULL;
     }
     ar->ar_scratch = take(bp, sf_attnres_scratch_floats(ar->nsrc_max, d, R->nt));
+    /* the general read's scratch: also for the default read of a patched forward (small) */
+    ar->g_scratch = take(bp, sf_attnres_general_scratch_floats(ar->nsrc_max, H, R->nt));
+    ar->g_qg = take(bp, d);
     if (ar->general) {
         const int inq = R->c->attnres_query == SF_ARQ_INPUT;
-        ar->g_scratch = take(bp, sf_attnres_general_scratch_floats(ar->nsrc_max, H, R->nt));
-        ar->g_qg = take(bp, d);
         ar->g_qgt = inq ? take(bp, Nd) : NULL;
         ar->g_q = inq && R->training ? take(bp, Nd) : NULL;
         ar->g_dq = inq && R->training ? take(bp, Nd) : NULL;
@@ -315,13 +316,23 @@ static sf_attnres_read general_desc(run *R, int64_t k, int64_t ns, float *q_out)
     return rd;
 }
 
+/* the caller's intervention on read k (forward only): its weights, its removed sources */
+static const float *patch_alpha(const run *R, int64_t k) {
+    return R->patch && R->patch->alpha ? R->patch->alpha[k] : NULL;
+}
+static const uint8_t *patch_drop(const run *R, int64_t k) {
+    return R->patch && R->patch->ablate ? R->patch->ablate[k] : NULL;
+}
+
 /* h = AttnRes_k(sources); alpha (N, nsrc) optional (general read: (N, H, nsrc)) */
 static void attnres_input(run *R, int64_t k, float *h, float *alpha) {
     ar_state *ar = R->ws;
     const int64_t N = R->N, d = R->d;
-    if (ar->general) {
+    if (ar->general || patch_alpha(R, k) || patch_drop(R, k)) {
         int64_t ns = gather_sources(R, k);
         sf_attnres_read rd = general_desc(R, k, ns, NULL);
+        rd.alpha_in = patch_alpha(R, k);
+        rd.drop = patch_drop(R, k);
         sf_attnres_general_forward(h, alpha, ar->src_ptr, ar->rms_ptr, ns, &rd, N, d, ar->g_scratch, R->nt);
         return;
     }
@@ -363,7 +374,7 @@ static void attnres_output(run *R, int64_t k, const float *y, const float *nw, c
     if (R->c->pre_norm) copy(v, y, Nd); /* nothing to copy when y was written there */
     else norm_fwd(R, v, y, nw, nb);
     resid_dropout(R, v, k);
-    copy(trace_out, v, Nd);
+    sub_out_hook(R, k, v, trace_out);
     if (ar->running) sf_add(ar->running, v, Nd, R->nt);
     if (!ar->block) {
         source_inv_rms(R, ar->src_rms + (k + 1) * N, v);

@@ -127,7 +127,7 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
     /* the block's own residual stream, as in the plain wiring; the MLP's sum is X_{i+1} */
     float *out = k % 2 == 0 ? next : s->X + (i + 1) * Nd;
     resid_dropout(R, y, k);
-    copy(trace_out, y, Nd);
+    sub_out_hook(R, k, y, trace_out);
     if (rms) rms[SF_RMS_OUTPUT] = rms_of(y, Nd);
     if (R->c->pre_norm) {
         add3(R, out, h, y, Nd);

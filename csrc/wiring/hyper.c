@@ -436,7 +436,7 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
         v = s->v;
     }
     resid_dropout(R, v, k);
-    copy(trace_out, v, Nd);
+    sub_out_hook(R, k, v, trace_out);
     if (rms) rms[SF_RMS_OUTPUT] = rms_of(v, Nd);
     const float *Hk = stream(R, k);
     float *Hn = stream(R, k + 1);

@@ -33,7 +33,7 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
     const int64_t Nd = R->N * R->d;
     const float *h = sub_in(R, k);
     resid_dropout(R, y, k);
-    copy(trace_out, y, Nd);
+    sub_out_hook(R, k, y, trace_out);
     if (rms) rms[SF_RMS_OUTPUT] = rms_of(y, Nd);
     if (R->c->pre_norm) {
         add3(R, next, h, y, Nd);
