@@ -40,6 +40,8 @@
  * constant, so the sums do not depend on the thread count. */
 #define HC_LANES 16
 #define MHC_MAX_N 16 /* per-token scratch on the stack: n x n matrices */
+#define MHC_TB 8     /* mHC coefficient backward: tokens whose products with P share its loads */
+#define MHC_CH 64    /* ... over this many columns of n d at a time (accumulators on the stack) */
 
 typedef struct {
     int mhc, dyn;
@@ -232,7 +234,7 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
         for (int64_t r = 0; r < N; r++) {
             const float *xn = s->Hn + r * n * d;
             float *z = s->z + r * Z, logit[MHC_MAX_N * MHC_MAX_N];
-            for (int64_t c = 0; c < Z; c++) z[c] = sf_dot(xn, P + c * n * d, n * d);
+            sf_dots(z, xn, P, n * d, Z, n * d); /* z[c] = xn · P_c, the dots side by side */
             float *al = s->alpha + r * n * C, *be = s->beta + r * n;
             for (int64_t j = 0; j < n; j++) al[j * C] = sigm(a[0] * z[j] + b[j]);
             for (int64_t i = 0; i < n; i++) be[i] = 2.0f * sigm(a[1] * z[n + i] + b[n + i]);
@@ -281,9 +283,15 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
     if (s->mhc) {
         const float *P = Lv->hc_proj[sub], *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub];
         float *lb = ln, *lsc = ln + Z, *lP = lsc + 3;
-        for (int64_t r = r0; r < r1; r++) {
-            const float *z = s->z + r * Z, *g = s->ga + r * n * C, *gbr = s->gb + r * n, *xn = s->Hn + r * n * d;
-            float dz[2 * MHC_MAX_N + MHC_MAX_N * MHC_MAX_N], dM[MHC_MAX_N * MHC_MAX_N], dl[MHC_MAX_N * MHC_MAX_N];
+        const int64_t nd = n * d;
+        /* MHC_TB tokens at a time: first each one's coefficient gradient dz (the scalar part,
+         * token by token), then the two products with P for the block (see below) */
+        for (int64_t rb = r0; rb < r1; rb += MHC_TB) {
+        const int64_t nb = r1 - rb < MHC_TB ? r1 - rb : MHC_TB;
+        float dzb[MHC_TB][2 * MHC_MAX_N + MHC_MAX_N * MHC_MAX_N];
+        for (int64_t r = rb; r < rb + nb; r++) {
+            const float *z = s->z + r * Z, *g = s->ga + r * n * C, *gbr = s->gb + r * n;
+            float *dz = dzb[r - rb], dM[MHC_MAX_N * MHC_MAX_N], dl[MHC_MAX_N * MHC_MAX_N];
             for (int64_t j = 0; j < n; j++) { /* H_pre = sigmoid(a0 z + b) */
                 const float p = s->alpha[(r * n + j) * C], dpre = g[j * C] * p * (1.0f - p);
                 lb[j] += dpre; lsc[0] += dpre * z[j]; dz[j] = a[0] * dpre;
@@ -298,15 +306,37 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
             for (int64_t t = 0; t < n * n; t++) {
                 lb[2 * n + t] += dl[t]; lsc[2] += dl[t] * z[2 * n + t]; dz[2 * n + t] = a[2] * dl[t];
             }
-            float *dxn = s->dHn + r * n * d;
-            for (int64_t e = 0; e < n * d; e++) dxn[e] = 0.0f;
-            for (int64_t c = 0; c < Z; c++) {
-                const float *Pc = P + c * n * d;
-                float *lPc = lP + c * n * d;
-                for (int64_t e = 0; e < n * d; e++) { dxn[e] += dz[c] * Pc[e]; lPc[e] += dz[c] * xn[e]; }
-            }
-            (void)b;
         }
+        /* dL/dH̄_r = Σ_c dz_r[c] P_c and the lane's dP_c += Σ_r dz_r[c] H̄_r: per element the
+         * same sums in the same order as one token and one c at a time (c ascending for dH̄,
+         * the lane's tokens ascending for dP), but P's columns are read once per block of
+         * tokens and each dP row once per block instead of once per token (P and the lane's
+         * dP are Z x n d floats each: 147 KB at M, streamed from L2 for every token before) */
+        for (int64_t e0 = 0; e0 < nd; e0 += MHC_CH) {
+            const int64_t ne = nd - e0 < MHC_CH ? nd - e0 : MHC_CH;
+            float acc[MHC_TB][MHC_CH];
+            for (int64_t t = 0; t < nb; t++)
+                for (int64_t e = 0; e < ne; e++) acc[t][e] = 0.0f;
+            for (int64_t c = 0; c < Z; c++) {
+                const float *Pc = P + c * nd + e0;
+                for (int64_t t = 0; t < nb; t++) {
+                    const float w = dzb[t][c];
+                    for (int64_t e = 0; e < ne; e++) acc[t][e] += w * Pc[e];
+                }
+            }
+            for (int64_t t = 0; t < nb; t++) memcpy(s->dHn + (rb + t) * nd + e0, acc[t], (size_t)ne * sizeof(float));
+            for (int64_t c = 0; c < Z; c++) {
+                float *lPc = lP + c * nd + e0, row[MHC_CH];
+                memcpy(row, lPc, (size_t)ne * sizeof(float));
+                for (int64_t t = 0; t < nb; t++) {
+                    const float w = dzb[t][c], *xt = s->Hn + (rb + t) * nd + e0;
+                    for (int64_t e = 0; e < ne; e++) row[e] += w * xt[e];
+                }
+                memcpy(lPc, row, (size_t)ne * sizeof(float));
+            }
+        }
+        }
+        (void)b;
         return;
     }
     const float *P = Lv->hc_proj[sub], *sc = Lv->hc_scale[sub];
