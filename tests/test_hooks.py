@@ -397,3 +397,21 @@ def test_errors():
     # 1-D tokens are a batch of one, as in model(x)
     lg, c1 = m.run_with_cache(np.array([1, 2, 3]))
     assert lg.shape == (1, 3, 50) and c1["blocks.0.attn.hook_q"].shape[:2] == (1, 3)
+
+
+def test_trace_activations_kind():
+    """The recordings behind the cache are a trace kind of their own, off under trace=True."""
+    cfg = small_config(pos="rope")
+    m = sf.Model(cfg, seed=0)
+    x = toks()
+    full = m(x, trace=True).trace
+    assert full.q is None and full.embed is None and full.mlp_post is None
+    tr = m(x, trace=["activations"]).trace
+    assert tr.attention is None and tr.hidden is None
+    assert tr.embed.shape == (B, T, cfg.d_model) and len(tr.q) == cfg.n_layers
+    assert tr.mlp_post[1].shape == (B, T, cfg.d_ff) and tr.hidden_mid[0].shape == (B, T, cfg.d_model)
+    _, cache = m.run_with_cache(x)
+    np.testing.assert_array_equal(tr.q[1], cache["blocks.1.attn.hook_q"])
+    assert sf.TraceOptions().activations is False
+    tr = m(x, trace=sf.TraceOptions(activations=True, layers=[1])).trace
+    assert tr.q[0] is None and tr.q[1] is not None
