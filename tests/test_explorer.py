@@ -56,6 +56,21 @@ def test_page_data_every_wiring(wiring, tmp_path):
     assert data["tokens"] == [str(int(t)) for t in x[0]]  # not byte-level: ids
 
 
+def test_encoder_and_embedding_pages(tmp_path):
+    m = sf.Model(small_config(causal=False), seed=0)
+    _, cache = m.run_with_cache(np.arange(5))
+    _, data = embedded(cache.to_html(str(tmp_path / "enc.html")))
+    assert all(r["loss"] is None for r in data["lens"])  # no next-token loss for an encoder
+    _, data = embedded(sf.Model(small_config(), seed=0).run_with_cache(np.arange(5))[1].to_html(str(tmp_path / "dec.html")))
+    assert all(r["loss"] is not None for r in data["lens"])
+    emb = np.zeros((1, 4, 32), dtype=np.float32)
+    _, data = embedded(m.run_with_cache(emb)[1].to_html(str(tmp_path / "emb.html")))
+    assert data["tokens"] == ["#0", "#1", "#2", "#3"]
+    _, long = sf.Model(small_config(max_seq_len=300), seed=0).run_with_cache(np.zeros(257, dtype=np.int64))
+    with pytest.raises(ValueError, match="at most 256 positions"):
+        long.to_html(str(tmp_path / "long.html"))
+
+
 def test_script_end_in_labels_is_escaped(tmp_path):
     m = sf.Model(small_config(), seed=0)
     _, cache = m.run_with_cache(np.arange(3))

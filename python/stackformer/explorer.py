@@ -68,7 +68,8 @@ def page_data(cache, title: Optional[str] = None, token_text: Optional[Sequence[
         w = cache[name][batch]
         reads.append({"name": name, "labels": cache.hook_sources[name], "weights": _r(w),
                       "mean": _r(w.mean(axis=0))})
-    lens = cache.logit_lens("next" if cache.tokens is not None and T > 1 else None)
+    # next-token loss where that is the task (a decoder run on token ids); else no loss column
+    lens = cache.logit_lens("next" if c.causal and cache.tokens is not None and T > 1 else None)
     kind = c.residual + ("+moda" if c.moda else "")
     return {
         "title": title or f"stackformer trace explorer: {kind}",
