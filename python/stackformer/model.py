@@ -428,7 +428,8 @@ class Model:
         x: token ids (T,) or (B, T), any integer dtype (also a list, or bytes for byte-level
            models), or float embeddings (B, T, d_model). 1-D input is a batch of one.
         trace: False | True | TraceOptions | list of kinds ("attention", "hidden",
-           "sublayer_outputs", "alpha", "depth_mass", "rms").
+           "sublayer_outputs", "alpha", "depth_mass", "rms", "activations"; True = all but
+           "activations", which run_with_cache turns on).
         key_padding_mask: (B, T) bool/int, 1 = real token, 0 = padding (masked as a key).
         return_hidden: return final hidden states (B, T, d) (after final norm) instead of logits.
         attnres_two_phase: Block AttnRes uses the paper's two-phase schedule (exact; False runs
