@@ -155,6 +155,16 @@ typedef struct {
     float *rms;          /* (L+1, SF_RMS_COLS) per-sublayer RMS summary, see below */
     float *copy_rms;     /* (L+1, hc_expansion) Hyper-Connections/mHC only: RMS of each copy of
                           * the stream entering sublayer k (row L: the copies the head sums) */
+    /* activations (issue 23, the TransformerLens-style cache): copies of buffers the forward
+     * computes anyway, taken where they are complete; recording them changes no result */
+    float *embed;        /* (B, T, d) the embedding output (token + learned/sinusoidal position) */
+    float **hidden_mid;  /* [n] (B, T, d) what block i's MLP sublayer reads (before its norm) */
+    float **q;           /* [n] (B, T, H, dh) query projection, before RoPE */
+    float **k;           /* [n] (B, T, Hkv, dh) key projection, before RoPE */
+    float **v;           /* [n] (B, T, Hkv, dh) value projection */
+    float **z;           /* [n] (B, T, H, dh) attention's per-head output, before o_proj */
+    float **mlp_post;    /* [n] (B, T, d_ff) the MLP's activation (swiglu: act(gate) * up), what
+                          * down_proj reads */
 } sf_trace;
 
 /* rms rows k = 0..L-1 are sublayers (2i attention, 2i+1 MLP of block i), row L the output:

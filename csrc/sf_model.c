@@ -320,12 +320,17 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
 
 /* y = Attn_i(u): projections, RoPE, cache and depth writes, attention, output projection. */
 static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u, float *y,
-                         float *probs, float *depth_mass) {
+                         const sf_trace *tr) {
     const sf_layer_views *Lv = &R->m->layers[i];
     const sf_config *c = R->c;
+    float *probs = tr && tr->attention ? tr->attention[i] : NULL;
+    float *depth_mass = tr && tr->depth_mass ? tr->depth_mass[i] : NULL;
     linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
     linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
     linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    if (tr && tr->q) copy(tr->q[i], A->q, R->N * R->qd); /* before RoPE rotates them in place */
+    if (tr && tr->k) copy(tr->k[i], A->k, R->N * R->kvd);
+    if (tr && tr->v) copy(tr->v[i], A->v, R->N * R->kvd);
     const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
     const int extra = c->moda_depth_kv == SF_DKV_EXTRA; /* the slot from its own projections */
     const int64_t slot = depth_slots_per_layer(c) * i;  /* attn_i's depth slot */
@@ -357,11 +362,13 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
         write_depth(R, R->depth_v, slot, A->v);
     }
     sf_attention_forward(&a, A->q, A->att, A->lse, probs, depth_mass, R->attn_scratch, R->nt);
+    if (tr && tr->z) copy(tr->z[i], A->att, R->N * R->qd);
     linear(R, y, A->att, Lv->o_w, Lv->o_b, R->qd, R->d);
 }
 
 /* y = MLP_i(u); under MoDA also writes depth slot 2i+1 = (u Wdk^T, u Wdv^T). */
-static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, float *y) {
+static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, float *y,
+                        const sf_trace *tr) {
     const sf_layer_views *Lv = &R->m->layers[i];
     const sf_config *c = R->c;
     int64_t nF = R->N * R->F;
@@ -380,6 +387,7 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
                           R->F, R->pack, R->nt);
         }
     }
+    if (tr && tr->mlp_post) copy(tr->mlp_post[i], A->g, nF);
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
     if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
         linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
@@ -496,11 +504,8 @@ static void embed_backward(const run *R, const int32_t *tokens, const float *dx0
 static void sub_forward(run *R, int64_t k, const float *u, float *y, sf_trace *tr) {
     const int64_t i = k / 2;
     block_acts *A = &R->acts[i];
-    if (k % 2 == 0)
-        attn_forward(R, i, A, u, y, tr && tr->attention ? tr->attention[i] : NULL,
-                     tr && tr->depth_mass ? tr->depth_mass[i] : NULL);
-    else
-        mlp_forward(R, i, A, u, y);
+    if (k % 2 == 0) attn_forward(R, i, A, u, y, tr);
+    else mlp_forward(R, i, A, u, y, tr);
 }
 
 /* Given dy = dL/dy of y = F_k(u), accumulate F_k's parameter gradients and write du. */
@@ -526,6 +531,7 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
         sub_norm(R, k, &nw, &nb);
         W->read(R, k, h, tr && tr->alpha ? tr->alpha[k] : NULL);
         if (s == 0 && tr && tr->hidden) copy(tr->hidden[i], h, Nd);
+        if (s == 1 && tr && tr->hidden_mid) copy(tr->hidden_mid[i], h, Nd);
         if (rms) rms[k * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(h, Nd);
         if (R->c->pre_norm) norm_fwd(R, u, h, nw, nb);
         float *y = W->out_buf(R, k, s == 0 ? A->y_a : A->y_m);
@@ -545,6 +551,7 @@ static sf_status stack_forward(run *R, const int32_t *tokens, const float *embed
     const int64_t Nd = R->N * R->d, n = c->n_layers, L = R->L;
     float *x0 = R->W->embed_dst(R);
     embed(R, tokens, embeds, x0);
+    if (tr && tr->embed) copy(tr->embed, x0, Nd);
     R->W->begin(R, x0);
     for (int64_t i = 0; i < n; i++) {
         if (run_cancelled(R)) return SF_ERR_INTERRUPTED;

@@ -272,3 +272,17 @@ def test_bad_values_and_combinations_name_the_field():
     bad("attnres_query", residual="attnres_full", attnres_query="dynamic")
     bad("attnres_mixing", residual="attnres_full", attnres_mixing="relu")
     assert sf.Config(**BASE, residual="attnres_full").attnres_window is None
+
+
+def test_run_with_cache_names_windowed_sources_and_mixes_heads():
+    """The TransformerLens-style cache under a window and heads: each read's hook_sources name
+    the embedding and its last W sources, and its input is the head-wise mixture of them."""
+    m, _, _ = build(attnres_window=2, attnres_heads=2, residual="attnres_full")
+    _, cache = m.run_with_cache(toks(2, 6))
+    name = "blocks.2.attn_res.hook_weights"  # sublayer 4 reads v0, v3, v4
+    assert cache.hook_sources[name] == ["hook_embed", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"]
+    w = cache[name].astype(np.float64)  # (B, T, H, 3)
+    srcs = np.stack([cache[s].astype(np.float64) for s in cache.hook_sources[name]], axis=2)  # (B, T, 3, d)
+    B, T, n, d = srcs.shape
+    mixed = np.einsum("bthn,btnhe->bthe", w, srcs.reshape(B, T, n, 2, d // 2)).reshape(B, T, d)
+    assert np.abs(mixed - cache["blocks.2.hook_resid_pre"]).max() < 1e-5

@@ -134,6 +134,7 @@ void test_tensor_table(void);
 void test_forward_variants(void);
 void test_block_s1_is_full(void);
 void test_traces(void);
+void test_trace_activations(void);
 void test_forward_threads(void);
 void test_cache(void);
 void test_forward_errors(void);

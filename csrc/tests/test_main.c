@@ -31,6 +31,7 @@ int main(void) {
         {"forward variants", test_forward_variants},
         {"block S=1 is full", test_block_s1_is_full},
         {"traces", test_traces},
+        {"trace activations", test_trace_activations},
         {"forward threads", test_forward_threads},
         {"kv cache", test_cache},
         {"forward errors", test_forward_errors},

@@ -131,6 +131,7 @@ Other commands:
   python -m stackformer study --preset NAME   the papers' tables (study --list shows them)
   python -m stackformer compare [options]     one seed per wiring, the quick look
   python -m stackformer demo [options]        the random-init stacking/wiring demo
+  python -m stackformer explore [--out FILE]  the trace explorer: one self-contained HTML page
 """
 
 
@@ -330,7 +331,7 @@ def study_command(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m stackformer demo|study|compare [options]`; no command (or only options) runs
+    """`python -m stackformer demo|study|compare|explore [options]`; no command (or only options) runs
     the main job's small study."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["demo"], ["--demo"]):
@@ -340,6 +341,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["compare"]:
         from .compare import main as compare_main
         return compare_main(argv[1:])
+    if argv[:1] == ["explore"]:
+        from .explorer import main as explore_main
+        return explore_main(argv[1:])
     return main_job(argv)
 
 

@@ -201,7 +201,8 @@ static PyObject *CModel_tensors(CModel *self, PyObject *unused) {
 
 /* ---- forward --------------------------------------------------------------------------- */
 
-enum { TR_ATTENTION = 1, TR_HIDDEN = 2, TR_SUBLAYER = 4, TR_ALPHA = 8, TR_DEPTH = 16, TR_RMS = 32 };
+enum { TR_ATTENTION = 1, TR_HIDDEN = 2, TR_SUBLAYER = 4, TR_ALPHA = 8, TR_DEPTH = 16, TR_RMS = 32,
+       TR_ACTIVATIONS = 64 /* embed, MLP inputs, q/k/v/z, MLP activation (issue 23) */ };
 
 /* A list of `n` float32 arrays (or None where not selected), with their data pointers in ptrs. */
 static PyObject *alloc_list(int64_t n, const char *sel, int64_t sel_len, int (*shape_of)(const sf_config *, int64_t, npy_intp *, int64_t, int64_t),
@@ -239,6 +240,15 @@ static int shape_alpha(const sf_config *c, int64_t k, npy_intp *d, int64_t B, in
 }
 static int shape_bht(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
     d[0] = B; d[1] = c->n_heads; d[2] = T; return 3;
+}
+static int shape_q(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = T; d[2] = c->n_heads; d[3] = c->d_model / c->n_heads; return 4;
+}
+static int shape_kv(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = T; d[2] = c->n_kv_heads; d[3] = c->d_model / c->n_heads; return 4;
+}
+static int shape_btf(const sf_config *c, int64_t i, npy_intp *d, int64_t B, int64_t T) {
+    d[0] = B; d[1] = T; d[2] = c->d_ff; return 3;
 }
 
 /* ---- the one input parser of forward and forward_backward ------------------------------
@@ -408,12 +418,17 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         if (flags & TR_ATTENTION) est += 4.0 * nsel * bt * c->n_heads * ((double)T + sf_depth_cols(c, n));
         if (flags & (TR_HIDDEN | TR_SUBLAYER)) est += 4.0 * 3.0 * nsel * bt * c->d_model;
         if (flags & TR_ALPHA) est += 4.0 * 2.0 * nsel * bt * (2.0 * n + 2) * (double)c->attnres_heads;
+        if (flags & TR_ACTIVATIONS) {
+            double dh = (double)(c->d_model / c->n_heads);
+            est += 4.0 * bt * c->d_model + 4.0 * nsel * bt * (c->d_model + 2.0 * c->n_heads * dh
+                                                               + 2.0 * c->n_kv_heads * dh + c->d_ff);
+        }
         st = sf_forward_memory_check(self->model, &fa, (flags & TR_RMS) != 0, (flags & TR_ALPHA) != 0,
                                      est < 9.0e18 ? (int64_t)est : INT64_MAX / 2, err, sizeof err);
         if (st != SF_OK) { status_error(st, err); PyMem_Free(sel); goto fail; }
     }
     tdict = PyDict_New();
-    ptrs = PyMem_Calloc((size_t)(6 * (L + 2)), sizeof(float *));
+    ptrs = PyMem_Calloc((size_t)(12 * (L + 2)), sizeof(float *));
     if (!tdict || !ptrs) { PyMem_Free(sel); if (!ptrs) PyErr_NoMemory(); goto fail; }
     struct { int flag; const char *name; int64_t count; int (*shape)(const sf_config *, int64_t, npy_intp *, int64_t, int64_t); float ***dst; int div; int ok; } items[] = {
         {TR_ATTENTION, "attention", n, shape_attention, &tr.attention, 1, 1},
@@ -422,8 +437,15 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         {TR_SUBLAYER, "mlp_out", n, shape_btd, &tr.mlp_out, 1, 1},
         {TR_ALPHA, "alpha", L + 1, shape_alpha, &tr.alpha, 2, c->residual != SF_RES_PLAIN},
         {TR_DEPTH, "depth_mass", n, shape_bht, &tr.depth_mass, 1, c->moda},
+        {TR_ACTIVATIONS, "hidden_mid", n, shape_btd, &tr.hidden_mid, 1, 1},
+        {TR_ACTIVATIONS, "q", n, shape_q, &tr.q, 1, 1},
+        {TR_ACTIVATIONS, "k", n, shape_kv, &tr.k, 1, 1},
+        {TR_ACTIVATIONS, "v", n, shape_kv, &tr.v, 1, 1},
+        {TR_ACTIVATIONS, "z", n, shape_q, &tr.z, 1, 1},
+        {TR_ACTIVATIONS, "mlp_post", n, shape_btf, &tr.mlp_post, 1, 1},
     };
-    for (int j = 0; j < 6; j++) {
+    enum { N_ITEMS = sizeof items / sizeof items[0] };
+    for (int j = 0; j < N_ITEMS; j++) {
         if (!(flags & items[j].flag) || !items[j].ok) continue;
         float **p = ptrs + j * (L + 2);
         PyObject *lst = alloc_list(items[j].count, sel, n + 1, items[j].shape, c, B, T, p, items[j].div);
@@ -432,6 +454,13 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         *items[j].dst = p;
     }
     PyMem_Free(sel);
+    if (flags & TR_ACTIVATIONS) {
+        npy_intp edims[3] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->d_model};
+        PyObject *e = PyArray_ZEROS(3, edims, NPY_FLOAT32, 0);
+        if (!e || PyDict_SetItemString(tdict, "embed", e) < 0) { Py_XDECREF(e); goto fail; }
+        tr.embed = (float *)PyArray_DATA((PyArrayObject *)e);
+        Py_DECREF(e);
+    }
     if (flags & TR_RMS) {
         npy_intp dims[2] = {(npy_intp)(L + 1), SF_RMS_COLS};
         PyObject *r = PyArray_ZEROS(2, dims, NPY_FLOAT32, 0);
@@ -950,5 +979,6 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "TRACE_ALPHA", TR_ALPHA);
     PyModule_AddIntConstant(m, "TRACE_DEPTH", TR_DEPTH);
     PyModule_AddIntConstant(m, "TRACE_RMS", TR_RMS);
+    PyModule_AddIntConstant(m, "TRACE_ACTIVATIONS", TR_ACTIVATIONS);
     return m;
 }

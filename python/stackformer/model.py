@@ -23,14 +23,18 @@ _TRACE_FLAGS = {
     "alpha": _core.TRACE_ALPHA,
     "depth_mass": _core.TRACE_DEPTH,
     "rms": _core.TRACE_RMS,
+    "activations": _core.TRACE_ACTIVATIONS,
 }
 
 
 @dataclass
 class TraceOptions:
-    """What a traced forward pass records. Everything is on by default; `layers` limits the
-    per-layer recordings to those block indices (index n_layers = the output end: final hidden
-    state and the output aggregator), so deep models need not keep every (B,H,T,T) map."""
+    """What a traced forward pass records. Everything but `activations` is on by default;
+    `layers` limits the per-layer recordings to those block indices (index n_layers = the
+    output end: final hidden state and the output aggregator), so deep models need not keep
+    every (B,H,T,T) map. `activations` (off by default, on in `Model.run_with_cache`) adds the
+    embedding output, each MLP's input, q/k/v before RoPE, attention's per-head output z and
+    the MLP activation: about 9 more (B, T, d) arrays per block."""
 
     attention: bool = True
     hidden: bool = True
@@ -38,6 +42,7 @@ class TraceOptions:
     alpha: bool = True
     depth_mass: bool = True
     rms: bool = True
+    activations: bool = False
     layers: Optional[Sequence[int]] = None
 
     def flags(self) -> int:
@@ -94,6 +99,12 @@ class Trace:
                    sum after it (row L: final stream; other columns NaN).
     copy_rms:      Hyper-Connections/mHC only: (L+1, n) RMS of each copy of the stream entering
                    sublayer k (row L: the copies the head sums), recorded with rms.
+    With activations=True (TraceOptions; see Model.run_with_cache for the named view):
+    embed:         (B, T, d) the embedding output (token + learned/sinusoidal position).
+    hidden_mid[i]: (B, T, d) what block i's MLP sublayer reads (before its pre-norm).
+    q[i], z[i]:    (B, T, H, dh) query projection (before RoPE) / attention's per-head output
+                   before o_proj; k[i], v[i]: (B, T, Hkv, dh) (k before RoPE).
+    mlp_post[i]:   (B, T, d_ff) the MLP activation down_proj reads.
     Entries not recorded are None.
     """
 
@@ -107,6 +118,13 @@ class Trace:
     rms: Optional[np.ndarray] = None
     copy_rms: Optional[np.ndarray] = None
     seq_len: int = 0
+    embed: Optional[np.ndarray] = None
+    hidden_mid: Optional[List[Optional[np.ndarray]]] = None
+    q: Optional[List[Optional[np.ndarray]]] = None
+    k: Optional[List[Optional[np.ndarray]]] = None
+    v: Optional[List[Optional[np.ndarray]]] = None
+    z: Optional[List[Optional[np.ndarray]]] = None
+    mlp_post: Optional[List[Optional[np.ndarray]]] = None
 
     @property
     def alpha_matrix(self) -> np.ndarray:
@@ -432,7 +450,8 @@ class Model:
         x: token ids (T,) or (B, T), any integer dtype (also a list, or bytes for byte-level
            models), or float embeddings (B, T, d_model). 1-D input is a batch of one.
         trace: False | True | TraceOptions | list of kinds ("attention", "hidden",
-           "sublayer_outputs", "alpha", "depth_mass", "rms").
+           "sublayer_outputs", "alpha", "depth_mass", "rms", "activations"; True = all but
+           "activations", which run_with_cache turns on).
         key_padding_mask: (B, T) bool/int, 1 = real token, 0 = padding (masked as a key).
         return_hidden: return final hidden states (B, T, d) (after final norm) instead of logits.
         attnres_two_phase: Block AttnRes uses the paper's two-phase schedule (exact; False runs
@@ -456,8 +475,22 @@ class Model:
                 attention=tr.get("attention"), hidden=tr.get("hidden"),
                 attn_out=tr.get("attn_out"), mlp_out=tr.get("mlp_out"),
                 alpha=tr.get("alpha"), depth_mass=tr.get("depth_mass"), rms=tr.get("rms"),
-                copy_rms=tr.get("copy_rms"), alpha_labels=self.alpha_labels() if "alpha" in tr else None, seq_len=T)
+                copy_rms=tr.get("copy_rms"), alpha_labels=self.alpha_labels() if "alpha" in tr else None, seq_len=T,
+                embed=tr.get("embed"), hidden_mid=tr.get("hidden_mid"), q=tr.get("q"), k=tr.get("k"),
+                v=tr.get("v"), z=tr.get("z"), mlp_post=tr.get("mlp_post"))
         return Output(logits=logits, hidden_states=hidden, trace=trace_obj)
+
+    def run_with_cache(self, x: Any, key_padding_mask: Optional[np.ndarray] = None,
+                       layers: Optional[Sequence[int]] = None, n_threads: int = 0):
+        """TransformerLens-style: one traced forward pass recording everything, returned as
+        (logits (B, T, V) float32, ActivationCache). The cache maps hook names
+        ("blocks.3.attn.hook_pattern", "blocks.0.hook_resid_pre", ...) to read-only NumPy
+        arrays, all copies the C core made during this pass; `layers` limits the per-block
+        hooks to those blocks. See stackformer.hooks and docs/API.md for the names, shapes and
+        which residual identities hold under which wiring."""
+        from .hooks import run_with_cache
+        return run_with_cache(self, x, key_padding_mask=key_padding_mask, layers=layers,
+                              n_threads=n_threads)
 
     forward = __call__
 
