@@ -530,6 +530,10 @@ static void block_forward(run *R, int64_t i, float *out, sf_trace *tr) {
         const float *nw, *nb;
         sub_norm(R, k, &nw, &nb);
         W->read(R, k, h, tr && tr->alpha ? tr->alpha[k] : NULL);
+        if (R->patch) { /* the caller's value for what this sublayer reads (plain: the stream) */
+            const float *const *p = s == 0 ? R->patch->resid_pre : R->patch->resid_mid;
+            if (p && p[i]) copy(h, p[i], Nd);
+        }
         if (s == 0 && tr && tr->hidden) copy(tr->hidden[i], h, Nd);
         if (s == 1 && tr && tr->hidden_mid) copy(tr->hidden_mid[i], h, Nd);
         if (rms) rms[k * SF_RMS_COLS + SF_RMS_INPUT] = rms_of(h, Nd);
@@ -551,6 +555,7 @@ static sf_status stack_forward(run *R, const int32_t *tokens, const float *embed
     const int64_t Nd = R->N * R->d, n = c->n_layers, L = R->L;
     float *x0 = R->W->embed_dst(R);
     embed(R, tokens, embeds, x0);
+    if (R->patch && R->patch->embed) copy(x0, R->patch->embed, Nd);
     if (tr && tr->embed) copy(tr->embed, x0, Nd);
     R->W->begin(R, x0);
     for (int64_t i = 0; i < n; i++) {
@@ -641,6 +646,48 @@ static sf_status check_inputs(const sf_config *c, const int32_t *tokens, const f
 static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, float *out_logits,
                               float *out_hidden, sf_trace *trace, char *err, size_t errlen);
 
+/* The first non-finite value of a patch array, or -1 */
+static int64_t first_nonfinite(const float *x, int64_t n) {
+    for (int64_t r = 0; r < n; r++)
+        if (!isfinite(x[r])) return r;
+    return -1;
+}
+
+/* An intervention's arrays: finite, weights and ablations only where reads have them, and
+ * never a read left with nothing to mix (its softmax would be 0/0). N = B*T. */
+static sf_status check_patch(const sf_config *c, const sf_patch *p, int64_t N, int cached, char *err,
+                             size_t errlen) {
+    const int64_t n = c->n_layers, L = 2 * n, d = c->d_model;
+    const int ar = c->residual == SF_RES_ATTNRES_FULL || c->residual == SF_RES_ATTNRES_BLOCK;
+    if (cached) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "interventions (patches) need a full forward, not cached decoding");
+    if ((p->alpha || p->ablate) && !ar)
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "patching depth weights or ablating sources needs residual='attnres_full' or 'attnres_block' (this model's reads are not a mixture of sources)");
+    int64_t at;
+    if (p->embed && (at = first_nonfinite(p->embed, N * d)) >= 0)
+        return sf_fail(err, errlen, SF_ERR_NONFINITE, "patch hook_embed has NaN or inf at flat index %lld", (long long)at);
+    const float *const *lists[4] = {p->resid_pre, p->resid_mid, p->attn_out, p->mlp_out};
+    static const char *names[4] = {"hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out"};
+    for (int j = 0; j < 4; j++)
+        for (int64_t i = 0; lists[j] && i < n; i++)
+            if (lists[j][i] && (at = first_nonfinite(lists[j][i], N * d)) >= 0)
+                return sf_fail(err, errlen, SF_ERR_NONFINITE, "patch blocks.%lld.%s has NaN or inf at flat index %lld", (long long)i, names[j], (long long)at);
+    for (int64_t k = 0; k <= L; k++) {
+        const int64_t ns = sf_attnres_num_sources(c, k);
+        if (p->alpha && p->alpha[k] && (at = first_nonfinite(p->alpha[k], N * c->attnres_heads * ns)) >= 0)
+            return sf_fail(err, errlen, SF_ERR_NONFINITE, "patched weights of read %lld have NaN or inf at flat index %lld", (long long)k, (long long)at);
+        const uint8_t *ab = p->ablate ? p->ablate[k] : NULL;
+        if (!ab) continue;
+        int64_t kept = 0;
+        for (int64_t i = 0; i < ns; i++) {
+            if (ab[i] > 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "ablation mask of read %lld: value %d at source %lld is not 0 or 1", (long long)k, (int)ab[i], (long long)i);
+            kept += !ab[i];
+        }
+        if (!kept && c->attnres_mixing != SF_MIX_SIGMOID)
+            return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "ablating all %lld sources of read %lld leaves its softmax nothing to mix", (long long)ns, (long long)k);
+    }
+    return SF_OK;
+}
+
 sf_status sf_forward(const sf_model *m, const sf_forward_args *args, float *out_logits,
                      float *out_hidden, sf_trace *trace, char *err, size_t errlen) {
     if (!m || !args) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "model or args is NULL");
@@ -672,6 +719,7 @@ sf_status sf_forward_check(const sf_model *m, const sf_forward_args *args, int t
     sf_status st = check_inputs(c, args->tokens, args->embeds, args->key_padding_mask, args->B, args->T, max_T, err, errlen);
     if (st != SF_OK && cache && args->T > max_T && args->T >= 1)
         return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "the cache holds %lld of %lld positions: no room for %lld more", (long long)cache->len, (long long)cache->max_len, (long long)args->T);
+    if (st == SF_OK && args->patch) st = check_patch(c, args->patch, args->B * args->T, cache != NULL, err, errlen);
     return st;
 }
 
@@ -722,8 +770,12 @@ static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, fl
         return sf_fail(err, errlen, SF_ERR_BUSY, "the model is being trained by another thread");
     run R;
     want w = {trace && trace->rms, trace && trace->alpha};
-    st = run_init(&R, m, args->B, args->T, 0, 0, args->attnres_two_phase, cache, w, args->n_threads, err, errlen);
+    /* patched weights or ablated sources take the direct read (the two-phase schedule batches
+     * a block's reads) */
+    const int two_phase = args->attnres_two_phase && !(args->patch && (args->patch->alpha || args->patch->ablate));
+    st = run_init(&R, m, args->B, args->T, 0, 0, two_phase, cache, w, args->n_threads, err, errlen);
     if (st == SF_OK) {
+        R.patch = args->patch;
         R.pad = args->key_padding_mask;
         R.copy_rms = trace ? trace->copy_rms : NULL;
         R.cancel = args->cancel;

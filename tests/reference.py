@@ -640,8 +640,20 @@ def attnres_aggregate(sources, w, g, eps, mixing="softmax", heads=1, logits=None
     return h, (alpha[:, :, 0] if H == 1 else alpha)
 
 
-def attnres_read(cfg, M, pfx, srcs):
-    """The read of one AttnRes reader with parameter prefix pfx over its sources srcs."""
+def attnres_read(cfg, M, pfx, srcs, alpha=None, drop=None):
+    """The read of one AttnRes reader with parameter prefix pfx over its sources srcs.
+    Interventions: alpha = the weights to mix with (B, T[, H], n) instead of computing them;
+    drop = a mask of removed sources (their logits -inf: the softmax renormalises over the
+    rest; a sigmoid gate is 0)."""
+    H = cfg.attnres_heads
+    if alpha is not None:
+        V = np.stack(srcs, axis=2)
+        B, T, n, d = V.shape
+        a = alpha if H > 1 else alpha[:, :, None, :]
+        h = np.einsum("bthn,btnhe->bthe", a, V.reshape(B, T, n, H, d // H)).reshape(B, T, d)
+        return h, alpha
+    if drop is not None and np.any(drop):
+        return _attnres_read_dropped(cfg, M, pfx, srcs, np.asarray(drop, bool))
     if cfg.attnres_mixing == "static":
         return attnres_aggregate(srcs, None, None, cfg.attnres_eps, "static", cfg.attnres_heads,
                                  M.p[pfx + "_res_logits.weight"])
@@ -649,6 +661,33 @@ def attnres_read(cfg, M, pfx, srcs):
     q = srcs[-1] @ W.T if cfg.attnres_query == "input" else W[0]  # input: from the newest source
     return attnres_aggregate(srcs, q, M.p.get(pfx + "_res_norm.weight"), cfg.attnres_eps,
                              cfg.attnres_mixing, cfg.attnres_heads)
+
+
+def _attnres_read_dropped(cfg, M, pfx, srcs, drop):
+    """attnres_read with sources removed, from the definition: the kept sources' logits as in
+    the full read, the dropped ones' weight 0, the softmax over the kept ones only."""
+    H = cfg.attnres_heads
+    V = np.stack(srcs, axis=2)
+    B, T, n, d = V.shape
+    if cfg.attnres_mixing == "static":
+        s = np.broadcast_to(M.p[pfx + "_res_logits.weight"].T[None, None], (B, T, n, H)).copy()
+    else:
+        W = M.p[pfx + "_res_proj.weight"]
+        q = srcs[-1] @ W.T if cfg.attnres_query == "input" else W[0]
+        g = M.p.get(pfx + "_res_norm.weight")
+        K = V if g is None else V / np.sqrt((V ** 2).mean(-1, keepdims=True) + cfg.attnres_eps) * g
+        wq = np.broadcast_to(q, (B, T, d)).reshape(B, T, H, d // H)
+        s = np.einsum("bthe,btnhe->btnh", wq, K.reshape(B, T, n, H, d // H))
+    if cfg.attnres_mixing == "sigmoid":
+        a = 1.0 / (1.0 + np.exp(-s))
+        a[:, :, drop, :] = 0.0
+    else:
+        e = np.exp(s - s[:, :, ~drop, :].max(axis=2, keepdims=True))
+        e[:, :, drop, :] = 0.0
+        a = e / e.sum(axis=2, keepdims=True)
+    h = np.einsum("btnh,btnhe->bthe", a, V.reshape(B, T, n, H, d // H)).reshape(B, T, d)
+    a = a.transpose(0, 1, 3, 2)
+    return h, (a[:, :, 0] if H == 1 else a)
 
 
 def block_sum(v, first, last):
@@ -700,8 +739,12 @@ def n_attnres_sources(k, S):
 class _Stack:
     """The sublayers of one forward call: runs F_k, keeps MoDA's depth slots and the traces."""
 
-    def __init__(self, M, key_padding_mask):
+    def __init__(self, M, key_padding_mask, patch=None):
         self.M, self.cfg, self.kpm = M, M.cfg, key_padding_mask
+        # interventions (issue 23): {"embed": a, "resid_pre"|"resid_mid"|"attn_out"|"mlp_out":
+        # {i: a}, "alpha": {k: a}, "ablate": {k: mask}} -- what a sublayer reads, what it
+        # outputs as the wiring takes it, an AttnRes read's weights or removed sources
+        self.patch = patch or {}
         self.pre = M.cfg.norm_position == "pre"
         assert M.cfg.norm_position in ("pre", "post")
         self.depth = []  # MoDA depth slots [attn_0, ffn_0, attn_1, ...], each (k, v) or None
@@ -727,13 +770,19 @@ class _Stack:
             self.depth.append(slot)
         return out
 
+    def P(self, kind, i, value):
+        """The patched value of hook point (kind, i), or value itself."""
+        return self.patch.get(kind, {}).get(i, value)
+
     def branch(self, k, h):
         """Sublayer k as a branch off a wiring's state (AttnRes, Hyper-Connections, mHC):
         pre-norm F_k(Norm_k(h)); post-norm Norm_k(F_k(h)) (no single residual add to put the norm
         after, so post-norm moves the sublayer's norm to its output, as DEVELOPERS.md says for
         AttnRes).  Records the output as attn_out / mlp_out."""
+        h = self.P("resid_pre" if k % 2 == 0 else "resid_mid", k // 2, h)
         out = self.F(k, self.norm(k, h) if self.pre else h)
         out = out if self.pre else self.norm(k, out)
+        out = self.P("attn_out" if k % 2 == 0 else "mlp_out", k // 2, out)
         (self.attn_out if k % 2 == 0 else self.mlp_out).append(out)
         return out
 
@@ -741,15 +790,16 @@ class _Stack:
         """Block i of the plain residual stack on stream x (DEVELOPERS.md "Blocks, plain"):
         pre-norm  a = Attn(Norm_attn(x)); x = x + a; m = MLP(Norm_mlp(x)); x = x + m
         post-norm a = Attn(x); x = Norm_attn(x + a); m = MLP(x); x = Norm_mlp(x + m)."""
+        x = self.P("resid_pre", i, x)  # patches: the stream itself at each hook point
         if self.pre:
-            a = self.F(2 * i, self.norm(2 * i, x))
-            x = x + a
-            m = self.F(2 * i + 1, self.norm(2 * i + 1, x))
+            a = self.P("attn_out", i, self.F(2 * i, self.norm(2 * i, x)))
+            x = self.P("resid_mid", i, x + a)
+            m = self.P("mlp_out", i, self.F(2 * i + 1, self.norm(2 * i + 1, x)))
             x = x + m
         else:
-            a = self.F(2 * i, x)
-            x = self.norm(2 * i, x + a)
-            m = self.F(2 * i + 1, x)  # the MLP sees x itself
+            a = self.P("attn_out", i, self.F(2 * i, x))
+            x = self.P("resid_mid", i, self.norm(2 * i, x + a))
+            m = self.P("mlp_out", i, self.F(2 * i + 1, x))  # the MLP sees x itself
             x = self.norm(2 * i + 1, x + m)
         self.attn_out.append(a)
         self.mlp_out.append(m)
@@ -778,13 +828,13 @@ def wiring_attnres(cfg, S, x0):
     for k in range(L):
         pfx = f"layers.{k // 2}.attn" if k % 2 == 0 else f"layers.{k // 2}.mlp"
         srcs = attnres_sources(v, k, cfg.residual, Sb, cfg.attnres_window)
-        h, al = attnres_read(cfg, M, pfx, srcs)
+        h, al = attnres_read(cfg, M, pfx, srcs, S.P("alpha", k, None), S.P("ablate", k, None))
         alpha.append(al)
         if k % 2 == 0:
             S.hidden.append(h)
         v.append(S.branch(k, h))
     srcs = attnres_sources(v, L, cfg.residual, Sb, cfg.attnres_window)
-    x, al = attnres_read(cfg, M, "output", srcs)
+    x, al = attnres_read(cfg, M, "output", srcs, S.P("alpha", L, None), S.P("ablate", L, None))
     alpha.append(al)
     S.hidden.append(x)
     return x, {"alpha": alpha}
@@ -943,7 +993,7 @@ WIRINGS = {
 # --------------------------------------------------------------------------------------------
 
 
-def forward(cfg, params, tokens=None, embeds=None, key_padding_mask=None):
+def forward(cfg, params, tokens=None, embeds=None, key_padding_mask=None, patch=None):
     """Full forward pass with traces; see the module docstring and DEVELOPERS.md.
 
     Returns a dict with float64 arrays:
@@ -963,7 +1013,8 @@ def forward(cfg, params, tokens=None, embeds=None, key_padding_mask=None):
     assert cfg.residual in WIRINGS, cfg.residual
     M = _Model(cfg, params)
     x0 = M.embed(tokens, embeds)
-    S = _Stack(M, key_padding_mask)
+    x0 = (patch or {}).get("embed", x0)
+    S = _Stack(M, key_padding_mask, patch)
     x, extra = WIRINGS[cfg.residual](cfg, S, x0)
 
     final_hidden = M.norm("final_norm", x) if cfg.final_norm else x

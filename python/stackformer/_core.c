@@ -359,15 +359,106 @@ fail:
     return -1;
 }
 
+/* ---- interventions: the patch dict into an sf_patch ------------------------------------
+ * {"embed": a, "resid_pre"|"resid_mid"|"attn_out"|"mlp_out": {i: a}, "alpha": {k: a},
+ *  "ablate": {k: mask}}; stackformer.Model builds it from hook names. Arrays must already be
+ * float32 (masks uint8), C-contiguous, of the exact shape of the trace at that point: this
+ * only checks and points (the values' checks are C's, sf_forward_check). */
+typedef struct { sf_patch p; const float **lists; const uint8_t **masks; } patch_buf;
+
+static const void *patch_array(PyObject *a, int type, int nd, const npy_intp *dims, const char *what) {
+    if (!PyArray_Check(a) || PyArray_TYPE((PyArrayObject *)a) != type || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)a)) {
+        PyErr_Format(PyExc_TypeError, "patch %s must be a C-contiguous %s array", what, type == NPY_FLOAT32 ? "float32" : "uint8");
+        return NULL;
+    }
+    PyArrayObject *x = (PyArrayObject *)a;
+    int ok = PyArray_NDIM(x) == nd;
+    for (int j = 0; ok && j < nd; j++) ok = PyArray_DIM(x, j) == dims[j];
+    if (!ok) {
+        char want[96] = "(", got[96] = "(";
+        for (int j = 0; j < nd; j++) snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld", j ? ", " : "", (long long)dims[j]);
+        for (int j = 0; j < PyArray_NDIM(x) && j < 8; j++) snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", j ? ", " : "", (long long)PyArray_DIM(x, j));
+        PyErr_Format(PyExc_ValueError, "patch %s must have shape %s), got %s)", what, want, got);
+        return NULL;
+    }
+    return PyArray_DATA(x);
+}
+
+static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, patch_buf *pb) {
+    const int64_t n = c->n_layers, L = 2 * n;
+    memset(pb, 0, sizeof *pb);
+    if (!PyDict_Check(obj)) { PyErr_SetString(PyExc_TypeError, "patch must be a dict"); return -1; }
+    pb->lists = PyMem_Calloc((size_t)(4 * n + L + 1), sizeof(float *));
+    pb->masks = PyMem_Calloc((size_t)(L + 1), sizeof(uint8_t *));
+    if (!pb->lists || !pb->masks) { PyErr_NoMemory(); return -1; }
+    npy_intp btd[3] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->d_model};
+    PyObject *key, *val;
+    Py_ssize_t pos = 0;
+    static const char *kinds[] = {"resid_pre", "resid_mid", "attn_out", "mlp_out"};
+    while (PyDict_Next(obj, &pos, &key, &val)) {
+        const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+        if (!k) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "patch keys must be strings"); return -1; }
+        if (!strcmp(k, "embed")) {
+            if (!(pb->p.embed = patch_array(val, NPY_FLOAT32, 3, btd, "hook_embed"))) return -1;
+            continue;
+        }
+        int kind = -1;
+        for (int j = 0; j < 4; j++) if (!strcmp(k, kinds[j])) kind = j;
+        const int is_alpha = !strcmp(k, "alpha"), is_ablate = !strcmp(k, "ablate");
+        if (kind < 0 && !is_alpha && !is_ablate) { PyErr_Format(PyExc_KeyError, "unknown patch kind %R", key); return -1; }
+        if (!PyDict_Check(val)) { PyErr_Format(PyExc_TypeError, "patch[%R] must be a dict of index -> array", key); return -1; }
+        const int64_t count = kind >= 0 ? n : L + 1;
+        PyObject *ik, *iv;
+        Py_ssize_t ip = 0;
+        while (PyDict_Next(val, &ip, &ik, &iv)) {
+            long long i = PyLong_AsLongLong(ik);
+            if (i == -1 && PyErr_Occurred()) return -1;
+            if (i < 0 || i >= count) { PyErr_Format(PyExc_IndexError, "patch[%R] index %lld is outside [0, %lld)", key, i, (long long)count); return -1; }
+            char what[64];
+            snprintf(what, sizeof what, "%s[%lld]", k, i);
+            if (kind >= 0) {
+                const float *a = patch_array(iv, NPY_FLOAT32, 3, btd, what);
+                if (!a) return -1;
+                pb->lists[kind * n + i] = a;
+            } else if (is_alpha) {
+                npy_intp dims[4];
+                int nd = shape_alpha(c, i, dims, B, T);
+                const float *a = patch_array(iv, NPY_FLOAT32, nd, dims, what);
+                if (!a) return -1;
+                pb->lists[4 * n + i] = a;
+            } else {
+                npy_intp dims[1] = {(npy_intp)sf_attnres_num_sources(c, i)};
+                const uint8_t *m = patch_array(iv, NPY_UINT8, 1, dims, what);
+                if (!m) return -1;
+                pb->masks[i] = m;
+            }
+        }
+        if (kind == 0) pb->p.resid_pre = pb->lists;
+        else if (kind == 1) pb->p.resid_mid = pb->lists + n;
+        else if (kind == 2) pb->p.attn_out = pb->lists + 2 * n;
+        else if (kind == 3) pb->p.mlp_out = pb->lists + 3 * n;
+        else if (is_alpha) pb->p.alpha = pb->lists + 4 * n;
+        else pb->p.ablate = pb->masks;
+    }
+    return 0;
+}
+
+static void patch_clear(patch_buf *pb) {
+    PyMem_Free(pb->lists);
+    PyMem_Free(pb->masks);
+    pb->lists = NULL;
+    pb->masks = NULL;
+}
+
 static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"input", "key_padding_mask", "logits", "hidden", "trace",
-                             "trace_layers", "two_phase", "n_threads", "cache", NULL};
-    PyObject *input = NULL, *mask_obj = Py_None, *layers_obj = Py_None, *cache_obj = Py_None;
+                             "trace_layers", "two_phase", "n_threads", "cache", "patch", NULL};
+    PyObject *input = NULL, *mask_obj = Py_None, *layers_obj = Py_None, *cache_obj = Py_None, *patch_obj = Py_None;
     int want_logits = 1, want_hidden = 0, flags = 0, two_phase = 1, n_threads = 0;
     if (!ready(self)) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OppiOpiO", kwlist, &input, &mask_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OppiOpiOO", kwlist, &input, &mask_obj,
                                      &want_logits, &want_hidden, &flags, &layers_obj, &two_phase,
-                                     &n_threads, &cache_obj))
+                                     &n_threads, &cache_obj, &patch_obj))
         return NULL;
     sf_cache *cache = NULL;
     if (cache_obj != Py_None) {
@@ -386,11 +477,16 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     PyObject *logits = NULL, *hidden = NULL, *tdict = NULL;
     float **ptrs = NULL;
     sf_trace tr = {0};
+    patch_buf pb = {0};
     if (parse_batch(c, "input", input, mask_obj, NULL, &in) < 0) return NULL;
     const int64_t B = in.B, T = in.T;
     sf_forward_args fa = {in.tok ? (const int32_t *)PyArray_DATA(in.tok) : NULL,
                           in.emb ? (const float *)PyArray_DATA(in.emb) : NULL,
                           in.mask ? (const uint8_t *)PyArray_DATA(in.mask) : NULL, B, T, two_phase, n_threads, cache};
+    if (patch_obj != Py_None) { /* the dict (and so its arrays) outlives the call: the caller holds it */
+        if (parse_patch(c, patch_obj, B, T, &pb) < 0) goto fail;
+        fa.patch = &pb.p;
+    }
     char err[ERRLEN] = {0};
     sf_status st = sf_forward_check(self->model, &fa, flags != 0, err, sizeof err); /* before allocating outputs */
     if (st != SF_OK) { status_error(st, err); goto fail; }
@@ -489,11 +585,13 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
     if (interrupt_end(fa.cancel, st) < 0) goto fail;
     if (st != SF_OK) { status_error(st, err); goto fail; }
     batch_clear(&in);
+    patch_clear(&pb);
     PyMem_Free(ptrs);
     return Py_BuildValue("(NNN)", logits ? logits : (Py_INCREF(Py_None), Py_None),
                          hidden ? hidden : (Py_INCREF(Py_None), Py_None), tdict);
 fail:
     batch_clear(&in);
+    patch_clear(&pb);
     Py_XDECREF(logits); Py_XDECREF(hidden); Py_XDECREF(tdict);
     PyMem_Free(ptrs);
     return NULL;

@@ -444,7 +444,8 @@ class Model:
     # -- forward ---------------------------------------------------------------------------------
     def __call__(self, x: Any, trace: Any = False, key_padding_mask: Optional[np.ndarray] = None,
                  return_hidden: bool = False, attnres_two_phase: bool = True,
-                 n_threads: int = 0) -> Output:
+                 n_threads: int = 0, patch: Optional[Mapping[str, Any]] = None,
+                 ablate_sources: Optional[Mapping[Any, Any]] = None) -> Output:
         """Run the model.
 
         x: token ids (T,) or (B, T), any integer dtype (also a list, or bytes for byte-level
@@ -456,6 +457,14 @@ class Model:
         return_hidden: return final hidden states (B, T, d) (after final norm) instead of logits.
         attnres_two_phase: Block AttnRes uses the paper's two-phase schedule (exact; False runs
            the direct computation, for checking).
+        patch: {hook name: array or callable} replaces activations where run_with_cache
+           records them (hook_embed, blocks.{i}.hook_resid_pre/mid/post, hook_attn_out,
+           hook_mlp_out, AttnRes attn_res/mlp_res/output_res.hook_weights); a callable gets
+           (activation, name) as it is in the patched run and returns the replacement.
+        ablate_sources: {read: [sources]} removes depth sources from AttnRes reads (read: a
+           sublayer index k, L = the output read, or a hook name such as "blocks.3.attn_res";
+           sources: indices or alpha_labels() entries); the softmax renormalises over the rest.
+           Both run in C (stackformer.patching) and leave the model untouched.
         Returns an Output with logits (B, T, V) float32 (or hidden_states) and trace.
         """
         x = _as_array(x, "x", self.config.vocab_size >= 256)
@@ -465,9 +474,14 @@ class Model:
         n_threads = check_int("n_threads", n_threads, 0)
         flags = opts.flags() if opts else 0
         layers = opts.layer_list() if opts else None
+        core_patch = None
+        if patch or ablate_sources:
+            from .patching import build
+            core_patch = build(self, x, key_padding_mask, patch, ablate_sources, n_threads, attnres_two_phase) or None
         logits, hidden, tr = self._c.forward(
             x, key_padding_mask, logits=not return_hidden, hidden=return_hidden,
-            trace=flags, trace_layers=layers, two_phase=attnres_two_phase, n_threads=n_threads)
+            trace=flags, trace_layers=layers, two_phase=attnres_two_phase, n_threads=n_threads,
+            patch=core_patch)
         trace_obj = None
         if opts is not None:
             T = (logits if logits is not None else hidden).shape[1]
