@@ -185,12 +185,12 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
     if (vec) { /* row pairs outer: each pair of rows of B is read once, contiguously, and each
                 * (pair, panel) writes one 64-byte line */
         const int64_t Pf = M / SF_BF16_NR;
-#pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * M > 65536)
         for (int64_t i = 0; i < Kh; i++) pack_b_pair_avx2(pack, b, rs, K, Kh, i, Pf);
         if (Pf == P) return;
     }
 #endif
-#pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * M > 65536)
     for (int64_t p = vec ? M / SF_BF16_NR : 0; p < P; p++) {
         uint32_t *dst = pack + p * Kh * SF_BF16_NR;
         const int64_t j0 = p * SF_BF16_NR, mw = M - j0 < SF_BF16_NR ? M - j0 : SF_BF16_NR;
@@ -216,7 +216,7 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
          * pairs) across all of them: a chunk stays in L2 and its pages in the TLB (a block at a
          * time down all of src's rows, one page each, thrashed the TLB) */
         const int64_t blocks = N / 16, CH = 32;
-#pragma omp parallel num_threads(nt) if (N * K > 65536)
+#pragma omp parallel num_threads(nt) if (nt > 1 && N * K > 65536)
         {
             const int tid = sf_team_tid(), nth = sf_team_size();
             const int64_t b_lo = blocks * tid / nth, b_hi = blocks * (tid + 1) / nth;
@@ -233,7 +233,7 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
 #else
     const int vec = 0;
 #endif
-#pragma omp parallel for schedule(static) num_threads(nt) if (N * K > 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N * K > 65536)
     for (int64_t r = 0; r < N; r++) {
         const float *s = src + r * rs;
         uint32_t *d = a + r * lda;
@@ -330,6 +330,16 @@ tile_native(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_
     float tmp[2 * SF_BF16_NR];
     for (int r = 0; r < NAT_MR; r++) {
         ar[r] = a + (r0 + (r < mr ? r : 0)) * lda;
+        if (!accumulate && !bias) { /* the chains start at +0 */
+            acc[r][0] = _mm512_setzero_ps();
+            acc[r][1] = _mm512_setzero_ps();
+            continue;
+        }
+        if (accumulate && r < mr && mw == 2 * SF_BF16_NR) { /* a whole row of y */
+            acc[r][0] = _mm512_loadu_ps(y + (r0 + r) * ldy + j0);
+            acc[r][1] = _mm512_loadu_ps(y + (r0 + r) * ldy + j0 + SF_BF16_NR);
+            continue;
+        }
         for (int j = 0; j < 2 * SF_BF16_NR; j++)
             tmp[j] = r < mr && j < mw ? chain_start(y, ldy, bias, r0 + r, j0 + j, accumulate) : 0.0f;
         acc[r][0] = _mm512_loadu_ps(tmp);
@@ -346,12 +356,189 @@ tile_native(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_
         }
     }
     for (int r = 0; r < mr; r++) {
+        if (mw == 2 * SF_BF16_NR) {
+            _mm512_storeu_ps(y + (r0 + r) * ldy + j0, acc[r][0]);
+            _mm512_storeu_ps(y + (r0 + r) * ldy + j0 + SF_BF16_NR, acc[r][1]);
+            continue;
+        }
         _mm512_storeu_ps(tmp, acc[r][0]);
         _mm512_storeu_ps(tmp + SF_BF16_NR, acc[r][1]);
         memcpy(y + (r0 + r) * ldy + j0, tmp, (size_t)mw * sizeof(float));
     }
 }
 #endif
+
+
+/* ---- single-threaded products for kernels that tile their own work (attention) ------------- */
+static _Atomic int forced_path = -1;
+
+void sf_bf16_force_path(int path) { atomic_store_explicit(&forced_path, path, memory_order_relaxed); }
+
+int sf_bf16_path(void) {
+    int p = atomic_load_explicit(&forced_path, memory_order_relaxed);
+    if (p < 0) p = sf_bf16_native() ? 1 : 0;
+#ifdef SF_X86
+    if (p == 0 && !sf_cpu_avx2_fma()) p = 2;
+#else
+    p = 2;
+#endif
+    return p;
+}
+
+int sf_bf16_path_mr(int path) { return path == 1 ? 8 : 6; }
+
+void sf_bf16_rows(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *b,
+                  int64_t pstride, int64_t N, int64_t Kh, int64_t M, int accumulate) {
+    if (N <= 0 || M <= 0) return;
+#ifdef SF_X86
+    if (path == 0 && !sf_cpu_avx2_fma()) path = 2;
+#else
+    path = 2;
+#endif
+    const int64_t mr_t = sf_bf16_path_mr(path), pw = path == 1 ? 2 : 1;
+    const int64_t P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#ifdef SF_X86
+    unsigned csr = 0;
+    if (path == 0) {
+        csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ, as sf_bf16_gemm_path */
+    }
+#endif
+    for (int64_t r0 = 0; r0 < N; r0 += mr_t) {
+        const int64_t mr = N - r0 < mr_t ? N - r0 : mr_t;
+        for (int64_t p = 0; p < P; p += pw) {
+            const int64_t j0 = p * SF_BF16_NR;
+            const int64_t mw = M - j0 < pw * SF_BF16_NR ? M - j0 : pw * SF_BF16_NR;
+            const uint32_t *panel = b + p * pstride;
+#ifdef SF_X86
+            if (path == 1) {
+                tile_native(y, ldy, a, lda, panel, p + 1 < P ? panel + pstride : NULL, NULL, Kh, r0, mr,
+                            j0, mw, accumulate);
+                continue;
+            }
+            if (path == 0) {
+                tile_emulated(y, ldy, a, lda, panel, NULL, Kh, r0, mr, j0, mw, accumulate);
+                continue;
+            }
+#endif
+            tile_model(y, ldy, a, lda, panel, NULL, Kh, r0, mr, j0, mw, accumulate);
+        }
+    }
+#ifdef SF_X86
+    if (path == 0) _mm_setcsr(csr);
+#endif
+}
+
+static inline float bf16r(float x) { return sf_bf16_to_f32(sf_bf16_from_f32(x)); }
+
+#ifdef SF_X86
+/* one step of the chain in hardware: the caller has set MXCSR.DAZ|FTZ; a, b are bf16 values */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) float
+step_hw(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+__attribute__((target("avx2,fma"))) static void
+dots_hw(float *out, const float *a, const float *b, int64_t b_rs, int64_t n, int64_t K) {
+    const int64_t Kh = (K + 1) / 2;
+    for (int64_t j0 = 0; j0 < n; j0 += 8) { /* 8 independent chains at a time */
+        const int64_t nb = n - j0 < 8 ? n - j0 : 8;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < Kh; i++) {
+            const int odd = 2 * i + 1 < K;
+            const float ao = odd ? bf16r(a[2 * i + 1]) : 0.0f, ae = bf16r(a[2 * i]);
+            for (int64_t j = 0; j < nb; j++) {
+                const float *bj = b + (j0 + j) * b_rs;
+                acc[j] = step_hw(ao, odd ? bf16r(bj[2 * i + 1]) : 0.0f, acc[j]);
+                acc[j] = step_hw(ae, bf16r(bj[2 * i]), acc[j]);
+            }
+        }
+        for (int64_t j = 0; j < nb; j++) out[j0 + j] = acc[j];
+    }
+}
+
+/* 8 bf16-rounded floats (cvt8's integer conversion, widened back) */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256
+round8(const float *src) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(cvt8(src), 16));
+}
+
+__attribute__((target("avx2,fma"))) static void
+combine_hw(float *y, const float *p, const float *v, int64_t v_rs, int64_t n, int64_t M) {
+    const int64_t Nh = (n + 1) / 2;
+    int64_t e0 = 0;
+    for (; e0 + 8 <= M; e0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < Nh; i++) {
+            const int odd = 2 * i + 1 < n;
+            const __m256 po = _mm256_set1_ps(odd ? bf16r(p[2 * i + 1]) : 0.0f);
+            const __m256 pe = _mm256_set1_ps(bf16r(p[2 * i]));
+            const __m256 vo = odd ? round8(v + (2 * i + 1) * v_rs + e0) : _mm256_setzero_ps();
+            acc = _mm256_fmadd_ps(po, vo, acc);
+            acc = _mm256_fmadd_ps(pe, round8(v + 2 * i * v_rs + e0), acc);
+        }
+        _mm256_storeu_ps(y + e0, acc);
+    }
+    for (; e0 < M; e0++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < Nh; i++) {
+            const int odd = 2 * i + 1 < n;
+            acc = step_hw(odd ? bf16r(p[2 * i + 1]) : 0.0f, odd ? bf16r(v[(2 * i + 1) * v_rs + e0]) : 0.0f, acc);
+            acc = step_hw(bf16r(p[2 * i]), bf16r(v[2 * i * v_rs + e0]), acc);
+        }
+        y[e0] = acc;
+    }
+}
+#endif
+
+void sf_bf16_dots(int path, float *out, const float *a, const float *b, int64_t b_rs, int64_t n,
+                  int64_t K) {
+    if (n <= 0) return;
+#ifdef SF_X86
+    if (path != 2 && sf_cpu_avx2_fma()) {
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u);
+        dots_hw(out, a, b, b_rs, n, K);
+        _mm_setcsr(csr);
+        return;
+    }
+#endif
+    const int64_t Kh = (K + 1) / 2;
+    for (int64_t j = 0; j < n; j++) {
+        const float *bj = b + j * b_rs;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < Kh; i++) {
+            const int odd = 2 * i + 1 < K;
+            acc = sf_bf16_fma_model(odd ? bf16r(a[2 * i + 1]) : 0.0f, odd ? bf16r(bj[2 * i + 1]) : 0.0f, acc);
+            acc = sf_bf16_fma_model(bf16r(a[2 * i]), bf16r(bj[2 * i]), acc);
+        }
+        out[j] = acc;
+    }
+}
+
+void sf_bf16_combine(int path, float *y, const float *p, const float *v, int64_t v_rs, int64_t n,
+                     int64_t M) {
+    if (M <= 0) return;
+#ifdef SF_X86
+    if (path != 2 && sf_cpu_avx2_fma()) {
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u);
+        combine_hw(y, p, v, v_rs, n, M);
+        _mm_setcsr(csr);
+        return;
+    }
+#endif
+    const int64_t Nh = (n + 1) / 2;
+    for (int64_t e = 0; e < M; e++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < Nh; i++) {
+            const int odd = 2 * i + 1 < n;
+            acc = sf_bf16_fma_model(odd ? bf16r(p[2 * i + 1]) : 0.0f, odd ? bf16r(v[(2 * i + 1) * v_rs + e]) : 0.0f, acc);
+            acc = sf_bf16_fma_model(bf16r(p[2 * i]), bf16r(v[2 * i * v_rs + e]), acc);
+        }
+        y[e] = acc;
+    }
+}
 
 /* ---- kernel choice -------------------------------------------------------------------------- */
 static _Atomic int native_flag = -1;

@@ -142,6 +142,7 @@ static void layout(run *R, bump *bp, want w) {
     aa.n_read = R->n_slots;
     aa.chunk = c->moda_chunk;
     aa.dh = R->dh;
+    aa.bf16 = R->bf16;
     R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
     R->stats = take(bp, 2 * N);
     R->rope = c->pos == SF_POS_ROPE ? take(bp, cmul(&bad, R->T, R->dh)) : NULL;
@@ -313,6 +314,7 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.dropout = R->attn_p;
     a.dropout_seed = R->drop_seed;
     a.dropout_stream = 4 * (uint64_t)i;
+    a.bf16 = R->bf16;
     return a;
 }
 
