@@ -617,9 +617,21 @@ const char *sf_bf16_kernel(void) {
 }
 
 /* ---- the product ------------------------------------------------------------------------------ */
+/* act >= 0: act_out = act(y) on each tile right after it is stored (sf_act_block, the fp32
+ * epilogue's function, run with the caller's MXCSR: the same bits as a separate pass) */
+static void gemm_path_act(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
+                          const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                          int accumulate, int nt, int act, float *act_out);
+
 void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
                        const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
                        int accumulate, int nt) {
+    gemm_path_act(path, y, ldy, a, lda, b, bias, N, K, M, accumulate, nt, -1, NULL);
+}
+
+static void gemm_path_act(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
+                          const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                          int accumulate, int nt, int act, float *act_out) {
     if (N <= 0 || M <= 0) return;
     const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
 #ifdef SF_X86
@@ -651,14 +663,21 @@ void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64
             if (path == 1) {
                 tile_native(y, ldy, a, lda, panel, p + 1 < P ? panel + Kh * SF_BF16_NR : NULL, bias,
                             Kh, r0, mr, j0, mw, accumulate);
+                if (act >= 0) sf_act_block(act, act_out, y, ldy, r0, mr, j0, mw);
                 continue;
             }
             if (path == 0) {
                 tile_emulated(y, ldy, a, lda, panel, bias, Kh, r0, mr, j0, mw, accumulate);
+                if (act >= 0) { /* under the caller's MXCSR, not the kernel's DAZ / FTZ */
+                    _mm_setcsr(csr);
+                    sf_act_block(act, act_out, y, ldy, r0, mr, j0, mw);
+                    _mm_setcsr(csr | 0x8040u);
+                }
                 continue;
             }
 #endif
             tile_model(y, ldy, a, lda, panel, bias, Kh, r0, mr, j0, mw, accumulate);
+            if (act >= 0) sf_act_block(act, act_out, y, ldy, r0, mr, j0, mw);
         }
 #ifdef SF_X86
         _mm_setcsr(csr);
@@ -832,6 +851,36 @@ void sf_bf16_linear(const run *R, float *y, const float *x, const float *w, cons
     const int64_t Kh = (K + 1) / 2;
     sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
     sf_bf16_gemm(y, M, R->bf_a, Kh, e->fwd, b, R->N, K, M, 0, R->nt);
+}
+
+void sf_bf16_linear_act(const run *R, float *y, float *act_out, int act, const float *x,
+                        const float *w, const float *b, int64_t K, int64_t M) {
+    const struct sf_bf16_weight *e = find_weight(R, w);
+    if (!e || e->M != M || e->K != K) { /* not a listed weight: fp32 (see list_weights) */
+        sf_matmul_act(y, act_out, act, x, w, b, R->N, K, M, R->pack, R->nt);
+        return;
+    }
+    const int64_t Kh = (K + 1) / 2;
+    sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
+    gemm_path_act(sf_bf16_native() ? 1 : 0, y ? y : act_out, M, R->bf_a, Kh, e->fwd, b, R->N, K, M, 0,
+                  R->nt, act, act_out);
+}
+
+void sf_bf16_linear_same_x(const run *R, int n, float *const *y, const float *x,
+                           const float *const *w, const float *const *b, int64_t K,
+                           const int64_t *M) {
+    const int64_t Kh = (K + 1) / 2;
+    int packed = 0;
+    for (int i = 0; i < n; i++) {
+        const struct sf_bf16_weight *e = find_weight(R, w[i]);
+        if (!e || e->M != M[i] || e->K != K) {
+            sf_matmul(y[i], x, w[i], b[i], R->N, K, M[i], 0, R->pack, R->nt);
+            continue;
+        }
+        if (!packed) sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
+        packed = 1;
+        sf_bf16_gemm(y[i], M[i], R->bf_a, Kh, e->fwd, b[i], R->N, K, M[i], 0, R->nt);
+    }
 }
 
 void sf_bf16_linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,

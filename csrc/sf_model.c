@@ -325,9 +325,16 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
                          float *probs, float *depth_mass) {
     const sf_layer_views *Lv = &R->m->layers[i];
     const sf_config *c = R->c;
-    linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
-    linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
-    linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    if (R->bf16) { /* u packed once for the three products */
+        float *ys[3] = {A->q, A->k, A->v};
+        const float *ws[3] = {Lv->q_w, Lv->k_w, Lv->v_w}, *bs[3] = {Lv->q_b, Lv->k_b, Lv->v_b};
+        const int64_t Ms[3] = {R->qd, R->kvd, R->kvd};
+        sf_bf16_linear_same_x(R, 3, ys, u, ws, bs, R->d, Ms);
+    } else {
+        linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
+        linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
+        linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    }
     const int drope = depth_rope(c), writes = c->moda && i < c->n_layers - 1;
     const int extra = c->moda_depth_kv == SF_DKV_EXTRA; /* the slot from its own projections */
     const int64_t slot = depth_slots_per_layer(c) * i;  /* attn_i's depth slot */
@@ -373,10 +380,8 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
         /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
-        if (R->bf16) { /* the product, then the same per-element activation in a pass */
-            float *pre = R->training ? A->f1 : A->g;
-            linear(R, pre, u, Lv->up_w, Lv->up_b, R->d, R->F);
-            sf_activation(c->act, A->g, pre, nF, R->nt);
+        if (R->bf16) { /* the activation on each product tile while it is in cache */
+            sf_bf16_linear_act(R, R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->d, R->F);
         } else {
             sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
                           R->F, R->pack, R->nt);

@@ -112,6 +112,15 @@ void sf_bf16_linear(const run *R, float *y, const float *x, const float *w, cons
                     int64_t K, int64_t M);
 void sf_bf16_linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
                         const float *x, const float *w, int64_t K, int64_t M);
+/* y = x W^T + b and act_out = act(y), the activation applied to each tile in cache (y may be
+ * NULL: act_out only); bitwise the same as sf_bf16_linear, then sf_activation */
+void sf_bf16_linear_act(const run *R, float *y, float *act_out, int act, const float *x,
+                        const float *w, const float *b, int64_t K, int64_t M);
+/* y[i] = x W_i^T + b_i for n weights sharing the input x (packed once): the same bits as n
+ * sf_bf16_linear calls */
+void sf_bf16_linear_same_x(const run *R, int n, float *const *y, const float *x,
+                           const float *const *w, const float *const *b, int64_t K,
+                           const int64_t *M);
 /* lay out the packed weights and scratch (bf16 mode only), and fill the weights */
 void sf_bf16_layout(run *R, bump *bp);
 void sf_bf16_convert_weights(run *R);
