@@ -150,6 +150,71 @@ __attribute__((target("avx2,fma"))) static void pack_a_row_avx2(uint32_t *d, con
     if (2 * i < K) d[i] = sf_bf16_pair(s[2 * i], 0.0f);
 }
 
+/* The same conversions on AVX512_BF16's own instruction (VCVTNE2PS2BF16 / VCVTNEPS2BF16, whose
+ * documented semantics sf_bf16_from_f32 is): 32 floats per instruction instead of the integer
+ * emulation. Used only where cvt_native() says the instruction gave sf_bf16_from_f32's bits on
+ * every probe pattern, and never under STACKFORMER_NO_BF16=1 / STACKFORMER_NO_AVX512=1, so
+ * the emulated path stays free of the instruction. */
+#define SF_TARGET_NAT_CVT __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bf16")))
+SF_TARGET_NAT_CVT static inline __attribute__((always_inline)) __m256i pairs_of16_nat(const float *src) {
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src));
+}
+
+SF_TARGET_NAT_CVT static void pack_a_row_nat(uint32_t *d, const float *s, int64_t K) {
+    int64_t i = 0;
+    for (; 2 * i + 32 <= K; i += 16)
+        _mm512_storeu_si512((void *)(d + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 2 * i + 16), _mm512_loadu_ps(s + 2 * i)));
+    for (; 2 * i + 16 <= K; i += 8) _mm256_storeu_si256((__m256i *)(d + i), pairs_of16_nat(s + 2 * i));
+    for (; 2 * i + 1 < K; i++) d[i] = sf_bf16_pair(s[2 * i], s[2 * i + 1]);
+    if (2 * i < K) d[i] = sf_bf16_pair(s[2 * i], 0.0f);
+}
+
+SF_TARGET_NAT_CVT static void pack_b_t_nat(uint32_t *dst, const float *w, int64_t ldw, int64_t K, int64_t j0) {
+    const int64_t Kh = (K + 1) / 2;
+    int64_t i = 0;
+    for (; 2 * i + 16 <= K; i += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256i v[8];
+            for (int r = 0; r < 8; r++) v[r] = pairs_of16_nat(w + (j0 + 8 * h + r) * ldw + 2 * i);
+            transpose8_words(v);
+            for (int q = 0; q < 8; q++) _mm256_storeu_si256((__m256i *)(dst + (i + q) * SF_BF16_NR + 8 * h), v[q]);
+        }
+    for (; i < Kh; i++)
+        for (int j = 0; j < SF_BF16_NR; j++) {
+            const float *row = w + (j0 + j) * ldw;
+            dst[i * SF_BF16_NR + j] = sf_bf16_pair(row[2 * i], 2 * i + 1 < K ? row[2 * i + 1] : 0.0f);
+        }
+}
+
+/* every high half with low halves around the rounding points (ties, just below / above),
+ * and zeros, denormals, infinities and NaNs among them: the instruction against the model */
+SF_TARGET_NAT_CVT static int cvt_probe(void) {
+    static const uint32_t lows[] = {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xC000u, 0xFFFFu, 0x4321u};
+    uint32_t src[16];
+    uint16_t got[16];
+    for (size_t l = 0; l < sizeof lows / sizeof lows[0]; l++)
+        for (uint32_t hi = 0; hi < 65536u; hi += 16) {
+            for (int j = 0; j < 16; j++) src[j] = (hi + (uint32_t)j) << 16 | lows[l];
+            float f[16];
+            memcpy(f, src, sizeof f);
+            _mm256_storeu_si256((__m256i *)got, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f)));
+            for (int j = 0; j < 16; j++)
+                if (got[j] != sf_bf16_from_f32(f[j])) return 0;
+        }
+    return 1;
+}
+
+static _Atomic int cvt_flag = -1;
+static int cvt_native(void) {
+    int v = atomic_load_explicit(&cvt_flag, memory_order_relaxed);
+    if (v < 0) {
+        const char *off = getenv("STACKFORMER_NO_BF16");
+        v = !(off && strcmp(off, "1") == 0) && sf_cpu_avx512() && sf_bf16_cpu_has_native() && cvt_probe();
+        atomic_store_explicit(&cvt_flag, v, memory_order_relaxed);
+    }
+    return v;
+}
+
 /* A with unit row stride (dy^T for the weight gradient): rows r0..r0+15 of A, pairs [i0, i1)
  * (i1 - i0 a multiple of 8 unless i1 == Kh), in blocks of 16 rows x 8 pairs converted down
  * columns (16 consecutive rows are one 64-byte line of src) and transposed in registers */
@@ -178,6 +243,7 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
     const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
 #ifdef SF_X86
     const int vec = cs == 1 && sf_cpu_avx2_fma(), vec_t = rs == 1 && cs != 1 && sf_cpu_avx2_fma();
+    const int nat = vec_t && cvt_native();
 #else
     const int vec = 0, vec_t = 0;
 #endif
@@ -195,7 +261,11 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
         uint32_t *dst = pack + p * Kh * SF_BF16_NR;
         const int64_t j0 = p * SF_BF16_NR, mw = M - j0 < SF_BF16_NR ? M - j0 : SF_BF16_NR;
 #ifdef SF_X86
-        if (vec_t && mw == SF_BF16_NR) { pack_b_t_avx2(dst, b, cs, K, j0); continue; }
+        if (vec_t && mw == SF_BF16_NR) {
+            if (nat) pack_b_t_nat(dst, b, cs, K, j0);
+            else pack_b_t_avx2(dst, b, cs, K, j0);
+            continue;
+        }
 #endif
         for (int64_t i = 0; i < Kh; i++) {
             const float *r0 = b + 2 * i * rs, *r1 = r0 + rs;
@@ -229,7 +299,7 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
                 a[r * lda + i] = sf_bf16_pair(src[2 * i * cs + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r] : 0.0f);
         return;
     }
-    const int vec = cs == 1 && sf_cpu_avx2_fma();
+    const int vec = cs == 1 && sf_cpu_avx2_fma(), nat = vec && cvt_native();
 #else
     const int vec = 0;
 #endif
@@ -238,6 +308,7 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
         const float *s = src + r * rs;
         uint32_t *d = a + r * lda;
 #ifdef SF_X86
+        if (nat) { pack_a_row_nat(d, s, K); continue; }
         if (vec) { pack_a_row_avx2(d, s, K); continue; }
 #endif
         if (cs == 1) {
@@ -250,6 +321,9 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
         }
     }
     (void)vec;
+#ifdef SF_X86
+    (void)nat;
+#endif
 }
 
 /* ---- kernels -------------------------------------------------------------------------------- */
