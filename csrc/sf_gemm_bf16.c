@@ -696,6 +696,9 @@ const char *sf_bf16_kernel(void) {
 static void gemm_path_act(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
                           const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
                           int accumulate, int nt, int act, float *act_out);
+static void gemm_path_act_pack(int path, uint32_t *pk, int64_t ldpk, const uint32_t *a, int64_t lda,
+                               const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                               int nt, int act);
 
 void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
                        const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
@@ -756,6 +759,71 @@ static void gemm_path_act(int path, float *y, int64_t ldy, const uint32_t *a, in
 #ifdef SF_X86
         _mm_setcsr(csr);
 #endif
+    }
+}
+
+#ifdef SF_X86
+/* one row of a 32-wide tile (32 floats) -> 16 pair words, by the instruction */
+SF_TARGET_NAT_CVT static void cvt_row32_nat(uint32_t *dst, const float *src) {
+    _mm512_storeu_si512((void *)dst, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src)));
+}
+#endif
+
+/* A bias-started product whose tiles go to a per-thread buffer, get act (under the caller's
+ * MXCSR) and are converted into packed bf16 rows pk (row r at pk + r*ldpk, word j/2 for column
+ * j): what pack_a of act(y) would hold, without y. */
+static void gemm_path_act_pack(int path, uint32_t *pk, int64_t ldpk, const uint32_t *a, int64_t lda,
+                               const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                               int nt, int act) {
+    if (N <= 0 || M <= 0) return;
+    const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#ifdef SF_X86
+    if (path == 0 && !sf_cpu_avx2_fma()) path = 2;
+    const int nat = cvt_native();
+#else
+    path = 2;
+#endif
+    const int64_t mr_t = path == 1 ? 8 : 6, pw = path == 1 ? 2 : 1;
+    const int64_t rt = (N + mr_t - 1) / mr_t, ct = (P + pw - 1) / pw, jobs = rt * ct;
+    if (nt < 1) nt = 1;
+    if (N * Kh * M < (1 << 15)) nt = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float ty[8 * 2 * SF_BF16_NR];
+        const int tid = sf_team_tid(), nth = sf_team_size();
+        const int64_t j_lo = jobs * tid / nth, j_hi = jobs * (tid + 1) / nth;
+#ifdef SF_X86
+        const unsigned csr = _mm_getcsr();
+#endif
+        for (int64_t job = j_lo; job < j_hi; job++) {
+            const int64_t c = job / rt, t = job % rt;
+            const int64_t r0 = t * mr_t, mr = N - r0 < mr_t ? N - r0 : mr_t;
+            const int64_t p = c * pw, j0 = p * SF_BF16_NR;
+            const int64_t mw = M - j0 < pw * SF_BF16_NR ? M - j0 : pw * SF_BF16_NR;
+            const uint32_t *panel = b + p * Kh * SF_BF16_NR, *ar = a + r0 * lda;
+            const float *bj = bias ? bias + j0 : NULL;
+            const int64_t ldt = 2 * SF_BF16_NR;
+#ifdef SF_X86
+            if (path == 1) {
+                tile_native(ty, ldt, ar, lda, panel, p + 1 < P ? panel + Kh * SF_BF16_NR : NULL, bj, Kh, 0, mr,
+                            0, mw, 0);
+            } else if (path == 0) {
+                _mm_setcsr(csr | 0x8040u);
+                tile_emulated(ty, ldt, ar, lda, panel, bj, Kh, 0, mr, 0, mw, 0);
+                _mm_setcsr(csr);
+            } else
+#endif
+                tile_model(ty, ldt, ar, lda, panel, bj, Kh, 0, mr, 0, mw, 0);
+            sf_act_block(act, ty, ty, ldt, 0, mr, 0, mw);
+            for (int64_t r = 0; r < mr; r++) {
+                uint32_t *dst = pk + (r0 + r) * ldpk + j0 / 2;
+                const float *src = ty + r * ldt;
+#ifdef SF_X86
+                if (nat && mw == 2 * SF_BF16_NR) { cvt_row32_nat(dst, src); continue; }
+#endif
+                for (int64_t w = 0; 2 * w < mw; w++) dst[w] = sf_bf16_pair(src[2 * w], 2 * w + 1 < mw ? src[2 * w + 1] : 0.0f);
+            }
+        }
     }
 }
 
@@ -892,6 +960,7 @@ void sf_bf16_layout(run *R, bump *bp) {
     const int64_t N = R->N;
     R->bf_a = (uint32_t *)take(bp, max64(cmul(&bad, N, (kmax + 1) / 2), cmul(&bad, kmax, (N + 1) / 2)));
     R->bf_b = R->training ? (uint32_t *)take(bp, sf_bf16_pack_words(N, kmax)) : NULL;
+    R->bf_g = R->training ? NULL : (uint32_t *)take(bp, cmul(&bad, N, (R->F + 1) / 2));
     if (bad) bp->bad = 1;
 }
 
@@ -938,6 +1007,19 @@ void sf_bf16_linear_act(const run *R, float *y, float *act_out, int act, const f
     sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
     gemm_path_act(sf_bf16_native() ? 1 : 0, y ? y : act_out, M, R->bf_a, Kh, e->fwd, b, R->N, K, M, 0,
                   R->nt, act, act_out);
+}
+
+int sf_bf16_mlp_forward(const run *R, float *y, int act, const float *u, const float *up_w,
+                        const float *up_b, const float *down_w, const float *down_b, int64_t d,
+                        int64_t F) {
+    if (R->training || !R->bf_g) return 0;
+    const struct sf_bf16_weight *eu = find_weight(R, up_w), *ed = find_weight(R, down_w);
+    if (!eu || eu->M != F || eu->K != d || !ed || ed->M != d || ed->K != F) return 0;
+    const int64_t dh = (d + 1) / 2, Fh = (F + 1) / 2;
+    sf_bf16_pack_a(R->bf_a, dh, u, d, 1, R->N, d, R->nt);
+    gemm_path_act_pack(sf_bf16_native() ? 1 : 0, R->bf_g, Fh, R->bf_a, dh, eu->fwd, up_b, R->N, d, F, R->nt, act);
+    sf_bf16_gemm(y, d, R->bf_g, Fh, ed->fwd, down_b, R->N, F, d, 0, R->nt);
+    return 1;
 }
 
 void sf_bf16_linear_same_x(const run *R, int n, float *const *y, const float *x,

@@ -381,6 +381,8 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
     } else {
         /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
         if (R->bf16) { /* the activation on each product tile while it is in cache */
+            if (sf_bf16_mlp_forward(R, y, c->act, u, Lv->up_w, Lv->up_b, Lv->down_w, Lv->down_b, R->d, R->F))
+                goto depth; /* forward call: act(.) packed for the down product, no fp32 copy */
             sf_bf16_linear_act(R, R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->d, R->F);
         } else {
             sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
@@ -388,6 +390,7 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         }
     }
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
+depth:
     if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
         linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
         if (depth_rope(c) == SF_DROPE_OWN) /* rotated at its own position, like attention's */

@@ -539,3 +539,20 @@ def test_bf16_cached_decoding_long_equals_full(name):
         t += n
     assert t == 90
     assert same_bits(np.concatenate(got, 1), full)
+
+
+@pytest.mark.parametrize("name", ["plain", "moda_full_post", "block_relu_rms", "moda_extra_kv"])
+def test_forward_call_fused_mlp_equals_the_training_path(name):
+    """A forward call packs the MLP activation straight into the down product's bf16 operand
+    (no fp32 copy); a train step keeps the fp32 activation. Same bits: the loss the train step
+    computes from its own logits equals the loss recomputed (in float64) from the forward call's,
+    to the loss arithmetic's own ~1e-9 (fp32 models show the same); one logit moved by a bf16
+    step would move it by ~1e-5."""
+    m16, _ = pair(name)
+    x, y = data(m16.config)
+    z = m16(x).logits.astype(np.float64)
+    lc = m16.forward_backward(x, y)
+    mx = z.max(-1, keepdims=True)
+    lse = mx[..., 0] + np.log(np.exp(z - mx).sum(-1))
+    ref = float(np.mean(lse - np.take_along_axis(z, y[..., None], -1)[..., 0]))
+    assert abs(lc - ref) < 2e-8, (lc, ref)
