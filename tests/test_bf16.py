@@ -417,6 +417,9 @@ LONG_CONFIGS = {
     "rope_gqa_swiglu": dict(pos="rope", n_kv_heads=2, activation="swiglu"),
     "moda_chunk4": dict(moda=True, moda_chunk=4),
     "encoder": dict(causal=False, pos="sinusoidal"),
+    "moda_depth_only": dict(moda=True, moda_depth_only=True),
+    "dropout_moda": dict(moda=True, attn_dropout=0.1, resid_dropout=0.1),
+    "odd_dhead_gqa": dict(d_model=34, n_heads=2, n_kv_heads=1),  # d_head 17: a zero pad half
 }
 
 
@@ -527,7 +530,7 @@ def test_bf16_attention_gradients_vs_float32(name):
     assert abs((fd[True] - a16) - (fd[False] - a32)) < 0.05 * abs(a32), (fd, a16, a32)
 
 
-@pytest.mark.parametrize("name", ["plain", "rope_gqa_swiglu", "moda_chunk4"])
+@pytest.mark.parametrize("name", ["plain", "rope_gqa_swiglu", "moda_chunk4", "moda_depth_only", "odd_dhead_gqa"])
 def test_bf16_cached_decoding_long_equals_full(name):
     m16, _ = long_pair(name)
     x = np.random.default_rng(3).integers(0, 48, (2, 90))
