@@ -236,6 +236,55 @@ pack_a_cols_avx2(uint32_t *a, int64_t lda, const float *src, int64_t cs, int64_t
         for (int r = 0; r < 16; r++)
             a[(r0 + r) * lda + i] = sf_bf16_pair(src[2 * i * cs + r0 + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r0 + r] : 0.0f);
 }
+
+/* pair words of 16 columns from rows lo and hi (hi may be NULL: zeros), by the instruction:
+ * w[0] = columns 0-7, w[1] = columns 8-15 (what pair8 gives for each half) */
+SF_TARGET_NAT_CVT static inline __attribute__((always_inline)) void
+pair16_nat(__m256i w[2], const float *lo, const float *hi) {
+    const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo));
+    const __m256i h = hi ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(hi)) : _mm256_setzero_si256();
+    const __m256i a = _mm256_unpacklo_epi16(l, h), b = _mm256_unpackhi_epi16(l, h); /* 0-3 8-11 | 4-7 12-15 */
+    w[0] = _mm256_permute2x128_si256(a, b, 0x20);
+    w[1] = _mm256_permute2x128_si256(a, b, 0x31);
+}
+
+SF_TARGET_NAT_CVT static void
+pack_b_pair_nat(uint32_t *pack, const float *b, int64_t rs, int64_t K, int64_t Kh, int64_t i, int64_t Pf) {
+    const float *r0 = b + 2 * i * rs, *r1 = 2 * i + 1 < K ? r0 + rs : NULL;
+    for (int64_t p = 0; p < Pf; p++) {
+        uint32_t *dst = pack + (p * Kh + i) * SF_BF16_NR;
+        const int64_t j0 = p * SF_BF16_NR;
+        __m256i w[2];
+        pair16_nat(w, r0 + j0, r1 ? r1 + j0 : NULL);
+        _mm256_storeu_si256((__m256i *)dst, w[0]);
+        _mm256_storeu_si256((__m256i *)(dst + 8), w[1]);
+    }
+}
+
+SF_TARGET_NAT_CVT static void
+pack_a_cols_nat(uint32_t *a, int64_t lda, const float *src, int64_t cs, int64_t r0, int64_t K,
+                int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        __m256i v0[8], v1[8];
+        for (int q = 0; q < 8; q++) {
+            const int64_t k = 2 * (i + q);
+            __m256i w[2];
+            pair16_nat(w, src + k * cs + r0, k + 1 < K ? src + (k + 1) * cs + r0 : NULL);
+            v0[q] = w[0];
+            v1[q] = w[1];
+        }
+        transpose8_words(v0);
+        transpose8_words(v1);
+        for (int r = 0; r < 8; r++) {
+            _mm256_storeu_si256((__m256i *)(a + (r0 + r) * lda + i), v0[r]);
+            _mm256_storeu_si256((__m256i *)(a + (r0 + 8 + r) * lda + i), v1[r]);
+        }
+    }
+    for (; i < i1; i++)
+        for (int r = 0; r < 16; r++)
+            a[(r0 + r) * lda + i] = sf_bf16_pair(src[2 * i * cs + r0 + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r0 + r] : 0.0f);
+}
 #endif
 
 void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int64_t K,
@@ -243,7 +292,7 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
     const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
 #ifdef SF_X86
     const int vec = cs == 1 && sf_cpu_avx2_fma(), vec_t = rs == 1 && cs != 1 && sf_cpu_avx2_fma();
-    const int nat = vec_t && cvt_native();
+    const int nat = vec_t && cvt_native(), nat_p = vec && cvt_native();
 #else
     const int vec = 0, vec_t = 0;
 #endif
@@ -252,7 +301,10 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
                 * (pair, panel) writes one 64-byte line */
         const int64_t Pf = M / SF_BF16_NR;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * M > 65536)
-        for (int64_t i = 0; i < Kh; i++) pack_b_pair_avx2(pack, b, rs, K, Kh, i, Pf);
+        for (int64_t i = 0; i < Kh; i++) {
+            if (nat_p) pack_b_pair_nat(pack, b, rs, K, Kh, i, Pf);
+            else pack_b_pair_avx2(pack, b, rs, K, Kh, i, Pf);
+        }
         if (Pf == P) return;
     }
 #endif
@@ -282,6 +334,7 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
     const int64_t Kh = (K + 1) / 2;
 #ifdef SF_X86
     if (rs == 1 && cs != 1 && sf_cpu_avx2_fma()) { /* columns of src are rows of A */
+        const int nat_c = cvt_native();
         /* each thread takes a run of 16-row blocks and walks src in chunks of 64 rows (32
          * pairs) across all of them: a chunk stays in L2 and its pages in the TLB (a block at a
          * time down all of src's rows, one page each, thrashed the TLB) */
@@ -292,7 +345,8 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
             const int64_t b_lo = blocks * tid / nth, b_hi = blocks * (tid + 1) / nth;
             for (int64_t i0 = 0; i0 < Kh; i0 += CH)
                 for (int64_t bl = b_lo; bl < b_hi; bl++)
-                    pack_a_cols_avx2(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
+                    if (nat_c) pack_a_cols_nat(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
+                    else pack_a_cols_avx2(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
         }
         for (int64_t r = blocks * 16; r < N; r++)
             for (int64_t i = 0; i < Kh; i++)
