@@ -19,6 +19,7 @@
  */
 #include "sf_internal.h"
 #include "sf_kernels.h"
+#include "sf_bf16.h"
 
 #include <math.h>
 #include <string.h>
@@ -37,7 +38,46 @@ static int64_t round16(int64_t n) { return (n + SF_GEMM_NR - 1) / SF_GEMM_NR * S
  * and dO of one block, and two BQ x width blocks (logits / probabilities and dP / dS). */
 static int64_t per_thread_floats(const sf_attn_args *a) {
     int64_t width = a->Tk + depth_cols(a);
+    if (a->bf16) { /* the fp32 blocks, then bf16 words (bf_layout) */
+        const int64_t Tk = a->Tk, dh = a->dh, dhh = (dh + 1) / 2, BQh = (SF_ATT_BQ + 1) / 2;
+        const int64_t pa = SF_ATT_BQ * ((Tk + 1) / 2) > Tk * BQh ? SF_ATT_BQ * ((Tk + 1) / 2) : Tk * BQh;
+        return 2 * SF_ATT_BQ * width + 2 * sf_bf16_pack_words(dh, Tk) + sf_bf16_pack_words(Tk, dh) +
+               2 * SF_ATT_BQ * dhh + pa + 2 * sf_bf16_pack_words(SF_ATT_BQ, dh);
+    }
     return 3 * round16(a->Tk) * round16(a->dh) + 2 * SF_ATT_BQ * round16(a->dh) + 2 * SF_ATT_BQ * width;
+}
+
+/* A thread's bf16 scratch: the fp32 logits / probabilities and dP / dS blocks, K^T and V^T
+ * panels (K = dh), K or V panels (K = keys), the block's Q and dO rows, a P / dS block (rows,
+ * or transposed: rows = keys), and the block's Q and dO as panels (K = query rows). */
+typedef struct {
+    float *sblk, *pblk;
+    uint32_t *kt, *vt, *kvn, *qa, *da, *pa, *qb, *db;
+} bf_ws;
+
+static bf_ws bf_layout(const sf_attn_args *a, float *ws) {
+    const int64_t Tk = a->Tk, dh = a->dh, dhh = (dh + 1) / 2, BQh = (SF_ATT_BQ + 1) / 2;
+    const int64_t width = Tk + depth_cols(a);
+    const int64_t pa = SF_ATT_BQ * ((Tk + 1) / 2) > Tk * BQh ? SF_ATT_BQ * ((Tk + 1) / 2) : Tk * BQh;
+    bf_ws w;
+    w.sblk = ws;
+    w.pblk = ws + SF_ATT_BQ * width;
+    w.kt = (uint32_t *)(ws + 2 * SF_ATT_BQ * width);
+    w.vt = w.kt + sf_bf16_pack_words(dh, Tk);
+    w.kvn = w.vt + sf_bf16_pack_words(dh, Tk);
+    w.qa = w.kvn + sf_bf16_pack_words(Tk, dh);
+    w.da = w.qa + SF_ATT_BQ * dhh;
+    w.pa = w.da + SF_ATT_BQ * dhh;
+    w.qb = w.pa + pa;
+    w.db = w.qb + sf_bf16_pack_words(SF_ATT_BQ, dh);
+    return w;
+}
+
+/* -0 -> +0 (x + 0 changes nothing else): the chains' FTZ can leave a -0 that a zero term (a
+ * masked key, a pad half) would turn into +0, and where those zero terms fall depends on the
+ * tiling, so every bf16 result is made canonical before anyone reads it */
+static void plus_zero(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += 0.0f;
 }
 
 int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads) {
@@ -164,7 +204,9 @@ static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, i
                        float *ot, float *lse, float *probs, float *depth_mass) {
     const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), width = Tk + dcols;
     const int64_t cs = (t / a->chunk) * a->chunk;
-    for (int64_t e = 0; e < a->dh; e++) ot[e] *= inv; /* the sequence part was unnormalized */
+    if (a->bf16) plus_zero(ot, a->dh); /* bf16: P was normalized before its product (inv = 1) */
+    else
+        for (int64_t e = 0; e < a->dh; e++) ot[e] *= inv; /* the sequence part was unnormalized */
     for (int64_t uc = 0; uc < a->chunk && cs + uc < Tk; uc++) {
         const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
         for (int64_t i = 0; i < nd; i++)
@@ -189,6 +231,23 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
     const float *qt = q + (b * Tq + tq) * qd + h * dh;
     float *ot = out + (b * Tq + tq) * qd + h * dh;
     const float scale = 1.0f / sqrtf((float)dh);
+    if (a->bf16) {
+        const int path = sf_bf16_path();
+        const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
+        sf_bf16_dots(path, s, qt, key_row(a, a->k, b, 0, g), a->Hkv * dh, n, dh);
+        if (pad)
+            for (int64_t u = 0; u < n; u++) s[u] = pad[u] ? s[u] : -INFINITY;
+        for (int64_t u = n; u < Tk; u++) s[u] = -INFINITY;
+        float mx = -INFINITY;
+        for (int64_t u = 0; u < n; u++) mx = s[u] > mx ? s[u] : mx;
+        float md = depth_logits(a, depth_query(a, q, b, tq, h), b, g, t, scale, s + Tk), dm, inv;
+        mx *= scale;
+        float l = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &dm, &inv);
+        for (int64_t u = 0; u < n; u++) s[u] *= inv;
+        sf_bf16_combine(path, ot, s, key_row(a, a->v, b, 0, g), a->Hkv * dh, n, dh);
+        row_finish(a, b, g, t, row, s, n, s + Tk, l, dm, 1.0f, ot, lse, probs, depth_mass);
+        return;
+    }
     float mx = row_logits(a, qt, depth_query(a, q, b, tq, h), b, g, t, scale, s), dm, inv;
     float l = row_softmax(a, row, s, n, s + Tk, mx, scale, &dm, &inv);
     memset(ot, 0, (size_t)dh * sizeof(float));
@@ -250,6 +309,62 @@ static float row_mask(const sf_attn_args *a, int64_t b, float *s, int64_t n, int
     return mx * scale; /* scale > 0: the max of the scaled logits, bit for bit */
 }
 
+/* bf16 forward of one work unit: head h of batch b, query blocks [blk0, blk1). As the fp32
+ * unit, with S = bf16(Q) bf16(K)^T and O = bf16(P) bf16(V), P normalized first. */
+static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, float *out, float *lse,
+                              float *probs, float *depth_mass, float *ws, int64_t b, int64_t h,
+                              int64_t blk0, int64_t blk1) {
+    const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh, G = H / a->Hkv, g = h / G;
+    const int64_t qd = H * dh, kvd = a->Hkv * dh, width = Tk + depth_cols(a), dhh = (dh + 1) / 2;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const int64_t mrt = sf_bf16_path_mr(path);
+    bf_ws w = bf_layout(a, ws);
+    int64_t t_last = (blk1 * SF_ATT_BQ < Tq ? blk1 * SF_ATT_BQ : Tq) - 1;
+    int64_t kpack = key_limit(a, a->q_pos0 + t_last), khv = (kpack + 1) / 2;
+    if (kpack > 0) {
+        sf_bf16_pack_b(w.kt, key_row(a, a->k, b, 0, g), 1, kvd, dh, kpack, 1);  /* K^T */
+        sf_bf16_pack_b(w.kvn, key_row(a, a->v, b, 0, g), kvd, 1, kpack, dh, 1); /* V */
+    }
+    for (int64_t blk = blk0; blk < blk1; blk++) {
+        int64_t tq0 = blk * SF_ATT_BQ;
+        int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
+        int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1), ldp = (kend + 1) / 2;
+        if (kend > 0) {
+            sf_bf16_pack_a(w.qa, dhh, q + (b * Tq + tq0) * qd + h * dh, qd, 1, nq, dh, 1);
+            for (int64_t i0 = 0; i0 < nq; i0 += mrt) {
+                int64_t mr = nq - i0 < mrt ? nq - i0 : mrt;
+                int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
+                sf_bf16_rows(path, w.sblk + i0 * width, width, w.qa + i0 * dhh, dhh, w.kt, dhh * SF_BF16_NR,
+                             mr, dhh, lim, 0);
+            }
+        }
+        float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
+        for (int64_t i = 0; i < nq; i++) {
+            int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
+            int64_t n = key_limit(a, t);
+            float *s = w.sblk + i * width, inv;
+            float mx = row_mask(a, b, s, n, kend, scale);
+            float md = depth_logits(a, depth_query(a, q, b, tq0 + i, h), b, g, t, scale, s + Tk);
+            lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &inv);
+            for (int64_t u = 0; u < n; u++) s[u] *= inv;
+        }
+        float *ob = out + (b * Tq + tq0) * qd + h * dh;
+        if (kend > 0) sf_bf16_pack_a(w.pa, ldp, w.sblk, width, 1, nq, kend, 1);
+        for (int64_t i0 = 0; i0 < nq; i0 += mrt) {
+            int64_t mr = nq - i0 < mrt ? nq - i0 : mrt;
+            int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
+            sf_bf16_rows(path, ob + i0 * qd, qd, w.pa + i0 * ldp, ldp, w.kvn, khv * SF_BF16_NR, mr,
+                         (lim + 1) / 2, dh, 0);
+        }
+        for (int64_t i = 0; i < nq; i++) {
+            int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
+            float *s = w.sblk + i * width;
+            row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i], 1.0f,
+                       ob + i * qd, lse, probs, depth_mass);
+        }
+    }
+}
+
 void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, float *lse,
                           float *probs, float *depth_mass, float *scratch, int n_threads) {
     const int64_t B = a->B, Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh;
@@ -262,6 +377,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
     /* Work units: whole heads when there are enough of them to share out (K and V are then
      * packed once per head), otherwise each head's query blocks split in nt parts. */
     const int64_t per_head = B * H >= 2 * nt ? 1 : (nblk < nt ? nblk : nt);
+    const int path = a->bf16 ? sf_bf16_path() : 0;
 
 #pragma omp parallel num_threads(nt) if (rows * width * dh > (1 << 20))
     {
@@ -277,6 +393,10 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                 int64_t b = unit / (H * per_head), h = (unit / per_head) % H, g = h / G;
                 /* this unit's query blocks [blk0, blk1); K and V packed once for all of them */
                 int64_t blk0 = (unit % per_head) * nblk / per_head, blk1 = (unit % per_head + 1) * nblk / per_head;
+                if (a->bf16) {
+                    forward_unit_bf16(a, path, q, out, lse, probs, depth_mass, ws, b, h, blk0, blk1);
+                    continue;
+                }
                 int64_t t_last = (blk1 * SF_ATT_BQ < Tq ? blk1 * SF_ATT_BQ : Tq) - 1;
                 int64_t kpack = key_limit(a, a->q_pos0 + t_last);
                 if (kpack > 0) {
@@ -339,6 +459,125 @@ static void depth_backward_row(const sf_attn_args *a, int64_t b, int64_t g, int6
     }
 }
 
+/* bf16 backward of one unit (batch b, kv head g): the fp32 unit's steps with every sequence
+ * product on bf16 operands: S = Q K^T and dP = dO V^T recomputed, dQ += dS K, dK += dS^T Q,
+ * dV += (P keep)^T dO. The reductions over query rows run in pairs of the block's rows from an
+ * even row, whatever the tile height, so every path gives the same chains. */
+static void backward_unit_bf16(const sf_attn_args *a, int path, const float *q, const float *out,
+                               const float *dout, const float *lse, float *dq, float *dk, float *dv,
+                               float *ddepth_k, float *ddepth_v, float *ws, int64_t b, int64_t g) {
+    const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, Hkv = a->Hkv, dh = a->dh, G = H / Hkv;
+    const int64_t qd = H * dh, kvd = Hkv * dh, dcols = depth_cols(a), width = Tk + dcols;
+    const int64_t dhh = (dh + 1) / 2, mrt = sf_bf16_path_mr(path);
+    const float scale = 1.0f / sqrtf((float)dh);
+    const int drop = a->dropout > 0.0f;
+    const int64_t kall = Tq > 0 ? key_limit(a, a->q_pos0 + Tq - 1) : 0, kallh = (kall + 1) / 2;
+    const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
+    bf_ws w = bf_layout(a, ws);
+    float *sblk = w.sblk, *pblk = w.pblk;
+    for (int64_t u = 0; u < Tk; u++) { /* this unit's dK, dV rows start at zero */
+        memset(dk + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));
+        memset(dv + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));
+    }
+    if (kall > 0) {
+        sf_bf16_pack_b(w.kt, key_row(a, a->k, b, 0, g), 1, kvd, dh, kall, 1);  /* K^T */
+        sf_bf16_pack_b(w.vt, key_row(a, a->v, b, 0, g), 1, kvd, dh, kall, 1);  /* V^T */
+        sf_bf16_pack_b(w.kvn, key_row(a, a->k, b, 0, g), kvd, 1, kall, dh, 1); /* K */
+    }
+    for (int64_t h = g * G; h < (g + 1) * G; h++) {
+        for (int64_t tq0 = 0; tq0 < Tq; tq0 += SF_ATT_BQ) {
+            int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
+            int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
+            const float *qb_rows = q + (b * Tq + tq0) * qd + h * dh;
+            const float *dob = dout + (b * Tq + tq0) * qd + h * dh;
+            if (kend > 0) {
+                sf_bf16_pack_a(w.qa, dhh, qb_rows, qd, 1, nq, dh, 1);
+                sf_bf16_pack_a(w.da, dhh, dob, qd, 1, nq, dh, 1);
+                for (int64_t i0 = 0; i0 < nq; i0 += mrt) {
+                    int64_t mr = nq - i0 < mrt ? nq - i0 : mrt;
+                    int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
+                    sf_bf16_rows(path, sblk + i0 * width, width, w.qa + i0 * dhh, dhh, w.kt,
+                                 dhh * SF_BF16_NR, mr, dhh, lim, 0);
+                    sf_bf16_rows(path, pblk + i0 * width, width, w.da + i0 * dhh, dhh, w.vt,
+                                 dhh * SF_BF16_NR, mr, dhh, lim, 0); /* dP = dO V^T */
+                }
+            }
+            for (int64_t i = 0; i < nq; i++) { /* as the fp32 unit's row pass */
+                int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
+                int64_t n = key_limit(a, t);
+                const float *qt = q + (b * Tq + tq) * qd + h * dh;
+                const float *ot = out + (b * Tq + tq) * qd + h * dh;
+                const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
+                float *dqt = dq + (b * Tq + tq) * qd + h * dh;
+                float *s = sblk + i * width, *dp = pblk + i * width;
+                const float l = lse[row];
+                memset(dqt, 0, (size_t)dh * sizeof(float));
+                if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
+                if (l == -INFINITY) n = 0;
+                if (kend > n) {
+                    memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
+                    memset(dp + n, 0, (size_t)(kend - n) * sizeof(float));
+                }
+                if (l == -INFINITY) continue;
+                float D = dot(dot_, ot, dh);
+                if (drop) {
+                    for (int64_t u = 0; u < n; u++) {
+                        float p = sf_expf(s[u] * scale - l);
+                        float keep = sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
+                        dp[u] = p * (keep * dp[u] - D) * scale;
+                        s[u] = p * keep;
+                    }
+                } else {
+                    sf_softmax_grad_row(s, dp, n, scale, l, D);
+                }
+                if (pad)
+                    for (int64_t u = 0; u < n; u++)
+                        if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
+                if (dcols > 0) {
+                    const float *qdt = a->q_depth ? depth_query(a, q, b, tq, h) : qt;
+                    float *dqdt = a->q_depth ? a->dq_depth + (b * Tq + tq) * qd + h * dh : dqt;
+                    depth_backward_row(a, b, g, t, row, qdt, dot_, dqdt, ddepth_k, ddepth_v, s + Tk, l, D);
+                }
+            }
+            if (kend == 0) continue;
+            /* dQ += dS K, row tiles reducing over the keys their last row sees */
+            const int64_t ldp = (kend + 1) / 2;
+            float *dqb = dq + (b * Tq + tq0) * qd + h * dh;
+            sf_bf16_pack_a(w.pa, ldp, pblk, width, 1, nq, kend, 1);
+            for (int64_t i0 = 0; i0 < nq; i0 += mrt) {
+                int64_t mr = nq - i0 < mrt ? nq - i0 : mrt;
+                int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
+                sf_bf16_rows(path, dqb + i0 * qd, qd, w.pa + i0 * ldp, ldp, w.kvn, kallh * SF_BF16_NR, mr,
+                             (lim + 1) / 2, dh, 1);
+            }
+            for (int64_t i = 0; i < nq; i++) plus_zero(dqb + i * qd, dh);
+            /* dK += dS^T Q_blk and dV += P^T dO_blk: key tiles reducing over the block's query
+             * rows from the even row at or before the first that can see the tile */
+            const int64_t ldt = (nq + 1) / 2;
+            sf_bf16_pack_b(w.qb, qb_rows, qd, 1, nq, dh, 1);
+            sf_bf16_pack_b(w.db, dob, qd, 1, nq, dh, 1);
+            for (int pass = 0; pass < 2; pass++) {
+                sf_bf16_pack_a(w.pa, ldt, pass == 0 ? pblk : sblk, 1, width, kend, nq, 1);
+                float *dst = pass == 0 ? dk : dv;
+                const uint32_t *bp = pass == 0 ? w.qb : w.db;
+                for (int64_t u0 = 0; u0 < kend; u0 += mrt) {
+                    int64_t mr = kend - u0 < mrt ? kend - u0 : mrt;
+                    int64_t j0 = a->causal ? u0 - (a->q_pos0 + tq0) : 0;
+                    if (j0 < 0) j0 = 0;
+                    if (j0 >= nq) continue;
+                    int64_t i0 = j0 / 2;
+                    sf_bf16_rows(path, dst + b * a->kv_bstride + u0 * kvd + g * dh, kvd, w.pa + u0 * ldt + i0,
+                                 ldt, bp + i0 * SF_BF16_NR, ldt * SF_BF16_NR, mr, ldt - i0, dh, 1);
+                }
+            }
+        }
+    }
+    for (int64_t u = 0; u < Tk; u++) {
+        plus_zero(dk + b * a->kv_bstride + u * kvd + g * dh, dh);
+        plus_zero(dv + b * a->kv_bstride + u * kvd + g * dh, dh);
+    }
+}
+
 /* Backward. Work is split by (batch, kv head): a unit owns dK/dV rows of its kv head, the
  * depth-slot gradients of its kv head and dQ of the query heads that share it, so no two
  * threads ever write the same float and the result does not depend on the thread count.
@@ -357,6 +596,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
     const int64_t units = B * Hkv;
     const int drop = a->dropout > 0.0f;
     const int64_t kall = Tq > 0 ? key_limit(a, a->q_pos0 + Tq - 1) : 0;
+    const int path = a->bf16 ? sf_bf16_path() : 0;
 
 #pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > (1 << 20))
     {
@@ -367,6 +607,10 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
 #pragma omp for schedule(dynamic, 1)
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t b = unit / Hkv, g = unit % Hkv;
+            if (a->bf16) {
+                backward_unit_bf16(a, path, q, out, dout, lse, dq, dk, dv, ddepth_k, ddepth_v, ws, b, g);
+                continue;
+            }
             const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
             for (int64_t u = 0; u < Tk; u++) { /* this unit's dK, dV rows start at zero */
                 memset(dk + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));

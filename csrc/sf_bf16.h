@@ -92,4 +92,27 @@ void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64
  * then flushed to zero when tiny after rounding. The reference every kernel is tested against. */
 float sf_bf16_fma_model(float a, float b, float c);
 
+/* ---- for kernels that tile their own products (attention's QK^T, PV and their gradients) ----
+ * The kernel bf16 products run on now: sf_bf16_native() ? 1 : 0 (2, the scalar model, where
+ * there is no AVX2/FMA), unless a test forced one with sf_bf16_force_path (-1: automatic). */
+int sf_bf16_path(void);
+void sf_bf16_force_path(int path);
+/* Rows per register tile on a path (8 native, 6 emulated / model). */
+int sf_bf16_path_mr(int path);
+/* Single-threaded sf_bf16_gemm on `path`: y (N x M, row stride ldy) (=|+=) A . B where A is N
+ * packed rows (row r at a + r*lda, its first Kh words used) and B packed panels whose panel p
+ * starts at b + p*pstride words (its first Kh pairs used: a pair-prefix of a panel is a panel
+ * of a shorter reduction). No bias. Each element one chain, as sf_bf16_gemm. */
+void sf_bf16_rows(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *b,
+                  int64_t pstride, int64_t N, int64_t Kh, int64_t M, int accumulate);
+/* The same chains without packing, for a single row (decoding): out[j] = the chain from 0 over
+ * the K elements of a and of row j of B (b + j*b_rs), j < n; and y[e] = the chain from 0 over
+ * the n elements of p and column e of V (v + u*v_rs + e), e < M. Operands rounded with
+ * sf_bf16_from_f32; an odd length gets the zero pad half, as packed. Same bits as
+ * sf_bf16_rows on every path (path 2: the scalar model). */
+void sf_bf16_dots(int path, float *out, const float *a, const float *b, int64_t b_rs, int64_t n,
+                  int64_t K);
+void sf_bf16_combine(int path, float *y, const float *p, const float *v, int64_t v_rs, int64_t n,
+                     int64_t M);
+
 #endif

@@ -150,6 +150,71 @@ __attribute__((target("avx2,fma"))) static void pack_a_row_avx2(uint32_t *d, con
     if (2 * i < K) d[i] = sf_bf16_pair(s[2 * i], 0.0f);
 }
 
+/* The same conversions on AVX512_BF16's own instruction (VCVTNE2PS2BF16 / VCVTNEPS2BF16, whose
+ * documented semantics sf_bf16_from_f32 is): 32 floats per instruction instead of the integer
+ * emulation. Used only where cvt_native() says the instruction gave sf_bf16_from_f32's bits on
+ * every probe pattern, and never under STACKFORMER_NO_BF16=1 / STACKFORMER_NO_AVX512=1, so
+ * the emulated path stays free of the instruction. */
+#define SF_TARGET_NAT_CVT __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bf16")))
+SF_TARGET_NAT_CVT static inline __attribute__((always_inline)) __m256i pairs_of16_nat(const float *src) {
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src));
+}
+
+SF_TARGET_NAT_CVT static void pack_a_row_nat(uint32_t *d, const float *s, int64_t K) {
+    int64_t i = 0;
+    for (; 2 * i + 32 <= K; i += 16)
+        _mm512_storeu_si512((void *)(d + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + 2 * i + 16), _mm512_loadu_ps(s + 2 * i)));
+    for (; 2 * i + 16 <= K; i += 8) _mm256_storeu_si256((__m256i *)(d + i), pairs_of16_nat(s + 2 * i));
+    for (; 2 * i + 1 < K; i++) d[i] = sf_bf16_pair(s[2 * i], s[2 * i + 1]);
+    if (2 * i < K) d[i] = sf_bf16_pair(s[2 * i], 0.0f);
+}
+
+SF_TARGET_NAT_CVT static void pack_b_t_nat(uint32_t *dst, const float *w, int64_t ldw, int64_t K, int64_t j0) {
+    const int64_t Kh = (K + 1) / 2;
+    int64_t i = 0;
+    for (; 2 * i + 16 <= K; i += 8)
+        for (int h = 0; h < 2; h++) {
+            __m256i v[8];
+            for (int r = 0; r < 8; r++) v[r] = pairs_of16_nat(w + (j0 + 8 * h + r) * ldw + 2 * i);
+            transpose8_words(v);
+            for (int q = 0; q < 8; q++) _mm256_storeu_si256((__m256i *)(dst + (i + q) * SF_BF16_NR + 8 * h), v[q]);
+        }
+    for (; i < Kh; i++)
+        for (int j = 0; j < SF_BF16_NR; j++) {
+            const float *row = w + (j0 + j) * ldw;
+            dst[i * SF_BF16_NR + j] = sf_bf16_pair(row[2 * i], 2 * i + 1 < K ? row[2 * i + 1] : 0.0f);
+        }
+}
+
+/* every high half with low halves around the rounding points (ties, just below / above),
+ * and zeros, denormals, infinities and NaNs among them: the instruction against the model */
+SF_TARGET_NAT_CVT static int cvt_probe(void) {
+    static const uint32_t lows[] = {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xC000u, 0xFFFFu, 0x4321u};
+    uint32_t src[16];
+    uint16_t got[16];
+    for (size_t l = 0; l < sizeof lows / sizeof lows[0]; l++)
+        for (uint32_t hi = 0; hi < 65536u; hi += 16) {
+            for (int j = 0; j < 16; j++) src[j] = (hi + (uint32_t)j) << 16 | lows[l];
+            float f[16];
+            memcpy(f, src, sizeof f);
+            _mm256_storeu_si256((__m256i *)got, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f)));
+            for (int j = 0; j < 16; j++)
+                if (got[j] != sf_bf16_from_f32(f[j])) return 0;
+        }
+    return 1;
+}
+
+static _Atomic int cvt_flag = -1;
+static int cvt_native(void) {
+    int v = atomic_load_explicit(&cvt_flag, memory_order_relaxed);
+    if (v < 0) {
+        const char *off = getenv("STACKFORMER_NO_BF16");
+        v = !(off && strcmp(off, "1") == 0) && sf_cpu_avx512() && sf_bf16_cpu_has_native() && cvt_probe();
+        atomic_store_explicit(&cvt_flag, v, memory_order_relaxed);
+    }
+    return v;
+}
+
 /* A with unit row stride (dy^T for the weight gradient): rows r0..r0+15 of A, pairs [i0, i1)
  * (i1 - i0 a multiple of 8 unless i1 == Kh), in blocks of 16 rows x 8 pairs converted down
  * columns (16 consecutive rows are one 64-byte line of src) and transposed in registers */
@@ -171,6 +236,55 @@ pack_a_cols_avx2(uint32_t *a, int64_t lda, const float *src, int64_t cs, int64_t
         for (int r = 0; r < 16; r++)
             a[(r0 + r) * lda + i] = sf_bf16_pair(src[2 * i * cs + r0 + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r0 + r] : 0.0f);
 }
+
+/* pair words of 16 columns from rows lo and hi (hi may be NULL: zeros), by the instruction:
+ * w[0] = columns 0-7, w[1] = columns 8-15 (what pair8 gives for each half) */
+SF_TARGET_NAT_CVT static inline __attribute__((always_inline)) void
+pair16_nat(__m256i w[2], const float *lo, const float *hi) {
+    const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo));
+    const __m256i h = hi ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(hi)) : _mm256_setzero_si256();
+    const __m256i a = _mm256_unpacklo_epi16(l, h), b = _mm256_unpackhi_epi16(l, h); /* 0-3 8-11 | 4-7 12-15 */
+    w[0] = _mm256_permute2x128_si256(a, b, 0x20);
+    w[1] = _mm256_permute2x128_si256(a, b, 0x31);
+}
+
+SF_TARGET_NAT_CVT static void
+pack_b_pair_nat(uint32_t *pack, const float *b, int64_t rs, int64_t K, int64_t Kh, int64_t i, int64_t Pf) {
+    const float *r0 = b + 2 * i * rs, *r1 = 2 * i + 1 < K ? r0 + rs : NULL;
+    for (int64_t p = 0; p < Pf; p++) {
+        uint32_t *dst = pack + (p * Kh + i) * SF_BF16_NR;
+        const int64_t j0 = p * SF_BF16_NR;
+        __m256i w[2];
+        pair16_nat(w, r0 + j0, r1 ? r1 + j0 : NULL);
+        _mm256_storeu_si256((__m256i *)dst, w[0]);
+        _mm256_storeu_si256((__m256i *)(dst + 8), w[1]);
+    }
+}
+
+SF_TARGET_NAT_CVT static void
+pack_a_cols_nat(uint32_t *a, int64_t lda, const float *src, int64_t cs, int64_t r0, int64_t K,
+                int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        __m256i v0[8], v1[8];
+        for (int q = 0; q < 8; q++) {
+            const int64_t k = 2 * (i + q);
+            __m256i w[2];
+            pair16_nat(w, src + k * cs + r0, k + 1 < K ? src + (k + 1) * cs + r0 : NULL);
+            v0[q] = w[0];
+            v1[q] = w[1];
+        }
+        transpose8_words(v0);
+        transpose8_words(v1);
+        for (int r = 0; r < 8; r++) {
+            _mm256_storeu_si256((__m256i *)(a + (r0 + r) * lda + i), v0[r]);
+            _mm256_storeu_si256((__m256i *)(a + (r0 + 8 + r) * lda + i), v1[r]);
+        }
+    }
+    for (; i < i1; i++)
+        for (int r = 0; r < 16; r++)
+            a[(r0 + r) * lda + i] = sf_bf16_pair(src[2 * i * cs + r0 + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r0 + r] : 0.0f);
+}
 #endif
 
 void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int64_t K,
@@ -178,6 +292,7 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
     const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
 #ifdef SF_X86
     const int vec = cs == 1 && sf_cpu_avx2_fma(), vec_t = rs == 1 && cs != 1 && sf_cpu_avx2_fma();
+    const int nat = vec_t && cvt_native(), nat_p = vec && cvt_native();
 #else
     const int vec = 0, vec_t = 0;
 #endif
@@ -185,17 +300,24 @@ void sf_bf16_pack_b(uint32_t *pack, const float *b, int64_t rs, int64_t cs, int6
     if (vec) { /* row pairs outer: each pair of rows of B is read once, contiguously, and each
                 * (pair, panel) writes one 64-byte line */
         const int64_t Pf = M / SF_BF16_NR;
-#pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
-        for (int64_t i = 0; i < Kh; i++) pack_b_pair_avx2(pack, b, rs, K, Kh, i, Pf);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * M > 65536)
+        for (int64_t i = 0; i < Kh; i++) {
+            if (nat_p) pack_b_pair_nat(pack, b, rs, K, Kh, i, Pf);
+            else pack_b_pair_avx2(pack, b, rs, K, Kh, i, Pf);
+        }
         if (Pf == P) return;
     }
 #endif
-#pragma omp parallel for schedule(static) num_threads(nt) if (K * M > 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * M > 65536)
     for (int64_t p = vec ? M / SF_BF16_NR : 0; p < P; p++) {
         uint32_t *dst = pack + p * Kh * SF_BF16_NR;
         const int64_t j0 = p * SF_BF16_NR, mw = M - j0 < SF_BF16_NR ? M - j0 : SF_BF16_NR;
 #ifdef SF_X86
-        if (vec_t && mw == SF_BF16_NR) { pack_b_t_avx2(dst, b, cs, K, j0); continue; }
+        if (vec_t && mw == SF_BF16_NR) {
+            if (nat) pack_b_t_nat(dst, b, cs, K, j0);
+            else pack_b_t_avx2(dst, b, cs, K, j0);
+            continue;
+        }
 #endif
         for (int64_t i = 0; i < Kh; i++) {
             const float *r0 = b + 2 * i * rs, *r1 = r0 + rs;
@@ -212,32 +334,35 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
     const int64_t Kh = (K + 1) / 2;
 #ifdef SF_X86
     if (rs == 1 && cs != 1 && sf_cpu_avx2_fma()) { /* columns of src are rows of A */
+        const int nat_c = cvt_native();
         /* each thread takes a run of 16-row blocks and walks src in chunks of 64 rows (32
          * pairs) across all of them: a chunk stays in L2 and its pages in the TLB (a block at a
          * time down all of src's rows, one page each, thrashed the TLB) */
         const int64_t blocks = N / 16, CH = 32;
-#pragma omp parallel num_threads(nt) if (N * K > 65536)
+#pragma omp parallel num_threads(nt) if (nt > 1 && N * K > 65536)
         {
             const int tid = sf_team_tid(), nth = sf_team_size();
             const int64_t b_lo = blocks * tid / nth, b_hi = blocks * (tid + 1) / nth;
             for (int64_t i0 = 0; i0 < Kh; i0 += CH)
                 for (int64_t bl = b_lo; bl < b_hi; bl++)
-                    pack_a_cols_avx2(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
+                    if (nat_c) pack_a_cols_nat(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
+                    else pack_a_cols_avx2(a, lda, src, cs, bl * 16, K, i0, i0 + CH < Kh ? i0 + CH : Kh);
         }
         for (int64_t r = blocks * 16; r < N; r++)
             for (int64_t i = 0; i < Kh; i++)
                 a[r * lda + i] = sf_bf16_pair(src[2 * i * cs + r], 2 * i + 1 < K ? src[(2 * i + 1) * cs + r] : 0.0f);
         return;
     }
-    const int vec = cs == 1 && sf_cpu_avx2_fma();
+    const int vec = cs == 1 && sf_cpu_avx2_fma(), nat = vec && cvt_native();
 #else
     const int vec = 0;
 #endif
-#pragma omp parallel for schedule(static) num_threads(nt) if (N * K > 65536)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && N * K > 65536)
     for (int64_t r = 0; r < N; r++) {
         const float *s = src + r * rs;
         uint32_t *d = a + r * lda;
 #ifdef SF_X86
+        if (nat) { pack_a_row_nat(d, s, K); continue; }
         if (vec) { pack_a_row_avx2(d, s, K); continue; }
 #endif
         if (cs == 1) {
@@ -250,6 +375,9 @@ void sf_bf16_pack_a(uint32_t *a, int64_t lda, const float *src, int64_t rs, int6
         }
     }
     (void)vec;
+#ifdef SF_X86
+    (void)nat;
+#endif
 }
 
 /* ---- kernels -------------------------------------------------------------------------------- */
@@ -330,6 +458,16 @@ tile_native(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_
     float tmp[2 * SF_BF16_NR];
     for (int r = 0; r < NAT_MR; r++) {
         ar[r] = a + (r0 + (r < mr ? r : 0)) * lda;
+        if (!accumulate && !bias) { /* the chains start at +0 */
+            acc[r][0] = _mm512_setzero_ps();
+            acc[r][1] = _mm512_setzero_ps();
+            continue;
+        }
+        if (accumulate && r < mr && mw == 2 * SF_BF16_NR) { /* a whole row of y */
+            acc[r][0] = _mm512_loadu_ps(y + (r0 + r) * ldy + j0);
+            acc[r][1] = _mm512_loadu_ps(y + (r0 + r) * ldy + j0 + SF_BF16_NR);
+            continue;
+        }
         for (int j = 0; j < 2 * SF_BF16_NR; j++)
             tmp[j] = r < mr && j < mw ? chain_start(y, ldy, bias, r0 + r, j0 + j, accumulate) : 0.0f;
         acc[r][0] = _mm512_loadu_ps(tmp);
@@ -346,12 +484,189 @@ tile_native(float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_
         }
     }
     for (int r = 0; r < mr; r++) {
+        if (mw == 2 * SF_BF16_NR) {
+            _mm512_storeu_ps(y + (r0 + r) * ldy + j0, acc[r][0]);
+            _mm512_storeu_ps(y + (r0 + r) * ldy + j0 + SF_BF16_NR, acc[r][1]);
+            continue;
+        }
         _mm512_storeu_ps(tmp, acc[r][0]);
         _mm512_storeu_ps(tmp + SF_BF16_NR, acc[r][1]);
         memcpy(y + (r0 + r) * ldy + j0, tmp, (size_t)mw * sizeof(float));
     }
 }
 #endif
+
+
+/* ---- single-threaded products for kernels that tile their own work (attention) ------------- */
+static _Atomic int forced_path = -1;
+
+void sf_bf16_force_path(int path) { atomic_store_explicit(&forced_path, path, memory_order_relaxed); }
+
+int sf_bf16_path(void) {
+    int p = atomic_load_explicit(&forced_path, memory_order_relaxed);
+    if (p < 0) p = sf_bf16_native() ? 1 : 0;
+#ifdef SF_X86
+    if (p == 0 && !sf_cpu_avx2_fma()) p = 2;
+#else
+    p = 2;
+#endif
+    return p;
+}
+
+int sf_bf16_path_mr(int path) { return path == 1 ? 8 : 6; }
+
+void sf_bf16_rows(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda, const uint32_t *b,
+                  int64_t pstride, int64_t N, int64_t Kh, int64_t M, int accumulate) {
+    if (N <= 0 || M <= 0) return;
+#ifdef SF_X86
+    if (path == 0 && !sf_cpu_avx2_fma()) path = 2;
+#else
+    path = 2;
+#endif
+    const int64_t mr_t = sf_bf16_path_mr(path), pw = path == 1 ? 2 : 1;
+    const int64_t P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#ifdef SF_X86
+    unsigned csr = 0;
+    if (path == 0) {
+        csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u); /* FTZ | DAZ, as sf_bf16_gemm_path */
+    }
+#endif
+    for (int64_t r0 = 0; r0 < N; r0 += mr_t) {
+        const int64_t mr = N - r0 < mr_t ? N - r0 : mr_t;
+        for (int64_t p = 0; p < P; p += pw) {
+            const int64_t j0 = p * SF_BF16_NR;
+            const int64_t mw = M - j0 < pw * SF_BF16_NR ? M - j0 : pw * SF_BF16_NR;
+            const uint32_t *panel = b + p * pstride;
+#ifdef SF_X86
+            if (path == 1) {
+                tile_native(y, ldy, a, lda, panel, p + 1 < P ? panel + pstride : NULL, NULL, Kh, r0, mr,
+                            j0, mw, accumulate);
+                continue;
+            }
+            if (path == 0) {
+                tile_emulated(y, ldy, a, lda, panel, NULL, Kh, r0, mr, j0, mw, accumulate);
+                continue;
+            }
+#endif
+            tile_model(y, ldy, a, lda, panel, NULL, Kh, r0, mr, j0, mw, accumulate);
+        }
+    }
+#ifdef SF_X86
+    if (path == 0) _mm_setcsr(csr);
+#endif
+}
+
+static inline float bf16r(float x) { return sf_bf16_to_f32(sf_bf16_from_f32(x)); }
+
+#ifdef SF_X86
+/* one step of the chain in hardware: the caller has set MXCSR.DAZ|FTZ; a, b are bf16 values */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) float
+step_hw(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+__attribute__((target("avx2,fma"))) static void
+dots_hw(float *out, const float *a, const float *b, int64_t b_rs, int64_t n, int64_t K) {
+    const int64_t Kh = (K + 1) / 2;
+    for (int64_t j0 = 0; j0 < n; j0 += 8) { /* 8 independent chains at a time */
+        const int64_t nb = n - j0 < 8 ? n - j0 : 8;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < Kh; i++) {
+            const int odd = 2 * i + 1 < K;
+            const float ao = odd ? bf16r(a[2 * i + 1]) : 0.0f, ae = bf16r(a[2 * i]);
+            for (int64_t j = 0; j < nb; j++) {
+                const float *bj = b + (j0 + j) * b_rs;
+                acc[j] = step_hw(ao, odd ? bf16r(bj[2 * i + 1]) : 0.0f, acc[j]);
+                acc[j] = step_hw(ae, bf16r(bj[2 * i]), acc[j]);
+            }
+        }
+        for (int64_t j = 0; j < nb; j++) out[j0 + j] = acc[j];
+    }
+}
+
+/* 8 bf16-rounded floats (cvt8's integer conversion, widened back) */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) __m256
+round8(const float *src) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(cvt8(src), 16));
+}
+
+__attribute__((target("avx2,fma"))) static void
+combine_hw(float *y, const float *p, const float *v, int64_t v_rs, int64_t n, int64_t M) {
+    const int64_t Nh = (n + 1) / 2;
+    int64_t e0 = 0;
+    for (; e0 + 8 <= M; e0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < Nh; i++) {
+            const int odd = 2 * i + 1 < n;
+            const __m256 po = _mm256_set1_ps(odd ? bf16r(p[2 * i + 1]) : 0.0f);
+            const __m256 pe = _mm256_set1_ps(bf16r(p[2 * i]));
+            const __m256 vo = odd ? round8(v + (2 * i + 1) * v_rs + e0) : _mm256_setzero_ps();
+            acc = _mm256_fmadd_ps(po, vo, acc);
+            acc = _mm256_fmadd_ps(pe, round8(v + 2 * i * v_rs + e0), acc);
+        }
+        _mm256_storeu_ps(y + e0, acc);
+    }
+    for (; e0 < M; e0++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < Nh; i++) {
+            const int odd = 2 * i + 1 < n;
+            acc = step_hw(odd ? bf16r(p[2 * i + 1]) : 0.0f, odd ? bf16r(v[(2 * i + 1) * v_rs + e0]) : 0.0f, acc);
+            acc = step_hw(bf16r(p[2 * i]), bf16r(v[2 * i * v_rs + e0]), acc);
+        }
+        y[e0] = acc;
+    }
+}
+#endif
+
+void sf_bf16_dots(int path, float *out, const float *a, const float *b, int64_t b_rs, int64_t n,
+                  int64_t K) {
+    if (n <= 0) return;
+#ifdef SF_X86
+    if (path != 2 && sf_cpu_avx2_fma()) {
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u);
+        dots_hw(out, a, b, b_rs, n, K);
+        _mm_setcsr(csr);
+        return;
+    }
+#endif
+    const int64_t Kh = (K + 1) / 2;
+    for (int64_t j = 0; j < n; j++) {
+        const float *bj = b + j * b_rs;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < Kh; i++) {
+            const int odd = 2 * i + 1 < K;
+            acc = sf_bf16_fma_model(odd ? bf16r(a[2 * i + 1]) : 0.0f, odd ? bf16r(bj[2 * i + 1]) : 0.0f, acc);
+            acc = sf_bf16_fma_model(bf16r(a[2 * i]), bf16r(bj[2 * i]), acc);
+        }
+        out[j] = acc;
+    }
+}
+
+void sf_bf16_combine(int path, float *y, const float *p, const float *v, int64_t v_rs, int64_t n,
+                     int64_t M) {
+    if (M <= 0) return;
+#ifdef SF_X86
+    if (path != 2 && sf_cpu_avx2_fma()) {
+        const unsigned csr = _mm_getcsr();
+        _mm_setcsr(csr | 0x8040u);
+        combine_hw(y, p, v, v_rs, n, M);
+        _mm_setcsr(csr);
+        return;
+    }
+#endif
+    const int64_t Nh = (n + 1) / 2;
+    for (int64_t e = 0; e < M; e++) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < Nh; i++) {
+            const int odd = 2 * i + 1 < n;
+            acc = sf_bf16_fma_model(odd ? bf16r(p[2 * i + 1]) : 0.0f, odd ? bf16r(v[(2 * i + 1) * v_rs + e]) : 0.0f, acc);
+            acc = sf_bf16_fma_model(bf16r(p[2 * i]), bf16r(v[2 * i * v_rs + e]), acc);
+        }
+        y[e] = acc;
+    }
+}
 
 /* ---- kernel choice -------------------------------------------------------------------------- */
 static _Atomic int native_flag = -1;
@@ -430,9 +745,24 @@ const char *sf_bf16_kernel(void) {
 }
 
 /* ---- the product ------------------------------------------------------------------------------ */
+/* act >= 0: act_out = act(y) on each tile right after it is stored (sf_act_block, the fp32
+ * epilogue's function, run with the caller's MXCSR: the same bits as a separate pass) */
+static void gemm_path_act(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
+                          const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                          int accumulate, int nt, int act, float *act_out);
+static void gemm_path_act_pack(int path, uint32_t *pk, int64_t ldpk, const uint32_t *a, int64_t lda,
+                               const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                               int nt, int act);
+
 void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
                        const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
                        int accumulate, int nt) {
+    gemm_path_act(path, y, ldy, a, lda, b, bias, N, K, M, accumulate, nt, -1, NULL);
+}
+
+static void gemm_path_act(int path, float *y, int64_t ldy, const uint32_t *a, int64_t lda,
+                          const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                          int accumulate, int nt, int act, float *act_out) {
     if (N <= 0 || M <= 0) return;
     const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
 #ifdef SF_X86
@@ -464,18 +794,90 @@ void sf_bf16_gemm_path(int path, float *y, int64_t ldy, const uint32_t *a, int64
             if (path == 1) {
                 tile_native(y, ldy, a, lda, panel, p + 1 < P ? panel + Kh * SF_BF16_NR : NULL, bias,
                             Kh, r0, mr, j0, mw, accumulate);
+                if (act >= 0) sf_act_block(act, act_out, y, ldy, r0, mr, j0, mw);
                 continue;
             }
             if (path == 0) {
                 tile_emulated(y, ldy, a, lda, panel, bias, Kh, r0, mr, j0, mw, accumulate);
+                if (act >= 0) { /* under the caller's MXCSR, not the kernel's DAZ / FTZ */
+                    _mm_setcsr(csr);
+                    sf_act_block(act, act_out, y, ldy, r0, mr, j0, mw);
+                    _mm_setcsr(csr | 0x8040u);
+                }
                 continue;
             }
 #endif
             tile_model(y, ldy, a, lda, panel, bias, Kh, r0, mr, j0, mw, accumulate);
+            if (act >= 0) sf_act_block(act, act_out, y, ldy, r0, mr, j0, mw);
         }
 #ifdef SF_X86
         _mm_setcsr(csr);
 #endif
+    }
+}
+
+#ifdef SF_X86
+/* one row of a 32-wide tile (32 floats) -> 16 pair words, by the instruction */
+SF_TARGET_NAT_CVT static void cvt_row32_nat(uint32_t *dst, const float *src) {
+    _mm512_storeu_si512((void *)dst, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src)));
+}
+#endif
+
+/* A bias-started product whose tiles go to a per-thread buffer, get act (under the caller's
+ * MXCSR) and are converted into packed bf16 rows pk (row r at pk + r*ldpk, word j/2 for column
+ * j): what pack_a of act(y) would hold, without y. */
+static void gemm_path_act_pack(int path, uint32_t *pk, int64_t ldpk, const uint32_t *a, int64_t lda,
+                               const uint32_t *b, const float *bias, int64_t N, int64_t K, int64_t M,
+                               int nt, int act) {
+    if (N <= 0 || M <= 0) return;
+    const int64_t Kh = (K + 1) / 2, P = (M + SF_BF16_NR - 1) / SF_BF16_NR;
+#ifdef SF_X86
+    if (path == 0 && !sf_cpu_avx2_fma()) path = 2;
+    const int nat = cvt_native();
+#else
+    path = 2;
+#endif
+    const int64_t mr_t = path == 1 ? 8 : 6, pw = path == 1 ? 2 : 1;
+    const int64_t rt = (N + mr_t - 1) / mr_t, ct = (P + pw - 1) / pw, jobs = rt * ct;
+    if (nt < 1) nt = 1;
+    if (N * Kh * M < (1 << 15)) nt = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float ty[8 * 2 * SF_BF16_NR];
+        const int tid = sf_team_tid(), nth = sf_team_size();
+        const int64_t j_lo = jobs * tid / nth, j_hi = jobs * (tid + 1) / nth;
+#ifdef SF_X86
+        const unsigned csr = _mm_getcsr();
+#endif
+        for (int64_t job = j_lo; job < j_hi; job++) {
+            const int64_t c = job / rt, t = job % rt;
+            const int64_t r0 = t * mr_t, mr = N - r0 < mr_t ? N - r0 : mr_t;
+            const int64_t p = c * pw, j0 = p * SF_BF16_NR;
+            const int64_t mw = M - j0 < pw * SF_BF16_NR ? M - j0 : pw * SF_BF16_NR;
+            const uint32_t *panel = b + p * Kh * SF_BF16_NR, *ar = a + r0 * lda;
+            const float *bj = bias ? bias + j0 : NULL;
+            const int64_t ldt = 2 * SF_BF16_NR;
+#ifdef SF_X86
+            if (path == 1) {
+                tile_native(ty, ldt, ar, lda, panel, p + 1 < P ? panel + Kh * SF_BF16_NR : NULL, bj, Kh, 0, mr,
+                            0, mw, 0);
+            } else if (path == 0) {
+                _mm_setcsr(csr | 0x8040u);
+                tile_emulated(ty, ldt, ar, lda, panel, bj, Kh, 0, mr, 0, mw, 0);
+                _mm_setcsr(csr);
+            } else
+#endif
+                tile_model(ty, ldt, ar, lda, panel, bj, Kh, 0, mr, 0, mw, 0);
+            sf_act_block(act, ty, ty, ldt, 0, mr, 0, mw);
+            for (int64_t r = 0; r < mr; r++) {
+                uint32_t *dst = pk + (r0 + r) * ldpk + j0 / 2;
+                const float *src = ty + r * ldt;
+#ifdef SF_X86
+                if (nat && mw == 2 * SF_BF16_NR) { cvt_row32_nat(dst, src); continue; }
+#endif
+                for (int64_t w = 0; 2 * w < mw; w++) dst[w] = sf_bf16_pair(src[2 * w], 2 * w + 1 < mw ? src[2 * w + 1] : 0.0f);
+            }
+        }
     }
 }
 
@@ -612,6 +1014,7 @@ void sf_bf16_layout(run *R, bump *bp) {
     const int64_t N = R->N;
     R->bf_a = (uint32_t *)take(bp, max64(cmul(&bad, N, (kmax + 1) / 2), cmul(&bad, kmax, (N + 1) / 2)));
     R->bf_b = R->training ? (uint32_t *)take(bp, sf_bf16_pack_words(N, kmax)) : NULL;
+    R->bf_g = R->training ? NULL : (uint32_t *)take(bp, cmul(&bad, N, (R->F + 1) / 2));
     if (bad) bp->bad = 1;
 }
 
@@ -645,6 +1048,49 @@ void sf_bf16_linear(const run *R, float *y, const float *x, const float *w, cons
     const int64_t Kh = (K + 1) / 2;
     sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
     sf_bf16_gemm(y, M, R->bf_a, Kh, e->fwd, b, R->N, K, M, 0, R->nt);
+}
+
+void sf_bf16_linear_act(const run *R, float *y, float *act_out, int act, const float *x,
+                        const float *w, const float *b, int64_t K, int64_t M) {
+    const struct sf_bf16_weight *e = find_weight(R, w);
+    if (!e || e->M != M || e->K != K) { /* not a listed weight: fp32 (see list_weights) */
+        sf_matmul_act(y, act_out, act, x, w, b, R->N, K, M, R->pack, R->nt);
+        return;
+    }
+    const int64_t Kh = (K + 1) / 2;
+    sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
+    gemm_path_act(sf_bf16_native() ? 1 : 0, y ? y : act_out, M, R->bf_a, Kh, e->fwd, b, R->N, K, M, 0,
+                  R->nt, act, act_out);
+}
+
+int sf_bf16_mlp_forward(const run *R, float *y, int act, const float *u, const float *up_w,
+                        const float *up_b, const float *down_w, const float *down_b, int64_t d,
+                        int64_t F) {
+    if (R->training || !R->bf_g) return 0;
+    const struct sf_bf16_weight *eu = find_weight(R, up_w), *ed = find_weight(R, down_w);
+    if (!eu || eu->M != F || eu->K != d || !ed || ed->M != d || ed->K != F) return 0;
+    const int64_t dh = (d + 1) / 2, Fh = (F + 1) / 2;
+    sf_bf16_pack_a(R->bf_a, dh, u, d, 1, R->N, d, R->nt);
+    gemm_path_act_pack(sf_bf16_native() ? 1 : 0, R->bf_g, Fh, R->bf_a, dh, eu->fwd, up_b, R->N, d, F, R->nt, act);
+    sf_bf16_gemm(y, d, R->bf_g, Fh, ed->fwd, down_b, R->N, F, d, 0, R->nt);
+    return 1;
+}
+
+void sf_bf16_linear_same_x(const run *R, int n, float *const *y, const float *x,
+                           const float *const *w, const float *const *b, int64_t K,
+                           const int64_t *M) {
+    const int64_t Kh = (K + 1) / 2;
+    int packed = 0;
+    for (int i = 0; i < n; i++) {
+        const struct sf_bf16_weight *e = find_weight(R, w[i]);
+        if (!e || e->M != M[i] || e->K != K) {
+            sf_matmul(y[i], x, w[i], b[i], R->N, K, M[i], 0, R->pack, R->nt);
+            continue;
+        }
+        if (!packed) sf_bf16_pack_a(R->bf_a, Kh, x, K, 1, R->N, K, R->nt);
+        packed = 1;
+        sf_bf16_gemm(y[i], M[i], R->bf_a, Kh, e->fwd, b[i], R->N, K, M[i], 0, R->nt);
+    }
 }
 
 void sf_bf16_linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,

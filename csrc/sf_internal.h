@@ -133,6 +133,10 @@ typedef struct {
     /* attention dropout (training): probabilities p become p * keep(row, col) */
     float dropout;
     uint64_t dropout_seed, dropout_stream;
+    /* compute_dtype bfloat16: the sequence columns' products (Q K^T, P V; backward dO V^T,
+     * dS K, dS^T Q, P^T dO) take bf16 operands with fp32 accumulation (sf_bf16.h); MoDA's depth
+     * columns, the softmax and its gradient stay fp32. Set it before sizing the scratch. */
+    int bf16;
 } sf_attn_args;
 /* Scratch floats the attention kernels need (needs Tk, dh, n_read, chunk set): per thread,
  * packed K / V panels of one head and two 48-row blocks of Tk + n_read*chunk columns. */

@@ -142,6 +142,7 @@ static void layout(run *R, bump *bp, want w) {
     aa.n_read = R->n_slots;
     aa.chunk = c->moda_chunk;
     aa.dh = R->dh;
+    aa.bf16 = R->bf16;
     R->attn_scratch = take(bp, sf_attention_scratch_floats(&aa, R->nt));
     R->stats = take(bp, 2 * N);
     R->rope = c->pos == SF_POS_ROPE ? take(bp, cmul(&bad, R->T, R->dh)) : NULL;
@@ -313,6 +314,7 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.dropout = R->attn_p;
     a.dropout_seed = R->drop_seed;
     a.dropout_stream = 4 * (uint64_t)i;
+    a.bf16 = R->bf16;
     return a;
 }
 
@@ -325,9 +327,16 @@ static void attn_forward(const run *R, int64_t i, block_acts *A, const float *u,
     const sf_config *c = R->c;
     float *probs = tr && tr->attention ? tr->attention[i] : NULL;
     float *depth_mass = tr && tr->depth_mass ? tr->depth_mass[i] : NULL;
-    linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
-    linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
-    linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    if (R->bf16) { /* u packed once for the three products */
+        float *ys[3] = {A->q, A->k, A->v};
+        const float *ws[3] = {Lv->q_w, Lv->k_w, Lv->v_w}, *bs[3] = {Lv->q_b, Lv->k_b, Lv->v_b};
+        const int64_t Ms[3] = {R->qd, R->kvd, R->kvd};
+        sf_bf16_linear_same_x(R, 3, ys, u, ws, bs, R->d, Ms);
+    } else {
+        linear(R, A->q, u, Lv->q_w, Lv->q_b, R->d, R->qd);
+        linear(R, A->k, u, Lv->k_w, Lv->k_b, R->d, R->kvd);
+        linear(R, A->v, u, Lv->v_w, Lv->v_b, R->d, R->kvd);
+    }
     if (tr && tr->q) copy(tr->q[i], A->q, R->N * R->qd); /* before RoPE rotates them in place */
     if (tr && tr->k) copy(tr->k[i], A->k, R->N * R->kvd);
     if (tr && tr->v) copy(tr->v[i], A->v, R->N * R->kvd);
@@ -378,10 +387,13 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
         sf_swiglu(A->g, A->f1, A->f2, nF, R->nt);
     } else {
         /* the activation runs in the matmul's epilogue; the pre-activation is kept for training */
-        if (R->bf16) { /* the product, then the same per-element activation in a pass */
-            float *pre = R->training ? A->f1 : A->g;
-            linear(R, pre, u, Lv->up_w, Lv->up_b, R->d, R->F);
-            sf_activation(c->act, A->g, pre, nF, R->nt);
+        if (R->bf16) { /* the activation on each product tile while it is in cache */
+            /* forward call: act(.) packed for the down product, no fp32 copy (the same bits);
+             * not when the activation is recorded (it is never written then) */
+            if (!(tr && tr->mlp_post) &&
+                sf_bf16_mlp_forward(R, y, c->act, u, Lv->up_w, Lv->up_b, Lv->down_w, Lv->down_b, R->d, R->F))
+                goto depth;
+            sf_bf16_linear_act(R, R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->d, R->F);
         } else {
             sf_matmul_act(R->training ? A->f1 : NULL, A->g, c->act, u, Lv->up_w, Lv->up_b, R->N, R->d,
                           R->F, R->pack, R->nt);
@@ -389,6 +401,7 @@ static void mlp_forward(const run *R, int64_t i, block_acts *A, const float *u, 
     }
     if (tr && tr->mlp_post) copy(tr->mlp_post[i], A->g, nF);
     linear(R, y, A->g, Lv->down_w, Lv->down_b, R->F, R->d);
+depth:
     if (c->moda && c->moda_depth_kv != SF_DKV_ATTN && i < c->n_layers - 1) {
         linear(R, R->kvtmp, u, Lv->depth_k_w, NULL, R->d, R->kvd);
         if (depth_rope(c) == SF_DROPE_OWN) /* rotated at its own position, like attention's */

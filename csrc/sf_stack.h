@@ -59,6 +59,7 @@ typedef struct run {
     struct sf_bf16_weight *bf_list;
     int64_t bf_n;
     uint32_t *bf_a, *bf_b;
+    uint32_t *bf_g; /* forward calls: the MLP activation, packed as the down product's A */
     void *mem; /* the one allocation */
     int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
     const volatile int *cancel; /* the caller's stop flag (sf_forward_args.cancel), or NULL */
@@ -113,6 +114,22 @@ void sf_bf16_linear(const run *R, float *y, const float *x, const float *w, cons
                     int64_t K, int64_t M);
 void sf_bf16_linear_bwd(const run *R, float *dx, int dx_accumulate, const float *dy,
                         const float *x, const float *w, int64_t K, int64_t M);
+/* y = x W^T + b and act_out = act(y), the activation applied to each tile in cache (y may be
+ * NULL: act_out only); bitwise the same as sf_bf16_linear, then sf_activation */
+void sf_bf16_linear_act(const run *R, float *y, float *act_out, int act, const float *x,
+                        const float *w, const float *b, int64_t K, int64_t M);
+/* Forward calls (not training): y = act(u W_up^T + b_up) W_down^T + b_down with the activation
+ * packed straight from each up-product tile into the down product's bf16 rows (R->bf_g), never
+ * written as fp32; the same bits as sf_bf16_linear_act then sf_bf16_linear. Returns 0 (nothing
+ * done) when it does not apply: the caller then runs those two. */
+int sf_bf16_mlp_forward(const run *R, float *y, int act, const float *u, const float *up_w,
+                        const float *up_b, const float *down_w, const float *down_b, int64_t d,
+                        int64_t F);
+/* y[i] = x W_i^T + b_i for n weights sharing the input x (packed once): the same bits as n
+ * sf_bf16_linear calls */
+void sf_bf16_linear_same_x(const run *R, int n, float *const *y, const float *x,
+                           const float *const *w, const float *const *b, int64_t K,
+                           const int64_t *M);
 /* lay out the packed weights and scratch (bf16 mode only), and fill the weights */
 void sf_bf16_layout(run *R, bump *bp);
 void sf_bf16_convert_weights(run *R);

@@ -336,6 +336,220 @@ static void test_bf16_model(void) {
     }
 }
 
+/* ---- attention's bf16 products (sf_attention.c on sf_bf16_rows / dots / combine) ---- */
+static float rnd(float x) { return sf_bf16_to_f32(sf_bf16_from_f32(x)); }
+
+/* the chain from acc over n elements a[i*as] b[i*bs], pairs ascending, odd first, zero pad half */
+static float chain_ref(float acc, const float *a, int64_t as, const float *b, int64_t bs, int64_t n) {
+    for (int64_t i = 0; 2 * i < n; i++) {
+        const int odd = 2 * i + 1 < n;
+        acc = sf_bf16_fma_model(odd ? rnd(a[(2 * i + 1) * as]) : 0.0f, odd ? rnd(b[(2 * i + 1) * bs]) : 0.0f, acc);
+        acc = sf_bf16_fma_model(rnd(a[2 * i * as]), rnd(b[2 * i * bs]), acc);
+    }
+    return acc;
+}
+
+static int paths_here(int *paths) {
+    int n = 0;
+    paths[n++] = 2;
+    paths[n++] = 0;
+    if (sf_bf16_native_usable()) paths[n++] = 1;
+    return n;
+}
+
+/* sf_bf16_rows on pair prefixes of panels and offset rows, sf_bf16_dots / combine, against the
+ * scalar chain, bit for bit, on every kernel */
+static void test_rows_kernels(void) {
+    int paths[3], np = paths_here(paths);
+    const int64_t shapes[][3] = {{1, 1, 1}, {7, 9, 17}, {8, 64, 32}, {13, 33, 40}, {20, 96, 70}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        const int64_t N = shapes[si][0], K = shapes[si][1], M = shapes[si][2], Kh = (K + 1) / 2;
+        float *x = falloc(N * K), *w = falloc(K * M), *y0 = falloc(N * M), *y = falloc(N * M);
+        fill(x, N * K, -2.0f, 2.0f);
+        fill(w, K * M, -2.0f, 2.0f);
+        fill(y0, N * M, -1.0f, 1.0f);
+        uint32_t *a = xmalloc((size_t)(N * Kh) * sizeof(uint32_t));
+        uint32_t *b = xmalloc((size_t)sf_bf16_pack_words(K, M) * sizeof(uint32_t));
+        sf_bf16_pack_a(a, Kh, x, K, 1, N, K, 1);
+        sf_bf16_pack_b(b, w, M, 1, K, M, 1); /* B (K x M) row-major */
+        for (int acc = 0; acc < 2; acc++)
+            for (int64_t i0 = 0; i0 <= Kh / 2; i0 += Kh / 2 > 0 ? Kh / 2 : 1) { /* a suffix of the pairs */
+                const int64_t kh = Kh - i0;
+                for (int pi = 0; pi < np; pi++) {
+                    memcpy(y, y0, (size_t)(N * M) * sizeof(float));
+                    sf_bf16_rows(paths[pi], y, M, a + i0, Kh, b + i0 * SF_BF16_NR, Kh * SF_BF16_NR, N, kh, M, acc);
+                    int bad = 0;
+                    for (int64_t r = 0; r < N && !bad; r++)
+                        for (int64_t j = 0; j < M; j++) {
+                            const int64_t k0 = 2 * i0, n = K - k0;
+                            float want = chain_ref(acc ? y0[r * M + j] : 0.0f, x + r * K + k0, 1, w + k0 * M + j, M, n);
+                            if (u_of(want) != u_of(y[r * M + j])) { bad = 1; break; }
+                        }
+                    CHECK(!bad, "sf_bf16_rows path %d N %lld K %lld M %lld from pair %lld acc %d: != scalar chain",
+                          paths[pi], (long long)N, (long long)K, (long long)M, (long long)i0, acc);
+                }
+                if (i0 == 0 && Kh / 2 == 0) break;
+            }
+        /* decoding's unpacked chains: row r of x against rows of w^T / columns of w */
+        float *wt = falloc(M * K), *o = falloc(M > N ? M : N);
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < M; j++) wt[j * K + k] = w[k * M + j];
+        for (int pi = 0; pi < np; pi++) {
+            int bad = 0;
+            for (int64_t r = 0; r < N; r++) {
+                sf_bf16_dots(paths[pi], o, x + r * K, wt, K, M, K);
+                for (int64_t j = 0; j < M; j++) bad |= u_of(o[j]) != u_of(chain_ref(0.0f, x + r * K, 1, wt + j * K, 1, K));
+                sf_bf16_combine(paths[pi], o, x + r * K, w, M, K, M);
+                for (int64_t j = 0; j < M; j++) bad |= u_of(o[j]) != u_of(chain_ref(0.0f, x + r * K, 1, w + j, M, K));
+            }
+            CHECK(!bad, "sf_bf16_dots / combine path %d K %lld M %lld: != scalar chain", paths[pi], (long long)K, (long long)M);
+        }
+        free(wt); free(o);
+        free(x); free(w); free(y0); free(y); free(a); free(b);
+    }
+}
+
+/* The bf16 attention forward against a scalar model (products by chain_ref, softmax by the
+ * library's fp32 pieces), bit for bit; every kernel and thread count the same bits, forward and
+ * backward; the last rows decoded from a cache equal the full pass; and close to fp32. */
+static void bf16_attention_case(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t dh, int causal,
+                                int padded, int64_t n_read) {
+    const int64_t qd = H * dh, kvd = Hkv * dh, G = H / Hkv, rows = B * H * T, chunk = 1, ns = n_read > 0 ? n_read : 1;
+    const int64_t W = T + n_read * chunk, arena = B * T * ns * kvd;
+    float *q = falloc(B * T * qd), *k = falloc(B * T * kvd), *v = falloc(B * T * kvd);
+    float *dkd = falloc(arena), *dvd = falloc(arena), *dout = falloc(B * T * qd);
+    fill(q, B * T * qd, -2.0f, 2.0f);
+    fill(k, B * T * kvd, -1.0f, 1.0f);
+    fill(v, B * T * kvd, -1.0f, 1.0f);
+    fill(dkd, arena, -1.0f, 1.0f);
+    fill(dvd, arena, -1.0f, 1.0f);
+    fill(dout, B * T * qd, -1.0f, 1.0f);
+    uint8_t *mask = NULL;
+    if (padded) {
+        mask = xmalloc((size_t)(B * T));
+        for (int64_t i = 0; i < B * T; i++) mask[i] = (i % 7) != 3;
+    }
+    sf_attn_args a = {.B = B, .Tq = T, .Tk = T, .H = H, .Hkv = Hkv, .dh = dh, .causal = causal,
+                      .key_padding_mask = mask, .k = k, .v = v, .kv_bstride = T * kvd, .depth_k = dkd,
+                      .depth_v = dvd, .depth_bstride = T * ns * kvd, .depth_len = T, .n_slots = ns,
+                      .n_read = n_read, .chunk = chunk, .bf16 = 1};
+    char what[160];
+    snprintf(what, sizeof what, "bf16 attention B%lld T%lld H%lld/%lld dh%lld causal %d pad %d depth %lld",
+             (long long)B, (long long)T, (long long)H, (long long)Hkv, (long long)dh, causal, padded, (long long)n_read);
+    float *scratch = falloc(sf_attention_scratch_floats(&a, 2));
+    float *out = falloc(B * T * qd), *out2 = falloc(B * T * qd), *lse = falloc(rows), *lse2 = falloc(rows);
+    float *g[2][3], *gd[2][2];
+    int paths[3], np = paths_here(paths);
+    for (int r = 0; r < 2; r++) {
+        for (int j = 0; j < 3; j++) g[r][j] = falloc(B * T * (j == 0 ? qd : kvd));
+        for (int j = 0; j < 2; j++) gd[r][j] = falloc(arena);
+    }
+    int first = 1;
+    for (int pi = 0; pi < np; pi++)
+        for (int nt = 1; nt <= 2; nt++) {
+            sf_bf16_force_path(paths[pi]);
+            float *o = first ? out : out2, *l = first ? lse : lse2;
+            float **gg = first ? g[0] : g[1], **ggd = first ? gd[0] : gd[1];
+            sf_attention_forward(&a, q, o, l, NULL, NULL, scratch, nt);
+            memset(ggd[0], 0, (size_t)arena * sizeof(float));
+            memset(ggd[1], 0, (size_t)arena * sizeof(float));
+            sf_attention_backward(&a, q, o, dout, l, gg[0], gg[1], gg[2], ggd[0], ggd[1], scratch, nt);
+            if (!first) {
+                CHECK(!memcmp(out, out2, (size_t)(B * T * qd) * sizeof(float)) && !memcmp(lse, lse2, (size_t)rows * sizeof(float)),
+                      "%s: forward path %d threads %d != path %d threads 1", what, paths[pi], nt, paths[0]);
+                int same = 1;
+                for (int j = 0; j < 3; j++) same &= !memcmp(g[0][j], g[1][j], (size_t)(B * T * (j == 0 ? qd : kvd)) * sizeof(float));
+                for (int j = 0; j < 2; j++) same &= !memcmp(gd[0][j], gd[1][j], (size_t)arena * sizeof(float));
+                CHECK(same, "%s: backward path %d threads %d != path %d threads 1", what, paths[pi], nt, paths[0]);
+            }
+            first = 0;
+        }
+    sf_bf16_force_path(-1);
+    /* the scalar model (sequence columns only: no depth slots) */
+    if (n_read == 0) {
+        const float scale = 1.0f / sqrtf((float)dh);
+        float *e = falloc(T);
+        int bad = 0;
+        for (int64_t b = 0; b < B && !bad; b++)
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t t = 0; t < T; t++) {
+                    const int64_t n = causal ? t + 1 : T, gi = h / G;
+                    const float *qt = q + (b * T + t) * qd + h * dh;
+                    float mx = -INFINITY;
+                    for (int64_t u = 0; u < n; u++) {
+                        e[u] = chain_ref(0.0f, qt, 1, k + (b * T + u) * kvd + gi * dh, 1, dh);
+                        if (mask && !mask[b * T + u]) e[u] = -INFINITY;
+                        mx = e[u] > mx ? e[u] : mx;
+                    }
+                    const float *ot = out + (b * T + t) * qd + h * dh;
+                    if (mx == -INFINITY) {
+                        for (int64_t x = 0; x < dh; x++) bad |= u_of(ot[x]) != 0u;
+                        continue;
+                    }
+                    sf_exp_row(e, n, scale, mx * scale);
+                    float inv = 1.0f / sf_sum(e, n);
+                    for (int64_t u = 0; u < n; u++) e[u] *= inv;
+                    for (int64_t x = 0; x < dh; x++)
+                        bad |= u_of(ot[x]) != u_of(chain_ref(0.0f, e, 1, v + b * T * kvd + gi * dh + x, kvd, n) + 0.0f);
+                }
+        CHECK(!bad, "%s: forward != the scalar model", what);
+        free(e);
+    }
+    /* the last 2 query rows alone (the decode path), keys as in the full pass */
+    if (causal) {
+        sf_attn_args a2 = a;
+        a2.Tq = 2;
+        a2.q_pos0 = T - 2;
+        float *q2 = falloc(B * 2 * qd), *o2 = falloc(B * 2 * qd), *sc2 = falloc(sf_attention_scratch_floats(&a2, 2));
+        for (int64_t b = 0; b < B; b++) memcpy(q2 + b * 2 * qd, q + (b * T + T - 2) * qd, (size_t)(2 * qd) * sizeof(float));
+        for (int pi = 0; pi < np; pi++) {
+            sf_bf16_force_path(paths[pi]);
+            sf_attention_forward(&a2, q2, o2, NULL, NULL, NULL, sc2, 2);
+            int same = 1;
+            for (int64_t b = 0; b < B; b++) same &= !memcmp(o2 + b * 2 * qd, out + (b * T + T - 2) * qd, (size_t)(2 * qd) * sizeof(float));
+            CHECK(same, "%s: decoded rows (path %d) != the full pass", what, paths[pi]);
+        }
+        sf_bf16_force_path(-1);
+        free(q2); free(o2); free(sc2);
+    }
+    /* close to fp32 (bf16 operands: ~2^-8 relative), and not equal */
+    sf_attn_args a32 = a;
+    a32.bf16 = 0;
+    float *sc32 = falloc(sf_attention_scratch_floats(&a32, 2));
+    sf_attention_forward(&a32, q, out2, lse2, NULL, NULL, sc32, 2);
+    double md = 0.0;
+    for (int64_t i = 0; i < B * T * qd; i++) md = fmax(md, fabs((double)out[i] - out2[i]));
+    CHECK(md < 0.05 && md > 1e-5, "%s: |bf16 - fp32| max %g", what, md);
+    memset(gd[1][0], 0, (size_t)arena * sizeof(float));
+    memset(gd[1][1], 0, (size_t)arena * sizeof(float));
+    sf_attention_backward(&a32, q, out2, dout, lse2, g[1][0], g[1][1], g[1][2], gd[1][0], gd[1][1], sc32, 2);
+    for (int j = 0; j < 3; j++) {
+        const int64_t n = B * T * (j == 0 ? qd : kvd);
+        double num = 0.0, den = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            num += ((double)g[0][j][i] - g[1][j][i]) * ((double)g[0][j][i] - g[1][j][i]);
+            den += (double)g[1][j][i] * g[1][j][i];
+        }
+        CHECK(sqrt(num) <= 0.03 * sqrt(den) && all_finite(g[0][j], n), "%s: gradient %d: |bf16 - fp32| / |fp32| = %g", what, j,
+              sqrt(num / (den > 0 ? den : 1)));
+    }
+    free(sc32);
+    for (int r = 0; r < 2; r++) {
+        for (int j = 0; j < 3; j++) free(g[r][j]);
+        for (int j = 0; j < 2; j++) free(gd[r][j]);
+    }
+    free(q); free(k); free(v); free(dkd); free(dvd); free(dout); free(mask);
+    free(scratch); free(out); free(out2); free(lse); free(lse2);
+}
+
+static void test_bf16_attention(void) {
+    bf16_attention_case(2, 100, 4, 2, 16, 1, 0, 0);  /* 3 query blocks, GQA */
+    bf16_attention_case(1, 61, 2, 2, 13, 1, 1, 0);   /* odd d_head, padding */
+    bf16_attention_case(2, 50, 2, 1, 32, 0, 0, 0);   /* encoder */
+    bf16_attention_case(1, 70, 4, 2, 16, 1, 1, 3);   /* MoDA depth columns (fp32) */
+    bf16_attention_case(1, 5, 2, 2, 8, 1, 0, 0);     /* shorter than a tile */
+}
+
 void test_bf16(void) {
     test_conversion();
     test_packing();
@@ -344,4 +558,6 @@ void test_bf16(void) {
     test_kernel_bottom();
     test_names();
     test_bf16_model();
+    test_rows_kernels();
+    test_bf16_attention();
 }

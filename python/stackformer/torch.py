@@ -64,6 +64,27 @@ class _BF16Product(torch.autograd.Function):
         return dx, dw, db
 
 
+class _BF16MatMul(torch.autograd.Function):
+    """compute_dtype="bfloat16", attention's sequence products: y = bf16(a) @ bf16(b) with fp32
+    accumulation (batched); backward da = bf16(dy) @ bf16(b)^T, db = bf16(a)^T @ bf16(dy), as the
+    C core's dQ = dS K, dK = dS^T Q (for S = Q K^T) and dP = dO V^T, dV = P^T dO (for O = P V)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ar, br = bf16_round(a), bf16_round(b)
+        ctx.save_for_backward(ar, br)
+        return ar @ br
+
+    @staticmethod
+    def backward(ctx, dy):
+        ar, br = ctx.saved_tensors
+        dyr = bf16_round(dy)
+        da = dyr @ br.transpose(-1, -2)
+        db = ar.transpose(-1, -2) @ dyr
+        # b may have been broadcast over a's batch dimensions (it is not here: keys are repeated)
+        return da, db
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) whose product follows Config.compute_dtype."""
 
@@ -156,6 +177,17 @@ class Attention(nn.Module):
             allowed = torch.cat([seq_ok, depth_ok.repeat_interleave(S, dim=-1)], dim=-1)
         G = c.n_heads // c.n_kv_heads  # query head h reads kv head h // G
         keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
+        if getattr(c, "compute_dtype", "float32") == "bfloat16":
+            # the sequence columns' Q K^T and P V on bf16 operands (fp32 accumulation); MoDA's
+            # depth columns, the softmax and its gradient stay fp32, as in the C core
+            mm = _BF16MatMul.apply
+            s_seq = mm(q, keys[:, :, :T].transpose(-1, -2))
+            s_dep = qd @ keys[:, :, T:].transpose(-1, -2)
+            scores = torch.cat([s_seq, s_dep], dim=-1) / math.sqrt(c.d_head)
+            p = _masked_softmax(scores, allowed[:, None])
+            o = mm(p[..., :T], values[:, :, :T]) + p[..., T:] @ values[:, :, T:]
+            out = o.transpose(1, 2).reshape(B, T, -1)
+            return self.o_proj(out), (slot_k, slot_v)
         if qd is q:
             scores = q @ keys.transpose(-1, -2) / math.sqrt(c.d_head)  # (B, H, T, columns)
         else:  # moda_depth_rope='none': rotated sequence logits, unrotated depth logits
