@@ -194,6 +194,9 @@ typedef struct {
                                  k mixes its sources with (k = L: the output read) */
     const uint8_t **ablate;   /* [L+1] AttnRes only: (n_sources(k)) 1 = source removed from read
                                  k: softmax renormalised over the rest, a sigmoid gate 0 */
+    const uint8_t **depth_ablate; /* [n] MoDA only: (depth slots block i reads: 2i, or i under
+                                 moda_depth_kv='attn') 1 = slot removed from block i's attention
+                                 (every position's copy of it; the softmax renormalises) */
 } sf_patch;
 
 typedef struct {

@@ -130,7 +130,7 @@ static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int
         }
         const float *kd = depth_row(a, a->depth_k, b, u, 0, g);
         for (int64_t i = 0; i < nd; i++) {
-            su[i] = dot(qt, kd + i * a->dh, a->dh) * scale;
+            su[i] = a->depth_drop && a->depth_drop[i] ? -INFINITY : dot(qt, kd + i * a->dh, a->dh) * scale;
             mx = su[i] > mx ? su[i] : mx;
         }
     }

@@ -130,6 +130,9 @@ typedef struct {
      * inverse rotation. */
     const float *q_depth;
     float *dq_depth;
+    /* interventions (forward only): depth slot i removed from every row's read when
+     * depth_drop[i] (its logits -inf), or NULL */
+    const uint8_t *depth_drop;
     /* attention dropout (training): probabilities p become p * keep(row, col) */
     float dropout;
     uint64_t dropout_seed, dropout_stream;

@@ -310,6 +310,7 @@ static sf_attn_args attn_args(const run *R, int64_t i, const block_acts *A) {
     a.n_slots = R->n_slots; a.n_read = c->moda ? depth_slots_per_layer(c) * i : 0; a.chunk = c->moda_chunk;
     a.depth_only = c->moda_depth_only;
     a.q_depth = A->q_pre; /* NULL unless moda_depth_rope='none' */
+    a.depth_drop = R->patch && R->patch->depth_ablate ? R->patch->depth_ablate[i] : NULL;
     a.dq_depth = R->dq_depth;
     a.dropout = R->attn_p;
     a.dropout_seed = R->drop_seed;
@@ -684,6 +685,19 @@ static sf_status check_patch(const sf_config *c, const sf_patch *p, int64_t N, i
         for (int64_t i = 0; lists[j] && i < n; i++)
             if (lists[j][i] && (at = first_nonfinite(lists[j][i], N * d)) >= 0)
                 return sf_fail(err, errlen, SF_ERR_NONFINITE, "patch blocks.%lld.%s has NaN or inf at flat index %lld", (long long)i, names[j], (long long)at);
+    if (p->depth_ablate && !c->moda)
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "ablating depth slots needs moda=True");
+    for (int64_t i = 0; p->depth_ablate && i < n; i++) {
+        const uint8_t *ab = p->depth_ablate[i];
+        const int64_t nr = sf_depth_cols(c, i) / c->moda_chunk;
+        int64_t kept = 0;
+        for (int64_t j = 0; ab && j < nr; j++) {
+            if (ab[j] > 1) return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "depth ablation mask of block %lld: value %d at slot %lld is not 0 or 1", (long long)i, (int)ab[j], (long long)j);
+            kept += !ab[j];
+        }
+        if (ab && !kept && c->moda_depth_only && nr > 0)
+            return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "ablating all %lld depth slots of block %lld leaves its depth-only attention nothing to attend", (long long)nr, (long long)i);
+    }
     for (int64_t k = 0; k <= L; k++) {
         const int64_t ns = sf_attnres_num_sources(c, k);
         if (p->alpha && p->alpha[k] && (at = first_nonfinite(p->alpha[k], N * c->attnres_heads * ns)) >= 0)

@@ -445,7 +445,7 @@ def moda_visibility(B, T, n_slots, *, causal, key_padding_mask=None, chunk=1, de
 
 
 def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=None, chunk=1,
-                   depth_only=False, visible=None, q_depth=None):
+                   depth_only=False, visible=None, q_depth=None, drop_slots=None):
     """Multi-head attention with optional Mixture-of-Depths depth slots (one softmax over both).
 
     q: (B, H, T, dh) queries (already RoPE-rotated if pos == "rope")
@@ -455,6 +455,8 @@ def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=N
     visible: optional bool (B, T, T + chunk*S) overriding ``moda_visibility`` (for tests)
     q_depth: optional (B, H, T, dh) query of the depth logits (default q; moda_depth_rope='none'
         passes the unrotated query)
+    drop_slots: optional bool (S,): slots removed from every query's read (an intervention:
+        those columns become invisible, so the joint softmax renormalises over the rest)
     Returns (out, probs): out (B, H, T, dh) = sum_u p v_u + sum_c p' vd_c per head (before o_proj),
     probs (B, H, T, T + chunk*S) in the trace column layout (invisible columns are 0).
     """
@@ -466,6 +468,9 @@ def moda_attention(q, k, v, kd=None, vd=None, *, causal=True, key_padding_mask=N
     if visible is None:
         visible = moda_visibility(B, T, S, causal=causal, key_padding_mask=key_padding_mask,
                                   chunk=chunk, depth_only=depth_only)
+    if drop_slots is not None and S:
+        visible = visible.copy()
+        visible[:, :, T:] &= ~np.tile(np.asarray(drop_slots, bool), chunk)[None, None, :]
 
     # Gather, for every query t, its depth columns: column c is slot c % S of position
     # chunk_start + c // S (zero where that position lies beyond T; such columns are invisible).
@@ -544,7 +549,7 @@ class _Model:
         B, T, _ = x.shape
         return x.reshape(B, T, n_h, self.dh).transpose(0, 2, 1, 3)
 
-    def attention(self, i, u, depth, key_padding_mask):
+    def attention(self, i, u, depth, key_padding_mask, drop_slots=None):
         """Block i's attention on input u (B,T,d).
 
         depth: list of the (kd, vd) pairs (2i, or i under moda_depth_kv="attn"), each (B, Hkv, T, dh), from earlier sublayers (MoDA).
@@ -574,7 +579,7 @@ class _Model:
         ctx, probs = moda_attention(
             q, k, v, kd, vd, causal=cfg.causal, key_padding_mask=key_padding_mask,
             chunk=cfg.moda_chunk if cfg.moda else 1,
-            depth_only=cfg.moda and cfg.moda_depth_only, q_depth=q_depth)
+            depth_only=cfg.moda and cfg.moda_depth_only, q_depth=q_depth, drop_slots=drop_slots)
         B, H, T, dh = ctx.shape
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, H * dh)  # concat heads
         v_slot = v
@@ -762,7 +767,7 @@ class _Stack:
         records the attention probabilities and appends the sublayer's MoDA depth slot."""
         i = k // 2
         if k % 2 == 0:
-            out, probs, slot = self.M.attention(i, u, self.depth, self.kpm)
+            out, probs, slot = self.M.attention(i, u, self.depth, self.kpm, self.P("depth_ablate", i, None))
             self.attention.append(probs)
         else:
             out, slot = self.M.mlp(i, u)

@@ -211,3 +211,49 @@ def test_the_model_is_untouched_and_bad_input_names_the_problem():
     with pytest.raises(TypeError, match="float32"):
         model._c.forward(x, patch={"attn_out": {0: z.astype(np.float64)}})
     assert np.array_equal(model(x).logits, base)
+
+
+MODA = {
+    "moda": dict(moda=True),
+    "moda_chunk2_post_rope": dict(moda=True, moda_chunk=2, norm_position="post", pos="rope"),
+    "moda_attn_only_gqa": dict(moda=True, moda_depth_kv="attn", n_kv_heads=2),
+    "moda_depth_only_attnres": dict(moda=True, moda_depth_only=True, residual="attnres_full"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODA))
+def test_moda_depth_slot_ablation_equals_the_reference(case):
+    from stackformer.patching import depth_slot_labels
+    model, rcfg, p64 = build(**MODA[case])
+    x = toks()
+    labels = depth_slot_labels(model.config, 2)
+    drop = [labels[0], labels[-1]]
+    out = model(x, ablate_sources={"blocks.2.moda": drop, "blocks.1.moda": [0]}, trace=["attention"])
+    masks = {}
+    for i, d in ((2, drop), (1, [0])):
+        lab = depth_slot_labels(model.config, i)
+        masks[i] = np.array([(s in d) or (j in d) for j, s in enumerate(lab)], bool)
+    ref = R.forward(rcfg, p64, tokens=x, patch={"depth_ablate": masks})
+    assert np.abs(out.logits - ref["logits"]).max() <= 1e-4
+    for i in (1, 2):
+        assert np.abs(out.trace.attention[i] - ref["attention"][i]).max() <= 1e-5
+    T, S, C = 7, len(labels), model.config.moda_chunk
+    cols = [T + c for c in range(C * S) if labels[c % S] in drop]
+    assert np.all(out.trace.attention[2][..., cols] == 0)
+    assert np.abs(out.logits - model(x).logits).max() > 1e-4
+
+
+def test_moda_ablation_errors_name_the_problem():
+    model, _, _ = build(moda=True, moda_depth_only=True)
+    x = toks()
+    with pytest.raises(ValueError, match="nothing to attend"):
+        model(x, ablate_sources={"blocks.1.moda": ["attn0", "ffn0"]})
+    with pytest.raises(KeyError, match="no source"):
+        model(x, ablate_sources={"blocks.1.moda": ["attn1"]})
+    with pytest.raises(KeyError, match="outside"):
+        model(x, ablate_sources={"blocks.5.moda": [0]})
+    plain, _, _ = build()
+    with pytest.raises(KeyError, match="no MoDA"):
+        plain(x, ablate_sources={"blocks.1.moda": [0]})
+    with pytest.raises(ValueError, match="needs moda"):
+        plain._c.forward(x, patch={"depth_ablate": {1: np.zeros(0, np.uint8)}})

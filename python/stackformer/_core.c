@@ -364,7 +364,7 @@ fail:
  *  "ablate": {k: mask}}; stackformer.Model builds it from hook names. Arrays must already be
  * float32 (masks uint8), C-contiguous, of the exact shape of the trace at that point: this
  * only checks and points (the values' checks are C's, sf_forward_check). */
-typedef struct { sf_patch p; const float **lists; const uint8_t **masks; } patch_buf;
+typedef struct { sf_patch p; const float **lists; const uint8_t **masks, **dmasks; } patch_buf;
 
 static const void *patch_array(PyObject *a, int type, int nd, const npy_intp *dims, const char *what) {
     if (!PyArray_Check(a) || PyArray_TYPE((PyArrayObject *)a) != type || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)a)) {
@@ -390,7 +390,8 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
     if (!PyDict_Check(obj)) { PyErr_SetString(PyExc_TypeError, "patch must be a dict"); return -1; }
     pb->lists = PyMem_Calloc((size_t)(4 * n + L + 1), sizeof(float *));
     pb->masks = PyMem_Calloc((size_t)(L + 1), sizeof(uint8_t *));
-    if (!pb->lists || !pb->masks) { PyErr_NoMemory(); return -1; }
+    pb->dmasks = PyMem_Calloc((size_t)n, sizeof(uint8_t *));
+    if (!pb->lists || !pb->masks || !pb->dmasks) { PyErr_NoMemory(); return -1; }
     npy_intp btd[3] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->d_model};
     PyObject *key, *val;
     Py_ssize_t pos = 0;
@@ -404,10 +405,10 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
         }
         int kind = -1;
         for (int j = 0; j < 4; j++) if (!strcmp(k, kinds[j])) kind = j;
-        const int is_alpha = !strcmp(k, "alpha"), is_ablate = !strcmp(k, "ablate");
-        if (kind < 0 && !is_alpha && !is_ablate) { PyErr_Format(PyExc_KeyError, "unknown patch kind %R", key); return -1; }
+        const int is_alpha = !strcmp(k, "alpha"), is_ablate = !strcmp(k, "ablate"), is_depth = !strcmp(k, "depth_ablate");
+        if (kind < 0 && !is_alpha && !is_ablate && !is_depth) { PyErr_Format(PyExc_KeyError, "unknown patch kind %R", key); return -1; }
         if (!PyDict_Check(val)) { PyErr_Format(PyExc_TypeError, "patch[%R] must be a dict of index -> array", key); return -1; }
-        const int64_t count = kind >= 0 ? n : L + 1;
+        const int64_t count = kind >= 0 || is_depth ? n : L + 1;
         PyObject *ik, *iv;
         Py_ssize_t ip = 0;
         while (PyDict_Next(val, &ip, &ik, &iv)) {
@@ -426,6 +427,11 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
                 const float *a = patch_array(iv, NPY_FLOAT32, nd, dims, what);
                 if (!a) return -1;
                 pb->lists[4 * n + i] = a;
+            } else if (is_depth) {
+                npy_intp dims[1] = {(npy_intp)(sf_depth_cols(c, i) / c->moda_chunk)};
+                const uint8_t *m = patch_array(iv, NPY_UINT8, 1, dims, what);
+                if (!m) return -1;
+                pb->dmasks[i] = m;
             } else {
                 npy_intp dims[1] = {(npy_intp)sf_attnres_num_sources(c, i)};
                 const uint8_t *m = patch_array(iv, NPY_UINT8, 1, dims, what);
@@ -438,6 +444,7 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
         else if (kind == 2) pb->p.attn_out = pb->lists + 2 * n;
         else if (kind == 3) pb->p.mlp_out = pb->lists + 3 * n;
         else if (is_alpha) pb->p.alpha = pb->lists + 4 * n;
+        else if (is_depth) pb->p.depth_ablate = pb->dmasks;
         else pb->p.ablate = pb->masks;
     }
     return 0;
@@ -446,8 +453,10 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
 static void patch_clear(patch_buf *pb) {
     PyMem_Free(pb->lists);
     PyMem_Free(pb->masks);
+    PyMem_Free(pb->dmasks);
     pb->lists = NULL;
     pb->masks = NULL;
+    pb->dmasks = NULL;
 }
 
 static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {

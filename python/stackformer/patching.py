@@ -1,7 +1,9 @@
 """Interventions by hook name (issue 23): `model(x, patch={name: array or callable},
 ablate_sources={read: [sources]})`, run in C (sf_patch): an activation replaced at a hook point,
 or depth sources removed from an Attention Residuals read (its softmax renormalised over the
-rest, a sigmoid gate set to 0).
+rest, a sigmoid gate set to 0) or MoDA depth slots from a block's attention ("blocks.{i}.moda":
+slots by index or depth_slot_labels(cfg, i), e.g. "attn0", "ffn0"; the joint softmax
+renormalises over the rest).
 
 The names are run_with_cache's (stackformer.hooks, docs/API.md), and a patch point is exactly
 where the cache records that name, so patching a recorded value back in changes nothing.
@@ -104,6 +106,37 @@ def _as_f32(name: str, value: Any, shape: Tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+_MODA = re.compile(r"^blocks\.(\d+)\.moda$")
+
+
+def depth_slot_labels(cfg, i: int) -> List[str]:
+    """The MoDA depth slots block i's attention reads, in column order: attn0, ffn0, attn1, ...
+    (attn0, attn1, ... under moda_depth_kv="attn")."""
+    if not cfg.moda:
+        return []
+    if cfg.moda_depth_kv == "attn":
+        return [f"attn{j}" for j in range(i)]
+    return [f"{s}{j}" for j in range(i) for s in ("attn", "ffn")]
+
+
+def _mask(what: str, lab: List[str], sources: Any) -> np.ndarray:
+    mask = np.zeros(len(lab), np.uint8)
+    if isinstance(sources, (str, int, np.integer)):
+        sources = [sources]
+    for s in sources:
+        if isinstance(s, str):
+            if s not in lab:
+                raise KeyError(f"ablate_sources[{what}]: no source {s!r} (its sources: {lab})")
+            mask[lab.index(s)] = 1
+        elif isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+            if not -len(lab) <= int(s) < len(lab):
+                raise IndexError(f"ablate_sources[{what}]: source {int(s)} is outside its {len(lab)} sources {lab}")
+            mask[int(s)] = 1
+        else:
+            raise TypeError(f"ablate_sources[{what}]: sources are indices or labels, got {s!r}")
+    return mask
+
+
 def _ablation(cfg, labels: List[List[str]], read: Any, sources: Any) -> Tuple[int, np.ndarray]:
     """(k, uint8 mask over read k's sources) from ablate_sources' key and value."""
     L = 2 * cfg.n_layers
@@ -120,22 +153,7 @@ def _ablation(cfg, labels: List[List[str]], read: Any, sources: Any) -> Tuple[in
         raise TypeError(f"ablate_sources keys are sublayer indices or hook names, got {read!r}")
     if not _is_attnres(cfg):
         raise KeyError(f"ablate_sources needs residual='attnres_full' or 'attnres_block' (this model: {cfg.residual!r})")
-    lab = labels[k]
-    mask = np.zeros(len(lab), np.uint8)
-    if isinstance(sources, (str, int, np.integer)):
-        sources = [sources]
-    for s in sources:
-        if isinstance(s, str):
-            if s not in lab:
-                raise KeyError(f"ablate_sources[{read!r}]: read {k} has no source {s!r} (its sources: {lab})")
-            mask[lab.index(s)] = 1
-        elif isinstance(s, (int, np.integer)) and not isinstance(s, bool):
-            if not -len(lab) <= int(s) < len(lab):
-                raise IndexError(f"ablate_sources[{read!r}]: source {int(s)} is outside read {k}'s {len(lab)} sources {lab}")
-            mask[int(s)] = 1
-        else:
-            raise TypeError(f"ablate_sources[{read!r}]: sources are indices or labels, got {s!r}")
-    return k, mask
+    return k, _mask(f"{read!r} (read {k})", labels[k], sources)
 
 
 def build(model, x: np.ndarray, key_padding_mask: Any, patch: Optional[Mapping[str, Any]],
@@ -147,11 +165,23 @@ def build(model, x: np.ndarray, key_padding_mask: Any, patch: Optional[Mapping[s
         if not isinstance(ablate_sources, Mapping):
             raise TypeError("ablate_sources must be a dict {read: [sources]}")
         labels = model.alpha_labels()
-        masks = {}
+        masks, dmasks = {}, {}
         for read, srcs in ablate_sources.items():
+            mm = _MODA.match(read) if isinstance(read, str) else None
+            if mm:  # a MoDA read: block i's attention over its depth slots
+                i = int(mm.group(1))
+                if not cfg.moda:
+                    raise KeyError(f"ablate_sources key {read!r}: this model has no MoDA (moda=False)")
+                if not 0 <= i < cfg.n_layers:
+                    raise KeyError(f"ablate_sources key {read!r}: block {i} is outside [0, n_layers={cfg.n_layers})")
+                dmasks[i] = _mask(repr(read), depth_slot_labels(cfg, i), srcs)
+                continue
             k, m = _ablation(cfg, labels, read, srcs)
             masks[k] = m if k not in masks else (masks[k] | m)
-        core["ablate"] = masks
+        if masks:
+            core["ablate"] = masks
+        if dmasks:
+            core["depth_ablate"] = dmasks
     if not patch:
         return core
     if not isinstance(patch, Mapping):
