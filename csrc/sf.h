@@ -165,6 +165,9 @@ typedef struct {
     float **z;           /* [n] (B, T, H, dh) attention's per-head output, before o_proj */
     float **mlp_post;    /* [n] (B, T, d_ff) the MLP's activation (swiglu: act(gate) * up), what
                           * down_proj reads */
+    float **depth_k;     /* MoDA [slots written] (B, T, Hkv, dh): what depth slot s holds, as
+                          * stored (slot 2j = attn_j, 2j+1 = ffn_j; j under moda_depth_kv='attn') */
+    float **depth_v;
 } sf_trace;
 
 /* rms rows k = 0..L-1 are sublayers (2i attention, 2i+1 MLP of block i), row L the output:
@@ -194,6 +197,9 @@ typedef struct {
                                  k mixes its sources with (k = L: the output read) */
     const uint8_t **ablate;   /* [L+1] AttnRes only: (n_sources(k)) 1 = source removed from read
                                  k: softmax renormalised over the rest, a sigmoid gate 0 */
+    const float **depth_k;    /* MoDA [slots written] (B, T, Hkv, dh): replaces what depth slot s
+                                 holds (numbering as sf_trace.depth_k), for every later reader */
+    const float **depth_v;
     const uint8_t **depth_ablate; /* [n] MoDA only: (depth slots block i reads: 2i, or i under
                                  moda_depth_kv='attn') 1 = slot removed from block i's attention
                                  (every position's copy of it; the softmax renormalises) */

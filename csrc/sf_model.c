@@ -275,6 +275,11 @@ static float *depth_at(const run *R, float *arena, int64_t r, int64_t g, int64_t
 /* rows (N, Hkv*dh) -> the arena's slot `slot`, one head's d_head floats at a time */
 static void write_depth(const run *R, float *arena, int64_t slot, const float *rows) {
     const int64_t Hkv = R->c->n_kv_heads;
+    const int key = arena == R->depth_k;
+    const float *const *p = R->patch ? (key ? R->patch->depth_k : R->patch->depth_v) : NULL;
+    if (p && p[slot]) rows = p[slot]; /* the caller's value for this slot */
+    float *const *rec = R->tr ? (key ? R->tr->depth_k : R->tr->depth_v) : NULL;
+    if (rec && rec[slot]) copy(rec[slot], rows, R->N * R->kvd);
     for (int64_t r = 0; r < R->N; r++)
         for (int64_t g = 0; g < Hkv; g++)
             memcpy(depth_at(R, arena, r, g, slot), rows + r * R->kvd + g * R->dh, (size_t)R->dh * sizeof(float));
@@ -685,8 +690,15 @@ static sf_status check_patch(const sf_config *c, const sf_patch *p, int64_t N, i
         for (int64_t i = 0; lists[j] && i < n; i++)
             if (lists[j][i] && (at = first_nonfinite(lists[j][i], N * d)) >= 0)
                 return sf_fail(err, errlen, SF_ERR_NONFINITE, "patch blocks.%lld.%s has NaN or inf at flat index %lld", (long long)i, names[j], (long long)at);
-    if (p->depth_ablate && !c->moda)
-        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "ablating depth slots needs moda=True");
+    if ((p->depth_ablate || p->depth_k || p->depth_v) && !c->moda)
+        return sf_fail(err, errlen, SF_ERR_INVALID_ARG, "ablating or patching depth slots needs moda=True");
+    const int64_t nslots = c->moda ? depth_slots_per_layer(c) * (n - 1) : 0, kvd = c->n_kv_heads * (d / c->n_heads);
+    for (int64_t sl = 0; sl < nslots; sl++) {
+        if (p->depth_k && p->depth_k[sl] && (at = first_nonfinite(p->depth_k[sl], N * kvd)) >= 0)
+            return sf_fail(err, errlen, SF_ERR_NONFINITE, "patched depth slot %lld keys have NaN or inf at flat index %lld", (long long)sl, (long long)at);
+        if (p->depth_v && p->depth_v[sl] && (at = first_nonfinite(p->depth_v[sl], N * kvd)) >= 0)
+            return sf_fail(err, errlen, SF_ERR_NONFINITE, "patched depth slot %lld values have NaN or inf at flat index %lld", (long long)sl, (long long)at);
+    }
     for (int64_t i = 0; p->depth_ablate && i < n; i++) {
         const uint8_t *ab = p->depth_ablate[i];
         const int64_t nr = sf_depth_cols(c, i) / c->moda_chunk;
@@ -803,6 +815,7 @@ static sf_status forward_impl(const sf_model *m, const sf_forward_args *args, fl
     st = run_init(&R, m, args->B, args->T, 0, 0, two_phase, cache, w, args->n_threads, err, errlen);
     if (st == SF_OK) {
         R.patch = args->patch;
+        R.tr = trace;
         R.pad = args->key_padding_mask;
         R.copy_rms = trace ? trace->copy_rms : NULL;
         R.cancel = args->cancel;

@@ -64,6 +64,8 @@ typedef struct run {
     int fwd_cached; /* mem is the model's cached forward workspace (give it back, do not free) */
     const volatile int *cancel; /* the caller's stop flag (sf_forward_args.cancel), or NULL */
     const sf_patch *patch;      /* the caller's interventions (sf_forward_args.patch), or NULL */
+    const sf_trace *tr;         /* the forward call's recordings, or NULL (depth slots, which
+                                   are written deep inside the sublayers) */
 } run;
 
 /* the caller asked the call to stop (checked between blocks: a check costs one load) */

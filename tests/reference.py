@@ -772,6 +772,8 @@ class _Stack:
         else:
             out, slot = self.M.mlp(i, u)
         if slot is not None:  # moda_depth_kv='attn': FFNs write none
+            s = len(self.depth)  # interventions: the slot's keys / values replaced, (B, Hkv, T, dh)
+            slot = (self.P("depth_k", s, slot[0]), self.P("depth_v", s, slot[1]))
             self.depth.append(slot)
         return out
 

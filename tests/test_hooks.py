@@ -39,6 +39,9 @@ def per_block_names(i, cfg):
                              "hook_attn_out", "hook_mlp_out", "mlp.hook_post")]
     if cfg.moda:
         names.append(p + "attn.hook_depth_mass")
+        if i < cfg.n_layers - 1:  # the depth slots this block writes (the last writes none)
+            subs = ("attn",) if cfg.moda_depth_kv == "attn" else ("attn", "mlp")
+            names += [p + f"{s}.hook_depth_{kv}" for s in subs for kv in "kv"]
     if cfg.residual != "plain":
         names.append(p + "attn_res.hook_weights")
         if cfg.residual != "denseformer":
@@ -83,6 +86,9 @@ def test_names_and_shapes(wiring):
         assert seq.shape == (B, H, T, T) and dep.shape == (B, H, T, depth)
         if cfg.moda:
             np.testing.assert_allclose(cache[p + "attn.hook_depth_mass"], dep.sum(-1), atol=1e-5)
+            if i < n - 1:
+                assert cache[p + "attn.hook_depth_k"].shape == (B, T, Hkv, dh)
+                assert cache[p + "mlp.hook_depth_v"].shape == (B, T, Hkv, dh)
         # TransformerLens: resid_post of block i is resid_pre of block i+1 (the same recording)
         if i + 1 < n:
             assert cache[p + "hook_resid_post"] is cache[f"blocks.{i + 1}.hook_resid_pre"]

@@ -36,6 +36,9 @@ def patchable(cfg):
     if cfg.residual in ("attnres_full", "attnres_block"):
         names += [f"blocks.{i}.{r}.hook_weights" for i in range(n) for r in ("attn_res", "mlp_res")]
         names.append("output_res.hook_weights")
+    if cfg.moda:  # the depth slots blocks 0..n-2 write
+        subs = ("attn",) if cfg.moda_depth_kv == "attn" else ("attn", "mlp")
+        names += [f"blocks.{i}.{s}.hook_depth_{kv}" for i in range(n - 1) for s in subs for kv in "kv"]
     return names
 
 
@@ -257,3 +260,41 @@ def test_moda_ablation_errors_name_the_problem():
         plain(x, ablate_sources={"blocks.1.moda": [0]})
     with pytest.raises(ValueError, match="needs moda"):
         plain._c.forward(x, patch={"depth_ablate": {1: np.zeros(0, np.uint8)}})
+
+
+@pytest.mark.parametrize("case", ["moda", "moda_chunk2_post_rope", "moda_attn_only_gqa"])
+def test_depth_slot_patches_equal_the_reference(case):
+    model, rcfg, p64 = build(**MODA[case])
+    x = toks()
+    rng = np.random.default_rng(3)
+    Hkv, dh = model.config.n_kv_heads, 32 // 4
+    k0 = rng.standard_normal((2, 7, Hkv, dh)).astype(np.float32)
+    v1 = rng.standard_normal((2, 7, Hkv, dh)).astype(np.float32)
+    attn_only = rcfg.moda_depth_kv == "attn"
+    slot1 = 1 if attn_only else 2  # block 1's attention slot
+    got = model(x, patch={"blocks.0.attn.hook_depth_k": k0, "blocks.1.attn.hook_depth_v": v1}).logits
+    ref_patch = {"depth_k": {0: k0.transpose(0, 2, 1, 3).astype(np.float64)},
+                 "depth_v": {slot1: v1.transpose(0, 2, 1, 3).astype(np.float64)}}
+    ref = R.forward(rcfg, p64, tokens=x, patch=ref_patch)["logits"]
+    assert np.abs(got - ref).max() <= 1e-4
+    assert np.abs(got - model(x).logits).max() > 1e-4
+    with pytest.raises(KeyError, match="last block"):
+        model(x, patch={"blocks.2.attn.hook_depth_k": k0})
+    if attn_only:
+        with pytest.raises(KeyError, match="write no depth slot"):
+            model(x, patch={"blocks.0.mlp.hook_depth_k": k0})
+
+
+def test_recorded_depth_slots_are_the_attention_keys_values_and_the_mlp_projections():
+    """Without RoPE an attention-written slot holds that layer's own k and v (MoDA Table 3
+    row 4) and an FFN slot (u W_dk^T, u W_dv^T) of the MLP's normed input."""
+    model, _, p64 = build(moda=True, norm="rmsnorm", bias=False)
+    _, cache = model.run_with_cache(toks())
+    for i in range(2):
+        p = f"blocks.{i}."
+        assert np.array_equal(cache[p + "attn.hook_depth_k"], cache[p + "attn.hook_k"])
+        assert np.array_equal(cache[p + "attn.hook_depth_v"], cache[p + "attn.hook_v"])
+        h = cache[p + "hook_resid_mid"].astype(np.float64)
+        u = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + 1e-5) * p64[f"layers.{i}.mlp_norm.weight"]
+        kd = (u @ p64[f"layers.{i}.mlp.depth_k_proj.weight"].T).reshape(2, 7, 4, 8)
+        assert np.abs(cache[p + "mlp.hook_depth_k"] - kd).max() < 1e-5

@@ -364,7 +364,7 @@ fail:
  *  "ablate": {k: mask}}; stackformer.Model builds it from hook names. Arrays must already be
  * float32 (masks uint8), C-contiguous, of the exact shape of the trace at that point: this
  * only checks and points (the values' checks are C's, sf_forward_check). */
-typedef struct { sf_patch p; const float **lists; const uint8_t **masks, **dmasks; } patch_buf;
+typedef struct { sf_patch p; const float **lists, **slots; const uint8_t **masks, **dmasks; } patch_buf;
 
 static const void *patch_array(PyObject *a, int type, int nd, const npy_intp *dims, const char *what) {
     if (!PyArray_Check(a) || PyArray_TYPE((PyArrayObject *)a) != type || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)a)) {
@@ -391,7 +391,10 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
     pb->lists = PyMem_Calloc((size_t)(4 * n + L + 1), sizeof(float *));
     pb->masks = PyMem_Calloc((size_t)(L + 1), sizeof(uint8_t *));
     pb->dmasks = PyMem_Calloc((size_t)n, sizeof(uint8_t *));
-    if (!pb->lists || !pb->masks || !pb->dmasks) { PyErr_NoMemory(); return -1; }
+    const int64_t nslots = c->moda ? (c->moda_depth_kv == SF_DKV_ATTN ? 1 : 2) * (n - 1) : 0;
+    pb->slots = PyMem_Calloc((size_t)(2 * nslots + 1), sizeof(float *));
+    if (!pb->lists || !pb->masks || !pb->dmasks || !pb->slots) { PyErr_NoMemory(); return -1; }
+    npy_intp btkv[4] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->n_kv_heads, (npy_intp)(c->d_model / c->n_heads)};
     npy_intp btd[3] = {(npy_intp)B, (npy_intp)T, (npy_intp)c->d_model};
     PyObject *key, *val;
     Py_ssize_t pos = 0;
@@ -406,9 +409,10 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
         int kind = -1;
         for (int j = 0; j < 4; j++) if (!strcmp(k, kinds[j])) kind = j;
         const int is_alpha = !strcmp(k, "alpha"), is_ablate = !strcmp(k, "ablate"), is_depth = !strcmp(k, "depth_ablate");
-        if (kind < 0 && !is_alpha && !is_ablate && !is_depth) { PyErr_Format(PyExc_KeyError, "unknown patch kind %R", key); return -1; }
+        const int is_dk = !strcmp(k, "depth_k"), is_dv = !strcmp(k, "depth_v");
+        if (kind < 0 && !is_alpha && !is_ablate && !is_depth && !is_dk && !is_dv) { PyErr_Format(PyExc_KeyError, "unknown patch kind %R", key); return -1; }
         if (!PyDict_Check(val)) { PyErr_Format(PyExc_TypeError, "patch[%R] must be a dict of index -> array", key); return -1; }
-        const int64_t count = kind >= 0 || is_depth ? n : L + 1;
+        const int64_t count = is_dk || is_dv ? nslots : kind >= 0 || is_depth ? n : L + 1;
         PyObject *ik, *iv;
         Py_ssize_t ip = 0;
         while (PyDict_Next(val, &ip, &ik, &iv)) {
@@ -421,6 +425,10 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
                 const float *a = patch_array(iv, NPY_FLOAT32, 3, btd, what);
                 if (!a) return -1;
                 pb->lists[kind * n + i] = a;
+            } else if (is_dk || is_dv) {
+                const float *a = patch_array(iv, NPY_FLOAT32, 4, btkv, what);
+                if (!a) return -1;
+                pb->slots[(is_dv ? nslots : 0) + i] = a;
             } else if (is_alpha) {
                 npy_intp dims[4];
                 int nd = shape_alpha(c, i, dims, B, T);
@@ -445,6 +453,8 @@ static int parse_patch(const sf_config *c, PyObject *obj, int64_t B, int64_t T, 
         else if (kind == 3) pb->p.mlp_out = pb->lists + 3 * n;
         else if (is_alpha) pb->p.alpha = pb->lists + 4 * n;
         else if (is_depth) pb->p.depth_ablate = pb->dmasks;
+        else if (is_dk) pb->p.depth_k = pb->slots;
+        else if (is_dv) pb->p.depth_v = pb->slots + nslots;
         else pb->p.ablate = pb->masks;
     }
     return 0;
@@ -454,6 +464,8 @@ static void patch_clear(patch_buf *pb) {
     PyMem_Free(pb->lists);
     PyMem_Free(pb->masks);
     PyMem_Free(pb->dmasks);
+    PyMem_Free(pb->slots);
+    pb->slots = NULL;
     pb->lists = NULL;
     pb->masks = NULL;
     pb->dmasks = NULL;
@@ -533,8 +545,9 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         if (st != SF_OK) { status_error(st, err); PyMem_Free(sel); goto fail; }
     }
     tdict = PyDict_New();
-    ptrs = PyMem_Calloc((size_t)(12 * (L + 2)), sizeof(float *));
+    ptrs = PyMem_Calloc((size_t)(14 * (L + 2)), sizeof(float *));
     if (!tdict || !ptrs) { PyMem_Free(sel); if (!ptrs) PyErr_NoMemory(); goto fail; }
+    const int64_t spl = c->moda_depth_kv == SF_DKV_ATTN ? 1 : 2; /* depth slots a block writes */
     struct { int flag; const char *name; int64_t count; int (*shape)(const sf_config *, int64_t, npy_intp *, int64_t, int64_t); float ***dst; int div; int ok; } items[] = {
         {TR_ATTENTION, "attention", n, shape_attention, &tr.attention, 1, 1},
         {TR_HIDDEN, "hidden", n + 1, shape_btd, &tr.hidden, 1, 1},
@@ -548,6 +561,9 @@ static PyObject *CModel_forward(CModel *self, PyObject *args, PyObject *kw) {
         {TR_ACTIVATIONS, "v", n, shape_kv, &tr.v, 1, 1},
         {TR_ACTIVATIONS, "z", n, shape_q, &tr.z, 1, 1},
         {TR_ACTIVATIONS, "mlp_post", n, shape_btf, &tr.mlp_post, 1, 1},
+        /* MoDA: depth slot s (spl per block, block s / spl wrote it) as stored */
+        {TR_ACTIVATIONS, "depth_k", spl * (n - 1), shape_kv, &tr.depth_k, (int)spl, c->moda},
+        {TR_ACTIVATIONS, "depth_v", spl * (n - 1), shape_kv, &tr.depth_v, (int)spl, c->moda},
     };
     enum { N_ITEMS = sizeof items / sizeof items[0] };
     for (int j = 0; j < N_ITEMS; j++) {

@@ -19,6 +19,10 @@ Names (n blocks; B, T batch and sequence; H, Hkv, dh heads, kv heads, head size;
     blocks.{i}.attn.hook_pattern    (B, H, T, T [+ depth])  attention probabilities; under MoDA
                                                   columns [0, T) are sequence keys, [T, ...) depth slots
     blocks.{i}.attn.hook_depth_mass (B, H, T)    MoDA only: mass on the depth columns
+    blocks.{i}.attn.hook_depth_k/v  (B, T, Hkv, dh) MoDA only (blocks 0..n-2): the depth slot
+    blocks.{i}.mlp.hook_depth_k/v   (B, T, Hkv, dh)  the sublayer writes, as stored (RoPE as
+                                                  moda_depth_rope stores it; no mlp slot under
+                                                  moda_depth_kv="attn")
     blocks.{i}.attn.hook_z          (B, T, H, dh)   per-head attention output, before o_proj
     blocks.{i}.hook_attn_out        (B, T, d)    the attention sublayer's output as the wiring
                                                   receives it (post-norm AttnRes/HC: after its norm)
@@ -394,6 +398,11 @@ def run_with_cache(model, x: Any, key_padding_mask: Optional[np.ndarray] = None,
         if c.moda:
             arrays[p + "attn.hook_depth_mass"] = tr["depth_mass"][i]
         arrays[p + "attn.hook_z"] = tr["z"][i]
+        if c.moda and i < n - 1:  # the depth slots block i writes (the last block writes none)
+            spl = 1 if c.moda_depth_kv == "attn" else 2
+            for j, sub in enumerate(("attn", "mlp")[:spl]):
+                arrays[p + sub + ".hook_depth_k"] = tr["depth_k"][spl * i + j]
+                arrays[p + sub + ".hook_depth_v"] = tr["depth_v"][spl * i + j]
         arrays[p + "hook_attn_out"] = tr["attn_out"][i]
         arrays[p + "hook_resid_mid"] = tr["hidden_mid"][i]
         weights(p + "mlp_res.hook_weights", 2 * i + 1)

@@ -24,13 +24,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|"
-                    r"hook_mlp_out|attn_res\.hook_weights|mlp_res\.hook_weights)$")
+                    r"hook_mlp_out|attn_res\.hook_weights|mlp_res\.hook_weights|"
+                    r"attn\.hook_depth_k|attn\.hook_depth_v|mlp\.hook_depth_k|mlp\.hook_depth_v)$")
 _KIND = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_attn_out": "attn_out",
          "hook_mlp_out": "mlp_out"}
 PATCHABLE = ("hook_embed", "blocks.{i}.hook_resid_pre", "blocks.{i}.hook_resid_mid",
              "blocks.{i}.hook_resid_post", "blocks.{i}.hook_attn_out", "blocks.{i}.hook_mlp_out",
              "blocks.{i}.attn_res.hook_weights", "blocks.{i}.mlp_res.hook_weights",
-             "output_res.hook_weights")
+             "output_res.hook_weights", "blocks.{i}.attn.hook_depth_k/v", "blocks.{i}.mlp.hook_depth_k/v")
 
 
 def _is_attnres(cfg) -> bool:
@@ -61,6 +62,16 @@ def patch_point(cfg, name: str) -> Tuple[str, int, float]:
             raise KeyError(f"{name!r}: the last block's resid_post feeds the final norm and head, "
                            "which have no patch point")
         return "resid_pre", i + 1, 4.0 * (i + 1) + 0.5
+    if ".hook_depth_" in what:  # a MoDA depth slot as stored, for every later reader
+        sub, kv = what.split(".hook_depth_")
+        if not cfg.moda:
+            raise KeyError(f"{name!r}: this model has no MoDA depth slots (moda=False)")
+        spl = 1 if cfg.moda_depth_kv == "attn" else 2
+        if sub == "mlp" and spl == 1:
+            raise KeyError(f"{name!r}: under moda_depth_kv='attn' the MLPs write no depth slot")
+        if i >= n - 1:
+            raise KeyError(f"{name!r}: the last block writes no depth slot (no block reads it)")
+        return "depth_" + kv, spl * i + (sub == "mlp"), 4.0 * i + (2.8 if sub == "mlp" else 0.8)
     if what.endswith("res.hook_weights"):
         if not _is_attnres(cfg):
             raise KeyError(f"{name!r}: depth weights are patchable under residual='attnres_full' or "
@@ -79,7 +90,7 @@ def _trace_value(tr: Dict[str, Any], kind: str, idx: int) -> np.ndarray:
         return tr["hidden"][idx]
     if kind == "resid_mid":
         return tr["hidden_mid"][idx]
-    if kind in ("attn_out", "mlp_out"):
+    if kind in ("attn_out", "mlp_out", "depth_k", "depth_v"):
         return tr[kind][idx]
     return tr["alpha"][idx]
 
@@ -209,6 +220,8 @@ def build(model, x: np.ndarray, key_padding_mask: Any, patch: Optional[Mapping[s
         if kind == "alpha":
             ns = model._c.num_sources(idx)
             shape = (B, T, cfg.attnres_heads, ns) if cfg.attnres_heads > 1 else (B, T, ns)
+        elif kind in ("depth_k", "depth_v"):
+            shape = (B, T, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)
         else:
             shape = (B, T, d)
         if callable(value):
