@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from ablation_checks import assert_cache_checkpoint_threads_bits, assert_probes_match_fd, build_from_reference
 import stackformer as sf
 
 BASE = dict(vocab_size=48, d_model=32, n_heads=4, n_layers=3, max_seq_len=32)
@@ -16,12 +17,7 @@ TOL = 1e-4
 
 
 def build(seed=0, **kw):
-    kw = {**BASE, **kw}
-    cfg, rcfg = sf.Config(**kw), R.Config(**kw)
-    params = {k: v.astype(np.float32) for k, v in R.init_params(rcfg, np.random.default_rng(seed)).items()}
-    model = sf.Model(cfg, seed=0)
-    model.load_state_dict(params)
-    return model, rcfg, params
+    return build_from_reference(BASE, seed, **kw)
 
 
 def toks(B, T, seed=1):
@@ -74,38 +70,17 @@ def test_gradients_match_finite_differences_of_the_reference(case):
     model.forward_backward(x, y)
     grads = model.grads
     p64 = {n: v.astype(np.float64) for n, v in params.items()}
-    h = 1e-5
     names = [n for n in p64 if "_res_proj" in n] + ["layers.0.attn.q_proj.weight",
                                                     "layers.1.mlp.down_proj.weight", "tok_emb.weight"]
     probes = [(n, tuple(int(rng.integers(0, s)) for s in p64[n].shape)) for n in names for _ in range(2)]
-    for name, idx in probes:
-        old = p64[name][idx]
-        p64[name][idx] = old + h
-        lp = R.loss(rcfg, p64, x, y)
-        p64[name][idx] = old - h
-        lm = R.loss(rcfg, p64, x, y)
-        p64[name][idx] = old
-        fd = (lp - lm) / (2 * h)
-        got = float(grads[name][idx])
-        assert abs(got - fd) <= 2e-4 * max(1.0, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
+    assert_probes_match_fd(rcfg, p64, grads, probes, x, y)
 
 
 @pytest.mark.parametrize("case", ["full_post_rope", "block3_post_moda"])
 def test_cache_checkpointing_and_threads_give_the_same_bits(case):
     model, _, _ = build(attnres_key_norm=False, **CASES[case])
     x, y = toks(2, 10), toks(2, 10, seed=2)
-    full = model(x).logits
-    cache = model._c.new_cache(2, 10)
-    parts = [model._c.forward(x[:, :4], cache=cache)[0]]
-    for t in range(4, 10):
-        parts.append(model._c.forward(x[:, t:t + 1], cache=cache)[0])
-    assert np.array_equal(np.concatenate(parts, axis=1), full)
-    l1 = model.forward_backward(x, y, n_threads=1)
-    g1 = {n: g.copy() for n, g in model.grads.items()}
-    for kw in (dict(checkpoint=True, n_threads=1), dict(n_threads=2), dict(checkpoint=True, n_threads=2)):
-        assert model.forward_backward(x, y, **kw) == l1, kw
-        for n, g in model.grads.items():
-            assert np.array_equal(g, g1[n]), (kw, n)
+    assert_cache_checkpoint_threads_bits(model, x, y, prefill=4)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -205,19 +180,9 @@ def test_sigmoid_gradients_match_finite_differences_of_the_reference(case):
     model.forward_backward(x, y)
     grads = model.grads
     p64 = {n: v.astype(np.float64) for n, v in params.items()}
-    h = 1e-5
     names = [n for n in p64 if "_res_" in n] + ["layers.0.attn.q_proj.weight", "tok_emb.weight"]
     probes = [(n, tuple(int(rng.integers(0, s)) for s in p64[n].shape)) for n in names for _ in range(2)]
-    for name, idx in probes:
-        old = p64[name][idx]
-        p64[name][idx] = old + h
-        lp = R.loss(rcfg, p64, x, y)
-        p64[name][idx] = old - h
-        lm = R.loss(rcfg, p64, x, y)
-        p64[name][idx] = old
-        fd = (lp - lm) / (2 * h)
-        got = float(grads[name][idx])
-        assert abs(got - fd) <= 2e-4 * max(1.0, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
+    assert_probes_match_fd(rcfg, p64, grads, probes, x, y)
 
 
 @pytest.mark.parametrize("case", ["full", "block2_rope"])
@@ -225,17 +190,7 @@ def test_sigmoid_cache_checkpointing_threads_mirror_and_save(case, tmp_path):
     model, rcfg, params = build(attnres_mixing="sigmoid", **SIG[case])
     x, y = toks(2, 10), toks(2, 10, seed=2)
     full = model(x).logits
-    cache = model._c.new_cache(2, 10)
-    parts = [model._c.forward(x[:, :4], cache=cache)[0]]
-    for t in range(4, 10):
-        parts.append(model._c.forward(x[:, t:t + 1], cache=cache)[0])
-    assert np.array_equal(np.concatenate(parts, axis=1), full)
-    l1 = model.forward_backward(x, y, n_threads=1)
-    g1 = {n: g.copy() for n, g in model.grads.items()}
-    for kw in (dict(checkpoint=True, n_threads=1), dict(n_threads=2), dict(checkpoint=True, n_threads=2)):
-        assert model.forward_backward(x, y, **kw) == l1, kw
-        for n, g in model.grads.items():
-            assert np.array_equal(g, g1[n]), (kw, n)
+    assert_cache_checkpoint_threads_bits(model, x, y, prefill=4)
     pytest.importorskip("safetensors")
     path = str(tmp_path / "m.safetensors")
     model.save(path)

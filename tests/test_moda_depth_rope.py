@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from ablation_checks import assert_cache_checkpoint_threads_bits, assert_probes_match_fd, build_from_reference
 import stackformer as sf
 
 BASE = dict(vocab_size=48, d_model=32, n_heads=4, n_layers=3, max_seq_len=64, pos="rope", moda=True)
@@ -25,12 +26,7 @@ TOL = 1e-4
 
 
 def build(seed=0, **kw):
-    kw = {**BASE, **kw}
-    cfg, rcfg = sf.Config(**kw), R.Config(**kw)
-    params = {k: v.astype(np.float32) for k, v in R.init_params(rcfg, np.random.default_rng(seed)).items()}
-    model = sf.Model(cfg, seed=0)
-    model.load_state_dict(params)
-    return model, rcfg, params
+    return build_from_reference(BASE, seed, **kw)
 
 
 def toks(B, T, seed=1):
@@ -128,41 +124,20 @@ def test_gradients_match_finite_differences_of_the_reference(mode):
     model.forward_backward(x, y)
     grads = model.grads
     p64 = {n: v.astype(np.float64) for n, v in params.items()}
-    h = 1e-5
     probes = []
     for n in ("layers.0.attn.q_proj.weight", "layers.0.attn.k_proj.weight", "layers.1.attn.q_proj.weight",
               "layers.0.mlp.depth_k_proj.weight", "layers.1.mlp.depth_k_proj.weight",
               "layers.0.mlp.depth_v_proj.weight", "layers.2.attn.q_proj.weight", "tok_emb.weight"):
         for _ in range(3):
             probes.append((n, tuple(int(rng.integers(0, s)) for s in p64[n].shape)))
-    for name, idx in probes:
-        old = p64[name][idx]
-        p64[name][idx] = old + h
-        lp = R.loss(rcfg, p64, x, y)
-        p64[name][idx] = old - h
-        lm = R.loss(rcfg, p64, x, y)
-        p64[name][idx] = old
-        fd = (lp - lm) / (2 * h)
-        got = float(grads[name][idx])
-        assert abs(got - fd) <= 2e-4 * max(1.0, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
+    assert_probes_match_fd(rcfg, p64, grads, probes, x, y)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cache_checkpointing_and_threads_give_the_same_bits(mode):
     model, _, _ = build(moda_depth_rope=mode, moda_chunk=2, n_kv_heads=2)
     x, y = toks(2, 10), toks(2, 10, seed=2)
-    full = model(x).logits
-    cache = model._c.new_cache(2, 10)
-    parts = [model._c.forward(x[:, :4], cache=cache)[0]]
-    for t in range(4, 10):
-        parts.append(model._c.forward(x[:, t:t + 1], cache=cache)[0])
-    assert np.array_equal(np.concatenate(parts, axis=1), full)
-    l1 = model.forward_backward(x, y, n_threads=1)
-    g1 = {n: g.copy() for n, g in model.grads.items()}
-    for kw in (dict(checkpoint=True, n_threads=1), dict(n_threads=2), dict(checkpoint=True, n_threads=2)):
-        assert model.forward_backward(x, y, **kw) == l1, kw
-        for n, g in model.grads.items():
-            assert np.array_equal(g, g1[n]), (kw, n)
+    assert_cache_checkpoint_threads_bits(model, x, y, prefill=4)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from ablation_checks import build_from_reference
 import stackformer as sf
 from conftest import WIRINGS_AND_MODA
 
@@ -16,11 +17,7 @@ BASE = dict(vocab_size=48, d_model=32, n_heads=4, n_layers=3, max_seq_len=32)
 
 
 def build(seed=0, **kw):
-    kw = {**BASE, **kw}
-    cfg, rcfg = sf.Config(**kw), R.Config(**kw)
-    params = {k: v.astype(np.float32) for k, v in R.init_params(rcfg, np.random.default_rng(seed)).items()}
-    model = sf.Model(cfg, seed=0)
-    model.load_state_dict(params)
+    model, rcfg, params = build_from_reference(BASE, seed, **kw)
     return model, rcfg, {k: v.astype(np.float64) for k, v in params.items()}
 
 
