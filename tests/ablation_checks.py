@@ -19,9 +19,9 @@ def build_from_reference(base, seed=0, **kw):
     return model, rcfg, params
 
 
-def assert_probes_match_fd(rcfg, p64, grads, probes, x, y, h=1e-5, rtol=2e-4):
+def assert_probes_match_fd(rcfg, p64, grads, probes, x, y, h=1e-5, rtol=2e-4, floor=1.0):
     """Each (name, index) of probes: the C gradient vs a central difference of the reference's
-    loss in float64 (p64 is modified and restored)."""
+    loss in float64, within rtol * max(floor, |fd|) (p64 is modified and restored)."""
     for name, idx in probes:
         old = p64[name][idx]
         p64[name][idx] = old + h
@@ -31,7 +31,7 @@ def assert_probes_match_fd(rcfg, p64, grads, probes, x, y, h=1e-5, rtol=2e-4):
         p64[name][idx] = old
         fd = (lp - lm) / (2 * h)
         got = float(grads[name][idx])
-        assert abs(got - fd) <= rtol * max(1.0, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
+        assert abs(got - fd) <= rtol * max(floor, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
 
 
 def assert_cache_checkpoint_threads_bits(model, x, y, prefill):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from ablation_checks import assert_probes_match_fd
 import stackformer as sf
 import wiring_params as WP
 
@@ -98,16 +99,7 @@ def test_gradients_match_finite_differences_of_the_reference(kw):
                 probes.append((name, tuple(int(rng.integers(0, s)) for s in v.shape)))
     for name in ("layers.0.attn.v_proj.weight", "layers.2.mlp.up_proj.weight", "tok_emb.weight"):
         probes.append((name, tuple(int(rng.integers(0, s)) for s in params[name].shape)))
-    for name, idx in probes:
-        old = params[name][idx]
-        params[name][idx] = old + h
-        lp = R.loss(rcfg, params, x, y)
-        params[name][idx] = old - h
-        lm = R.loss(rcfg, params, x, y)
-        params[name][idx] = old
-        fd = (lp - lm) / (2 * h)
-        got = float(grads[name][idx])
-        assert abs(got - fd) <= 3e-4 * max(0.1, abs(fd)), f"{name}{idx}: C {got:.6g} vs FD {fd:.6g}"
+    assert_probes_match_fd(rcfg, params, grads, probes, x, y, h=h, rtol=3e-4, floor=0.1)
 
 
 @pytest.mark.parametrize("residual", ["denseformer", "hyper_connections", "mhc"])
