@@ -40,22 +40,25 @@
  * constant, so the sums do not depend on the thread count. */
 #define HC_LANES 16
 #define MHC_MAX_N 16 /* per-token scratch on the stack: n x n matrices */
-#define MHC_TB 8     /* mHC coefficient backward: tokens whose products with P share its loads */
-#define MHC_CH 64    /* ... over this many columns of n d at a time (accumulators on the stack) */
 
 typedef struct {
     int mhc, dyn;
     int64_t n, C;   /* copies, columns of alpha (n + 1) */
     int64_t Z;      /* mHC: projections per token, 2n + n^2 */
+    int64_t Zp;     /* ... rounded up to whole GEMM panels: z's row stride */
     int64_t iters;  /* mHC: Sinkhorn passes */
     float *H;       /* training: (L+1, N, n, d) every sublayer's stream; inference: 2 of them */
     int64_t nH;     /* streams kept */
     float *v;       /* post-norm: a sublayer's output Norm(y) before it joins the stream */
     /* the current sublayer's coefficients (recomputed for the backward): alpha (N, n, C), beta
      * (N, n); HC dynamic: tanh values ta (N, n, C), tb (N, n), the normed copies Hn (N, n, d);
-     * mHC: z (N, Z), the normed vec(H) in Hn (N, n d), the Sinkhorn iterates sk (N, 2 iters + 1,
-     * n, n), its row/col 1/RMS in nstats */
+     * mHC: z (N, Zp) and each token's 1/RMS of vec(H) in zinv (N), kept for every sublayer
+     * when training (L of each: the backward then needs no product), the Sinkhorn iterates sk
+     * (N, 2 iters + 1, n, n) */
     float *alpha, *beta, *ta, *tb, *Hn, *nstats, *z, *sk;
+    float *zinv;
+    float *dz, *pack;    /* mHC: dL/dz scaled by 1/RMS (N, Z); the GEMM engine's scratch */
+    float *Ppad;         /* mHC: Phi with zero rows up to Zp (Zp, n d) */
     /* backward */
     float *dcur, *dnext; /* dL/dH_k, dL/dH_{k+1} (N, n, d) */
     float *dh0;          /* dL/dh_0 of the sublayer being walked (N, d) */
@@ -109,6 +112,9 @@ static sf_status init(run *R) {
     s->n = R->c->hc_expansion;
     s->C = s->n + 1;
     s->Z = s->n * s->n + 2 * s->n;
+    /* a partial 16-column panel would take the GEMM engine's generic tile, ~6x slower per
+     * FLOP than a full one: the forward product runs on Phi padded with zero rows instead */
+    s->Zp = (s->Z + SF_GEMM_NR - 1) / SF_GEMM_NR * SF_GEMM_NR;
     s->iters = R->c->mhc_sinkhorn_iters;
     s->nH = R->training ? R->L + 1 : 2;
     return SF_OK;
@@ -134,7 +140,7 @@ static void layout(run *R, bump *bp, want w) {
     s->alpha = take(bp, cmul(&bad, N, n * C));
     s->beta = take(bp, cmul(&bad, N, n));
     if (s->dyn) {
-        s->Hn = take(bp, Hsz);
+        s->Hn = s->mhc ? NULL : take(bp, Hsz); /* mHC never writes its normed stream */
         s->nstats = take(bp, cmul(&bad, 2 * N, n));
     }
     if (s->dyn && !s->mhc) {
@@ -142,8 +148,21 @@ static void layout(run *R, bump *bp, want w) {
         s->tb = take(bp, cmul(&bad, N, n));
     }
     if (s->mhc) {
-        s->z = take(bp, cmul(&bad, N, Z));
+        const int64_t kept = R->training ? R->L : 1;
+        s->z = take(bp, cmul(&bad, kept, cmul(&bad, N, s->Zp)));
+        s->zinv = take(bp, cmul(&bad, kept, N));
+        s->Ppad = take(bp, cmul(&bad, s->Zp, n * d));
         s->sk = take(bp, cmul(&bad, N, cmul(&bad, 2 * s->iters + 1, n * n)));
+        s->dz = R->training ? take(bp, cmul(&bad, N, Z)) : NULL;
+        /* z = vec(H) Phi^T (B = Phi^T, K = n d); backward dH̄ = dz Phi (B = Phi, K = Z) and
+         * dPhi += dz^T vec(H) (A = dz^T strided, B = vec(H)) */
+        int64_t pk = sf_matmul_pack_floats(n * d, s->Zp);
+        if (R->training) {
+            const int64_t p2 = sf_matmul_pack_floats(Z, n * d), p3 = sf_gemm_pack_floats(Z, N, n * d, 1);
+            pk = pk > p2 ? pk : p2;
+            pk = pk > p3 ? pk : p3;
+        }
+        s->pack = take(bp, pk);
     }
     if (R->training) {
         s->dcur = take(bp, Hsz);
@@ -153,8 +172,8 @@ static void layout(run *R, bump *bp, want w) {
         s->gb = take(bp, cmul(&bad, N, n));
         s->dHn = s->dyn ? take(bp, Hsz) : NULL;
         /* per lane: HC static alpha/beta, scales (2), projection ((n+2) x d); mHC base (Z),
-         * scales (3), projection (Z x n d) */
-        s->lane_floats = s->mhc ? Z + 3 + cmul(&bad, Z, n * d) : n * C + n + 2 + (n + 2) * d;
+         * scales (3) (its projection's gradient is one GEMM over all tokens) */
+        s->lane_floats = s->mhc ? Z + 3 : n * C + n + 2 + (n + 2) * d;
         s->lane = take(bp, cmul(&bad, HC_LANES, s->lane_floats));
     }
     if (bad) bp->bad = 1;
@@ -186,13 +205,15 @@ static void sinkhorn(float *it, const float *logits, int64_t n, int64_t iters) {
             for (int64_t j = 0; j < n; j++) {
                 float sum = 0.0f;
                 for (int64_t i = 0; i < n; i++) sum += x[i * n + j];
-                for (int64_t i = 0; i < n; i++) y[i * n + j] = x[i * n + j] / sum;
+                const float inv = 1.0f / sum; /* one division per column, not n */
+                for (int64_t i = 0; i < n; i++) y[i * n + j] = x[i * n + j] * inv;
             }
         } else { /* T_r */
             for (int64_t i = 0; i < n; i++) {
                 float sum = 0.0f;
                 for (int64_t j = 0; j < n; j++) sum += x[i * n + j];
-                for (int64_t j = 0; j < n; j++) y[i * n + j] = x[i * n + j] / sum;
+                const float inv = 1.0f / sum;
+                for (int64_t j = 0; j < n; j++) y[i * n + j] = x[i * n + j] * inv;
             }
         }
     }
@@ -208,17 +229,53 @@ static void sinkhorn_backward(float *dlogits, float *dM, const float *it, int64_
             for (int64_t j = 0; j < n; j++) {
                 float sum = 0.0f, dot = 0.0f;
                 for (int64_t i = 0; i < n; i++) { sum += x[i * n + j]; dot += dM[i * n + j] * y[i * n + j]; }
-                for (int64_t i = 0; i < n; i++) dM[i * n + j] = (dM[i * n + j] - dot) / sum;
+                const float inv = 1.0f / sum;
+                for (int64_t i = 0; i < n; i++) dM[i * n + j] = (dM[i * n + j] - dot) * inv;
             }
         } else {
             for (int64_t i = 0; i < n; i++) {
                 float sum = 0.0f, dot = 0.0f;
                 for (int64_t j = 0; j < n; j++) { sum += x[i * n + j]; dot += dM[i * n + j] * y[i * n + j]; }
-                for (int64_t j = 0; j < n; j++) dM[i * n + j] = (dM[i * n + j] - dot) / sum;
+                const float inv = 1.0f / sum;
+                for (int64_t j = 0; j < n; j++) dM[i * n + j] = (dM[i * n + j] - dot) * inv;
             }
         }
     }
     for (int64_t t = 0; t < nn; t++) dlogits[t] = dM[t] * it[t];
+}
+
+/* mHC's z and 1/RMS of sublayer k (kept per sublayer when training) */
+static float *mhc_z(const run *R, int64_t k) {
+    const hc_state *s = R->ws;
+    return s->z + (R->training ? k : 0) * R->N * s->Zp;
+}
+static float *mhc_zinv(const run *R, int64_t k) {
+    const hc_state *s = R->ws;
+    return s->zinv + (R->training ? k : 0) * R->N;
+}
+
+/* mHC's three maps from z: H_pre, H_post into alpha[., 0] and beta, H_res (Sinkhorn, every
+ * iterate kept in sk) into alpha[., 1..n] */
+static void mhc_maps(run *R, int64_t k) {
+    hc_state *s = R->ws;
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t N = R->N, n = s->n, C = s->C, Zp = s->Zp;
+    const float *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub], *zk = mhc_z(R, k);
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * n * s->iters > 16384)
+    for (int64_t r = 0; r < N; r++) {
+        const float *z = zk + r * Zp;
+        float logit[MHC_MAX_N * MHC_MAX_N];
+        float *al = s->alpha + r * n * C, *be = s->beta + r * n;
+        for (int64_t j = 0; j < n; j++) al[j * C] = sigm(a[0] * z[j] + b[j]);
+        for (int64_t i = 0; i < n; i++) be[i] = 2.0f * sigm(a[1] * z[n + i] + b[n + i]);
+        for (int64_t t = 0; t < n * n; t++) logit[t] = a[2] * z[2 * n + t] + b[2 * n + t];
+        float *it = s->sk + r * (2 * s->iters + 1) * n * n;
+        sinkhorn(it, logit, n, s->iters);
+        const float *M = it + 2 * s->iters * n * n;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = 0; j < n; j++) al[j * C + 1 + i] = M[i * n + j];
+    }
 }
 
 /* alpha (N, n, C), beta (N, n) of sublayer k from its stream H_k */
@@ -228,23 +285,23 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
     const int sub = (int)(k % 2);
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C, Z = s->Z;
     if (s->mhc) {
-        const float *P = Lv->hc_proj[sub], *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub];
-        sf_rmsnorm(s->Hn, Hk, NULL, N, n * d, R->c->norm_eps, R->nt); /* vec(H) per token */
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * Z * n * d > 65536)
+        const int64_t nd = n * d, Zp = s->Zp;
+        float *zk = mhc_z(R, k), *zinv = mhc_zinv(R, k);
+        /* z = RMSNorm(vec(H)) Phi^T computed as (vec(H) Phi^T) / RMS, the reordering of the
+         * mHC paper (sec. 4.3.1): the GEMM engine takes the products, the 1/RMS scales Z
+         * numbers per token instead of n d, and the normed stream is never written */
+        memcpy(s->Ppad, Lv->hc_proj[sub], (size_t)(Z * nd) * sizeof(float));
+        memset(s->Ppad + Z * nd, 0, (size_t)((Zp - Z) * nd) * sizeof(float));
+        sf_matmul(zk, Hk, s->Ppad, NULL, N, nd, Zp, 0, s->pack, R->nt);
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * nd > 65536)
         for (int64_t r = 0; r < N; r++) {
-            const float *xn = s->Hn + r * n * d;
-            float *z = s->z + r * Z, logit[MHC_MAX_N * MHC_MAX_N];
-            sf_dots(z, xn, P, n * d, Z, n * d); /* z[c] = xn · P_c, the dots side by side */
-            float *al = s->alpha + r * n * C, *be = s->beta + r * n;
-            for (int64_t j = 0; j < n; j++) al[j * C] = sigm(a[0] * z[j] + b[j]);
-            for (int64_t i = 0; i < n; i++) be[i] = 2.0f * sigm(a[1] * z[n + i] + b[n + i]);
-            for (int64_t t = 0; t < n * n; t++) logit[t] = a[2] * z[2 * n + t] + b[2 * n + t];
-            float *it = s->sk + r * (2 * s->iters + 1) * n * n;
-            sinkhorn(it, logit, n, s->iters);
-            const float *M = it + 2 * s->iters * n * n;
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t j = 0; j < n; j++) al[j * C + 1 + i] = M[i * n + j];
+            const float *x = Hk + r * nd;
+            const float inv = 1.0f / sqrtf(sf_dot(x, x, nd) / (float)nd + R->c->norm_eps); /* as sf_rmsnorm */
+            float *z = zk + r * Zp;
+            zinv[r] = inv;
+            for (int64_t c = 0; c < Z; c++) z[c] *= inv;
         }
+        mhc_maps(R, k);
         return;
     }
     const float *sa = Lv->hc_alpha[sub], *sb = Lv->hc_beta[sub], *P = Lv->hc_proj[sub], *sc = Lv->hc_scale[sub];
@@ -282,16 +339,10 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
     const int64_t d = R->d, n = s->n, C = s->C, Z = s->Z;
     if (s->mhc) {
         const float *P = Lv->hc_proj[sub], *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub];
-        float *lb = ln, *lsc = ln + Z, *lP = lsc + 3;
-        const int64_t nd = n * d;
-        /* MHC_TB tokens at a time: first each one's coefficient gradient dz (the scalar part,
-         * token by token), then the two products with P for the block (see below) */
-        for (int64_t rb = r0; rb < r1; rb += MHC_TB) {
-        const int64_t nb = r1 - rb < MHC_TB ? r1 - rb : MHC_TB;
-        float dzb[MHC_TB][2 * MHC_MAX_N + MHC_MAX_N * MHC_MAX_N];
-        for (int64_t r = rb; r < rb + nb; r++) {
-            const float *z = s->z + r * Z, *g = s->ga + r * n * C, *gbr = s->gb + r * n;
-            float *dz = dzb[r - rb], dM[MHC_MAX_N * MHC_MAX_N], dl[MHC_MAX_N * MHC_MAX_N];
+        float *lb = ln, *lsc = ln + Z;
+        for (int64_t r = r0; r < r1; r++) {
+            const float *z = mhc_z(R, k) + r * s->Zp, *g = s->ga + r * n * C, *gbr = s->gb + r * n;
+            float *dz = s->dz + r * Z, dM[MHC_MAX_N * MHC_MAX_N], dl[MHC_MAX_N * MHC_MAX_N];
             for (int64_t j = 0; j < n; j++) { /* H_pre = sigmoid(a0 z + b) */
                 const float p = s->alpha[(r * n + j) * C], dpre = g[j * C] * p * (1.0f - p);
                 lb[j] += dpre; lsc[0] += dpre * z[j]; dz[j] = a[0] * dpre;
@@ -307,35 +358,7 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
                 lb[2 * n + t] += dl[t]; lsc[2] += dl[t] * z[2 * n + t]; dz[2 * n + t] = a[2] * dl[t];
             }
         }
-        /* dL/dH̄_r = Σ_c dz_r[c] P_c and the lane's dP_c += Σ_r dz_r[c] H̄_r: per element the
-         * same sums in the same order as one token and one c at a time (c ascending for dH̄,
-         * the lane's tokens ascending for dP), but P's columns are read once per block of
-         * tokens and each dP row once per block instead of once per token (P and the lane's
-         * dP are Z x n d floats each: 147 KB at M, streamed from L2 for every token before) */
-        for (int64_t e0 = 0; e0 < nd; e0 += MHC_CH) {
-            const int64_t ne = nd - e0 < MHC_CH ? nd - e0 : MHC_CH;
-            float acc[MHC_TB][MHC_CH];
-            for (int64_t t = 0; t < nb; t++)
-                for (int64_t e = 0; e < ne; e++) acc[t][e] = 0.0f;
-            for (int64_t c = 0; c < Z; c++) {
-                const float *Pc = P + c * nd + e0;
-                for (int64_t t = 0; t < nb; t++) {
-                    const float w = dzb[t][c];
-                    for (int64_t e = 0; e < ne; e++) acc[t][e] += w * Pc[e];
-                }
-            }
-            for (int64_t t = 0; t < nb; t++) memcpy(s->dHn + (rb + t) * nd + e0, acc[t], (size_t)ne * sizeof(float));
-            for (int64_t c = 0; c < Z; c++) {
-                float *lPc = lP + c * nd + e0, row[MHC_CH];
-                memcpy(row, lPc, (size_t)ne * sizeof(float));
-                for (int64_t t = 0; t < nb; t++) {
-                    const float w = dzb[t][c], *xt = s->Hn + (rb + t) * nd + e0;
-                    for (int64_t e = 0; e < ne; e++) row[e] += w * xt[e];
-                }
-                memcpy(lPc, row, (size_t)ne * sizeof(float));
-            }
-        }
-        }
+        (void)P;
         (void)b;
         return;
     }
@@ -365,6 +388,21 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
     }
 }
 
+/* mHC: dL/dz (s->dz, every token) through z = (vec(H) Phi^T) / RMS: dL/dH̄ = dz Phi into
+ * s->dHn (for the norm's backward), then dz scaled by each token's 1/RMS and dPhi += dz^T vec(H)
+ * (since H̄ = vec(H) / RMS), two GEMMs over all tokens instead of 2 Z dot products per token */
+static void coef_backward_products(run *R, int64_t k, const float *Hk) {
+    hc_state *s = R->ws;
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t N = R->N, nd = s->n * R->d, Z = s->Z;
+    const float *P = Lv->hc_proj[sub], *zinv = mhc_zinv(R, k);
+    sf_gemm(s->dHn, nd, s->dz, Z, 1, P, 0, NULL, N, Z, nd, 0, s->pack, R->nt);
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t c = 0; c < Z; c++) s->dz[r * Z + c] *= zinv[r];
+    sf_gemm(GRAD(R, P), nd, s->dz, 1, Z, Hk, 0, NULL, Z, N, nd, 1, s->pack, R->nt);
+}
+
 /* the lanes' partials into the parameters' gradients, in lane order */
 static void coef_backward_sum(run *R, int64_t k) {
     hc_state *s = R->ws;
@@ -374,10 +412,9 @@ static void coef_backward_sum(run *R, int64_t k) {
     for (int64_t l = 0; l < HC_LANES; l++) {
         const float *ln = s->lane + l * LF;
         if (s->mhc) {
-            float *db = GRAD(R, Lv->hc_base[sub]), *dsc = GRAD(R, Lv->hc_scale[sub]), *dP = GRAD(R, Lv->hc_proj[sub]);
+            float *db = GRAD(R, Lv->hc_base[sub]), *dsc = GRAD(R, Lv->hc_scale[sub]);
             for (int64_t t = 0; t < Z; t++) db[t] += ln[t];
             for (int64_t t = 0; t < 3; t++) dsc[t] += ln[Z + t];
-            for (int64_t t = 0; t < Z * n * d; t++) dP[t] += ln[Z + 3 + t];
             continue;
         }
         float *dsa = GRAD(R, Lv->hc_alpha[sub]), *dsb = GRAD(R, Lv->hc_beta[sub]);
@@ -526,7 +563,8 @@ static const float *write_backward(run *R, int64_t k) {
     hc_state *s = R->ws;
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C;
     const float *Hk = stream(R, k);
-    coef_forward(R, k, Hk); /* the forward's coefficients (and H̄), recomputed */
+    if (s->mhc) mhc_maps(R, k); /* the forward's maps, from its z */
+    else coef_forward(R, k, Hk); /* the forward's coefficients (and H̄), recomputed */
     const float *v = k % 2 == 0 ? R->acts[k / 2].y_a : R->acts[k / 2].y_m;
     if (!R->c->pre_norm) { /* v = dropout(Norm(y)), recomputed */
         const float *nw, *nb;
@@ -592,6 +630,7 @@ static void read_backward(run *R, int64_t k) {
         coef_backward_rows(R, k, r0, r1, s->lane + l * LF);
     }
     coef_backward_sum(R, k);
+    if (s->mhc) coef_backward_products(R, k, Hk);
     if (s->dyn) coef_backward_norm(R, k, Hk);
     float *t = s->dnext; /* dL/dH_k is the next step's dL/dH_{k+1} */
     s->dnext = s->dcur;
