@@ -40,6 +40,10 @@
  * constant, so the sums do not depend on the thread count. */
 #define HC_LANES 16
 #define MHC_MAX_N 16 /* per-token scratch on the stack: n x n matrices */
+/* mHC's Sinkhorn runs on MHC_TB tokens side by side (element t of token u at [t * MHC_TB + u]):
+ * the n x n matrices are too small to vectorize one at a time, and the innermost loop over
+ * the tokens is a full vector */
+#define MHC_TB 16
 
 typedef struct {
     int mhc, dyn;
@@ -152,7 +156,9 @@ static void layout(run *R, bump *bp, want w) {
         s->z = take(bp, cmul(&bad, kept, cmul(&bad, N, s->Zp)));
         s->zinv = take(bp, cmul(&bad, kept, N));
         s->Ppad = take(bp, cmul(&bad, s->Zp, n * d));
-        s->sk = take(bp, cmul(&bad, N, cmul(&bad, 2 * s->iters + 1, n * n)));
+        /* the backward's Sinkhorn iterates, whole blocks of MHC_TB tokens */
+        s->sk = R->training ? take(bp, cmul(&bad, (N + MHC_TB - 1) / MHC_TB * MHC_TB, cmul(&bad, 2 * s->iters + 1, n * n)))
+                            : NULL;
         s->dz = R->training ? take(bp, cmul(&bad, N, Z)) : NULL;
         /* z = vec(H) Phi^T (B = Phi^T, K = n d); backward dH̄ = dz Phi (B = Phi, K = Z) and
          * dPhi += dz^T vec(H) (A = dz^T strided, B = vec(H)) */
@@ -190,58 +196,86 @@ static const sf_layer_views *views(const run *R, int64_t k) { return &R->m->laye
 
 static float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* mHC's Sinkhorn-Knopp on one token's n x n logits: M0 = exp(logits - max) (a global shift,
- * which every normalization cancels), then `iters` passes of T_c (columns to sum 1) followed by
- * T_r (rows to sum 1); all 2 iters + 1 iterates kept in it (for the exact backward). */
-static void sinkhorn(float *it, const float *logits, int64_t n, int64_t iters) {
-    const int64_t nn = n * n;
-    float mx = logits[0];
-    for (int64_t t = 1; t < nn; t++) mx = logits[t] > mx ? logits[t] : mx;
-    for (int64_t t = 0; t < nn; t++) it[t] = expf(logits[t] - mx);
-    for (int64_t p = 0; p < 2 * iters; p++) {
-        const float *x = it + p * nn;
-        float *y = it + (p + 1) * nn;
-        if (p % 2 == 0) { /* T_c */
-            for (int64_t j = 0; j < n; j++) {
-                float sum = 0.0f;
-                for (int64_t i = 0; i < n; i++) sum += x[i * n + j];
-                const float inv = 1.0f / sum; /* one division per column, not n */
-                for (int64_t i = 0; i < n; i++) y[i * n + j] = x[i * n + j] * inv;
-            }
-        } else { /* T_r */
-            for (int64_t i = 0; i < n; i++) {
-                float sum = 0.0f;
-                for (int64_t j = 0; j < n; j++) sum += x[i * n + j];
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < n; j++) y[i * n + j] = x[i * n + j] * inv;
-            }
+/* MHC_TB floats as one value (GCC/Clang vector extension): the compilers do not vectorize
+ * these short reductions on their own (GCC scalarizes the 16 sums), so they are written on
+ * whole vectors; each lane does exactly the scalar operations, in the same order. */
+typedef float sk_vec __attribute__((vector_size(MHC_TB * sizeof(float))));
+/* loads and stores through memcpy (no alignment or aliasing assumption; a vector move) */
+#define SK_LD(v, p) memcpy(&(v), (p), sizeof(sk_vec))
+#define SK_ST(p, v) memcpy((p), &(v), sizeof(sk_vec))
+
+/* One Sinkhorn pass y = T(x) over MHC_TB tokens: T_c (every column to sum 1) or T_r (every
+ * row). Element (i, j) is at [(i n + j) MHC_TB + u]; `one` steps along the normalised line,
+ * `other` across lines. */
+static void sk_pass(float *y, const float *x, int64_t n, int64_t one, int64_t other) {
+    for (int64_t l = 0; l < n; l++) {
+        sk_vec sum = {0}, v;
+        for (int64_t m = 0; m < n; m++) {
+            SK_LD(v, x + (l * other + m * one) * MHC_TB);
+            sum += v;
+        }
+        const sk_vec inv = 1.0f / sum; /* one division per line */
+        for (int64_t m = 0; m < n; m++) {
+            const int64_t o = (l * other + m * one) * MHC_TB;
+            SK_LD(v, x + o);
+            v *= inv;
+            SK_ST(y + o, v);
+        }
+    }
+}
+/* its backward: for y = x / s along a line, dx = (dy - sum(dy y)) / s, dM in place */
+static void sk_pass_backward(float *dM, const float *x, const float *y, int64_t n, int64_t one, int64_t other) {
+    for (int64_t l = 0; l < n; l++) {
+        sk_vec sum = {0}, dot = {0}, xv, dv, yv;
+        for (int64_t m = 0; m < n; m++) {
+            const int64_t o = (l * other + m * one) * MHC_TB;
+            SK_LD(xv, x + o);
+            SK_LD(dv, dM + o);
+            SK_LD(yv, y + o);
+            sum += xv;
+            dot += dv * yv;
+        }
+        const sk_vec inv = 1.0f / sum;
+        for (int64_t m = 0; m < n; m++) {
+            const int64_t o = (l * other + m * one) * MHC_TB;
+            SK_LD(dv, dM + o);
+            dv = (dv - dot) * inv;
+            SK_ST(dM + o, dv);
         }
     }
 }
 
-/* dlogits from dM (the result's gradient; overwritten), back through every pass: for y = x/s
- * over a column (or row), dx = (dy - sum(dy y)) / s; then exp. */
-static void sinkhorn_backward(float *dlogits, float *dM, const float *it, int64_t n, int64_t iters) {
-    const int64_t nn = n * n;
-    for (int64_t p = 2 * iters - 1; p >= 0; p--) {
-        const float *x = it + p * nn, *y = it + (p + 1) * nn;
-        if (p % 2 == 0) {
-            for (int64_t j = 0; j < n; j++) {
-                float sum = 0.0f, dot = 0.0f;
-                for (int64_t i = 0; i < n; i++) { sum += x[i * n + j]; dot += dM[i * n + j] * y[i * n + j]; }
-                const float inv = 1.0f / sum;
-                for (int64_t i = 0; i < n; i++) dM[i * n + j] = (dM[i * n + j] - dot) * inv;
-            }
-        } else {
-            for (int64_t i = 0; i < n; i++) {
-                float sum = 0.0f, dot = 0.0f;
-                for (int64_t j = 0; j < n; j++) { sum += x[i * n + j]; dot += dM[i * n + j] * y[i * n + j]; }
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < n; j++) dM[i * n + j] = (dM[i * n + j] - dot) * inv;
-            }
-        }
+/* mHC's Sinkhorn-Knopp on MHC_TB tokens' n x n logits (it[0] holds them on entry): M0 =
+ * exp(logits - max) (a per-token shift, which every normalization cancels), then `iters`
+ * passes of T_c (columns to sum 1) followed by T_r (rows to sum 1). With keep, all 2 iters + 1
+ * iterates stay in it (it[p] at it + p n^2 MHC_TB, for the exact backward); otherwise it
+ * holds two and the result is returned. */
+static const float *sinkhorn(float *it, int64_t n, int64_t iters, int keep) {
+    const int64_t nn = n * n, S = nn * MHC_TB;
+    float mx[MHC_TB];
+    for (int64_t u = 0; u < MHC_TB; u++) mx[u] = it[u];
+    for (int64_t t = 1; t < nn; t++)
+        for (int64_t u = 0; u < MHC_TB; u++) mx[u] = it[t * MHC_TB + u] > mx[u] ? it[t * MHC_TB + u] : mx[u];
+    for (int64_t t = 0; t < nn; t++)
+        for (int64_t u = 0; u < MHC_TB; u++) it[t * MHC_TB + u] = expf(it[t * MHC_TB + u] - mx[u]);
+    for (int64_t p = 0; p < 2 * iters; p++) {
+        const float *x = it + (keep ? p : p % 2) * S;
+        float *y = it + (keep ? p + 1 : (p + 1) % 2) * S;
+        if (p % 2 == 0) sk_pass(y, x, n, n, 1); /* T_c: line j = column, steps of n */
+        else sk_pass(y, x, n, 1, n);            /* T_r */
     }
-    for (int64_t t = 0; t < nn; t++) dlogits[t] = dM[t] * it[t];
+    return it + (keep ? 2 * iters : 0) * S;
+}
+
+/* dlogits from dM (the result's gradient; overwritten), back through every kept pass, then
+ * the exp: all in the token-interleaved layout */
+static void sinkhorn_backward(float *dlogits, float *dM, const float *it, int64_t n, int64_t iters) {
+    const int64_t S = n * n * MHC_TB;
+    for (int64_t p = 2 * iters - 1; p >= 0; p--) {
+        if (p % 2 == 0) sk_pass_backward(dM, it + p * S, it + (p + 1) * S, n, n, 1);
+        else sk_pass_backward(dM, it + p * S, it + (p + 1) * S, n, 1, n);
+    }
+    for (int64_t t = 0; t < S; t++) dlogits[t] = dM[t] * it[t];
 }
 
 /* mHC's z and 1/RMS of sublayer k (kept per sublayer when training) */
@@ -254,27 +288,54 @@ static float *mhc_zinv(const run *R, int64_t k) {
     return s->zinv + (R->training ? k : 0) * R->N;
 }
 
-/* mHC's three maps from z: H_pre, H_post into alpha[., 0] and beta, H_res (Sinkhorn, every
- * iterate kept in sk) into alpha[., 1..n] */
-static void mhc_maps(run *R, int64_t k) {
+/* mHC's three maps from z: H_pre, H_post into alpha[., 0] and beta, H_res (Sinkhorn) into
+ * alpha[., 1..n]; with keep (the backward's recomputation) every iterate into s->sk, in
+ * blocks of MHC_TB tokens (a last partial block is padded with zero logits, never read) */
+static void mhc_maps(run *R, int64_t k, int keep) {
     hc_state *s = R->ws;
     const sf_layer_views *Lv = views(R, k);
     const int sub = (int)(k % 2);
-    const int64_t N = R->N, n = s->n, C = s->C, Zp = s->Zp;
+    const int64_t N = R->N, n = s->n, nn = n * n, C = s->C, Zp = s->Zp, S = nn * MHC_TB;
+    const int64_t nblk = (N + MHC_TB - 1) / MHC_TB;
     const float *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub], *zk = mhc_z(R, k);
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * n * s->iters > 16384)
-    for (int64_t r = 0; r < N; r++) {
-        const float *z = zk + r * Zp;
-        float logit[MHC_MAX_N * MHC_MAX_N];
-        float *al = s->alpha + r * n * C, *be = s->beta + r * n;
-        for (int64_t j = 0; j < n; j++) al[j * C] = sigm(a[0] * z[j] + b[j]);
-        for (int64_t i = 0; i < n; i++) be[i] = 2.0f * sigm(a[1] * z[n + i] + b[n + i]);
-        for (int64_t t = 0; t < n * n; t++) logit[t] = a[2] * z[2 * n + t] + b[2 * n + t];
-        float *it = s->sk + r * (2 * s->iters + 1) * n * n;
-        sinkhorn(it, logit, n, s->iters);
-        const float *M = it + 2 * s->iters * n * n;
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * nn * s->iters > 16384)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t r0 = blk * MHC_TB, nb = N - r0 < MHC_TB ? N - r0 : MHC_TB;
+        float two[2 * MHC_MAX_N * MHC_MAX_N * MHC_TB];
+        float *it = keep ? s->sk + blk * (2 * s->iters + 1) * S : two;
+        for (int64_t t = 0; t < nn; t++)
+            for (int64_t u = 0; u < MHC_TB; u++)
+                it[t * MHC_TB + u] = u < nb ? a[2] * zk[(r0 + u) * Zp + 2 * n + t] + b[2 * n + t] : 0.0f;
+        const float *M = sinkhorn(it, n, s->iters, keep);
+        for (int64_t u = 0; u < nb; u++) {
+            const int64_t r = r0 + u;
+            const float *z = zk + r * Zp;
+            float *al = s->alpha + r * n * C, *be = s->beta + r * n;
+            for (int64_t j = 0; j < n; j++) al[j * C] = sigm(a[0] * z[j] + b[j]);
+            for (int64_t i = 0; i < n; i++) be[i] = 2.0f * sigm(a[1] * z[n + i] + b[n + i]);
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t j = 0; j < n; j++) al[j * C + 1 + i] = M[(i * n + j) * MHC_TB + u];
+        }
+    }
+}
+
+/* mHC: dL/dH_res (in ga[., 1..n]) back through every Sinkhorn pass of s->sk into the logits'
+ * gradient dl, stored in dz[., 2n..] (coef_backward_rows scales it and sums it) */
+static void mhc_sinkhorn_backward(run *R) {
+    hc_state *s = R->ws;
+    const int64_t N = R->N, n = s->n, nn = n * n, C = s->C, Z = s->Z, S = nn * MHC_TB;
+    const int64_t nblk = (N + MHC_TB - 1) / MHC_TB;
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * nn * s->iters > 16384)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t r0 = blk * MHC_TB, nb = N - r0 < MHC_TB ? N - r0 : MHC_TB;
+        float dM[MHC_MAX_N * MHC_MAX_N * MHC_TB], dl[MHC_MAX_N * MHC_MAX_N * MHC_TB];
         for (int64_t i = 0; i < n; i++)
-            for (int64_t j = 0; j < n; j++) al[j * C + 1 + i] = M[i * n + j];
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t u = 0; u < MHC_TB; u++)
+                    dM[(i * n + j) * MHC_TB + u] = u < nb ? s->ga[((r0 + u) * n + j) * C + 1 + i] : 0.0f;
+        sinkhorn_backward(dl, dM, s->sk + blk * (2 * s->iters + 1) * S, n, s->iters);
+        for (int64_t u = 0; u < nb; u++)
+            for (int64_t t = 0; t < nn; t++) s->dz[(r0 + u) * Z + 2 * n + t] = dl[t * MHC_TB + u];
     }
 }
 
@@ -301,7 +362,7 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
             zinv[r] = inv;
             for (int64_t c = 0; c < Z; c++) z[c] *= inv;
         }
-        mhc_maps(R, k);
+        mhc_maps(R, k, 0);
         return;
     }
     const float *sa = Lv->hc_alpha[sub], *sb = Lv->hc_beta[sub], *P = Lv->hc_proj[sub], *sc = Lv->hc_scale[sub];
@@ -342,7 +403,7 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
         float *lb = ln, *lsc = ln + Z;
         for (int64_t r = r0; r < r1; r++) {
             const float *z = mhc_z(R, k) + r * s->Zp, *g = s->ga + r * n * C, *gbr = s->gb + r * n;
-            float *dz = s->dz + r * Z, dM[MHC_MAX_N * MHC_MAX_N], dl[MHC_MAX_N * MHC_MAX_N];
+            float *dz = s->dz + r * Z; /* dz[2n..]: the Sinkhorn logits' gradient on entry */
             for (int64_t j = 0; j < n; j++) { /* H_pre = sigmoid(a0 z + b) */
                 const float p = s->alpha[(r * n + j) * C], dpre = g[j * C] * p * (1.0f - p);
                 lb[j] += dpre; lsc[0] += dpre * z[j]; dz[j] = a[0] * dpre;
@@ -351,11 +412,9 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
                 const float q = 0.5f * s->beta[r * n + i], dpost = gbr[i] * 2.0f * q * (1.0f - q);
                 lb[n + i] += dpost; lsc[1] += dpost * z[n + i]; dz[n + i] = a[1] * dpost;
             }
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t j = 0; j < n; j++) dM[i * n + j] = g[j * C + 1 + i];
-            sinkhorn_backward(dl, dM, s->sk + r * (2 * s->iters + 1) * n * n, n, s->iters);
             for (int64_t t = 0; t < n * n; t++) {
-                lb[2 * n + t] += dl[t]; lsc[2] += dl[t] * z[2 * n + t]; dz[2 * n + t] = a[2] * dl[t];
+                const float dl = dz[2 * n + t];
+                lb[2 * n + t] += dl; lsc[2] += dl * z[2 * n + t]; dz[2 * n + t] = a[2] * dl;
             }
         }
         (void)P;
@@ -563,7 +622,7 @@ static const float *write_backward(run *R, int64_t k) {
     hc_state *s = R->ws;
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C;
     const float *Hk = stream(R, k);
-    if (s->mhc) mhc_maps(R, k); /* the forward's maps, from its z */
+    if (s->mhc) mhc_maps(R, k, 1); /* the forward's maps from its z, every Sinkhorn iterate kept */
     else coef_forward(R, k, Hk); /* the forward's coefficients (and H̄), recomputed */
     const float *v = k % 2 == 0 ? R->acts[k / 2].y_a : R->acts[k / 2].y_m;
     if (!R->c->pre_norm) { /* v = dropout(Norm(y)), recomputed */
@@ -615,6 +674,7 @@ static void read_backward(run *R, int64_t k) {
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C, LF = s->lane_floats;
     const float *Hk = stream(R, k);
     memset(s->lane, 0, (size_t)(HC_LANES * LF) * sizeof(float));
+    if (s->mhc) mhc_sinkhorn_backward(R);
 #pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * C * d > 65536)
     for (int64_t l = 0; l < HC_LANES; l++) {
         const int64_t r0 = N * l / HC_LANES, r1 = N * (l + 1) / HC_LANES;
