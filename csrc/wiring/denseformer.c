@@ -20,13 +20,17 @@
 #include <stdlib.h>
 
 /* Row chunks of the alpha gradients' dot products: a constant, so the sums (in double, chunk
- * by chunk in order) do not depend on the thread count. */
+ * by chunk in order) do not depend on the thread count. Inside a chunk each dot keeps DF_PART
+ * partial sums (element e into partial e % DF_PART), added in order at the end: one running
+ * double sum is a chain of dependent adds (~4 cycles each), several are a vector. */
 #define DF_LANES 16
+#define DF_PART 8
+#define DF_CHUNK 1024 /* floats of dL/dx per pass over a DWA's sources (stays in L1) */
 
 typedef struct {
     float *X;  /* (n+1, N, d): X_0 the embedding, X_{i+1} block i's output */
-    float *dX; /* training: their gradients */
-    double *lane; /* (DF_LANES) partial dots */
+    float *dxs; /* training: (n, N, d) slot i: dL/dx_{i+1}, the gradient at block i's DWA */
+    double *lane; /* (DF_LANES, n_layers + 1, DF_PART) partial dots */
 } df_state;
 
 static int has_dwa(const sf_config *c, int64_t i) { return (i + 1) % c->denseformer_period == 0; }
@@ -77,8 +81,8 @@ static void layout(run *R, bump *bp, want w) {
     int bad = 0;
     const int64_t slots = cmul(&bad, R->c->n_layers + 1, cmul(&bad, R->N, R->d));
     s->X = take(bp, slots);
-    s->dX = R->training ? take(bp, slots) : NULL;
-    s->lane = (double *)take(bp, 2 * DF_LANES); /* doubles, in floats */
+    s->dxs = R->training ? take(bp, slots) : NULL;
+    s->lane = (double *)take(bp, cmul(&bad, 2 * DF_LANES * DF_PART, R->c->n_layers + 1)); /* doubles, in floats */
     if (bad) bp->bad = 1;
 }
 
@@ -147,51 +151,82 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
 
 static void final(run *R, float *alpha_trace) { trace_weights(R, R->c->n_layers - 1, alpha_trace); }
 
-/* ---- backward: R->dx carries the stream's gradient inside a block, s->dX the sources' ---- */
+/* ---- backward: R->dx carries the stream's gradient inside a block; s->dxs keeps each DWA's
+ * output gradient until the walk reaches the sources it read ---- */
 
 static void backward_begin(run *R, const float *dfin_h) {
-    df_state *s = R->ws;
     if (dfin_h != R->dx) copy(R->dx, dfin_h, R->N * R->d);
-    memset(s->dX, 0, (size_t)((R->c->n_layers + 1) * R->N * R->d) * sizeof(float));
 }
 
-/* sum_e a[e] b[e] in double, DF_LANES fixed chunks added in order */
-static float dot_fixed(const run *R, const float *a, const float *b, int64_t n) {
-    df_state *s = R->ws;
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (n > 65536)
-    for (int64_t l = 0; l < DF_LANES; l++) {
-        double acc = 0.0;
-        for (int64_t e = n * l / DF_LANES; e < n * (l + 1) / DF_LANES; e++) acc += (double)a[e] * b[e];
-        s->lane[l] = acc;
-    }
-    double t = 0.0;
-    for (int64_t l = 0; l < DF_LANES; l++) t += s->lane[l];
-    return (float)t;
+/* source j in DWA i's list: its index m there, or -1 */
+static int64_t dwa_index(const sf_config *c, int64_t i, int64_t j) {
+    const int64_t k = c->denseformer_dilation;
+    if (!has_dwa(c, i) || j > i + 1 || (j - (i + 1) % k) % k != 0 || j < (i + 1) % k) return -1;
+    return (j - (i + 1) % k) / k;
 }
 
-/* Block i's DWA backward, given dL/dx_{i+1} in R->dx: dw_m = <dx, X_{j_m}>, dX_{j_m} += w_m dx;
- * then R->dx = dL/dX_{i+1}, complete because every later DWA is already walked. */
-static void dwa_backward(run *R, int64_t i) {
+/* out = dL/dX_j, for source j, in one pass: the DWAs that read X_j (blocks n-1 down to `own`
+ * = j - 1; own = -1 for the embedding's j = 0, down to block 0) add w dx of their output gradient (s->dxs,
+ * the own block's in dx_own, stored into s->dxs[own] on the way), each weight's gradient is
+ * <dx, X_j>, and dx_own itself joins where block j-1 has no DWA (x_j = X_j), or for j = 0 (block
+ * 0 reads X_0 directly). Per element the terms are added in the walk's order (later blocks
+ * first). out may be dx_own: a chunk is read completely before it is written. */
+static void source_backward(run *R, int64_t j, int64_t own, const float *dx_own, float *out) {
     df_state *s = R->ws;
     const sf_config *c = R->c;
-    const int64_t Nd = R->N * R->d;
-    float *dxo = s->dX + (i + 1) * Nd;
-    if (!has_dwa(c, i)) {
-        add3(R, dxo, dxo, R->dx, Nd);
-    } else {
-        const float *w = R->m->layers[i].dwa_w;
-        float *dw = GRAD(R, w);
-        for (int64_t m = 0; m < dwa_len(c, i); m++) {
-            float *dXj = s->dX + dwa_src(c, i, m) * Nd;
-            const float *Xj = s->X + dwa_src(c, i, m) * Nd;
-            dw[m] += dot_fixed(R, R->dx, Xj, Nd);
-            const float wm = w[m];
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (Nd > 65536)
-            for (int64_t e = 0; e < Nd; e++) dXj[e] += wm * R->dx[e];
+    const int64_t Nd = R->N * R->d, nl = c->n_layers;
+    const float *Xj = s->X + j * Nd;
+    const int direct = own < 0 || !has_dwa(c, own);
+    const int64_t lo = own < 0 ? 0 : own;
+    int64_t nd = 0; /* dots: DWAs that read X_j */
+    for (int64_t i = nl - 1; i >= lo; i--) nd += dwa_index(c, i, j) >= 0;
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (Nd * (nd + 1) > 65536)
+    for (int64_t l = 0; l < DF_LANES; l++) {
+        double *part = s->lane + l * nd * DF_PART;
+        for (int64_t t = 0; t < nd * DF_PART; t++) part[t] = 0.0;
+        const int64_t e1 = Nd * (l + 1) / DF_LANES;
+        float acc[DF_CHUNK];
+        for (int64_t c0 = Nd * l / DF_LANES; c0 < e1; c0 += DF_CHUNK) {
+            const int64_t cn = e1 - c0 < DF_CHUNK ? e1 - c0 : DF_CHUNK;
+            for (int64_t e = 0; e < cn; e++) acc[e] = 0.0f;
+            int64_t t = 0;
+            for (int64_t i = nl - 1; i >= lo; i--) {
+                const int64_t m = dwa_index(c, i, j);
+                if (m < 0) continue;
+                const float *g = (i == own ? dx_own : s->dxs + i * Nd) + c0, *x = Xj + c0;
+                const float wm = R->m->layers[i].dwa_w[m];
+                for (int64_t e = 0; e < cn; e++) acc[e] += wm * g[e];
+                double d[DF_PART];
+                for (int64_t q = 0; q < DF_PART; q++) d[q] = part[t * DF_PART + q];
+                int64_t e = 0;
+                for (; e + DF_PART <= cn; e += DF_PART)
+                    for (int64_t q = 0; q < DF_PART; q++) d[q] += (double)g[e + q] * x[e + q];
+                for (int64_t q = 0; e < cn; e++, q++) d[q] += (double)g[e] * x[e];
+                for (int64_t q = 0; q < DF_PART; q++) part[t * DF_PART + q] = d[q];
+                if (i == own) memcpy(s->dxs + i * Nd + c0, g, (size_t)cn * sizeof(float));
+                t++;
+            }
+            float *o = out + c0;
+            const float *g = dx_own + c0;
+            if (direct) for (int64_t e = 0; e < cn; e++) o[e] = acc[e] + g[e];
+            else for (int64_t e = 0; e < cn; e++) o[e] = acc[e];
         }
     }
-    copy(R->dx, dxo, Nd);
+    int64_t t = 0;
+    for (int64_t i = nl - 1; i >= lo; i--) {
+        const int64_t m = dwa_index(c, i, j);
+        if (m < 0) continue;
+        double sum = 0.0;
+        for (int64_t l = 0; l < DF_LANES; l++)
+            for (int64_t q = 0; q < DF_PART; q++) sum += s->lane[(l * nd + t) * DF_PART + q];
+        GRAD(R, R->m->layers[i].dwa_w)[m] += (float)sum;
+        t++;
+    }
 }
+
+/* Block i's DWA backward, given dL/dx_{i+1} in R->dx: R->dx becomes dL/dX_{i+1}, complete
+ * because every later DWA is already walked. */
+static void dwa_backward(run *R, int64_t i) { source_backward(R, i + 1, i, R->dx, R->dx); }
 
 static const float *write_backward(run *R, int64_t k) {
     const int64_t Nd = R->N * R->d;
@@ -222,9 +257,8 @@ static void read_backward(run *R, int64_t k) {
 
 /* block 0 read X_0 directly; the DWAs read it too */
 static const float *embed_grad(run *R) {
-    df_state *s = R->ws;
-    add3(R, s->dX, s->dX, R->dx, R->N * R->d);
-    return s->dX;
+    source_backward(R, 0, -1, R->dx, R->dx);
+    return R->dx;
 }
 static void backward_end(run *R) {}
 
