@@ -32,6 +32,7 @@
  * stay equal and the model starts as the pre-norm residual stack. Tensor names and the
  * reading of both papers: docs/WIRINGS.md. See sf_wiring.h for the hooks' contract. */
 #include "../sf_wiring.h"
+#include "../sf_cpu.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -207,7 +208,7 @@ typedef float sk_vec __attribute__((vector_size(MHC_TB * sizeof(float))));
 /* One Sinkhorn pass y = T(x) over MHC_TB tokens: T_c (every column to sum 1) or T_r (every
  * row). Element (i, j) is at [(i n + j) MHC_TB + u]; `one` steps along the normalised line,
  * `other` across lines. */
-static void sk_pass(float *y, const float *x, int64_t n, int64_t one, int64_t other) {
+static inline __attribute__((always_inline)) void sk_pass(float *y, const float *x, int64_t n, int64_t one, int64_t other) {
     for (int64_t l = 0; l < n; l++) {
         sk_vec sum = {0}, v;
         for (int64_t m = 0; m < n; m++) {
@@ -224,7 +225,7 @@ static void sk_pass(float *y, const float *x, int64_t n, int64_t one, int64_t ot
     }
 }
 /* its backward: for y = x / s along a line, dx = (dy - sum(dy y)) / s, dM in place */
-static void sk_pass_backward(float *dM, const float *x, const float *y, int64_t n, int64_t one, int64_t other) {
+static inline __attribute__((always_inline)) void sk_pass_backward(float *dM, const float *x, const float *y, int64_t n, int64_t one, int64_t other) {
     for (int64_t l = 0; l < n; l++) {
         sk_vec sum = {0}, dot = {0}, xv, dv, yv;
         for (int64_t m = 0; m < n; m++) {
@@ -250,14 +251,14 @@ static void sk_pass_backward(float *dM, const float *x, const float *y, int64_t 
  * passes of T_c (columns to sum 1) followed by T_r (rows to sum 1). With keep, all 2 iters + 1
  * iterates stay in it (it[p] at it + p n^2 MHC_TB, for the exact backward); otherwise it
  * holds two and the result is returned. */
-static const float *sinkhorn(float *it, int64_t n, int64_t iters, int keep) {
+static inline __attribute__((always_inline)) const float *sinkhorn_body(float *it, int64_t n, int64_t iters, int keep) {
     const int64_t nn = n * n, S = nn * MHC_TB;
     float mx[MHC_TB];
     for (int64_t u = 0; u < MHC_TB; u++) mx[u] = it[u];
     for (int64_t t = 1; t < nn; t++)
         for (int64_t u = 0; u < MHC_TB; u++) mx[u] = it[t * MHC_TB + u] > mx[u] ? it[t * MHC_TB + u] : mx[u];
     for (int64_t t = 0; t < nn; t++)
-        for (int64_t u = 0; u < MHC_TB; u++) it[t * MHC_TB + u] = expf(it[t * MHC_TB + u] - mx[u]);
+        for (int64_t u = 0; u < MHC_TB; u++) it[t * MHC_TB + u] = sf_expf(it[t * MHC_TB + u] - mx[u]);
     for (int64_t p = 0; p < 2 * iters; p++) {
         const float *x = it + (keep ? p : p % 2) * S;
         float *y = it + (keep ? p + 1 : (p + 1) % 2) * S;
@@ -269,13 +270,33 @@ static const float *sinkhorn(float *it, int64_t n, int64_t iters, int keep) {
 
 /* dlogits from dM (the result's gradient; overwritten), back through every kept pass, then
  * the exp: all in the token-interleaved layout */
-static void sinkhorn_backward(float *dlogits, float *dM, const float *it, int64_t n, int64_t iters) {
+static inline __attribute__((always_inline)) void sinkhorn_backward_body(float *dlogits, float *dM, const float *it,
+                                                                         int64_t n, int64_t iters) {
     const int64_t S = n * n * MHC_TB;
     for (int64_t p = 2 * iters - 1; p >= 0; p--) {
         if (p % 2 == 0) sk_pass_backward(dM, it + p * S, it + (p + 1) * S, n, n, 1);
         else sk_pass_backward(dM, it + p * S, it + (p + 1) * S, n, 1, n);
     }
     for (int64_t t = 0; t < S; t++) dlogits[t] = dM[t] * it[t];
+}
+
+/* the Sinkhorn loops compiled again for 512-bit vectors (one per MHC_TB tokens instead of two):
+ * the same operations per element, the same bits */
+#ifdef SF_X86
+SF_TARGET_AVX512_WIDE static const float *sinkhorn_wide(float *it, int64_t n, int64_t iters, int keep) {
+    return sinkhorn_body(it, n, iters, keep);
+}
+SF_TARGET_AVX512_WIDE static void sinkhorn_backward_wide(float *dl, float *dM, const float *it, int64_t n, int64_t iters) {
+    sinkhorn_backward_body(dl, dM, it, n, iters);
+}
+#endif
+static const float *sinkhorn(float *it, int64_t n, int64_t iters, int keep) {
+    const float *M;
+    SF_WIDE_OR(M = sinkhorn_wide(it, n, iters, keep), M = sinkhorn_body(it, n, iters, keep));
+    return M;
+}
+static void sinkhorn_backward(float *dl, float *dM, const float *it, int64_t n, int64_t iters) {
+    SF_WIDE_OR(sinkhorn_backward_wide(dl, dM, it, n, iters), sinkhorn_backward_body(dl, dM, it, n, iters));
 }
 
 /* mHC's z and 1/RMS of sublayer k (kept per sublayer when training) */
@@ -487,6 +508,34 @@ static void coef_backward_sum(run *R, int64_t k) {
     }
 }
 
+/* mHC: dL/dH_k (s->dcur) gets its read part a0_j dL/dh_0 and then dL/dH̄ (s->dHn) through the
+ * gain-free RMSNorm of vec(H), in one pass: sf_rmsnorm_backward's formula with the forward's
+ * 1/RMS, and mean(g x) in eight partial sums instead of one chain of n d dependent adds */
+static void mhc_norm_backward(run *R, int64_t k, const float *Hk) {
+    hc_state *s = R->ws;
+    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, nd = n * d;
+    const float *zinv = mhc_zinv(R, k);
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * nd > 32768)
+    for (int64_t r = 0; r < N; r++) {
+        const float *x = Hk + r * nd, *g = s->dHn + r * nd, *dh = s->dh0 + r * d;
+        float *dc = s->dcur + r * nd;
+        const float inv = zinv[r];
+        double acc[8] = {0}; /* mean(g x): eight partial sums (element e into e % 8), in order */
+        int64_t e = 0;
+        for (; e + 8 <= nd; e += 8)
+            for (int q = 0; q < 8; q++) acc[q] += (double)g[e + q] * x[e + q];
+        for (int q = 0; e < nd; e++, q++) acc[q] += (double)g[e] * x[e];
+        const double sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        const float m = (float)(sum / (double)nd) * inv * inv;
+        for (int64_t j = 0; j < n; j++) {
+            const float a0 = s->alpha[(r * n + j) * C];
+            float *dcj = dc + j * d;
+            const float *xj = x + j * d, *gj = g + j * d;
+            for (int64_t e = 0; e < d; e++) dcj[e] = (dcj[e] + a0 * dh[e]) + inv * (gj[e] - xj[e] * m);
+        }
+    }
+}
+
 /* dL/dH̄ (s->dHn) back through the copies' norm into dL/dH_k (s->dcur, accumulated) */
 static void coef_backward_norm(run *R, int64_t k, const float *Hk) {
     hc_state *s = R->ws;
@@ -494,7 +543,7 @@ static void coef_backward_norm(run *R, int64_t k, const float *Hk) {
     const int sub = (int)(k % 2);
     const int64_t N = R->N, d = R->d, n = s->n;
     if (s->mhc)
-        sf_rmsnorm_backward(s->dcur, NULL, s->dHn, Hk, NULL, N, n * d, R->c->norm_eps, s->nstats, 1, R->nt);
+        mhc_norm_backward(R, k, Hk);
     else if (R->c->norm == SF_NORM_LAYERNORM)
         sf_layernorm_backward(s->dcur, GRAD(R, Lv->hc_nw[sub]), GRAD(R, Lv->hc_nb[sub]), s->dHn, Hk, Lv->hc_nw[sub],
                               N * n, d, R->c->norm_eps, s->nstats, 1, R->nt);
@@ -682,8 +731,9 @@ static void read_backward(run *R, int64_t k) {
             const float *dh = s->dh0 + r * d, *x = Hk + r * n * d;
             float *dc = s->dcur + r * n * d;
             for (int64_t j = 0; j < n; j++) {
-                const float a0 = s->alpha[(r * n + j) * C];
                 s->ga[(r * n + j) * C] = sf_dot(dh, x + j * d, d);
+                if (s->mhc) continue; /* mHC adds its read part in mhc_norm_backward's pass */
+                const float a0 = s->alpha[(r * n + j) * C];
                 for (int64_t e = 0; e < d; e++) dc[j * d + e] += a0 * dh[e];
             }
         }
