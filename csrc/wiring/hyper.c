@@ -552,6 +552,154 @@ static void coef_backward_norm(run *R, int64_t k, const float *Hk) {
                             s->nstats, 1, R->nt);
 }
 
+/* ---- the stream's per-token mixing, register-blocked ----
+ * Every output element is the scalar loop's expression in the scalar loop's order (products
+ * added from a zero or from the first term, no fused multiply-adds), and every dot product is
+ * sf_dot's (eight lanes e % 8, sf_hsum8, then the tail), so these keep the bits of the plain
+ * loops; what changes is that each 8-float stretch of the n copies is loaded once for all the
+ * outputs that use it instead of once per output. Compiled twice (AVX2, and a clone with
+ * AVX-512's 32 registers, where n = 4's twenty dot accumulators fit), and specialised for
+ * n = 4 (the papers' default) by inlining with a constant. */
+#define V8_LD(v, p) memcpy(&(v), (p), sizeof(sf_v8))
+#define V8_ST(p, v) memcpy((p), &(v), sizeof(sf_v8))
+#define HC_AI static inline __attribute__((always_inline))
+
+HC_AI float v8_hsum(sf_v8 a) {
+    float l[8];
+    memcpy(l, &a, sizeof l);
+    return sf_hsum8(l);
+}
+
+/* h = sum_j al[j C] x_j (the read) */
+HC_AI void mix_read_token(float *h, const float *x, const float *al, int64_t n, int64_t d, int64_t C) {
+    int64_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        sf_v8 acc = {0}, xv;
+        for (int64_t j = 0; j < n; j++) {
+            V8_LD(xv, x + j * d + e);
+            acc += al[j * C] * xv;
+        }
+        V8_ST(h + e, acc);
+    }
+    for (; e < d; e++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < n; j++) acc += al[j * C] * x[j * d + e];
+        h[e] = acc;
+    }
+}
+
+/* o_i = be_i v + sum_j al[j C + 1 + i] x_j (the write) */
+HC_AI void mix_write_token(float *o, const float *v, const float *x, const float *al, const float *be, int64_t n,
+                           int64_t d, int64_t C) {
+    int64_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        sf_v8 xv[MHC_MAX_N], vv;
+        V8_LD(vv, v + e);
+        for (int64_t j = 0; j < n; j++) V8_LD(xv[j], x + j * d + e);
+        for (int64_t i = 0; i < n; i++) {
+            sf_v8 acc = be[i] * vv;
+            for (int64_t j = 0; j < n; j++) acc += al[j * C + 1 + i] * xv[j];
+            V8_ST(o + i * d + e, acc);
+        }
+    }
+    for (; e < d; e++)
+        for (int64_t i = 0; i < n; i++) {
+            float acc = be[i] * v[e];
+            for (int64_t j = 0; j < n; j++) acc += al[j * C + 1 + i] * x[j * d + e];
+            o[i * d + e] = acc;
+        }
+}
+
+/* The write's backward for one token, from dn = dL/dH' (n x d): dv = sum_i be_i dn_i,
+ * gb_i = <dn_i, v>, dc_j = sum_i al[j C + 1 + i] dn_i, ga[j C + 1 + i] = <dn_i, x_j> */
+HC_AI void mix_write_backward_token(float *dv, float *dc, float *ga, float *gb, const float *dn, const float *x,
+                                    const float *v, const float *al, const float *be, int64_t n, int64_t d,
+                                    int64_t C) {
+    sf_v8 aga[MHC_MAX_N * MHC_MAX_N], agb[MHC_MAX_N], dnv[MHC_MAX_N], vv, xv;
+    for (int64_t t = 0; t < n * n; t++) aga[t] = (sf_v8){0};
+    for (int64_t i = 0; i < n; i++) agb[i] = (sf_v8){0};
+    int64_t e = 0;
+    for (; e + 8 <= d; e += 8) {
+        V8_LD(vv, v + e);
+        sf_v8 o = {0};
+        for (int64_t i = 0; i < n; i++) {
+            V8_LD(dnv[i], dn + i * d + e);
+            o += be[i] * dnv[i];
+            agb[i] += dnv[i] * vv;
+        }
+        V8_ST(dv + e, o);
+        for (int64_t j = 0; j < n; j++) {
+            V8_LD(xv, x + j * d + e);
+            sf_v8 c = {0};
+            for (int64_t i = 0; i < n; i++) {
+                c += al[j * C + 1 + i] * dnv[i];
+                aga[j * n + i] += dnv[i] * xv;
+            }
+            V8_ST(dc + j * d + e, c);
+        }
+    }
+    const int64_t e0 = e;
+    for (int64_t i = 0; i < n; i++) {
+        float sb = v8_hsum(agb[i]);
+        for (int64_t t = e0; t < d; t++) sb += dn[i * d + t] * v[t];
+        gb[i] = sb;
+        for (int64_t j = 0; j < n; j++) {
+            float sa = v8_hsum(aga[j * n + i]);
+            for (int64_t t = e0; t < d; t++) sa += dn[i * d + t] * x[j * d + t];
+            ga[j * C + 1 + i] = sa;
+        }
+    }
+    for (; e < d; e++) {
+        float o = 0.0f;
+        for (int64_t i = 0; i < n; i++) o += be[i] * dn[i * d + e];
+        dv[e] = o;
+        for (int64_t j = 0; j < n; j++) {
+            float c = 0.0f;
+            for (int64_t i = 0; i < n; i++) c += al[j * C + 1 + i] * dn[i * d + e];
+            dc[j * d + e] = c;
+        }
+    }
+}
+
+/* tokens [r0, r1) of each pass; n = 4 inlined with the constant */
+typedef struct {
+    float *out, *out2, *ga, *gb;
+    const float *x, *v, *dn, *alpha, *beta;
+    int64_t n, d, C;
+} mix_args;
+enum { MIX_READ, MIX_WRITE, MIX_WRITE_BACKWARD };
+
+HC_AI void mix_tokens_n(const mix_args *m, int op, int64_t r0, int64_t r1, int64_t n) {
+    const int64_t d = m->d, C = m->C;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = m->x + r * n * d, *al = m->alpha + r * n * C;
+        if (op == MIX_READ) mix_read_token(m->out + r * d, x, al, n, d, C);
+        else if (op == MIX_WRITE) mix_write_token(m->out + r * n * d, m->v + r * d, x, al, m->beta + r * n, n, d, C);
+        else
+            mix_write_backward_token(m->out + r * d, m->out2 + r * n * d, m->ga + r * n * C, m->gb + r * n,
+                                     m->dn + r * n * d, x, m->v + r * d, al, m->beta + r * n, n, d, C);
+    }
+}
+HC_AI void mix_tokens_body(const mix_args *m, int op, int64_t r0, int64_t r1) {
+    if (m->n == 4) mix_tokens_n(m, op, r0, r1, 4);
+    else mix_tokens_n(m, op, r0, r1, m->n);
+}
+static void mix_tokens_plain(const mix_args *m, int op, int64_t r0, int64_t r1) { mix_tokens_body(m, op, r0, r1); }
+#ifdef SF_X86
+SF_TARGET_AVX512_WIDE static void mix_tokens_wide(const mix_args *m, int op, int64_t r0, int64_t r1) {
+    mix_tokens_body(m, op, r0, r1);
+}
+#endif
+#define MIX_TB 16 /* tokens per call */
+static void mix_tokens(const run *R, const mix_args *m, int op) {
+    const int64_t N = R->N, nblk = (N + MIX_TB - 1) / MIX_TB;
+#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * m->n * m->n * m->d > 65536)
+    for (int64_t b = 0; b < nblk; b++) {
+        const int64_t r0 = b * MIX_TB, r1 = N - r0 < MIX_TB ? N : r0 + MIX_TB;
+        SF_WIDE_OR(mix_tokens_wide(m, op, r0, r1), mix_tokens_plain(m, op, r0, r1));
+    }
+}
+
 /* ---- forward hooks ---- */
 
 static float *embed_dst(run *R) { return R->acts[0].in_a; /* a staging row: begin copies it */ }
@@ -586,16 +734,11 @@ static void read(run *R, int64_t k, float *h, float *alpha_trace) {
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C;
     const float *Hk = stream(R, k);
     coef_forward(R, k, Hk);
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * d > 65536)
-    for (int64_t r = 0; r < N; r++) {
-        float *hr = h + r * d;
-        for (int64_t e = 0; e < d; e++) hr[e] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float a = s->alpha[(r * n + j) * C], *x = Hk + (r * n + j) * d;
-            for (int64_t e = 0; e < d; e++) hr[e] += a * x[e];
-            if (alpha_trace) alpha_trace[r * n + j] = a;
-        }
-    }
+    const mix_args m = {.out = h, .x = Hk, .alpha = s->alpha, .n = n, .d = d, .C = C};
+    mix_tokens(R, &m, MIX_READ);
+    if (alpha_trace)
+        for (int64_t r = 0; r < N; r++)
+            for (int64_t j = 0; j < n; j++) alpha_trace[r * n + j] = s->alpha[(r * n + j) * C];
 }
 
 static float *out_buf(run *R, int64_t k, float *own) { return own; }
@@ -615,17 +758,8 @@ static void write(run *R, int64_t k, float *y, float *next, float *trace_out, fl
     if (rms) rms[SF_RMS_OUTPUT] = rms_of(v, Nd);
     const float *Hk = stream(R, k);
     float *Hn = stream(R, k + 1);
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * n * d > 65536)
-    for (int64_t r = 0; r < N; r++)
-        for (int64_t i = 0; i < n; i++) {
-            float *o = Hn + (r * n + i) * d;
-            const float b = s->beta[r * n + i], *vr = v + r * d;
-            for (int64_t e = 0; e < d; e++) o[e] = b * vr[e];
-            for (int64_t j = 0; j < n; j++) {
-                const float a = s->alpha[(r * n + j) * C + 1 + i], *x = Hk + (r * n + j) * d;
-                for (int64_t e = 0; e < d; e++) o[e] += a * x[e];
-            }
-        }
+    const mix_args m = {.out = Hn, .x = Hk, .v = v, .alpha = s->alpha, .beta = s->beta, .n = n, .d = d, .C = C};
+    mix_tokens(R, &m, MIX_WRITE);
     /* the stack's next buffer is not read (the next read mixes the copies); the rms summary's
      * stream column is the copies' sum, what the head would read */
     if (rms) {
@@ -669,7 +803,7 @@ static void backward_begin(run *R, const float *dfin_h) {
  * residual-alpha gradients per token; dL/dH_k's skip part into s->dcur. */
 static const float *write_backward(run *R, int64_t k) {
     hc_state *s = R->ws;
-    const int64_t N = R->N, d = R->d, n = s->n, C = s->C;
+    const int64_t d = R->d, n = s->n, C = s->C;
     const float *Hk = stream(R, k);
     if (s->mhc) mhc_maps(R, k, 1); /* the forward's maps from its z, every Sinkhorn iterate kept */
     else coef_forward(R, k, Hk); /* the forward's coefficients (and H̄), recomputed */
@@ -682,26 +816,9 @@ static const float *write_backward(run *R, int64_t k) {
         v = s->v;
     }
     float *dv = R->dy;
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * n * d > 65536)
-    for (int64_t r = 0; r < N; r++) {
-        const float *dn = s->dnext + r * n * d, *x = Hk + r * n * d, *vr = v + r * d;
-        float *dvr = dv + r * d, *dc = s->dcur + r * n * d;
-        for (int64_t e = 0; e < d; e++) dvr[e] = 0.0f;
-        for (int64_t i = 0; i < n; i++) {
-            const float b = s->beta[r * n + i];
-            for (int64_t e = 0; e < d; e++) dvr[e] += b * dn[i * d + e];
-            s->gb[r * n + i] = sf_dot(dn + i * d, vr, d);
-        }
-        for (int64_t j = 0; j < n; j++) {
-            float *dcj = dc + j * d;
-            for (int64_t e = 0; e < d; e++) dcj[e] = 0.0f;
-            for (int64_t i = 0; i < n; i++) {
-                const float a = s->alpha[(r * n + j) * C + 1 + i];
-                for (int64_t e = 0; e < d; e++) dcj[e] += a * dn[i * d + e];
-                s->ga[(r * n + j) * C + 1 + i] = sf_dot(dn + i * d, x + j * d, d);
-            }
-        }
-    }
+    const mix_args m = {.out = dv, .out2 = s->dcur, .ga = s->ga, .gb = s->gb, .x = Hk, .v = v, .dn = s->dnext,
+                        .alpha = s->alpha, .beta = s->beta, .n = n, .d = d, .C = C};
+    mix_tokens(R, &m, MIX_WRITE_BACKWARD);
     resid_dropout(R, dv, k);
     if (R->c->pre_norm) return dv;
     const float *y = k % 2 == 0 ? R->acts[k / 2].y_a : R->acts[k / 2].y_m, *nw, *nb;
