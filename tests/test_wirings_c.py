@@ -38,6 +38,10 @@ CASES = [
     dict(residual="mhc", hc_expansion=3, mhc_sinkhorn_iters=5, norm="rmsnorm", n_kv_heads=1, moda=True),
     dict(residual="mhc", norm_position="post", causal=False, activation="swiglu"),
     dict(residual="mhc", tie_embeddings=False, final_norm=False, bias=False),
+    # d = 12: the stream, Sinkhorn and DWA kernels' vector stretches end in a tail (d % 8 = 4)
+    dict(residual="denseformer", denseformer_dilation=2, d_model=12),
+    dict(residual="hyper_connections", hc_dynamic=True, d_model=12),
+    dict(residual="mhc", mhc_sinkhorn_iters=4, d_model=12),
 ]
 
 
@@ -80,6 +84,9 @@ GRAD_CASES = [
     dict(residual="hyper_connections", hc_dynamic=True, norm="rmsnorm", norm_position="post"),
     dict(residual="mhc"),
     dict(residual="mhc", hc_expansion=3, mhc_sinkhorn_iters=3, norm_position="post"),
+    dict(residual="denseformer", denseformer_period=2, d_model=12),
+    dict(residual="hyper_connections", hc_dynamic=True, d_model=12),
+    dict(residual="mhc", d_model=12),
 ]
 
 
