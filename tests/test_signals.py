@@ -17,6 +17,14 @@ import os, signal, threading, time
 import numpy as np
 import stackformer as sf
 
+# A run started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and
+# Python then leaves it ignored (sf.train rightly installs nothing over a disposition it did
+# not set). These scenarios are about an interactive run's defaults, so they start from them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 CFG = sf.Config(vocab_size=256, d_model=32, n_heads=4, n_layers=2, max_seq_len=32)
 TEXT = bytes(np.random.default_rng(0).integers(0, 256, 20000).astype(np.uint8))
 KW = dict(steps=200, batch_size=2, lr=1e-2, eval_every=0, progress=False, seed=0)
