@@ -413,14 +413,15 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
 }
 
 /* The coefficient gradients of one token run (a lane's rows): ga/gb (complete) into the
- * lane's parameter partials and dL/dH̄ (s->dHn). */
+ * lane's parameter partials, and dL/dH̄ (s->dHn) for HC; mHC's dL/dz into s->dz (its products
+ * with Phi follow in coef_backward_products). */
 static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, float *ln) {
     const hc_state *s = R->ws;
     const sf_layer_views *Lv = views(R, k);
     const int sub = (int)(k % 2);
     const int64_t d = R->d, n = s->n, C = s->C, Z = s->Z;
     if (s->mhc) {
-        const float *P = Lv->hc_proj[sub], *b = Lv->hc_base[sub], *a = Lv->hc_scale[sub];
+        const float *a = Lv->hc_scale[sub];
         float *lb = ln, *lsc = ln + Z;
         for (int64_t r = r0; r < r1; r++) {
             const float *z = mhc_z(R, k) + r * s->Zp, *g = s->ga + r * n * C, *gbr = s->gb + r * n;
@@ -438,8 +439,6 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
                 lb[2 * n + t] += dl; lsc[2] += dl * z[2 * n + t]; dz[2 * n + t] = a[2] * dl;
             }
         }
-        (void)P;
-        (void)b;
         return;
     }
     const float *P = Lv->hc_proj[sub], *sc = Lv->hc_scale[sub];
