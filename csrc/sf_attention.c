@@ -459,6 +459,60 @@ static void depth_backward_row(const sf_attn_args *a, int64_t b, int64_t g, int6
     }
 }
 
+/* The backward's row pass over query rows [tq0, tq0 + nq) of head h (batch b, kv head g), the
+ * same for fp32 and bf16 units: with S = Q K^T in sblk and dP = dO V^T in pblk (rows `width`
+ * floats apart, valid to kend), each row becomes dS (in pblk) and the dropped P (in sblk), its
+ * dQ row starts at zero, and MoDA's depth columns get their gradients. */
+static void backward_row_pass(const sf_attn_args *a, const float *q, const float *out, const float *dout,
+                              const float *lse, float *dq, float *ddepth_k, float *ddepth_v, float *sblk,
+                              float *pblk, int64_t b, int64_t g, int64_t h, int64_t tq0, int64_t nq,
+                              int64_t kend) {
+    const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh, qd = H * dh;
+    const int64_t dcols = depth_cols(a), width = Tk + dcols;
+    const float scale = 1.0f / sqrtf((float)dh);
+    const int drop = a->dropout > 0.0f;
+    const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
+    for (int64_t i = 0; i < nq; i++) {
+        int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
+        int64_t n = key_limit(a, t);
+        const float *qt = q + (b * Tq + tq) * qd + h * dh;
+        const float *ot = out + (b * Tq + tq) * qd + h * dh;
+        const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
+        float *dqt = dq + (b * Tq + tq) * qd + h * dh;
+        float *s = sblk + i * width, *dp = pblk + i * width;
+        const float l = lse[row];
+        memset(dqt, 0, (size_t)dh * sizeof(float));
+        if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
+        if (l == -INFINITY) n = 0; /* nothing visible: no gradient */
+        if (kend > n) {
+            memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
+            memset(dp + n, 0, (size_t)(kend - n) * sizeof(float));
+        }
+        if (l == -INFINITY) continue;
+        /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
+         * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
+        float D = dot(dot_, ot, dh);
+        if (drop) {
+            for (int64_t u = 0; u < n; u++) {
+                float p = sf_expf(s[u] * scale - l);
+                float keep = sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
+                dp[u] = p * (keep * dp[u] - D) * scale; /* dS */
+                s[u] = p * keep;                        /* dropped P, for dV */
+            }
+        } else { /* the common case: dS and P in one vectorized pass */
+            sf_softmax_grad_row(s, dp, n, scale, l, D);
+        }
+        if (pad) /* padded keys: no probability, no gradient */
+            for (int64_t u = 0; u < n; u++)
+                if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
+        if (dcols > 0) {
+            const float *qdt = a->q_depth ? depth_query(a, q, b, tq, h) : qt;
+            float *dqdt = a->q_depth ? a->dq_depth + (b * Tq + tq) * qd + h * dh : dqt;
+            depth_backward_row(a, b, g, t, row, qdt, dot_, dqdt, ddepth_k, ddepth_v, s + Tk, l, D);
+        }
+    }
+}
+
 /* bf16 backward of one unit (batch b, kv head g): the fp32 unit's steps with every sequence
  * product on bf16 operands: S = Q K^T and dP = dO V^T recomputed, dQ += dS K, dK += dS^T Q,
  * dV += (P keep)^T dO. The reductions over query rows run in pairs of the block's rows from an
@@ -469,10 +523,7 @@ static void backward_unit_bf16(const sf_attn_args *a, int path, const float *q, 
     const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, Hkv = a->Hkv, dh = a->dh, G = H / Hkv;
     const int64_t qd = H * dh, kvd = Hkv * dh, dcols = depth_cols(a), width = Tk + dcols;
     const int64_t dhh = (dh + 1) / 2, mrt = sf_bf16_path_mr(path);
-    const float scale = 1.0f / sqrtf((float)dh);
-    const int drop = a->dropout > 0.0f;
     const int64_t kall = Tq > 0 ? key_limit(a, a->q_pos0 + Tq - 1) : 0, kallh = (kall + 1) / 2;
-    const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
     bf_ws w = bf_layout(a, ws);
     float *sblk = w.sblk, *pblk = w.pblk;
     for (int64_t u = 0; u < Tk; u++) { /* this unit's dK, dV rows start at zero */
@@ -502,43 +553,7 @@ static void backward_unit_bf16(const sf_attn_args *a, int path, const float *q, 
                                  dhh * SF_BF16_NR, mr, dhh, lim, 0); /* dP = dO V^T */
                 }
             }
-            for (int64_t i = 0; i < nq; i++) { /* as the fp32 unit's row pass */
-                int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
-                int64_t n = key_limit(a, t);
-                const float *qt = q + (b * Tq + tq) * qd + h * dh;
-                const float *ot = out + (b * Tq + tq) * qd + h * dh;
-                const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
-                float *dqt = dq + (b * Tq + tq) * qd + h * dh;
-                float *s = sblk + i * width, *dp = pblk + i * width;
-                const float l = lse[row];
-                memset(dqt, 0, (size_t)dh * sizeof(float));
-                if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
-                if (l == -INFINITY) n = 0;
-                if (kend > n) {
-                    memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
-                    memset(dp + n, 0, (size_t)(kend - n) * sizeof(float));
-                }
-                if (l == -INFINITY) continue;
-                float D = dot(dot_, ot, dh);
-                if (drop) {
-                    for (int64_t u = 0; u < n; u++) {
-                        float p = sf_expf(s[u] * scale - l);
-                        float keep = sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
-                        dp[u] = p * (keep * dp[u] - D) * scale;
-                        s[u] = p * keep;
-                    }
-                } else {
-                    sf_softmax_grad_row(s, dp, n, scale, l, D);
-                }
-                if (pad)
-                    for (int64_t u = 0; u < n; u++)
-                        if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
-                if (dcols > 0) {
-                    const float *qdt = a->q_depth ? depth_query(a, q, b, tq, h) : qt;
-                    float *dqdt = a->q_depth ? a->dq_depth + (b * Tq + tq) * qd + h * dh : dqt;
-                    depth_backward_row(a, b, g, t, row, qdt, dot_, dqdt, ddepth_k, ddepth_v, s + Tk, l, D);
-                }
-            }
+            backward_row_pass(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, sblk, pblk, b, g, h, tq0, nq, kend);
             if (kend == 0) continue;
             /* dQ += dS K, row tiles reducing over the keys their last row sees */
             const int64_t ldp = (kend + 1) / 2;
@@ -591,10 +606,8 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
     const int64_t dcols = depth_cols(a), width = Tk + dcols;
     const int64_t P = round16(Tk) * round16(dh);
     const int64_t QP = SF_ATT_BQ * round16(dh);
-    const float scale = 1.0f / sqrtf((float)dh);
     const int nt = sf_threads_resolve(n_threads);
     const int64_t units = B * Hkv;
-    const int drop = a->dropout > 0.0f;
     const int64_t kall = Tq > 0 ? key_limit(a, a->q_pos0 + Tq - 1) : 0;
     const int path = a->bf16 ? sf_bf16_path() : 0;
 
@@ -611,7 +624,6 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                 backward_unit_bf16(a, path, q, out, dout, lse, dq, dk, dv, ddepth_k, ddepth_v, ws, b, g);
                 continue;
             }
-            const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
             for (int64_t u = 0; u < Tk; u++) { /* this unit's dK, dV rows start at zero */
                 memset(dk + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));
                 memset(dv + b * a->kv_bstride + u * kvd + g * dh, 0, (size_t)dh * sizeof(float));
@@ -630,45 +642,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                         block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
                         block_logits(a, dout, b, h, tq0, nq, kend, vt, pblk); /* dP = dO V^T */
                     }
-                    for (int64_t i = 0; i < nq; i++) {
-                        int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
-                        int64_t n = key_limit(a, t);
-                        const float *qt = q + (b * Tq + tq) * qd + h * dh;
-                        const float *ot = out + (b * Tq + tq) * qd + h * dh;
-                        const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
-                        float *dqt = dq + (b * Tq + tq) * qd + h * dh;
-                        float *s = sblk + i * width, *dp = pblk + i * width;
-                        const float l = lse[row];
-                        memset(dqt, 0, (size_t)dh * sizeof(float));
-                        if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
-                        if (l == -INFINITY) n = 0; /* nothing visible: no gradient */
-                        if (kend > n) {
-                            memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
-                            memset(dp + n, 0, (size_t)(kend - n) * sizeof(float));
-                        }
-                        if (l == -INFINITY) continue;
-                        /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
-                         * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
-                        float D = dot(dot_, ot, dh);
-                        if (drop) {
-                            for (int64_t u = 0; u < n; u++) {
-                                float p = sf_expf(s[u] * scale - l);
-                                float keep = sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + u), a->dropout);
-                                dp[u] = p * (keep * dp[u] - D) * scale; /* dS */
-                                s[u] = p * keep;                        /* dropped P, for dV */
-                            }
-                        } else { /* the common case: dS and P in one vectorized pass */
-                            sf_softmax_grad_row(s, dp, n, scale, l, D);
-                        }
-                        if (pad) /* padded keys: no probability, no gradient */
-                            for (int64_t u = 0; u < n; u++)
-                                if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
-                        if (dcols > 0) {
-                            const float *qdt = a->q_depth ? depth_query(a, q, b, tq, h) : qt;
-                            float *dqdt = a->q_depth ? a->dq_depth + (b * Tq + tq) * qd + h * dh : dqt;
-                            depth_backward_row(a, b, g, t, row, qdt, dot_, dqdt, ddepth_k, ddepth_v, s + Tk, l, D);
-                        }
-                    }
+                    backward_row_pass(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, sblk, pblk, b, g, h, tq0, nq, kend);
                     if (kend == 0) continue;
                     /* dQ += dS K */
                     block_times_values(a, dq + (b * Tq + tq0) * qd + h * dh, qd, tq0, nq, pblk, kn, kall, 1);
