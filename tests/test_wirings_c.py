@@ -125,7 +125,6 @@ def test_mhc_starts_as_the_pre_norm_stack_and_trains():
     p = sf.Model(sf.Config(**{**cfg.to_dict(), "residual": "plain"}), seed=1)
     x = np.random.default_rng(0).integers(0, 29, (2, 8))
     assert np.abs(m(x).logits - p(x).logits).max() < 1e-5
-    rng = np.random.default_rng(1)
     losses = [m.train_step(x, np.roll(x, -1, 1), lr=3e-3) for _ in range(30)]
     assert losses[-1] < losses[0] - 0.5
 
