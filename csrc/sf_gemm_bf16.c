@@ -619,6 +619,18 @@ combine_hw(float *y, const float *p, const float *v, int64_t v_rs, int64_t n, in
 }
 #endif
 
+/* The portable model of one vdpbf16ps chain: sum_k x[k] w[k ws] over k < K, pairs (odd term
+ * first, zero past K) in ascending k, as the register kernels accumulate them. */
+static float pair_chain(const float *x, const float *w, int64_t ws, int64_t K) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < (K + 1) / 2; i++) {
+        const int odd = 2 * i + 1 < K;
+        acc = sf_bf16_fma_model(odd ? bf16r(x[2 * i + 1]) : 0.0f, odd ? bf16r(w[(2 * i + 1) * ws]) : 0.0f, acc);
+        acc = sf_bf16_fma_model(bf16r(x[2 * i]), bf16r(w[2 * i * ws]), acc);
+    }
+    return acc;
+}
+
 void sf_bf16_dots(int path, float *out, const float *a, const float *b, int64_t b_rs, int64_t n,
                   int64_t K) {
     if (n <= 0) return;
@@ -631,17 +643,7 @@ void sf_bf16_dots(int path, float *out, const float *a, const float *b, int64_t 
         return;
     }
 #endif
-    const int64_t Kh = (K + 1) / 2;
-    for (int64_t j = 0; j < n; j++) {
-        const float *bj = b + j * b_rs;
-        float acc = 0.0f;
-        for (int64_t i = 0; i < Kh; i++) {
-            const int odd = 2 * i + 1 < K;
-            acc = sf_bf16_fma_model(odd ? bf16r(a[2 * i + 1]) : 0.0f, odd ? bf16r(bj[2 * i + 1]) : 0.0f, acc);
-            acc = sf_bf16_fma_model(bf16r(a[2 * i]), bf16r(bj[2 * i]), acc);
-        }
-        out[j] = acc;
-    }
+    for (int64_t j = 0; j < n; j++) out[j] = pair_chain(a, b + j * b_rs, 1, K);
 }
 
 void sf_bf16_combine(int path, float *y, const float *p, const float *v, int64_t v_rs, int64_t n,
@@ -656,16 +658,7 @@ void sf_bf16_combine(int path, float *y, const float *p, const float *v, int64_t
         return;
     }
 #endif
-    const int64_t Nh = (n + 1) / 2;
-    for (int64_t e = 0; e < M; e++) {
-        float acc = 0.0f;
-        for (int64_t i = 0; i < Nh; i++) {
-            const int odd = 2 * i + 1 < n;
-            acc = sf_bf16_fma_model(odd ? bf16r(p[2 * i + 1]) : 0.0f, odd ? bf16r(v[(2 * i + 1) * v_rs + e]) : 0.0f, acc);
-            acc = sf_bf16_fma_model(bf16r(p[2 * i]), bf16r(v[2 * i * v_rs + e]), acc);
-        }
-        y[e] = acc;
-    }
+    for (int64_t e = 0; e < M; e++) y[e] = pair_chain(p, v + e, v_rs, n);
 }
 
 /* ---- kernel choice -------------------------------------------------------------------------- */
