@@ -1,6 +1,8 @@
 """Bit-identity check for refactors: one SHA-256 per config over logits, traces, loss,
 gradients, the two-phase/direct Block AttnRes paths, checkpointed backward, cached generation
-and three AdamW steps.
+and three AdamW steps. Configs whose name ends in "_perturbed" first move every depth-wiring
+tensor (the ones that start at an identity: mHC/HC maps, DenseFormer weights, AttnRes queries)
+off its init by seeded noise, so the hash sees the wiring's arithmetic away from the identity.
 
     python tools/bits_hash.py > before.txt   # on the old tree
     python tools/bits_hash.py > after.txt    # on the new tree
@@ -62,12 +64,32 @@ CONFIGS = {
     "moda_kv_extra_rope_own_post_block2": dict(moda=True, moda_depth_kv="attn+ffn+extra", pos="rope",
                                                moda_depth_rope="own", norm_position="post",
                                                residual="attnres_block", attnres_block_size=2),
+    # away from the identity init (see the module docstring)
+    "mhc_perturbed": dict(residual="mhc"),
+    "mhc_n2_post_moda_perturbed": dict(residual="mhc", hc_expansion=2, norm_position="post", moda=True),
+    "hc_dynamic_perturbed": dict(residual="hyper_connections", hc_dynamic=True),
+    "denseformer_perturbed": dict(residual="denseformer"),
+    "full_perturbed": dict(residual="attnres_full"),
 }
+
+WIRING_TENSORS = ("_hc.", "_mhc.", "dwa.", "res_proj", "res_norm")
+
+
+def perturb(m):
+    """Seeded noise on every depth-wiring tensor (its name names the wiring)."""
+    rng = np.random.default_rng(11)
+    sd = m.state_dict()
+    moved = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(np.float32)
+             for k, v in sd.items() if any(w in k for w in WIRING_TENSORS)}
+    assert moved, "no wiring tensor found to perturb"
+    m.load_state_dict({**sd, **moved})
 
 
 def digest(name, overrides, n_threads):
     cfg = sf.Config(**{**BASE, **overrides})
     m = sf.Model(cfg, seed=3)
+    if name.endswith("_perturbed"):
+        perturb(m)
     rng = np.random.default_rng(7)
     x = rng.integers(0, cfg.vocab_size, (2, 12))
     y = rng.integers(0, cfg.vocab_size, (2, 12))
