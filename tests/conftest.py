@@ -42,6 +42,18 @@ def small_config(**kw):
     return sf.Config(**c)
 
 
+def perturbed(cfg, seed=0, scale=0.1, rng_seed=None):
+    """A model whose every parameter is moved off its init by N(0, scale) noise (AttnRes
+    queries non-zero, DenseFormer's DWA not the identity, HC/mHC copies no longer equal), so
+    identities that hold only at init cannot pass by accident. rng_seed: the noise's seed
+    (default seed + 100)."""
+    m = sf.Model(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 100 if rng_seed is None else rng_seed)
+    for p in m.named_parameters().values():
+        p += rng.normal(0.0, scale, p.shape).astype(np.float32)
+    return m
+
+
 @pytest.fixture
 def model():
     return sf.Model(small_config(), seed=1)

@@ -14,16 +14,12 @@ import pytest
 
 import stackformer as sf
 from stackformer.__main__ import main as cli_main
-from conftest import WIRINGS_AND_MODA, small_config
+from conftest import WIRINGS_AND_MODA, small_config, perturbed as conftest_perturbed
 
 
 def perturbed(cfg, seed=0, scale=0.3):
     """Weights away from init, so attention is far from uniform (cells differ visibly)."""
-    m = sf.Model(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    for p in m.named_parameters().values():
-        p += rng.normal(0.0, scale, p.shape).astype(np.float32)
-    return m
+    return conftest_perturbed(cfg, seed=seed, scale=scale, rng_seed=seed + 1)
 
 
 def embedded(path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import stackformer as sf
-from conftest import WIRINGS_AND_MODA, small_config
+from conftest import WIRINGS_AND_MODA, perturbed, small_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as R  # noqa: E402
@@ -19,17 +19,6 @@ B, T = 2, 7
 
 def toks(V=50, seed=0, B=B, T=T):
     return np.random.default_rng(seed).integers(0, V, size=(B, T))
-
-
-def perturbed(cfg, seed=0, scale=0.1):
-    """A model whose wiring parameters are away from their init (AttnRes queries non-zero,
-    DenseFormer's DWA not the identity, HC/mHC copies no longer equal): identities that hold
-    only at init must not pass by accident."""
-    m = sf.Model(cfg, seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for name, p in m.named_parameters().items():
-        p += rng.normal(0.0, scale, p.shape).astype(np.float32)
-    return m
 
 
 def per_block_names(i, cfg):

@@ -76,13 +76,12 @@ WIRING_TENSORS = ("_hc.", "_mhc.", "dwa.", "res_proj", "res_norm")
 
 
 def perturb(m):
-    """Seeded noise on every depth-wiring tensor (its name names the wiring)."""
+    """Seeded noise on every depth-wiring tensor (its name names the wiring), in place."""
     rng = np.random.default_rng(11)
-    sd = m.state_dict()
-    moved = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(np.float32)
-             for k, v in sd.items() if any(w in k for w in WIRING_TENSORS)}
+    moved = [p for k, p in m.named_parameters().items() if any(w in k for w in WIRING_TENSORS)]
     assert moved, "no wiring tensor found to perturb"
-    m.load_state_dict({**sd, **moved})
+    for p in moved:
+        p += (0.3 * rng.standard_normal(p.shape)).astype(np.float32)
 
 
 def digest(name, overrides, n_threads):
