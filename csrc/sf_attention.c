@@ -12,8 +12,12 @@
  * Memory is O(SF_ATT_BQ * T) per thread, never a T x T buffer unless the caller asks for the
  * probabilities as a trace; the backward pass recomputes the probabilities from the saved
  * log-sum-exp (flash-attention style). Depth slots are read in place from the arena
- * (B, Hkv, T, n_slots, dh): nothing is gathered per query, and a block of query rows of one
- * head reads its slots as one contiguous stream. Decoding (a few query rows over a
+ * (B, Hkv, n_slots, T, dh), slot by slot over a block of query rows: one slot of consecutive
+ * positions is one contiguous stream of nq * dh floats, where a position-major arena made every
+ * row a short read on a page of its own (the hardware prefetchers stop at page boundaries).
+ * Every dot product and every accumulation runs in the order of the row-at-a-time loops it
+ * replaced (per float: slots ascending; per slot: rows ascending), so the bits did not move.
+ * Decoding (a few query rows over a
  * long cache) takes the row-at-a-time path instead, where packing K and V would cost as much as
  * the products themselves.
  */
@@ -94,7 +98,7 @@ static inline const float *key_row(const sf_attn_args *a, const float *base, int
 
 static inline const float *depth_row(const sf_attn_args *a, const float *base, int64_t b,
                                      int64_t u, int64_t i, int64_t g) {
-    return base + b * a->depth_bstride + ((g * a->depth_len + u) * a->n_slots + i) * a->dh;
+    return base + b * a->depth_bstride + ((g * a->n_slots + i) * a->depth_len + u) * a->dh;
 }
 
 /* The query row the depth logits of row (b, tq, head h) use: q's own, or the pre-RoPE one
@@ -113,36 +117,54 @@ static int64_t key_limit(const sf_attn_args *a, int64_t t) {
     return a->causal ? (t + 1 < a->Tk ? t + 1 : a->Tk) : a->Tk;
 }
 
-/* Depth logits of query row (b, g-group head, position t) into sd[0 .. dcols), -inf where
- * invisible; returns their max. */
-static float depth_logits(const sf_attn_args *a, const float *qt, int64_t b, int64_t g, int64_t t,
-                          float scale, float *sd) {
-    const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk;
-    const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
-    const int64_t cs = (t / C) * C; /* first position of t's chunk */
-    float mx = -INFINITY;
-    for (int64_t uc = 0; uc < C; uc++) { /* column c = uc * nd + i: slot i of position cs + uc */
-        int64_t u = cs + uc;
-        float *su = sd + uc * nd;
-        if (!(u <= t && u < Tk && (!pad || pad[u]))) { /* padding exposes no depth slots either */
-            for (int64_t i = 0; i < nd; i++) su[i] = -INFINITY;
-            continue;
-        }
-        const float *kd = depth_row(a, a->depth_k, b, u, 0, g);
+/* Position u's depth slots are visible to query position t: u in t's chunk, at or before t,
+ * a real key (padding exposes no depth slots either). */
+static int depth_visible(const sf_attn_args *a, int64_t b, int64_t u, int64_t t) {
+    return u <= t && u < a->Tk && (!a->key_padding_mask || a->key_padding_mask[b * a->Tk + u]);
+}
+
+/* Depth logits of query rows [tq0, tq0 + nq) of head h (batch b) into their depth columns
+ * (row r's at sd + r * ld, column c = uc * n_read + i: slot i of position cs + uc, cs the first
+ * position of the row's chunk), scaled, -inf where invisible; md[r] gets row r's max. */
+static void depth_logits(const sf_attn_args *a, const float *q, int64_t b, int64_t h, int64_t tq0,
+                         int64_t nq, float scale, float *sd, int64_t ld, float *md) {
+    const int64_t nd = a->n_read, C = a->chunk, g = h / (a->H / a->Hkv);
+    for (int64_t r = 0; r < nq; r++) md[r] = -INFINITY;
+    for (int64_t uc = 0; uc < C; uc++)
         for (int64_t i = 0; i < nd; i++) {
-            su[i] = a->depth_drop && a->depth_drop[i] ? -INFINITY : dot(qt, kd + i * a->dh, a->dh) * scale;
-            mx = su[i] > mx ? su[i] : mx;
+            const int dropped = a->depth_drop && a->depth_drop[i];
+            for (int64_t r = 0; r < nq; r++) {
+                const int64_t t = a->q_pos0 + tq0 + r, u = (t / C) * C + uc;
+                float *su = sd + r * ld + uc * nd + i;
+                if (dropped || !depth_visible(a, b, u, t)) { *su = -INFINITY; continue; }
+                *su = dot(depth_query(a, q, b, tq0 + r, h), depth_row(a, a->depth_k, b, u, i, g), a->dh) * scale;
+                md[r] = *su > md[r] ? *su : md[r];
+            }
         }
-    }
-    return mx;
+}
+
+/* o rows (row r at o + r * ldo) += the depth values of query rows [tq0, tq0 + nq) of kv head g,
+ * weighted by their normalized depth probabilities (laid out as depth_logits leaves them;
+ * exact zeros are skipped). */
+static void depth_values(const sf_attn_args *a, int64_t b, int64_t g, int64_t tq0, int64_t nq,
+                         const float *sd, int64_t ld, float *o, int64_t ldo) {
+    const int64_t nd = a->n_read, C = a->chunk;
+    for (int64_t uc = 0; uc < C; uc++)
+        for (int64_t i = 0; i < nd; i++)
+            for (int64_t r = 0; r < nq; r++) {
+                const int64_t t = a->q_pos0 + tq0 + r, u = (t / C) * C + uc;
+                const float p = sd[r * ld + uc * nd + i];
+                if (u < a->Tk && p != 0.0f) axpy(o + r * ldo, p, depth_row(a, a->depth_v, b, u, i, g), a->dh);
+            }
 }
 
 /* Logits of query row (b, h, t) into s[0 .. Tk + dcols) by dot products (the decode path):
  * sequence columns unscaled (as the tiles leave them), depth columns scaled; -inf marks
  * invisible columns. Returns the max of the scaled row (-inf when nothing is visible). */
-static float row_logits(const sf_attn_args *a, const float *qt, const float *qdt, int64_t b,
-                        int64_t g, int64_t t, float scale, float *s) {
-    const int64_t Tk = a->Tk;
+static float row_logits(const sf_attn_args *a, const float *q, int64_t b, int64_t h, int64_t tq,
+                        float scale, float *s) {
+    const int64_t Tk = a->Tk, g = h / (a->H / a->Hkv), t = a->q_pos0 + tq;
+    const float *qt = q + (b * a->Tq + tq) * a->H * a->dh + h * a->dh;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
     const int64_t u_end = key_limit(a, t);
     float mx = -INFINITY;
@@ -160,7 +182,8 @@ static float row_logits(const sf_attn_args *a, const float *qt, const float *qdt
         }
     }
     for (int64_t u = u_end; u < Tk; u++) s[u] = -INFINITY;
-    float md = depth_logits(a, qdt, b, g, t, scale, s + Tk);
+    float md;
+    depth_logits(a, q, b, h, tq, 1, scale, s + Tk, 0, &md);
     mx *= scale; /* scale > 0: the max of the scaled logits, bit for bit */
     return md > mx ? md : mx;
 }
@@ -198,27 +221,32 @@ static float row_softmax(const sf_attn_args *a, int64_t row, float *s, int64_t n
     return mx + logf(sum);
 }
 
-/* After a row's sequence part of the output is in place: add its depth values and record. */
-static void row_finish(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, int64_t row,
-                       const float *s, int64_t n, const float *sd, float l, float dm, float inv,
-                       float *ot, float *lse, float *probs, float *depth_mass) {
-    const int64_t Tk = a->Tk, nd = a->n_read, dcols = depth_cols(a), width = Tk + dcols;
-    const int64_t cs = (t / a->chunk) * a->chunk;
-    if (a->bf16) plus_zero(ot, a->dh); /* bf16: P was normalized before its product (inv = 1) */
-    else
-        for (int64_t e = 0; e < a->dh; e++) ot[e] *= inv; /* the sequence part was unnormalized */
-    for (int64_t uc = 0; uc < a->chunk && cs + uc < Tk; uc++) {
-        const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
-        for (int64_t i = 0; i < nd; i++)
-            if (sd[uc * nd + i] != 0.0f) axpy(ot, sd[uc * nd + i], vd + i * a->dh, a->dh);
+/* After the sequence part of query rows [tq0, tq0 + nq) of head h is in place (row r of the
+ * output at o + r * ldo, its probabilities at sblk + r * ld): normalize it by irow[r] (bf16: P
+ * was normalized before its product, irow unused), add the depth values, record. */
+static void block_finish(const sf_attn_args *a, int64_t b, int64_t h, int64_t tq0, int64_t nq,
+                         const float *sblk, int64_t ld, const float *lrow, const float *drow,
+                         const float *irow, float *o, int64_t ldo, float *lse, float *probs,
+                         float *depth_mass) {
+    const int64_t Tk = a->Tk, dcols = depth_cols(a), width = Tk + dcols;
+    for (int64_t r = 0; r < nq; r++) {
+        float *ot = o + r * ldo;
+        if (a->bf16) plus_zero(ot, a->dh);
+        else
+            for (int64_t e = 0; e < a->dh; e++) ot[e] *= irow[r]; /* the sequence part was unnormalized */
     }
-    if (lse) lse[row] = l;
-    if (depth_mass) depth_mass[row] = dm;
-    if (probs) {
-        float *pr = probs + row * width;
-        for (int64_t u = 0; u < n; u++) pr[u] = s[u] * inv;
-        memset(pr + n, 0, (size_t)(Tk - n) * sizeof(float));
-        memcpy(pr + Tk, sd, (size_t)dcols * sizeof(float));
+    if (dcols > 0) depth_values(a, b, h / (a->H / a->Hkv), tq0, nq, sblk + Tk, ld, o, ldo);
+    for (int64_t r = 0; r < nq; r++) {
+        const int64_t row = (b * a->H + h) * a->Tq + tq0 + r, n = key_limit(a, a->q_pos0 + tq0 + r);
+        const float *s = sblk + r * ld, inv = a->bf16 ? 1.0f : irow[r];
+        if (lse) lse[row] = lrow[r];
+        if (depth_mass) depth_mass[row] = drow[r];
+        if (probs) {
+            float *pr = probs + row * width;
+            for (int64_t u = 0; u < n; u++) pr[u] = s[u] * inv;
+            memset(pr + n, 0, (size_t)(Tk - n) * sizeof(float));
+            memcpy(pr + Tk, s + Tk, (size_t)dcols * sizeof(float));
+        }
     }
 }
 
@@ -240,15 +268,16 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
         for (int64_t u = n; u < Tk; u++) s[u] = -INFINITY;
         float mx = -INFINITY;
         for (int64_t u = 0; u < n; u++) mx = s[u] > mx ? s[u] : mx;
-        float md = depth_logits(a, depth_query(a, q, b, tq, h), b, g, t, scale, s + Tk), dm, inv;
+        float md, dm, inv;
+        depth_logits(a, q, b, h, tq, 1, scale, s + Tk, 0, &md);
         mx *= scale;
         float l = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &dm, &inv);
         for (int64_t u = 0; u < n; u++) s[u] *= inv;
         sf_bf16_combine(path, ot, s, key_row(a, a->v, b, 0, g), a->Hkv * dh, n, dh);
-        row_finish(a, b, g, t, row, s, n, s + Tk, l, dm, 1.0f, ot, lse, probs, depth_mass);
+        block_finish(a, b, h, tq, 1, s, 0, &l, &dm, NULL, ot, 0, lse, probs, depth_mass);
         return;
     }
-    float mx = row_logits(a, qt, depth_query(a, q, b, tq, h), b, g, t, scale, s), dm, inv;
+    float mx = row_logits(a, q, b, h, tq, scale, s), dm, inv;
     float l = row_softmax(a, row, s, n, s + Tk, mx, scale, &dm, &inv);
     memset(ot, 0, (size_t)dh * sizeof(float));
     for (int64_t u = 0; u < n; u++) { /* ascending fma, as in the P V tiles */
@@ -256,7 +285,7 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
         float pu = s[u];
         for (int64_t e = 0; e < dh; e++) ot[e] = fmaf(pu, vu[e], ot[e]);
     }
-    row_finish(a, b, g, t, row, s, n, s + Tk, l, dm, inv, ot, lse, probs, depth_mass);
+    block_finish(a, b, h, tq, 1, s, 0, &l, &dm, &inv, ot, 0, lse, probs, depth_mass);
 }
 
 /* S = Q K^T for query rows [tq0, tq0 + nq) of head h into sblk (row stride width), each row
@@ -338,13 +367,13 @@ static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, f
                              mr, dhh, lim, 0);
             }
         }
-        float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
+        float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], mdep[SF_ATT_BQ];
+        depth_logits(a, q, b, h, tq0, nq, scale, w.sblk + Tk, width, mdep);
         for (int64_t i = 0; i < nq; i++) {
             int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
             int64_t n = key_limit(a, t);
             float *s = w.sblk + i * width, inv;
-            float mx = row_mask(a, b, s, n, kend, scale);
-            float md = depth_logits(a, depth_query(a, q, b, tq0 + i, h), b, g, t, scale, s + Tk);
+            float mx = row_mask(a, b, s, n, kend, scale), md = mdep[i];
             lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &inv);
             for (int64_t u = 0; u < n; u++) s[u] *= inv;
         }
@@ -356,12 +385,7 @@ static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, f
             sf_bf16_rows(path, ob + i0 * qd, qd, w.pa + i0 * ldp, ldp, w.kvn, khv * SF_BF16_NR, mr,
                          (lim + 1) / 2, dh, 0);
         }
-        for (int64_t i = 0; i < nq; i++) {
-            int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
-            float *s = w.sblk + i * width;
-            row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i], 1.0f,
-                       ob + i * qd, lse, probs, depth_mass);
-        }
+        block_finish(a, b, h, tq0, nq, w.sblk, width, lrow, drow, NULL, ob, qd, lse, probs, depth_mass);
     }
 }
 
@@ -408,55 +432,58 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                     int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
                     int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
                     if (kend > 0) block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
-                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], irow[SF_ATT_BQ];
+                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], irow[SF_ATT_BQ], mdep[SF_ATT_BQ];
+                    depth_logits(a, q, b, h, tq0, nq, scale, sblk + Tk, width, mdep);
                     for (int64_t i = 0; i < nq; i++) {
                         int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
                         int64_t n = key_limit(a, t);
                         float *s = sblk + i * width;
-                        float mx = row_mask(a, b, s, n, kend, scale);
-                        float md = depth_logits(a, depth_query(a, q, b, tq0 + i, h), b, g, t, scale, s + Tk);
+                        float mx = row_mask(a, b, s, n, kend, scale), md = mdep[i];
                         lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &irow[i]);
                     }
                     float *ob = out + (b * Tq + tq0) * qd + h * dh;
                     block_times_values(a, ob, qd, tq0, nq, sblk, vn, kpack, 0);
-                    for (int64_t i = 0; i < nq; i++) {
-                        int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
-                        float *s = sblk + i * width;
-                        row_finish(a, b, g, t, row, s, key_limit(a, t), s + Tk, lrow[i], drow[i],
-                                   irow[i], ob + i * qd, lse, probs, depth_mass);
-                    }
+                    block_finish(a, b, h, tq0, nq, sblk, width, lrow, drow, irow, ob, qd, lse, probs, depth_mass);
                 }
             }
         }
     }
 }
 
-/* The depth columns of one row in the backward pass (they do not tile: each row has its own
- * slots). sd: scratch of dcols floats. Accumulates dq_t and the slots' dK, dV. */
-static void depth_backward_row(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, int64_t row,
-                               const float *qt, const float *dot_, float *dqt, float *ddepth_k,
-                               float *ddepth_v, float *sd, float l, float D) {
-    const int64_t Tk = a->Tk, nd = a->n_read, C = a->chunk, dh = a->dh;
-    const int64_t width = Tk + depth_cols(a), ss = dh, cs = (t / C) * C;
+/* The depth columns' gradients of query rows [tq0, tq0 + nq) of head h (they do not tile: each
+ * row has its own slots), slot by slot as in depth_logits; D[r] = dO . O of row r. Adds to the
+ * rows' dQ (dq_depth under moda_depth_rope='none') and to the slots' dK, dV. With the row's
+ * log-sum-exp known, a column's probability needs no row max, so each logit is made where it
+ * is used and the slot's K is still in L1 for the dQ term. */
+static void depth_backward(const sf_attn_args *a, const float *q, const float *dout, const float *lse,
+                           float *dq, float *ddepth_k, float *ddepth_v, const float *D, int64_t b,
+                           int64_t h, int64_t tq0, int64_t nq) {
+    const int64_t Tq = a->Tq, Tk = a->Tk, nd = a->n_read, C = a->chunk, dh = a->dh, qd = a->H * dh;
+    const int64_t width = Tk + depth_cols(a), g = h / (a->H / a->Hkv);
     const float scale = 1.0f / sqrtf((float)dh);
     const int drop = a->dropout > 0.0f;
-    depth_logits(a, qt, b, g, t, scale, sd);
-    for (int64_t uc = 0; uc < C && cs + uc < Tk; uc++) {
-        const float *kd = depth_row(a, a->depth_k, b, cs + uc, 0, g);
-        const float *vd = depth_row(a, a->depth_v, b, cs + uc, 0, g);
-        float *dkd = (float *)depth_row(a, ddepth_k, b, cs + uc, 0, g);
-        float *dvd = (float *)depth_row(a, ddepth_v, b, cs + uc, 0, g);
+    float *dqd = a->q_depth ? a->dq_depth : dq;
+    for (int64_t uc = 0; uc < C; uc++)
         for (int64_t i = 0; i < nd; i++) {
-            int64_t c = uc * nd + i;
-            if (sd[c] == -INFINITY) continue;
-            float p = sf_expf(sd[c] - l);
-            float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
-            float ds = p * (keep * dot(dot_, vd + i * ss, dh) - D) * scale;
-            axpy(dqt, ds, kd + i * ss, dh);
-            axpy(dkd + i * ss, ds, qt, dh);
-            axpy(dvd + i * ss, p * keep, dot_, dh);
+            if (a->depth_drop && a->depth_drop[i]) continue;
+            const int64_t c = uc * nd + i;
+            for (int64_t r = 0; r < nq; r++) {
+                const int64_t tq = tq0 + r, row = (b * a->H + h) * Tq + tq, t = a->q_pos0 + tq;
+                const int64_t u = (t / C) * C + uc;
+                const float l = lse[row];
+                if (l == -INFINITY || !depth_visible(a, b, u, t)) continue;
+                const float *qdt = depth_query(a, q, b, tq, h), *dot_ = dout + (b * Tq + tq) * qd + h * dh;
+                const float *kd = depth_row(a, a->depth_k, b, u, i, g), *vd = depth_row(a, a->depth_v, b, u, i, g);
+                const float sc = dot(qdt, kd, dh) * scale;
+                if (sc == -INFINITY) continue;
+                float p = sf_expf(sc - l);
+                float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
+                float ds = p * (keep * dot(dot_, vd, dh) - D[r]) * scale;
+                axpy(dqd + (b * Tq + tq) * qd + h * dh, ds, kd, dh);
+                axpy((float *)depth_row(a, ddepth_k, b, u, i, g), ds, qdt, dh);
+                axpy((float *)depth_row(a, ddepth_v, b, u, i, g), p * keep, dot_, dh);
+            }
         }
-    }
 }
 
 /* The backward's row pass over query rows [tq0, tq0 + nq) of head h (batch b, kv head g), the
@@ -472,10 +499,10 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
     const float scale = 1.0f / sqrtf((float)dh);
     const int drop = a->dropout > 0.0f;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
+    float Drow[SF_ATT_BQ];
     for (int64_t i = 0; i < nq; i++) {
         int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
         int64_t n = key_limit(a, t);
-        const float *qt = q + (b * Tq + tq) * qd + h * dh;
         const float *ot = out + (b * Tq + tq) * qd + h * dh;
         const float *dot_ = dout + (b * Tq + tq) * qd + h * dh;
         float *dqt = dq + (b * Tq + tq) * qd + h * dh;
@@ -491,7 +518,7 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
         if (l == -INFINITY) continue;
         /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
          * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
-        float D = dot(dot_, ot, dh);
+        float D = Drow[i] = dot(dot_, ot, dh);
         if (drop) {
             for (int64_t u = 0; u < n; u++) {
                 float p = sf_expf(s[u] * scale - l);
@@ -505,12 +532,8 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
         if (pad) /* padded keys: no probability, no gradient */
             for (int64_t u = 0; u < n; u++)
                 if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
-        if (dcols > 0) {
-            const float *qdt = a->q_depth ? depth_query(a, q, b, tq, h) : qt;
-            float *dqdt = a->q_depth ? a->dq_depth + (b * Tq + tq) * qd + h * dh : dqt;
-            depth_backward_row(a, b, g, t, row, qdt, dot_, dqdt, ddepth_k, ddepth_v, s + Tk, l, D);
-        }
     }
+    if (dcols > 0) depth_backward(a, q, dout, lse, dq, ddepth_k, ddepth_v, Drow, b, h, tq0, nq);
 }
 
 /* bf16 backward of one unit (batch b, kv head g): the fp32 unit's steps with every sequence

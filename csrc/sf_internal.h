@@ -118,9 +118,9 @@ typedef struct {
     /* key/value row (b, u) at k + b*kv_bstride + u*Hkv*dh (a cache may hold more rows) */
     const float *k, *v;
     int64_t kv_bstride;
-    /* MoDA depth slots, (B, Hkv, depth_len, n_slots, dh): slot i of position u of batch b,
-     * kv head g at depth + b*depth_bstride + ((g*depth_len + u)*n_slots + i)*dh, so a head's
-     * slots for a run of positions are one contiguous stream; this layer reads [0, n_read). */
+    /* MoDA depth slots, (B, Hkv, n_slots, depth_len, dh): slot i of position u of batch b,
+     * kv head g at depth + b*depth_bstride + ((g*n_slots + i)*depth_len + u)*dh, so one slot of
+     * a run of positions is one contiguous stream; this layer reads slots [0, n_read). */
     const float *depth_k, *depth_v;
     int64_t depth_bstride, depth_len, n_slots, n_read, chunk;
     int depth_only;

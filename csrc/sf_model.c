@@ -31,7 +31,7 @@ struct sf_cache {
     const sf_model *m;
     int64_t B, max_len, len;
     float *k, *v;             /* (n_layers, B, max_len, kvd) */
-    float *depth_k, *depth_v; /* (B, Hkv, max_len, n_slots, dh) */
+    float *depth_k, *depth_v; /* (B, Hkv, n_slots, max_len, dh) */
     _Atomic int busy;         /* a call is appending to it (or resetting it) */
 };
 
@@ -266,10 +266,10 @@ nomem:
 /* ---- MoDA depth slots and attention arguments ------------------------------------------- */
 
 /* depth slot `slot` of row r (batch r / T, position pos0 + r % T), kv head g, in an arena
- * laid out (B, Hkv, depth_len, n_slots, dh) (see sf_attn_args) */
+ * laid out (B, Hkv, n_slots, depth_len, dh) (see sf_attn_args) */
 static float *depth_at(const run *R, float *arena, int64_t r, int64_t g, int64_t slot) {
     int64_t b = r / R->T, t = R->pos0 + r % R->T;
-    return arena + b * R->depth_bstride + ((g * R->depth_len + t) * R->n_slots + slot) * R->dh;
+    return arena + b * R->depth_bstride + ((g * R->n_slots + slot) * R->depth_len + t) * R->dh;
 }
 
 /* rows (N, Hkv*dh) -> the arena's slot `slot`, one head's d_head floats at a time */

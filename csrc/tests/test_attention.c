@@ -18,7 +18,7 @@ static int naive_column(const sf_attn_args *a, int64_t b, int64_t g, int64_t t, 
     }
     int64_t c = col - Tk, i = c % nd;
     *u = (t / C) * C + c / nd;
-    *off = b * a->depth_bstride + ((g * a->depth_len + *u) * a->n_slots + i) * dh; /* (B, Hkv, len, n_slots, dh) */
+    *off = b * a->depth_bstride + ((g * a->n_slots + i) * a->depth_len + *u) * dh; /* (B, Hkv, n_slots, len, dh) */
     return 1;
 }
 
@@ -226,8 +226,8 @@ static void attention_case(const attn_shape *s, int causal, int64_t n_read, int6
         for (int64_t b = 0; b < B; b++)
             memcpy(qd_rows + b * Tq * qd, q + (b * T + T - Tq) * qd, (size_t)(Tq * qd) * sizeof(float));
         float *kc = to_capacity(k, B, T, cap, kvd), *vc = to_capacity(v, B, T, cap, kvd);
-        /* depth arenas are (B, Hkv, len, n_slots, dh): B*Hkv runs of T positions */
-        float *dkc = to_capacity(dk, B * Hkv, T, cap, ns * dh), *dvc = to_capacity(dv, B * Hkv, T, cap, ns * dh);
+        /* depth arenas are (B, Hkv, n_slots, len, dh): B*Hkv*n_slots runs of T positions */
+        float *dkc = to_capacity(dk, B * Hkv * ns, T, cap, dh), *dvc = to_capacity(dv, B * Hkv * ns, T, cap, dh);
         sf_attn_args a2 = a;
         a2.Tq = Tq;
         a2.q_pos0 = T - Tq;
