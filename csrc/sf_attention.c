@@ -84,8 +84,14 @@ static void plus_zero(float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += 0.0f;
 }
 
+/* Shared by all threads, at the start of the scratch: MoDA's depth logits / probabilities of
+ * every query row, (B, H, Tq, dcols); the backward keeps each row's D = dO . O there. */
+static int64_t depth_scratch_floats(const sf_attn_args *a) {
+    return depth_cols(a) > 0 ? a->B * a->H * a->Tq * depth_cols(a) : 0;
+}
+
 int64_t sf_attention_scratch_floats(const sf_attn_args *a, int n_threads) {
-    return (int64_t)sf_threads_resolve(n_threads) * per_thread_floats(a);
+    return depth_scratch_floats(a) + (int64_t)sf_threads_resolve(n_threads) * per_thread_floats(a);
 }
 
 #define dot sf_dot
@@ -123,39 +129,59 @@ static int depth_visible(const sf_attn_args *a, int64_t b, int64_t u, int64_t t)
     return u <= t && u < a->Tk && (!a->key_padding_mask || a->key_padding_mask[b * a->Tk + u]);
 }
 
-/* Depth logits of query rows [tq0, tq0 + nq) of head h (batch b) into their depth columns
- * (row r's at sd + r * ld, column c = uc * n_read + i: slot i of position cs + uc, cs the first
- * position of the row's chunk), scaled, -inf where invisible; md[r] gets row r's max. */
-static void depth_logits(const sf_attn_args *a, const float *q, int64_t b, int64_t h, int64_t tq0,
-                         int64_t nq, float scale, float *sd, int64_t ld, float *md) {
-    const int64_t nd = a->n_read, C = a->chunk, g = h / (a->H / a->Hkv);
-    for (int64_t r = 0; r < nq; r++) md[r] = -INFINITY;
+/* Software prefetch of the slot row SF_DEPTH_PF positions ahead in the same slot's stream: the
+ * streams are long and regular, but each is a few pages and the hardware prefetchers stop at
+ * page boundaries. (A hint only: an address past the arena is never dereferenced.) */
+#define SF_DEPTH_PF 16
+static inline void prefetch_row(const float *p, int64_t dh) {
+    for (int64_t e = 0; e < dh; e += 16) __builtin_prefetch(p + SF_DEPTH_PF * dh + e);
+}
+
+static float row_max(const float *x, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* Depth logits of query rows [tq0, tq0 + nq) of query heads [h0, h0 + nh), all of one kv head
+ * (batch b), into their depth columns (row (h0 + j, tq0 + r)'s at sd + j * ldh + r * ldr;
+ * column c = uc * n_read + i: slot i of position cs + uc, cs the first position of the row's
+ * chunk), scaled, -inf where invisible. Slot by slot: one slot of the rows' positions is one
+ * contiguous stream, read once for all the query heads that share it. */
+static void depth_logits(const sf_attn_args *a, const float *q, int64_t b, int64_t h0, int64_t nh,
+                         int64_t tq0, int64_t nq, float scale, float *sd, int64_t ldh, int64_t ldr) {
+    const int64_t nd = a->n_read, C = a->chunk, g = h0 / (a->H / a->Hkv);
     for (int64_t uc = 0; uc < C; uc++)
         for (int64_t i = 0; i < nd; i++) {
             const int dropped = a->depth_drop && a->depth_drop[i];
-            for (int64_t r = 0; r < nq; r++) {
-                const int64_t t = a->q_pos0 + tq0 + r, u = (t / C) * C + uc;
-                float *su = sd + r * ld + uc * nd + i;
-                if (dropped || !depth_visible(a, b, u, t)) { *su = -INFINITY; continue; }
-                *su = dot(depth_query(a, q, b, tq0 + r, h), depth_row(a, a->depth_k, b, u, i, g), a->dh) * scale;
-                md[r] = *su > md[r] ? *su : md[r];
-            }
+            for (int64_t j = 0; j < nh; j++)
+                for (int64_t r = 0; r < nq; r++) {
+                    const int64_t t = a->q_pos0 + tq0 + r, u = (t / C) * C + uc;
+                    float *su = sd + j * ldh + r * ldr + uc * nd + i;
+                    if (dropped || !depth_visible(a, b, u, t)) { *su = -INFINITY; continue; }
+                    const float *kd = depth_row(a, a->depth_k, b, u, i, g);
+                    if (j == 0) prefetch_row(kd, a->dh);
+                    *su = dot(depth_query(a, q, b, tq0 + r, h0 + j), kd, a->dh) * scale;
+                }
         }
 }
 
-/* o rows (row r at o + r * ldo) += the depth values of query rows [tq0, tq0 + nq) of kv head g,
- * weighted by their normalized depth probabilities (laid out as depth_logits leaves them;
- * exact zeros are skipped). */
-static void depth_values(const sf_attn_args *a, int64_t b, int64_t g, int64_t tq0, int64_t nq,
-                         const float *sd, int64_t ld, float *o, int64_t ldo) {
-    const int64_t nd = a->n_read, C = a->chunk;
+/* out's rows (b, tq0 + r, head h0 + j) += their depth values weighted by the normalized depth
+ * probabilities (laid out as depth_logits leaves the logits; exact zeros are skipped). */
+static void depth_values(const sf_attn_args *a, int64_t b, int64_t h0, int64_t nh, int64_t tq0,
+                         int64_t nq, const float *sd, int64_t ldh, int64_t ldr, float *out) {
+    const int64_t nd = a->n_read, C = a->chunk, dh = a->dh, qd = a->H * dh, g = h0 / (a->H / a->Hkv);
     for (int64_t uc = 0; uc < C; uc++)
         for (int64_t i = 0; i < nd; i++)
-            for (int64_t r = 0; r < nq; r++) {
-                const int64_t t = a->q_pos0 + tq0 + r, u = (t / C) * C + uc;
-                const float p = sd[r * ld + uc * nd + i];
-                if (u < a->Tk && p != 0.0f) axpy(o + r * ldo, p, depth_row(a, a->depth_v, b, u, i, g), a->dh);
-            }
+            for (int64_t j = 0; j < nh; j++)
+                for (int64_t r = 0; r < nq; r++) {
+                    const int64_t t = a->q_pos0 + tq0 + r, u = (t / C) * C + uc;
+                    const float p = sd[j * ldh + r * ldr + uc * nd + i];
+                    if (u >= a->Tk) continue;
+                    const float *vd = depth_row(a, a->depth_v, b, u, i, g);
+                    if (j == 0) prefetch_row(vd, dh);
+                    if (p != 0.0f) axpy(out + (b * a->Tq + tq0 + r) * qd + (h0 + j) * dh, p, vd, dh);
+                }
 }
 
 /* Logits of query row (b, h, t) into s[0 .. Tk + dcols) by dot products (the decode path):
@@ -182,8 +208,8 @@ static float row_logits(const sf_attn_args *a, const float *q, int64_t b, int64_
         }
     }
     for (int64_t u = u_end; u < Tk; u++) s[u] = -INFINITY;
-    float md;
-    depth_logits(a, q, b, h, tq, 1, scale, s + Tk, 0, &md);
+    depth_logits(a, q, b, h, 1, tq, 1, scale, s + Tk, 0, 0);
+    float md = row_max(s + Tk, depth_cols(a));
     mx *= scale; /* scale > 0: the max of the scaled logits, bit for bit */
     return md > mx ? md : mx;
 }
@@ -222,30 +248,28 @@ static float row_softmax(const sf_attn_args *a, int64_t row, float *s, int64_t n
 }
 
 /* After the sequence part of query rows [tq0, tq0 + nq) of head h is in place (row r of the
- * output at o + r * ldo, its probabilities at sblk + r * ld): normalize it by irow[r] (bf16: P
- * was normalized before its product, irow unused), add the depth values, record. */
+ * output at o + r * ldo, its sequence probabilities at sblk + r * ld, its depth ones at
+ * sd + r * ldd): normalize it by irow[r] (bf16: P was normalized before its product, irow
+ * unused) and record. The depth values are added after this (depth_values). */
 static void block_finish(const sf_attn_args *a, int64_t b, int64_t h, int64_t tq0, int64_t nq,
-                         const float *sblk, int64_t ld, const float *lrow, const float *drow,
-                         const float *irow, float *o, int64_t ldo, float *lse, float *probs,
-                         float *depth_mass) {
+                         const float *sblk, int64_t ld, const float *sd, int64_t ldd, const float *lrow,
+                         const float *drow, const float *irow, float *o, int64_t ldo, float *lse,
+                         float *probs, float *depth_mass) {
     const int64_t Tk = a->Tk, dcols = depth_cols(a), width = Tk + dcols;
-    for (int64_t r = 0; r < nq; r++) {
-        float *ot = o + r * ldo;
-        if (a->bf16) plus_zero(ot, a->dh);
-        else
-            for (int64_t e = 0; e < a->dh; e++) ot[e] *= irow[r]; /* the sequence part was unnormalized */
-    }
-    if (dcols > 0) depth_values(a, b, h / (a->H / a->Hkv), tq0, nq, sblk + Tk, ld, o, ldo);
     for (int64_t r = 0; r < nq; r++) {
         const int64_t row = (b * a->H + h) * a->Tq + tq0 + r, n = key_limit(a, a->q_pos0 + tq0 + r);
         const float *s = sblk + r * ld, inv = a->bf16 ? 1.0f : irow[r];
+        float *ot = o + r * ldo;
+        if (a->bf16) plus_zero(ot, a->dh);
+        else
+            for (int64_t e = 0; e < a->dh; e++) ot[e] *= inv; /* the sequence part was unnormalized */
         if (lse) lse[row] = lrow[r];
         if (depth_mass) depth_mass[row] = drow[r];
         if (probs) {
             float *pr = probs + row * width;
             for (int64_t u = 0; u < n; u++) pr[u] = s[u] * inv;
             memset(pr + n, 0, (size_t)(Tk - n) * sizeof(float));
-            memcpy(pr + Tk, s + Tk, (size_t)dcols * sizeof(float));
+            memcpy(pr + Tk, sd + r * ldd, (size_t)dcols * sizeof(float));
         }
     }
 }
@@ -268,13 +292,15 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
         for (int64_t u = n; u < Tk; u++) s[u] = -INFINITY;
         float mx = -INFINITY;
         for (int64_t u = 0; u < n; u++) mx = s[u] > mx ? s[u] : mx;
-        float md, dm, inv;
-        depth_logits(a, q, b, h, tq, 1, scale, s + Tk, 0, &md);
+        float dm, inv;
+        depth_logits(a, q, b, h, 1, tq, 1, scale, s + Tk, 0, 0);
+        float md = row_max(s + Tk, depth_cols(a));
         mx *= scale;
         float l = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &dm, &inv);
         for (int64_t u = 0; u < n; u++) s[u] *= inv;
         sf_bf16_combine(path, ot, s, key_row(a, a->v, b, 0, g), a->Hkv * dh, n, dh);
-        block_finish(a, b, h, tq, 1, s, 0, &l, &dm, NULL, ot, 0, lse, probs, depth_mass);
+        block_finish(a, b, h, tq, 1, s, 0, s + Tk, 0, &l, &dm, NULL, ot, 0, lse, probs, depth_mass);
+        depth_values(a, b, h, 1, tq, 1, s + Tk, 0, 0, out);
         return;
     }
     float mx = row_logits(a, q, b, h, tq, scale, s), dm, inv;
@@ -285,7 +311,8 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
         float pu = s[u];
         for (int64_t e = 0; e < dh; e++) ot[e] = fmaf(pu, vu[e], ot[e]);
     }
-    block_finish(a, b, h, tq, 1, s, 0, &l, &dm, &inv, ot, 0, lse, probs, depth_mass);
+    block_finish(a, b, h, tq, 1, s, 0, s + Tk, 0, &l, &dm, &inv, ot, 0, lse, probs, depth_mass);
+    depth_values(a, b, h, 1, tq, 1, s + Tk, 0, 0, out);
 }
 
 /* S = Q K^T for query rows [tq0, tq0 + nq) of head h into sblk (row stride width), each row
@@ -341,10 +368,10 @@ static float row_mask(const sf_attn_args *a, int64_t b, float *s, int64_t n, int
 /* bf16 forward of one work unit: head h of batch b, query blocks [blk0, blk1). As the fp32
  * unit, with S = bf16(Q) bf16(K)^T and O = bf16(P) bf16(V), P normalized first. */
 static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, float *out, float *lse,
-                              float *probs, float *depth_mass, float *ws, int64_t b, int64_t h,
+                              float *probs, float *depth_mass, float *dl, float *ws, int64_t b, int64_t h,
                               int64_t blk0, int64_t blk1) {
     const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh, G = H / a->Hkv, g = h / G;
-    const int64_t qd = H * dh, kvd = a->Hkv * dh, width = Tk + depth_cols(a), dhh = (dh + 1) / 2;
+    const int64_t qd = H * dh, kvd = a->Hkv * dh, dcols = depth_cols(a), width = Tk + dcols, dhh = (dh + 1) / 2;
     const float scale = 1.0f / sqrtf((float)dh);
     const int64_t mrt = sf_bf16_path_mr(path);
     bf_ws w = bf_layout(a, ws);
@@ -367,14 +394,14 @@ static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, f
                              mr, dhh, lim, 0);
             }
         }
-        float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], mdep[SF_ATT_BQ];
-        depth_logits(a, q, b, h, tq0, nq, scale, w.sblk + Tk, width, mdep);
+        float lrow[SF_ATT_BQ], drow[SF_ATT_BQ];
+        float *sdb = dl + ((b * H + h) * Tq + tq0) * dcols; /* the depth logits, made beforehand */
         for (int64_t i = 0; i < nq; i++) {
             int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
             int64_t n = key_limit(a, t);
-            float *s = w.sblk + i * width, inv;
-            float mx = row_mask(a, b, s, n, kend, scale), md = mdep[i];
-            lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &inv);
+            float *s = w.sblk + i * width, *sd = sdb + i * dcols, inv;
+            float mx = row_mask(a, b, s, n, kend, scale), md = row_max(sd, dcols);
+            lrow[i] = row_softmax(a, row, s, n, sd, md > mx ? md : mx, scale, &drow[i], &inv);
             for (int64_t u = 0; u < n; u++) s[u] *= inv;
         }
         float *ob = out + (b * Tq + tq0) * qd + h * dh;
@@ -385,7 +412,7 @@ static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, f
             sf_bf16_rows(path, ob + i0 * qd, qd, w.pa + i0 * ldp, ldp, w.kvn, khv * SF_BF16_NR, mr,
                          (lim + 1) / 2, dh, 0);
         }
-        block_finish(a, b, h, tq0, nq, w.sblk, width, lrow, drow, NULL, ob, qd, lse, probs, depth_mass);
+        block_finish(a, b, h, tq0, nq, w.sblk, width, sdb, dcols, lrow, drow, NULL, ob, qd, lse, probs, depth_mass);
     }
 }
 
@@ -402,11 +429,25 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
      * packed once per head), otherwise each head's query blocks split in nt parts. */
     const int64_t per_head = B * H >= 2 * nt ? 1 : (nblk < nt ? nblk : nt);
     const int path = a->bf16 ? sf_bf16_path() : 0;
+    /* MoDA: the depth logits of every row are made first and the depth values added last, by
+     * units of (batch, kv head, query block), so that a slot read once serves every query
+     * head that shares it; the head units in between take them from dl (B, H, Tq, dcols). */
+    float *dl = scratch;
+    const int depth_passes = !rowwise && dcols > 0;
+    const int64_t dunits = B * a->Hkv * nblk;
 
 #pragma omp parallel num_threads(nt) if (rows * width * dh > (1 << 20))
     {
         const int tid = sf_team_tid();
-        float *ws = scratch + (int64_t)tid * per_thread_floats(a);
+        float *ws = scratch + depth_scratch_floats(a) + (int64_t)tid * per_thread_floats(a);
+        if (depth_passes) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t unit = 0; unit < dunits; unit++) {
+                int64_t b = unit / (a->Hkv * nblk), h0 = (unit / nblk) % a->Hkv * G, tq0 = unit % nblk * SF_ATT_BQ;
+                depth_logits(a, q, b, h0, G, tq0, Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ, scale,
+                             dl + ((b * H + h0) * Tq + tq0) * dcols, Tq * dcols, dcols);
+            }
+        }
         if (rowwise) {
 #pragma omp for schedule(dynamic, 8)
             for (int64_t row = 0; row < rows; row++) forward_row(a, q, out, lse, probs, depth_mass, ws, row);
@@ -418,7 +459,7 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                 /* this unit's query blocks [blk0, blk1); K and V packed once for all of them */
                 int64_t blk0 = (unit % per_head) * nblk / per_head, blk1 = (unit % per_head + 1) * nblk / per_head;
                 if (a->bf16) {
-                    forward_unit_bf16(a, path, q, out, lse, probs, depth_mass, ws, b, h, blk0, blk1);
+                    forward_unit_bf16(a, path, q, out, lse, probs, depth_mass, dl, ws, b, h, blk0, blk1);
                     continue;
                 }
                 int64_t t_last = (blk1 * SF_ATT_BQ < Tq ? blk1 * SF_ATT_BQ : Tq) - 1;
@@ -432,34 +473,44 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
                     int64_t nq = Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ;
                     int64_t kend = key_limit(a, a->q_pos0 + tq0 + nq - 1);
                     if (kend > 0) block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
-                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], irow[SF_ATT_BQ], mdep[SF_ATT_BQ];
-                    depth_logits(a, q, b, h, tq0, nq, scale, sblk + Tk, width, mdep);
+                    float lrow[SF_ATT_BQ], drow[SF_ATT_BQ], irow[SF_ATT_BQ];
+                    float *sdb = dl + ((b * H + h) * Tq + tq0) * dcols;
                     for (int64_t i = 0; i < nq; i++) {
                         int64_t t = a->q_pos0 + tq0 + i, row = (b * H + h) * Tq + tq0 + i;
                         int64_t n = key_limit(a, t);
-                        float *s = sblk + i * width;
-                        float mx = row_mask(a, b, s, n, kend, scale), md = mdep[i];
-                        lrow[i] = row_softmax(a, row, s, n, s + Tk, md > mx ? md : mx, scale, &drow[i], &irow[i]);
+                        float *s = sblk + i * width, *sd = sdb + i * dcols;
+                        float mx = row_mask(a, b, s, n, kend, scale), md = row_max(sd, dcols);
+                        lrow[i] = row_softmax(a, row, s, n, sd, md > mx ? md : mx, scale, &drow[i], &irow[i]);
                     }
                     float *ob = out + (b * Tq + tq0) * qd + h * dh;
                     block_times_values(a, ob, qd, tq0, nq, sblk, vn, kpack, 0);
-                    block_finish(a, b, h, tq0, nq, sblk, width, lrow, drow, irow, ob, qd, lse, probs, depth_mass);
+                    block_finish(a, b, h, tq0, nq, sblk, width, sdb, dcols, lrow, drow, irow, ob, qd, lse, probs, depth_mass);
                 }
+            }
+        }
+        if (depth_passes) { /* after every head's sequence part is in place and normalized */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t unit = 0; unit < dunits; unit++) {
+                int64_t b = unit / (a->Hkv * nblk), h0 = (unit / nblk) % a->Hkv * G, tq0 = unit % nblk * SF_ATT_BQ;
+                depth_values(a, b, h0, G, tq0, Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ,
+                             dl + ((b * H + h0) * Tq + tq0) * dcols, Tq * dcols, dcols, out);
             }
         }
     }
 }
 
-/* The depth columns' gradients of query rows [tq0, tq0 + nq) of head h (they do not tile: each
- * row has its own slots), slot by slot as in depth_logits; D[r] = dO . O of row r. Adds to the
- * rows' dQ (dq_depth under moda_depth_rope='none') and to the slots' dK, dV. With the row's
- * log-sum-exp known, a column's probability needs no row max, so each logit is made where it
- * is used and the slot's K is still in L1 for the dQ term. */
+/* The depth columns' gradients of query rows [tq0, tq0 + nq) of query heads [h0, h0 + nh), all
+ * of one kv head (they do not tile: each row has its own slots), slot by slot as in
+ * depth_logits; D[row] = dO . O of the row. Adds to the rows' dQ (dq_depth under
+ * moda_depth_rope='none') and to the slots' dK, dV, for each slot heads ascending, then rows
+ * ascending: the order of the row-at-a-time pass. With the row's log-sum-exp known, a
+ * column's probability needs no row max, so each logit is made where it is used and the
+ * slot's K is still in L1 for the dQ term. */
 static void depth_backward(const sf_attn_args *a, const float *q, const float *dout, const float *lse,
                            float *dq, float *ddepth_k, float *ddepth_v, const float *D, int64_t b,
-                           int64_t h, int64_t tq0, int64_t nq) {
+                           int64_t h0, int64_t nh, int64_t tq0, int64_t nq) {
     const int64_t Tq = a->Tq, Tk = a->Tk, nd = a->n_read, C = a->chunk, dh = a->dh, qd = a->H * dh;
-    const int64_t width = Tk + depth_cols(a), g = h / (a->H / a->Hkv);
+    const int64_t width = Tk + depth_cols(a), g = h0 / (a->H / a->Hkv);
     const float scale = 1.0f / sqrtf((float)dh);
     const int drop = a->dropout > 0.0f;
     float *dqd = a->q_depth ? a->dq_depth : dq;
@@ -467,29 +518,53 @@ static void depth_backward(const sf_attn_args *a, const float *q, const float *d
         for (int64_t i = 0; i < nd; i++) {
             if (a->depth_drop && a->depth_drop[i]) continue;
             const int64_t c = uc * nd + i;
-            for (int64_t r = 0; r < nq; r++) {
-                const int64_t tq = tq0 + r, row = (b * a->H + h) * Tq + tq, t = a->q_pos0 + tq;
-                const int64_t u = (t / C) * C + uc;
-                const float l = lse[row];
-                if (l == -INFINITY || !depth_visible(a, b, u, t)) continue;
-                const float *qdt = depth_query(a, q, b, tq, h), *dot_ = dout + (b * Tq + tq) * qd + h * dh;
-                const float *kd = depth_row(a, a->depth_k, b, u, i, g), *vd = depth_row(a, a->depth_v, b, u, i, g);
-                const float sc = dot(qdt, kd, dh) * scale;
-                if (sc == -INFINITY) continue;
-                float p = sf_expf(sc - l);
-                float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
-                float ds = p * (keep * dot(dot_, vd, dh) - D[r]) * scale;
-                axpy(dqd + (b * Tq + tq) * qd + h * dh, ds, kd, dh);
-                axpy((float *)depth_row(a, ddepth_k, b, u, i, g), ds, qdt, dh);
-                axpy((float *)depth_row(a, ddepth_v, b, u, i, g), p * keep, dot_, dh);
-            }
+            for (int64_t h = h0; h < h0 + nh; h++)
+                for (int64_t r = 0; r < nq; r++) {
+                    const int64_t tq = tq0 + r, row = (b * a->H + h) * Tq + tq, t = a->q_pos0 + tq;
+                    const int64_t u = (t / C) * C + uc;
+                    const float l = lse[row];
+                    if (l == -INFINITY || !depth_visible(a, b, u, t)) continue;
+                    const float *qdt = depth_query(a, q, b, tq, h), *dot_ = dout + (b * Tq + tq) * qd + h * dh;
+                    const float *kd = depth_row(a, a->depth_k, b, u, i, g), *vd = depth_row(a, a->depth_v, b, u, i, g);
+                    float *dkd = (float *)depth_row(a, ddepth_k, b, u, i, g), *dvd = (float *)depth_row(a, ddepth_v, b, u, i, g);
+                    if (h == h0) {
+                        prefetch_row(kd, dh); prefetch_row(vd, dh);
+                        prefetch_row(dkd, dh); prefetch_row(dvd, dh);
+                    }
+                    const float sc = dot(qdt, kd, dh) * scale;
+                    if (sc == -INFINITY) continue;
+                    float p = sf_expf(sc - l);
+                    float keep = drop ? sf_dropout_scale(a->dropout_seed, a->dropout_stream, (uint64_t)(row * width + Tk + c), a->dropout) : 1.0f;
+                    float ds = p * (keep * dot(dot_, vd, dh) - D[row]) * scale;
+                    axpy(dqd + (b * Tq + tq) * qd + h * dh, ds, kd, dh);
+                    axpy(dkd, ds, qdt, dh);
+                    axpy(dvd, p * keep, dot_, dh);
+                }
         }
+}
+
+/* A backward unit's (batch b, kv head g) depth part, before its sequence part: its dQ (and
+ * dq_depth) rows start at zero and take the depth columns' terms first, as the row-at-a-time
+ * pass had them; one pass over the unit's rows for all the query heads that share g. Dr: the
+ * rows' D, (B, H, Tq). */
+static void backward_depth_unit(const sf_attn_args *a, const float *q, const float *out, const float *dout,
+                                const float *lse, float *dq, float *ddepth_k, float *ddepth_v, float *Dr,
+                                int64_t b, int64_t g) {
+    const int64_t Tq = a->Tq, H = a->H, dh = a->dh, qd = H * dh, G = H / a->Hkv;
+    for (int64_t h = g * G; h < (g + 1) * G; h++)
+        for (int64_t tq = 0; tq < Tq; tq++) {
+            const int64_t row = (b * H + h) * Tq + tq, off = (b * Tq + tq) * qd + h * dh;
+            memset(dq + off, 0, (size_t)dh * sizeof(float));
+            if (a->q_depth) memset(a->dq_depth + off, 0, (size_t)dh * sizeof(float));
+            Dr[row] = lse[row] == -INFINITY ? 0.0f : dot(dout + off, out + off, dh);
+        }
+    depth_backward(a, q, dout, lse, dq, ddepth_k, ddepth_v, Dr, b, g * G, G, 0, Tq);
 }
 
 /* The backward's row pass over query rows [tq0, tq0 + nq) of head h (batch b, kv head g), the
  * same for fp32 and bf16 units: with S = Q K^T in sblk and dP = dO V^T in pblk (rows `width`
- * floats apart, valid to kend), each row becomes dS (in pblk) and the dropped P (in sblk), its
- * dQ row starts at zero, and MoDA's depth columns get their gradients. */
+ * floats apart, valid to kend), each row becomes dS (in pblk) and the dropped P (in sblk), and
+ * its dQ row starts at zero (under MoDA it already holds the depth columns' terms). */
 static void backward_row_pass(const sf_attn_args *a, const float *q, const float *out, const float *dout,
                               const float *lse, float *dq, float *ddepth_k, float *ddepth_v, float *sblk,
                               float *pblk, int64_t b, int64_t g, int64_t h, int64_t tq0, int64_t nq,
@@ -499,7 +574,6 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
     const float scale = 1.0f / sqrtf((float)dh);
     const int drop = a->dropout > 0.0f;
     const uint8_t *pad = a->key_padding_mask ? a->key_padding_mask + b * Tk : NULL;
-    float Drow[SF_ATT_BQ];
     for (int64_t i = 0; i < nq; i++) {
         int64_t tq = tq0 + i, row = (b * H + h) * Tq + tq, t = a->q_pos0 + tq;
         int64_t n = key_limit(a, t);
@@ -508,8 +582,10 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
         float *dqt = dq + (b * Tq + tq) * qd + h * dh;
         float *s = sblk + i * width, *dp = pblk + i * width;
         const float l = lse[row];
-        memset(dqt, 0, (size_t)dh * sizeof(float));
-        if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
+        if (dcols == 0) { /* else backward_depth_unit started it */
+            memset(dqt, 0, (size_t)dh * sizeof(float));
+            if (a->q_depth) memset(a->dq_depth + (b * Tq + tq) * qd + h * dh, 0, (size_t)dh * sizeof(float));
+        }
         if (l == -INFINITY) n = 0; /* nothing visible: no gradient */
         if (kend > n) {
             memset(s + n, 0, (size_t)(kend - n) * sizeof(float));
@@ -518,7 +594,7 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
         if (l == -INFINITY) continue;
         /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
          * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
-        float D = Drow[i] = dot(dot_, ot, dh);
+        float D = dot(dot_, ot, dh);
         if (drop) {
             for (int64_t u = 0; u < n; u++) {
                 float p = sf_expf(s[u] * scale - l);
@@ -533,7 +609,6 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
             for (int64_t u = 0; u < n; u++)
                 if (!pad[u]) { s[u] = 0.0f; dp[u] = 0.0f; }
     }
-    if (dcols > 0) depth_backward(a, q, dout, lse, dq, ddepth_k, ddepth_v, Drow, b, h, tq0, nq);
 }
 
 /* bf16 backward of one unit (batch b, kv head g): the fp32 unit's steps with every sequence
@@ -637,12 +712,13 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
 #pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > (1 << 20))
     {
         const int tid = sf_team_tid();
-        float *ws = scratch + (int64_t)tid * per_thread_floats(a);
+        float *ws = scratch + depth_scratch_floats(a) + (int64_t)tid * per_thread_floats(a);
         float *kt = ws, *vt = ws + P, *kn = ws + 2 * P, *qn = ws + 3 * P, *dn = qn + QP;
         float *sblk = dn + QP, *pblk = sblk + SF_ATT_BQ * width;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t b = unit / Hkv, g = unit % Hkv;
+            if (dcols > 0) backward_depth_unit(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, scratch, b, g);
             if (a->bf16) {
                 backward_unit_bf16(a, path, q, out, dout, lse, dq, dk, dv, ddepth_k, ddepth_v, ws, b, g);
                 continue;

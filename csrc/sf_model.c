@@ -138,6 +138,7 @@ static void layout(run *R, bump *bp, want w) {
     R->pack = take(bp, pk);
     if (R->bf16) sf_bf16_layout(R, bp);
     sf_attn_args aa = {0};
+    aa.B = R->B; aa.Tq = R->T; aa.H = c->n_heads;
     aa.Tk = R->cache ? R->cache->max_len : R->T;
     aa.n_read = R->n_slots;
     aa.chunk = c->moda_chunk;
