@@ -12,11 +12,14 @@
  * Memory is O(SF_ATT_BQ * T) per thread, never a T x T buffer unless the caller asks for the
  * probabilities as a trace; the backward pass recomputes the probabilities from the saved
  * log-sum-exp (flash-attention style). Depth slots are read in place from the arena
- * (B, Hkv, n_slots, T, dh), slot by slot over a block of query rows: one slot of consecutive
- * positions is one contiguous stream of nq * dh floats, where a position-major arena made every
- * row a short read on a page of its own (the hardware prefetchers stop at page boundaries).
- * Every dot product and every accumulation runs in the order of the row-at-a-time loops it
- * replaced (per float: slots ascending; per slot: rows ascending), so the bits did not move.
+ * (B, Hkv, n_slots, T, dh), slot by slot over many query rows: one slot of consecutive
+ * positions is one contiguous stream, where a position-major arena made every row a short read
+ * on a page of its own. The depth work runs in passes of its own, by (batch, kv head) groups,
+ * so one read of a slot serves every query head that shares it: the forward makes all rows'
+ * depth logits before the head units and adds the depth values after them; the backward does a
+ * unit's depth part before its sequence part. Every dot product and accumulation keeps the order
+ * of the row-at-a-time loops this replaced (per float: slots ascending; per slot: heads, then
+ * rows ascending), so the bits did not move.
  * Decoding (a few query rows over a
  * long cache) takes the row-at-a-time path instead, where packing K and V would cost as much as
  * the products themselves.
@@ -416,6 +419,18 @@ static void forward_unit_bf16(const sf_attn_args *a, int path, const float *q, f
     }
 }
 
+/* The forward's depth passes work in units of (batch b, kv head, query block): unit -> b, its
+ * first query head h0, its rows [tq0, tq0 + nq); returns where their depth columns are in dl. */
+static float *depth_unit(const sf_attn_args *a, float *dl, int64_t unit, int64_t *b, int64_t *h0,
+                         int64_t *tq0, int64_t *nq) {
+    const int64_t nblk = (a->Tq + SF_ATT_BQ - 1) / SF_ATT_BQ;
+    *b = unit / (a->Hkv * nblk);
+    *h0 = (unit / nblk) % a->Hkv * (a->H / a->Hkv);
+    *tq0 = unit % nblk * SF_ATT_BQ;
+    *nq = a->Tq - *tq0 < SF_ATT_BQ ? a->Tq - *tq0 : SF_ATT_BQ;
+    return dl + ((*b * a->H + *h0) * a->Tq + *tq0) * depth_cols(a);
+}
+
 void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, float *lse,
                           float *probs, float *depth_mass, float *scratch, int n_threads) {
     const int64_t B = a->B, Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh;
@@ -443,9 +458,9 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
         if (depth_passes) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t unit = 0; unit < dunits; unit++) {
-                int64_t b = unit / (a->Hkv * nblk), h0 = (unit / nblk) % a->Hkv * G, tq0 = unit % nblk * SF_ATT_BQ;
-                depth_logits(a, q, b, h0, G, tq0, Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ, scale,
-                             dl + ((b * H + h0) * Tq + tq0) * dcols, Tq * dcols, dcols);
+                int64_t b, h0, tq0, nq;
+                float *sd = depth_unit(a, dl, unit, &b, &h0, &tq0, &nq);
+                depth_logits(a, q, b, h0, G, tq0, nq, scale, sd, Tq * dcols, dcols);
             }
         }
         if (rowwise) {
@@ -491,9 +506,9 @@ void sf_attention_forward(const sf_attn_args *a, const float *q, float *out, flo
         if (depth_passes) { /* after every head's sequence part is in place and normalized */
 #pragma omp for schedule(dynamic, 1)
             for (int64_t unit = 0; unit < dunits; unit++) {
-                int64_t b = unit / (a->Hkv * nblk), h0 = (unit / nblk) % a->Hkv * G, tq0 = unit % nblk * SF_ATT_BQ;
-                depth_values(a, b, h0, G, tq0, Tq - tq0 < SF_ATT_BQ ? Tq - tq0 : SF_ATT_BQ,
-                             dl + ((b * H + h0) * Tq + tq0) * dcols, Tq * dcols, dcols, out);
+                int64_t b, h0, tq0, nq;
+                const float *sd = depth_unit(a, dl, unit, &b, &h0, &tq0, &nq);
+                depth_values(a, b, h0, G, tq0, nq, sd, Tq * dcols, dcols, out);
             }
         }
     }
@@ -566,7 +581,7 @@ static void backward_depth_unit(const sf_attn_args *a, const float *q, const flo
  * floats apart, valid to kend), each row becomes dS (in pblk) and the dropped P (in sblk), and
  * its dQ row starts at zero (under MoDA it already holds the depth columns' terms). */
 static void backward_row_pass(const sf_attn_args *a, const float *q, const float *out, const float *dout,
-                              const float *lse, float *dq, float *ddepth_k, float *ddepth_v, float *sblk,
+                              const float *lse, float *dq, const float *Dr, float *sblk,
                               float *pblk, int64_t b, int64_t g, int64_t h, int64_t tq0, int64_t nq,
                               int64_t kend) {
     const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, dh = a->dh, qd = H * dh;
@@ -594,7 +609,7 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
         if (l == -INFINITY) continue;
         /* with dropout keep m_c: out = sum_c p_c m_c v_c, so dv_c = p_c m_c dO,
          * dp_c = m_c (dO . v_c), and D = sum_c p_c dp_c = dO . out still holds */
-        float D = dot(dot_, ot, dh);
+        float D = Dr ? Dr[row] : dot(dot_, ot, dh); /* Dr: backward_depth_unit made them */
         if (drop) {
             for (int64_t u = 0; u < n; u++) {
                 float p = sf_expf(s[u] * scale - l);
@@ -617,7 +632,7 @@ static void backward_row_pass(const sf_attn_args *a, const float *q, const float
  * even row, whatever the tile height, so every path gives the same chains. */
 static void backward_unit_bf16(const sf_attn_args *a, int path, const float *q, const float *out,
                                const float *dout, const float *lse, float *dq, float *dk, float *dv,
-                               float *ddepth_k, float *ddepth_v, float *ws, int64_t b, int64_t g) {
+                               const float *Dr, float *ws, int64_t b, int64_t g) {
     const int64_t Tq = a->Tq, Tk = a->Tk, H = a->H, Hkv = a->Hkv, dh = a->dh, G = H / Hkv;
     const int64_t qd = H * dh, kvd = Hkv * dh, dcols = depth_cols(a), width = Tk + dcols;
     const int64_t dhh = (dh + 1) / 2, mrt = sf_bf16_path_mr(path);
@@ -651,7 +666,7 @@ static void backward_unit_bf16(const sf_attn_args *a, int path, const float *q, 
                                  dhh * SF_BF16_NR, mr, dhh, lim, 0); /* dP = dO V^T */
                 }
             }
-            backward_row_pass(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, sblk, pblk, b, g, h, tq0, nq, kend);
+            backward_row_pass(a, q, out, dout, lse, dq, Dr, sblk, pblk, b, g, h, tq0, nq, kend);
             if (kend == 0) continue;
             /* dQ += dS K, row tiles reducing over the keys their last row sees */
             const int64_t ldp = (kend + 1) / 2;
@@ -718,9 +733,10 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
 #pragma omp for schedule(dynamic, 1)
         for (int64_t unit = 0; unit < units; unit++) {
             int64_t b = unit / Hkv, g = unit % Hkv;
-            if (dcols > 0) backward_depth_unit(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, scratch, b, g);
+            float *Dr = dcols > 0 ? scratch : NULL; /* the rows' D, (B, H, Tq) */
+            if (Dr) backward_depth_unit(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, Dr, b, g);
             if (a->bf16) {
-                backward_unit_bf16(a, path, q, out, dout, lse, dq, dk, dv, ddepth_k, ddepth_v, ws, b, g);
+                backward_unit_bf16(a, path, q, out, dout, lse, dq, dk, dv, Dr, ws, b, g);
                 continue;
             }
             for (int64_t u = 0; u < Tk; u++) { /* this unit's dK, dV rows start at zero */
@@ -741,7 +757,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                         block_logits(a, q, b, h, tq0, nq, kend, kt, sblk);
                         block_logits(a, dout, b, h, tq0, nq, kend, vt, pblk); /* dP = dO V^T */
                     }
-                    backward_row_pass(a, q, out, dout, lse, dq, ddepth_k, ddepth_v, sblk, pblk, b, g, h, tq0, nq, kend);
+                    backward_row_pass(a, q, out, dout, lse, dq, Dr, sblk, pblk, b, g, h, tq0, nq, kend);
                     if (kend == 0) continue;
                     /* dQ += dS K */
                     block_times_values(a, dq + (b * Tq + tq0) * qd + h * dh, qd, tq0, nq, pblk, kn, kall, 1);
