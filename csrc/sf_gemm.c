@@ -252,8 +252,8 @@ tile_avx512_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, c
         __m512 w1 = np == 2 ? _mm512_loadu_ps(pp + np1 + k * ps) : w0;
 #pragma GCC unroll 8
         for (int r = 0; r < mr; r++) {
-            /* packed: a strided A's row panel [k][8] (the dW products), one pointer for all rows */
-            __m512 a = _mm512_set1_ps(packed ? x[k * 8 + r] : x[r * rs + k]);
+            /* packed: a strided A, k-th row rs floats on (the dW products), one pointer for all rows */
+            __m512 a = _mm512_set1_ps(packed ? x[k * rs + r] : x[r * rs + k]);
             c0[r] = _mm512_fmadd_ps(a, w0, c0[r]);
             if (np == 2) c1[r] = _mm512_fmadd_ps(a, w1, c1[r]);
         }
@@ -266,7 +266,8 @@ tile_avx512_rows(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, c
 }
 
 /* packed = 0: rows of A rs floats apart (the contiguous products); packed = 1: a strided A's
- * row panel [k][8] (the dW products), rows past mr unread. */
+ * rows k rs floats apart, each holding the tile's 8 rows (a row panel [k][8], rs = 8, or dy
+ * itself for the dW products), rows past mr unread. */
 __attribute__((target("avx512f"))) static void
 tile_avx512(float *y, int64_t ldy, const float *x, int64_t rs, int64_t K, const float *pp,
             int64_t ps, int64_t np1, const float *b, int accumulate, int64_t mr, int np, int packed) {
@@ -474,28 +475,35 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
      * stream through. Owning panels, a thread packs exactly the panels it reads: no barrier,
      * and no panel crosses to the other core's cache (for small products that transfer cost
      * more than the tiles). Row ranges are used when the panels do not split evenly, and
-     * for a strided A, whose row panels are copied per thread. */
+     * for a strided A whose row panels must be copied per thread.
+     * A strided A with unit row stride (dW = dy^T x: k-th row of the tile is 8 consecutive
+     * floats of dy's row k) is read in place instead, and its products are shared out by
+     * panels: then every B slice is copied by one thread only. With rows shared out, both
+     * threads copied every slice of B (x, up to 12.6 MB at M) and S's dW products, 128-512
+     * rows, spent a quarter of their time packing. dW, 2 threads: S's shapes 370-415 -> 435-475
+     * GFLOP/s, M's 418-455 -> 448-474, mHC's 24-row dPhi 180 -> 295. */
     int64_t r0 = 0, r1 = nr, p0 = 0, p1 = np;
-    const int by_rows = nr >= T && (a_packed || (np % T != 0 && np < 4 * T));
+    const int a_inplace = a_packed && a_rs == 1;
+    const int by_rows = nr >= T && (a_packed ? !(a_inplace && np >= 2 * T) : (np % T != 0 && np < 4 * T));
     if (by_rows) { r0 = nr * tid / T; r1 = nr * (tid + 1) / T; }
     else { p0 = np * tid / T; p1 = np * (tid + 1) / T; }
     if (a_packed) {
-        /* strided A (dW = dy^T x): per K chunk, copy this thread's rows of A into row panels
-         * [tile][k][mrt] (8 rows with AVX-512, else 6) so the tiles read A contiguously; y
+        /* strided A (unless read in place, above): per K chunk, copy this thread's rows of A
+         * into row panels [tile][k][mrt] (8 rows with AVX-512, else 6) so the tiles read A
+         * contiguously; y
          * carries the sums across chunks. With AVX-512 the tile is 8 x 32 like the contiguous
          * products' (two B slices per thread): on a CPU whose 512-bit FMAs run at full width
          * the 6 x 16 AVX2 tile left dW at half the peak (207 against ~500 GFLOP/s at M).
          * B is copied one (chunk, panel) slice at a time into this thread's own 8 KB, right
          * before its tiles read it from L1. Packing all of B up front wrote and re-read K x M
          * floats through L3 (x, 3 MB for M's dW), and on two threads half of the panels
-         * crossed cores; both threads now copy every slice, ~1% of the tiles' work. dW at
-         * M's shapes: 153 -> 186 GFLOP/s on 2 threads, 93 -> 97 on one. */
+         * crossed cores. dW at M's shapes: 153 -> 186 GFLOP/s on 2 threads, 93 -> 97 on one. */
         float *ap = pack + r0 * mrt * SF_KC;
         float *bs = pack + nr * mrt * SF_KC + (int64_t)tid * 2 * SF_KC * SF_NR;
         for (int64_t k0 = 0; k0 < K; k0 += SF_KC) {
             int64_t kc = K - k0 < SF_KC ? K - k0 : SF_KC;
             int acc = accumulate || k0 > 0;
-            for (int64_t r = r0; r < r1; r++) {
+            for (int64_t r = r0; r < r1 && !a_inplace; r++) {
                 int64_t n0 = r * mrt, mr = N - n0 < mrt ? N - n0 : mrt;
                 float *dst = ap + (r - r0) * kc * mrt;
                 for (int64_t k = 0; k < kc; k++) {
@@ -511,15 +519,16 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
                 const float *bp = (b && k0 == 0) ? b + m0 : NULL;
                 for (int64_t r = r0; r < r1; r++) {
                     int64_t n0 = r * mrt, mr = N - n0 < mrt ? N - n0 : mrt;
-                    const float *at = ap + (r - r0) * kc * mrt;
+                    const float *at = a_inplace ? a + n0 + k0 * a_cs : ap + (r - r0) * kc * mrt;
+                    const int64_t acs = a_inplace ? a_cs : mrt;
 #ifdef SF_X86
                     if (use512 && mw == SF_NR) {
-                        tile_avx512(y + n0 * ldy + m0, ldy, at, 0, kc, bs, SF_NR, SF_KC * SF_NR, bp, acc, mr, two ? 2 : 1, 1);
+                        tile_avx512(y + n0 * ldy + m0, ldy, at, acs, kc, bs, SF_NR, SF_KC * SF_NR, bp, acc, mr, two ? 2 : 1, 1);
                         continue;
                     }
 #endif
                     for (int64_t i = 0; i < mr; i += SF_MR) /* 6-row tiles over the panel's rows */
-                        run_tile(y + (n0 + i) * ldy + m0, ldy, at + i, 1, mrt, kc, bs, SF_NR, bp,
+                        run_tile(y + (n0 + i) * ldy + m0, ldy, at + i, 1, acs, kc, bs, SF_NR, bp,
                                  mr - i < SF_MR ? mr - i : SF_MR, mw, acc, use_avx);
                 }
             }
