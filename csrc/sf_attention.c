@@ -36,7 +36,7 @@
 
 static int64_t depth_cols(const sf_attn_args *a) { return a->n_read * a->chunk; }
 
-#define SF_ATT_BQ 48     /* query rows per block: 8 register tiles of 6 */
+#define SF_ATT_BQ 48     /* query rows per block: 6 register tiles of 8 (8 of 6 without AVX-512) */
 #define SF_ATT_ROWS_MAX 3 /* Tq at or below this: row-at-a-time path (decoding) */
 
 static int64_t round16(int64_t n) { return (n + SF_GEMM_NR - 1) / SF_GEMM_NR * SF_GEMM_NR; }
@@ -323,14 +323,14 @@ static void forward_row(const sf_attn_args *a, const float *q, float *out, float
  * key limit hold junk until the row pass masks them. */
 static void block_logits(const sf_attn_args *a, const float *q, int64_t b, int64_t h,
                          int64_t tq0, int64_t nq, int64_t kend, const float *kt, float *sblk) {
-    const int64_t dh = a->dh, qd = a->H * dh, width = a->Tk + depth_cols(a);
-    for (int64_t i0 = 0; i0 < nq; i0 += SF_GEMM_MR) {
-        int64_t mr = nq - i0 < SF_GEMM_MR ? nq - i0 : SF_GEMM_MR;
+    const int64_t dh = a->dh, qd = a->H * dh, width = a->Tk + depth_cols(a), MRT = sf_gemm_tile_rows();
+    for (int64_t i0 = 0; i0 < nq; i0 += MRT) {
+        int64_t mr = nq - i0 < MRT ? nq - i0 : MRT;
         int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
         const float *qa = q + (b * a->Tq + tq0 + i0) * qd + h * dh;
-        for (int64_t c0 = 0; c0 < lim; c0 += SF_GEMM_NR)
-            sf_gemm_tile(sblk + i0 * width + c0, width, qa, qd, 1, dh, kt + c0 * dh, NULL, mr,
-                         kend - c0 < SF_GEMM_NR ? kend - c0 : SF_GEMM_NR, 0);
+        for (int64_t c0 = 0; c0 < lim; c0 += 2 * SF_GEMM_NR)
+            sf_gemm_tile2(sblk + i0 * width + c0, width, qa, qd, 1, dh, kt + c0 * dh, SF_GEMM_NR * dh, NULL, mr,
+                          kend - c0 < 2 * SF_GEMM_NR ? kend - c0 : 2 * SF_GEMM_NR, 0);
     }
 }
 
@@ -339,13 +339,13 @@ static void block_logits(const sf_attn_args *a, const float *q, int64_t b, int64
  * vn: V panels (K = kn rows). */
 static void block_times_values(const sf_attn_args *a, float *y, int64_t ld, int64_t tq0, int64_t nq,
                                const float *pblk, const float *vn, int64_t kn, int accumulate) {
-    const int64_t dh = a->dh, width = a->Tk + depth_cols(a);
-    for (int64_t i0 = 0; i0 < nq; i0 += SF_GEMM_MR) {
-        int64_t mr = nq - i0 < SF_GEMM_MR ? nq - i0 : SF_GEMM_MR;
+    const int64_t dh = a->dh, width = a->Tk + depth_cols(a), MRT = sf_gemm_tile_rows();
+    for (int64_t i0 = 0; i0 < nq; i0 += MRT) {
+        int64_t mr = nq - i0 < MRT ? nq - i0 : MRT;
         int64_t lim = key_limit(a, a->q_pos0 + tq0 + i0 + mr - 1);
-        for (int64_t c0 = 0; c0 < dh; c0 += SF_GEMM_NR)
-            sf_gemm_tile(y + i0 * ld + c0, ld, pblk + i0 * width, width, 1, lim, vn + c0 * kn, NULL,
-                         mr, dh - c0 < SF_GEMM_NR ? dh - c0 : SF_GEMM_NR, accumulate);
+        for (int64_t c0 = 0; c0 < dh; c0 += 2 * SF_GEMM_NR)
+            sf_gemm_tile2(y + i0 * ld + c0, ld, pblk + i0 * width, width, 1, lim, vn + c0 * kn, SF_GEMM_NR * kn,
+                          NULL, mr, dh - c0 < 2 * SF_GEMM_NR ? dh - c0 : 2 * SF_GEMM_NR, accumulate);
     }
 }
 
@@ -723,6 +723,7 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
     const int64_t units = B * Hkv;
     const int64_t kall = Tq > 0 ? key_limit(a, a->q_pos0 + Tq - 1) : 0;
     const int path = a->bf16 ? sf_bf16_path() : 0;
+    const int64_t MRT = sf_gemm_tile_rows(); /* key rows per dK / dV tile */
 
 #pragma omp parallel num_threads(nt) if (B * H * Tq * width * dh > (1 << 20))
     {
@@ -765,19 +766,19 @@ void sf_attention_backward(const sf_attn_args *a, const float *q, const float *o
                      * block's query rows from the first one that can see the tile */
                     sf_pack_panels(qn, q + (b * Tq + tq0) * qd + h * dh, qd, 0, nq, dh);
                     sf_pack_panels(dn, dob, qd, 0, nq, dh);
-                    for (int64_t u0 = 0; u0 < kend; u0 += SF_GEMM_MR) {
-                        int64_t mr = kend - u0 < SF_GEMM_MR ? kend - u0 : SF_GEMM_MR;
+                    for (int64_t u0 = 0; u0 < kend; u0 += MRT) {
+                        int64_t mr = kend - u0 < MRT ? kend - u0 : MRT;
                         int64_t j0 = a->causal ? u0 - (a->q_pos0 + tq0) : 0;
                         if (j0 < 0) j0 = 0;
                         if (j0 >= nq) continue;
                         float *dkr = dk + b * a->kv_bstride + u0 * kvd + g * dh;
                         float *dvr = dv + b * a->kv_bstride + u0 * kvd + g * dh;
-                        for (int64_t c0 = 0; c0 < dh; c0 += SF_GEMM_NR) {
-                            int64_t mw = dh - c0 < SF_GEMM_NR ? dh - c0 : SF_GEMM_NR;
-                            sf_gemm_tile(dkr + c0, kvd, pblk + j0 * width + u0, 1, width, nq - j0,
-                                         qn + c0 * nq + j0 * SF_GEMM_NR, NULL, mr, mw, 1);
-                            sf_gemm_tile(dvr + c0, kvd, sblk + j0 * width + u0, 1, width, nq - j0,
-                                         dn + c0 * nq + j0 * SF_GEMM_NR, NULL, mr, mw, 1);
+                        for (int64_t c0 = 0; c0 < dh; c0 += 2 * SF_GEMM_NR) {
+                            int64_t mw = dh - c0 < 2 * SF_GEMM_NR ? dh - c0 : 2 * SF_GEMM_NR;
+                            sf_gemm_tile2(dkr + c0, kvd, pblk + j0 * width + u0, 1, width, nq - j0,
+                                          qn + c0 * nq + j0 * SF_GEMM_NR, SF_GEMM_NR * nq, NULL, mr, mw, 1);
+                            sf_gemm_tile2(dvr + c0, kvd, sblk + j0 * width + u0, 1, width, nq - j0,
+                                          dn + c0 * nq + j0 * SF_GEMM_NR, SF_GEMM_NR * nq, NULL, mr, mw, 1);
                         }
                     }
                 }

@@ -218,6 +218,14 @@ void sf_pack_panels(float *pack, const float *w, int64_t ldw, int trans_w, int64
  * per-element operation order as sf_gemm. */
 void sf_gemm_tile(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, int64_t K,
                   const float *panel, const float *b, int64_t mr, int64_t mw, int accumulate);
+/* The register tile's height the CPU runs best: 8 rows with AVX-512, else 6. */
+int sf_gemm_tile_rows(void);
+/* sf_gemm_tile over up to two panels: mr <= sf_gemm_tile_rows(), mw <= 32, columns 16.. from
+ * the panel panel_stride floats after the first (K * SF_GEMM_NR for sf_pack_panels' layout).
+ * Same per-element operations as sf_gemm_tile. */
+void sf_gemm_tile2(float *y, int64_t ldy, const float *a, int64_t a_rs, int64_t a_cs, int64_t K,
+                   const float *panel, int64_t panel_stride, const float *b, int64_t mr, int64_t mw,
+                   int accumulate);
 /* Plain triple loop, for tests. */
 void sf_matmul_naive(float *y, const float *x, const float *w, const float *b, int64_t N,
                      int64_t K, int64_t M, int accumulate);

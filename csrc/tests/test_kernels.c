@@ -240,6 +240,41 @@ static void gemm_order_case(int64_t N, int64_t K, int64_t M, int64_t nt) {
     free(a); free(w); free(b); free(y0); free(y); free(want); free(pack);
 }
 
+/* sf_gemm_tile2 (attention's tiles: up to 8 rows, two panels) against an fmaf loop in
+ * ascending k: A with unit k-stride and with unit row stride, both panel strides, with and
+ * without bias / accumulate, every height and width; the floats around the tile untouched. */
+static void gemm_tile2_cases(void) {
+    const int64_t K = 37, lda = 45, ps = K * SF_GEMM_NR + 16, ldy = 40;
+    float *a = falloc(lda * lda), *pn = falloc(2 * ps), *b = falloc(32), *y0 = falloc(10 * ldy);
+    float *y = falloc(10 * ldy), *want = falloc(10 * ldy);
+    fill(a, lda * lda, -1, 1);
+    fill(pn, 2 * ps, -1, 1);
+    fill(b, 32, -1, 1);
+    fill(y0, 10 * ldy, -1, 1);
+    int64_t bad = 0;
+    for (int unit_k = 0; unit_k <= 1; unit_k++)
+        for (int mode = 0; mode < 3; mode++)
+            for (int64_t mr = 1; mr <= 8; mr++)
+                for (int64_t mw = 1; mw <= 32; mw++) {
+                    const int64_t rs = unit_k ? lda : 1, cs = unit_k ? 1 : lda;
+                    const float *bp = mode == 0 ? b : NULL;
+                    memcpy(want, y0, (size_t)(10 * ldy) * sizeof(float));
+                    for (int64_t r = 0; r < mr; r++)
+                        for (int64_t c = 0; c < mw; c++) {
+                            const float *col = pn + (c / SF_GEMM_NR) * ps + c % SF_GEMM_NR;
+                            float s = mode == 2 ? y0[(r + 1) * ldy + c + 2] : (bp ? bp[c] : 0.0f);
+                            for (int64_t k = 0; k < K; k++) s = fmaf(a[r * rs + k * cs], col[k * SF_GEMM_NR], s);
+                            want[(r + 1) * ldy + c + 2] = s;
+                        }
+                    memcpy(y, y0, (size_t)(10 * ldy) * sizeof(float));
+                    sf_gemm_tile2(y + ldy + 2, ldy, a, rs, cs, K, pn, ps, bp, mr, mw, mode == 2);
+                    bad += memcmp(y, want, (size_t)(10 * ldy) * sizeof(float)) != 0;
+                }
+    CHECK(bad == 0, "sf_gemm_tile2: %lld of %d tiles differ from the ascending-k fmaf loop (or wrote outside)",
+          (long long)bad, 2 * 3 * 8 * 32);
+    free(a); free(pn); free(b); free(y0); free(y); free(want);
+}
+
 void test_gemm(void) {
     static const int64_t acts_shapes[][3] = {{1, 7, 9}, {4, 33, 40}, {5, 16, 16}, {13, 20, 37}, {300, 64, 96}};
     for (int i = 0; i < 5; i++) matmul_act_case(acts_shapes[i][0], acts_shapes[i][1], acts_shapes[i][2]);
@@ -250,6 +285,9 @@ void test_gemm(void) {
     gemm_case(150, 64, 70); /* threaded */
     gemm_case(40, 300, 33); /* several K chunks of the strided-A path, edge tiles */
     gemm_case(97, 257, 48);
+    gemm_case(40, 300, 130); /* strided A read in place, shared out by panels over 3 threads */
+    gemm_case(24, 520, 200); /* mHC's dPhi shape: 3 row tiles, 13 panels */
+    gemm_tile2_cases();
     /* rows: one 8-row tile, edges of 1-7 rows, 6-row AVX2 edges; columns: one panel, a pair,
      * a pair and a lone panel, a partial panel; K from 1 past the in-place limit for B */
     static const int64_t on[] = {1, 7, 8, 13, 16, 37}, ok[] = {1, 9, 32, 128}, om[] = {5, 16, 32, 48, 64, 72};
