@@ -2,7 +2,7 @@
  *
  * Work goes in blocks of SF_ATT_BQ query rows of one (batch, head). A block's sequence logits
  * S = Q K^T, the output P V and, in the backward pass, dP = dO V^T, dQ = dS K, dK += dS^T Q and
- * dV += P^T dO are register-tiled products over K and V packed once per block (sf_gemm_tile):
+ * dV += P^T dO are register-tiled products over K and V packed once per block (sf_gemm_tile2):
  * with d_head 32-128 the per-key dot products of a row-at-a-time kernel waste most of the FMA
  * units, the tiles keep them busy. Causality trims every row tile to the keys it can see.
  * Between the products, one pass per row applies masks, MoDA's depth columns (logits by dot
