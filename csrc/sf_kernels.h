@@ -47,35 +47,8 @@ static inline float sf_dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* out[c] = sf_dot(a, b + c * ldb, n) for c < nb, bit for bit (each dot's own eight lanes in
- * the same order, the same sf_hsum8 and tail), four dots sharing every load of a: independent
- * accumulator chains in registers instead of one chain's latency per dot. */
+/* 8 floats as one value (GCC/Clang vector extension): one AVX register, or two SSE ones */
 typedef float sf_v8 __attribute__((vector_size(32)));
-static inline void sf_dots(float *out, const float *a, const float *b, int64_t ldb, int64_t nb, int64_t n) {
-    int64_t c = 0;
-    for (; c + 4 <= nb; c += 4) {
-        const float *b0 = b + c * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
-        sf_v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, av, bv;
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) { /* locals, never addressed: they stay in registers */
-            memcpy(&av, a + i, sizeof av);
-            memcpy(&bv, b0 + i, sizeof bv); s0 += av * bv;
-            memcpy(&bv, b1 + i, sizeof bv); s1 += av * bv;
-            memcpy(&bv, b2 + i, sizeof bv); s2 += av * bv;
-            memcpy(&bv, b3 + i, sizeof bv); s3 += av * bv;
-        }
-        const sf_v8 acc[4] = {s0, s1, s2, s3};
-        const float *bq[4] = {b0, b1, b2, b3};
-        for (int q = 0; q < 4; q++) {
-            float lanes[8];
-            memcpy(lanes, &acc[q], sizeof lanes);
-            float s = sf_hsum8(lanes);
-            for (int64_t t = i; t < n; t++) s += a[t] * bq[q][t];
-            out[c + q] = s;
-        }
-    }
-    for (; c < nb; c++) out[c] = sf_dot(a, b + c * ldb, n);
-}
 
 static inline float sf_sum(const float *a, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
