@@ -518,9 +518,10 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
     if (a_packed) {
         /* strided A (unless read in place, above): per K chunk, copy this thread's rows of A
          * into row panels [tile][k][mrt] (8 rows with AVX-512, else 6) so the tiles read A
-         * contiguously; y carries the sums across chunks. With AVX-512 the tile is 8 x 32 like the contiguous
-         * products' (two B slices per thread): on a CPU whose 512-bit FMAs run at full width
-         * the 6 x 16 AVX2 tile left dW at half the peak (207 against ~500 GFLOP/s at M).
+         * contiguously; y carries the sums across chunks. With AVX-512 the tile is 8 x 32
+         * like the contiguous products' (two B slices per thread): on a CPU whose 512-bit
+         * FMAs run at full width the 6 x 16 AVX2 tile left dW at half the peak (207 against
+         * ~500 GFLOP/s at M).
          * B is copied one (chunk, panel) slice at a time into this thread's own 8 KB, right
          * before its tiles read it from L1. Packing all of B up front wrote and re-read K x M
          * floats through L3 (x, 3 MB for M's dW), and on two threads half of the panels
