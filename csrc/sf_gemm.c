@@ -32,6 +32,10 @@
 #define SF_ROW_BLOCK 16
 /* Largest B (floats) the contiguous-A products read in place when it needs no transpose. */
 #define SF_DIRECT_FLOATS (64 * 256)
+/* a strided-A product with at most this many row tiles reads a plain B in place (gemm_part) */
+#ifndef SF_B_INPLACE_TILES
+#define SF_B_INPLACE_TILES 4
+#endif
 
 int64_t sf_matmul_pack_floats(int64_t K, int64_t M) {
     return K * ((M + SF_NR - 1) / SF_NR) * SF_NR;
@@ -528,6 +532,11 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
          * crossed cores. dW at M's shapes: 153 -> 186 GFLOP/s on 2 threads, 93 -> 97 on one. */
         float *ap = pack + r0 * mrt * SF_KC;
         float *bs = pack + nr * mrt * SF_KC + (int64_t)tid * 2 * SF_KC * SF_NR;
+        /* With few row tiles (mHC's 24-row dPhi: three) a copied B slice is read only that
+         * often, and copying it cost about as much as the tiles: a B that is not transposed
+         * and fills whole panels is then read in place, its rows ldw apart. */
+        const int b_inplace = !trans_w && M % SF_NR == 0 && nr <= SF_B_INPLACE_TILES;
+        const int64_t bps = b_inplace ? ldw : SF_NR, bnp1 = b_inplace ? SF_NR : SF_KC * SF_NR;
         for (int64_t k0 = 0; k0 < K; k0 += SF_KC) {
             int64_t kc = K - k0 < SF_KC ? K - k0 : SF_KC;
             int acc = accumulate || k0 > 0;
@@ -542,8 +551,11 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
             for (int64_t p = p0, two; p < p1; p += 1 + two) {
                 int64_t m0 = p * SF_NR, mw = M - m0 < SF_NR ? M - m0 : SF_NR;
                 two = use512 && p + 1 < p1 && M - m0 >= 2 * SF_NR; /* AVX-512: 8 x 32 tiles */
-                pack_panel(bs, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p);
-                if (two) pack_panel(bs + SF_KC * SF_NR, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p + 1);
+                if (!b_inplace) {
+                    pack_panel(bs, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p);
+                    if (two) pack_panel(bs + SF_KC * SF_NR, trans_w ? w + k0 : w + k0 * ldw, ldw, trans_w, kc, M, p + 1);
+                }
+                const float *bsl = b_inplace ? w + k0 * ldw + m0 : bs;
                 const float *bp = (b && k0 == 0) ? b + m0 : NULL;
                 for (int64_t r = r0; r < r1; r++) {
                     int64_t n0 = r * mrt, mr = N - n0 < mrt ? N - n0 : mrt;
@@ -551,12 +563,12 @@ static void gemm_part(const gemm_plan *g, int tid, int T) {
                     const int64_t acs = a_inplace ? a_cs : mrt;
 #ifdef SF_X86
                     if (use512 && mw == SF_NR) {
-                        tile_avx512(y + n0 * ldy + m0, ldy, at, acs, kc, bs, SF_NR, SF_KC * SF_NR, bp, acc, mr, two ? 2 : 1, 1);
+                        tile_avx512(y + n0 * ldy + m0, ldy, at, acs, kc, bsl, bps, bnp1, bp, acc, mr, two ? 2 : 1, 1);
                         continue;
                     }
 #endif
                     for (int64_t i = 0; i < mr; i += SF_MR) /* 6-row tiles over the panel's rows */
-                        run_tile(y + (n0 + i) * ldy + m0, ldy, at + i, 1, acs, kc, bs, SF_NR, bp,
+                        run_tile(y + (n0 + i) * ldy + m0, ldy, at + i, 1, acs, kc, bsl, bps, bp,
                                  mr - i < SF_MR ? mr - i : SF_MR, mw, acc, use_avx);
                 }
             }

@@ -287,6 +287,9 @@ void test_gemm(void) {
     gemm_case(97, 257, 48);
     gemm_case(40, 300, 130); /* strided A read in place, shared out by panels over 3 threads */
     gemm_case(24, 520, 200); /* mHC's dPhi shape: 3 row tiles, 13 panels */
+    gemm_case(24, 520, 208); /* ... with whole panels: B read in place, several K chunks */
+    gemm_case(32, 300, 64);  /* the most row tiles that read B in place (4 of 8 rows) */
+    gemm_case(33, 300, 64);  /* one more: B copied again */
     gemm_tile2_cases();
     /* rows: one 8-row tile, edges of 1-7 rows, 6-row AVX2 edges; columns: one panel, a pair,
      * a pair and a lone panel, a partial panel; K from 1 past the in-place limit for B */
