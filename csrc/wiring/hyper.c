@@ -68,7 +68,7 @@ typedef struct {
     float *dcur, *dnext; /* dL/dH_k, dL/dH_{k+1} (N, n, d) */
     float *dh0;          /* dL/dh_0 of the sublayer being walked (N, d) */
     float *ga, *gb;      /* dL/dalpha (N, n, C), dL/dbeta (N, n) */
-    float *dHn;          /* dL/dH̄ (N, n, d) */
+    float *dHn;          /* dL/dH̄ (N, n, d); mHC: a block of rows per thread (threads, 8, n d) */
     float *lane;         /* (HC_LANES, lane_floats) */
     int64_t lane_floats;
 } hc_state;
@@ -177,7 +177,8 @@ static void layout(run *R, bump *bp, want w) {
         s->dh0 = take(bp, N * d);
         s->ga = take(bp, cmul(&bad, N, n * C));
         s->gb = take(bp, cmul(&bad, N, n));
-        s->dHn = s->dyn ? take(bp, Hsz) : NULL;
+        /* mHC: one block of dL/dH̄ rows per thread (mhc_proj_backward) */
+        s->dHn = s->mhc ? take(bp, cmul(&bad, R->nt, 8 * n * d)) : s->dyn ? take(bp, Hsz) : NULL;
         /* per lane: HC static alpha/beta, scales (2), projection ((n+2) x d); mHC base (Z),
          * scales (3) (its projection's gradient is one GEMM over all tokens) */
         s->lane_floats = s->mhc ? Z + 3 : n * C + n + 2 + (n + 2) * d;
@@ -414,7 +415,7 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
 
 /* The coefficient gradients of one token run (a lane's rows): ga/gb (complete) into the
  * lane's parameter partials, and dL/dH̄ (s->dHn) for HC; mHC's dL/dz into s->dz (its products
- * with Phi follow in coef_backward_products). */
+ * with Phi follow in mhc_proj_backward). */
 static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, float *ln) {
     const hc_state *s = R->ws;
     const sf_layer_views *Lv = views(R, k);
@@ -467,21 +468,6 @@ static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, 
     }
 }
 
-/* mHC: dL/dz (s->dz, every token) through z = (vec(H) Phi^T) / RMS: dL/dH̄ = dz Phi into
- * s->dHn (for the norm's backward), then dz scaled by each token's 1/RMS and dPhi += dz^T vec(H)
- * (since H̄ = vec(H) / RMS), two GEMMs over all tokens instead of 2 Z dot products per token */
-static void coef_backward_products(run *R, int64_t k, const float *Hk) {
-    hc_state *s = R->ws;
-    const sf_layer_views *Lv = views(R, k);
-    const int sub = (int)(k % 2);
-    const int64_t N = R->N, nd = s->n * R->d, Z = s->Z;
-    const float *P = Lv->hc_proj[sub], *zinv = mhc_zinv(R, k);
-    sf_gemm(s->dHn, nd, s->dz, Z, 1, P, 0, NULL, N, Z, nd, 0, s->pack, R->nt);
-    for (int64_t r = 0; r < N; r++)
-        for (int64_t c = 0; c < Z; c++) s->dz[r * Z + c] *= zinv[r];
-    sf_gemm(GRAD(R, P), nd, s->dz, 1, Z, Hk, 0, NULL, Z, N, nd, 1, s->pack, R->nt);
-}
-
 /* the lanes' partials into the parameters' gradients, in lane order */
 static void coef_backward_sum(run *R, int64_t k) {
     hc_state *s = R->ws;
@@ -507,32 +493,61 @@ static void coef_backward_sum(run *R, int64_t k) {
     }
 }
 
-/* mHC: dL/dH_k (s->dcur) gets its read part a0_j dL/dh_0 and then dL/dH̄ (s->dHn) through the
- * gain-free RMSNorm of vec(H), in one pass: sf_rmsnorm_backward's formula with the forward's
- * 1/RMS, and mean(g x) in eight partial sums instead of one chain of n d dependent adds */
-static void mhc_norm_backward(run *R, int64_t k, const float *Hk) {
+/* mHC, one token: dL/dH_k (dc) gets its read part a0_j dL/dh_0 (dh) and dL/dH̄ (g) through the
+ * gain-free RMSNorm of vec(H) (x): sf_rmsnorm_backward's formula with the forward's 1/RMS, and
+ * mean(g x) in eight partial sums instead of one chain of n d dependent adds */
+static void mhc_norm_backward_token(float *dc, const float *g, const float *x, const float *dh, const float *al,
+                                    float inv, int64_t n, int64_t d, int64_t C) {
+    const int64_t nd = n * d;
+    double acc[8] = {0}; /* mean(g x): eight partial sums (element e into e % 8), in order */
+    int64_t e = 0;
+    for (; e + 8 <= nd; e += 8)
+        for (int q = 0; q < 8; q++) acc[q] += (double)g[e + q] * x[e + q];
+    for (int q = 0; e < nd; e++, q++) acc[q] += (double)g[e] * x[e];
+    const double sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    const float m = (float)(sum / (double)nd) * inv * inv;
+    for (int64_t j = 0; j < n; j++) {
+        const float a0 = al[j * C];
+        float *dcj = dc + j * d;
+        const float *xj = x + j * d, *gj = g + j * d;
+        for (int64_t e = 0; e < d; e++) dcj[e] = (dcj[e] + a0 * dh[e]) + inv * (gj[e] - xj[e] * m);
+    }
+}
+
+/* mHC: dL/dz (s->dz, every token) back through z = (vec(H) Phi^T) / RMS and the norm. For each
+ * block of a register tile's rows, dL/dH̄ = dz Phi is made tile by tile into this thread's
+ * s->dHn (rows x n d: 48 KB at M) and used by the norm's backward while it is in L1/L2; then
+ * the block's dz is scaled by each token's 1/RMS, and after all blocks dPhi += dz^T vec(H)
+ * (since H̄ = vec(H) / RMS) is one GEMM over all tokens. Written out whole, dL/dH̄ was 12.6 MB
+ * per sublayer at M stored by one product and read back by the next pass. Each element of
+ * dL/dH̄ is sf_gemm's (zero, then one fma per k ascending), so the bits are the same. */
+static void mhc_proj_backward(run *R, int64_t k, const float *Hk) {
     hc_state *s = R->ws;
-    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, nd = n * d;
-    const float *zinv = mhc_zinv(R, k);
-#pragma omp parallel for schedule(static) num_threads(R->nt) if (N * nd > 32768)
-    for (int64_t r = 0; r < N; r++) {
-        const float *x = Hk + r * nd, *g = s->dHn + r * nd, *dh = s->dh0 + r * d;
-        float *dc = s->dcur + r * nd;
-        const float inv = zinv[r];
-        double acc[8] = {0}; /* mean(g x): eight partial sums (element e into e % 8), in order */
-        int64_t e = 0;
-        for (; e + 8 <= nd; e += 8)
-            for (int q = 0; q < 8; q++) acc[q] += (double)g[e + q] * x[e + q];
-        for (int q = 0; e < nd; e++, q++) acc[q] += (double)g[e] * x[e];
-        const double sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        const float m = (float)(sum / (double)nd) * inv * inv;
-        for (int64_t j = 0; j < n; j++) {
-            const float a0 = s->alpha[(r * n + j) * C];
-            float *dcj = dc + j * d;
-            const float *xj = x + j * d, *gj = g + j * d;
-            for (int64_t e = 0; e < d; e++) dcj[e] = (dcj[e] + a0 * dh[e]) + inv * (gj[e] - xj[e] * m);
+    const sf_layer_views *Lv = views(R, k);
+    const int sub = (int)(k % 2);
+    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, nd = n * d, Z = s->Z;
+    const int64_t mr = sf_gemm_tile_rows(), nblk = (N + mr - 1) / mr, pw = 2 * SF_GEMM_NR;
+    const float *P = Lv->hc_proj[sub], *zinv = mhc_zinv(R, k);
+    sf_pack_panels(s->pack, P, nd, 0, Z, nd); /* Phi (Z x n d) as the product's B */
+#pragma omp parallel num_threads(R->nt) if (N * nd > 32768)
+    {
+        float *g = s->dHn + (int64_t)sf_team_tid() * mr * nd;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t r0 = blk * mr, nb = N - r0 < mr ? N - r0 : mr;
+            float *dz = s->dz + r0 * Z;
+            for (int64_t c = 0; c < nd; c += pw)
+                sf_gemm_tile2(g + c, nd, dz, Z, 1, Z, s->pack + c * Z, Z * SF_GEMM_NR, NULL, nb,
+                              nd - c < pw ? nd - c : pw, 0);
+            for (int64_t t = 0; t < nb; t++) {
+                const int64_t r = r0 + t;
+                mhc_norm_backward_token(s->dcur + r * nd, g + t * nd, Hk + r * nd, s->dh0 + r * d,
+                                        s->alpha + r * n * C, zinv[r], n, d, C);
+                for (int64_t c = 0; c < Z; c++) dz[t * Z + c] *= zinv[r];
+            }
         }
     }
+    sf_gemm(GRAD(R, P), nd, s->dz, 1, Z, Hk, 0, NULL, Z, N, nd, 1, s->pack, R->nt);
 }
 
 /* dL/dH̄ (s->dHn) back through the copies' norm into dL/dH_k (s->dcur, accumulated) */
@@ -541,9 +556,7 @@ static void coef_backward_norm(run *R, int64_t k, const float *Hk) {
     const sf_layer_views *Lv = views(R, k);
     const int sub = (int)(k % 2);
     const int64_t N = R->N, d = R->d, n = s->n;
-    if (s->mhc)
-        mhc_norm_backward(R, k, Hk);
-    else if (R->c->norm == SF_NORM_LAYERNORM)
+    if (R->c->norm == SF_NORM_LAYERNORM)
         sf_layernorm_backward(s->dcur, GRAD(R, Lv->hc_nw[sub]), GRAD(R, Lv->hc_nb[sub]), s->dHn, Hk, Lv->hc_nw[sub],
                               N * n, d, R->c->norm_eps, s->nstats, 1, R->nt);
     else
@@ -872,7 +885,7 @@ static void read_backward(run *R, int64_t k) {
             float *dc = s->dcur + r * n * d;
             for (int64_t j = 0; j < n; j++) {
                 s->ga[(r * n + j) * C] = sf_dot(dh, x + j * d, d);
-                if (s->mhc) continue; /* mHC adds its read part in mhc_norm_backward's pass */
+                if (s->mhc) continue; /* mHC adds its read part in mhc_proj_backward's pass */
                 const float a0 = s->alpha[(r * n + j) * C];
                 for (int64_t e = 0; e < d; e++) dc[j * d + e] += a0 * dh[e];
             }
@@ -880,8 +893,8 @@ static void read_backward(run *R, int64_t k) {
         coef_backward_rows(R, k, r0, r1, s->lane + l * LF);
     }
     coef_backward_sum(R, k);
-    if (s->mhc) coef_backward_products(R, k, Hk);
-    if (s->dyn) coef_backward_norm(R, k, Hk);
+    if (s->mhc) mhc_proj_backward(R, k, Hk);
+    else if (s->dyn) coef_backward_norm(R, k, Hk);
     float *t = s->dnext; /* dL/dH_k is the next step's dL/dH_{k+1} */
     s->dnext = s->dcur;
     s->dcur = t;
