@@ -177,7 +177,7 @@ static void layout(run *R, bump *bp, want w) {
         s->dh0 = take(bp, N * d);
         s->ga = take(bp, cmul(&bad, N, n * C));
         s->gb = take(bp, cmul(&bad, N, n));
-        /* mHC: one block of dL/dH̄ rows per thread (mhc_proj_backward) */
+        /* mHC: one block of dL/dH̄ rows per thread (mhc_read_backward) */
         s->dHn = s->mhc ? take(bp, cmul(&bad, R->nt, 8 * n * d)) : s->dyn ? take(bp, Hsz) : NULL;
         /* per lane: HC static alpha/beta, scales (2), projection ((n+2) x d); mHC base (Z),
          * scales (3) (its projection's gradient is one GEMM over all tokens) */
@@ -415,7 +415,7 @@ static void coef_forward(run *R, int64_t k, const float *Hk) {
 
 /* The coefficient gradients of one token run (a lane's rows): ga/gb (complete) into the
  * lane's parameter partials, and dL/dH̄ (s->dHn) for HC; mHC's dL/dz into s->dz (its products
- * with Phi follow in mhc_proj_backward). */
+ * with Phi follow in mhc_read_backward). */
 static void coef_backward_rows(const run *R, int64_t k, int64_t r0, int64_t r1, float *ln) {
     const hc_state *s = R->ws;
     const sf_layer_views *Lv = views(R, k);
@@ -514,39 +514,50 @@ static void mhc_norm_backward_token(float *dc, const float *g, const float *x, c
     }
 }
 
-/* mHC: dL/dz (s->dz, every token) back through z = (vec(H) Phi^T) / RMS and the norm. For each
- * block of a register tile's rows, dL/dH̄ = dz Phi is made tile by tile into this thread's
- * s->dHn (rows x n d: 48 KB at M) and used by the norm's backward while it is in L1/L2; then
- * the block's dz is scaled by each token's 1/RMS, and after all blocks dPhi += dz^T vec(H)
- * (since H̄ = vec(H) / RMS) is one GEMM over all tokens. Written out whole, dL/dH̄ was 12.6 MB
- * per sublayer at M stored by one product and read back by the next pass. Each element of
- * dL/dH̄ is sf_gemm's (zero, then one fma per k ascending), so the bits are the same. */
-static void mhc_proj_backward(run *R, int64_t k, const float *Hk) {
+/* mHC's read backward after the Sinkhorn passes (dz[., 2n..] holds the logits' gradient), in
+ * one pass over the tokens by lanes (HC_LANES fixed runs, so the parameter partials do not
+ * depend on the thread count) and, inside a lane, by blocks of a register tile's rows: the
+ * H_pre gradients <dL/dh_0, H_j>, the block's coefficient rows (dz, the base/scale partials),
+ * dL/dH̄ = dz Phi made tile by tile into this thread's s->dHn (rows x n d: 48 KB at M), the
+ * norm's backward on it while it is in L1/L2, and dz scaled by each token's 1/RMS. After all
+ * lanes, dPhi += dz^T vec(H) (since H̄ = vec(H) / RMS) is one GEMM over all tokens. Written
+ * out whole, dL/dH̄ was 12.6 MB per sublayer at M, stored by one product and read back by the
+ * next pass, and H_k was read by one more pass. Each element of dL/dH̄ is sf_gemm's (zero,
+ * then one fma per k ascending), so the bits are the same. */
+static void mhc_read_backward(run *R, int64_t k, const float *Hk) {
     hc_state *s = R->ws;
     const sf_layer_views *Lv = views(R, k);
     const int sub = (int)(k % 2);
-    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, nd = n * d, Z = s->Z;
-    const int64_t mr = sf_gemm_tile_rows(), nblk = (N + mr - 1) / mr, pw = 2 * SF_GEMM_NR;
+    const int64_t N = R->N, d = R->d, n = s->n, C = s->C, nd = n * d, Z = s->Z, LF = s->lane_floats;
+    const int64_t mr = sf_gemm_tile_rows(), pw = 2 * SF_GEMM_NR;
     const float *P = Lv->hc_proj[sub], *zinv = mhc_zinv(R, k);
     sf_pack_panels(s->pack, P, nd, 0, Z, nd); /* Phi (Z x n d) as the product's B */
 #pragma omp parallel num_threads(R->nt) if (N * nd > 32768)
     {
         float *g = s->dHn + (int64_t)sf_team_tid() * mr * nd;
 #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            const int64_t r0 = blk * mr, nb = N - r0 < mr ? N - r0 : mr;
-            float *dz = s->dz + r0 * Z;
-            for (int64_t c = 0; c < nd; c += pw)
-                sf_gemm_tile2(g + c, nd, dz, Z, 1, Z, s->pack + c * Z, Z * SF_GEMM_NR, NULL, nb,
-                              nd - c < pw ? nd - c : pw, 0);
-            for (int64_t t = 0; t < nb; t++) {
-                const int64_t r = r0 + t;
-                mhc_norm_backward_token(s->dcur + r * nd, g + t * nd, Hk + r * nd, s->dh0 + r * d,
-                                        s->alpha + r * n * C, zinv[r], n, d, C);
-                for (int64_t c = 0; c < Z; c++) dz[t * Z + c] *= zinv[r];
+        for (int64_t l = 0; l < HC_LANES; l++) {
+            const int64_t l1 = N * (l + 1) / HC_LANES;
+            for (int64_t r0 = N * l / HC_LANES; r0 < l1; r0 += mr) {
+                const int64_t nb = l1 - r0 < mr ? l1 - r0 : mr;
+                for (int64_t r = r0; r < r0 + nb; r++)
+                    for (int64_t j = 0; j < n; j++)
+                        s->ga[(r * n + j) * C] = sf_dot(s->dh0 + r * d, Hk + r * nd + j * d, d);
+                coef_backward_rows(R, k, r0, r0 + nb, s->lane + l * LF);
+                float *dz = s->dz + r0 * Z;
+                for (int64_t c = 0; c < nd; c += pw)
+                    sf_gemm_tile2(g + c, nd, dz, Z, 1, Z, s->pack + c * Z, Z * SF_GEMM_NR, NULL, nb,
+                                  nd - c < pw ? nd - c : pw, 0);
+                for (int64_t t = 0; t < nb; t++) {
+                    const int64_t r = r0 + t;
+                    mhc_norm_backward_token(s->dcur + r * nd, g + t * nd, Hk + r * nd, s->dh0 + r * d,
+                                            s->alpha + r * n * C, zinv[r], n, d, C);
+                    for (int64_t c = 0; c < Z; c++) dz[t * Z + c] *= zinv[r];
+                }
             }
         }
     }
+    coef_backward_sum(R, k);
     sf_gemm(GRAD(R, P), nd, s->dz, 1, Z, Hk, 0, NULL, Z, N, nd, 1, s->pack, R->nt);
 }
 
@@ -868,15 +879,12 @@ static float *read_grad_dst(run *R, int64_t k, int *accumulate) {
     return ((hc_state *)R->ws)->dh0;
 }
 
-/* dL/dh_0 is in s->dh0: the input-alpha gradients, dL/dH_k's read part, then the coefficient
- * gradients into the parameters (HC static; HC dynamic through tanh, the projection and the
- * copies' norm; mHC through the sigmoids, every Sinkhorn pass, the projection and the norm). */
-static void read_backward(run *R, int64_t k) {
+/* HC's read backward: per lane, the input-alpha gradients <dL/dh_0, H_j> and dL/dH_k's read part
+ * alpha_{j,0} dL/dh_0, then the coefficient rows; the lanes' sums; HC dynamic through tanh, the
+ * projection and the copies' norm */
+static void hc_read_backward(run *R, int64_t k, const float *Hk) {
     hc_state *s = R->ws;
     const int64_t N = R->N, d = R->d, n = s->n, C = s->C, LF = s->lane_floats;
-    const float *Hk = stream(R, k);
-    memset(s->lane, 0, (size_t)(HC_LANES * LF) * sizeof(float));
-    if (s->mhc) mhc_sinkhorn_backward(R);
 #pragma omp parallel for schedule(static) num_threads(R->nt) if (N * n * C * d > 65536)
     for (int64_t l = 0; l < HC_LANES; l++) {
         const int64_t r0 = N * l / HC_LANES, r1 = N * (l + 1) / HC_LANES;
@@ -885,7 +893,6 @@ static void read_backward(run *R, int64_t k) {
             float *dc = s->dcur + r * n * d;
             for (int64_t j = 0; j < n; j++) {
                 s->ga[(r * n + j) * C] = sf_dot(dh, x + j * d, d);
-                if (s->mhc) continue; /* mHC adds its read part in mhc_proj_backward's pass */
                 const float a0 = s->alpha[(r * n + j) * C];
                 for (int64_t e = 0; e < d; e++) dc[j * d + e] += a0 * dh[e];
             }
@@ -893,8 +900,22 @@ static void read_backward(run *R, int64_t k) {
         coef_backward_rows(R, k, r0, r1, s->lane + l * LF);
     }
     coef_backward_sum(R, k);
-    if (s->mhc) mhc_proj_backward(R, k, Hk);
-    else if (s->dyn) coef_backward_norm(R, k, Hk);
+    if (s->dyn) coef_backward_norm(R, k, Hk);
+}
+
+/* dL/dh_0 is in s->dh0: the input-alpha gradients, dL/dH_k's read part, then the coefficient
+ * gradients into the parameters (HC static; HC dynamic through tanh, the projection and the
+ * copies' norm; mHC through the sigmoids, every Sinkhorn pass, the projection and the norm). */
+static void read_backward(run *R, int64_t k) {
+    hc_state *s = R->ws;
+    const float *Hk = stream(R, k);
+    memset(s->lane, 0, (size_t)(HC_LANES * s->lane_floats) * sizeof(float));
+    if (s->mhc) {
+        mhc_sinkhorn_backward(R);
+        mhc_read_backward(R, k, Hk);
+    } else {
+        hc_read_backward(R, k, Hk);
+    }
     float *t = s->dnext; /* dL/dH_k is the next step's dL/dH_{k+1} */
     s->dnext = s->dcur;
     s->dcur = t;
