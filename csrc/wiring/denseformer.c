@@ -110,17 +110,24 @@ static void read(run *R, int64_t k, float *h, float *alpha_trace) {
 }
 static float *out_buf(run *R, int64_t k, float *own) { return own; }
 
-/* x_{i+1} = sum_m w_m X_{j_m}, each output element summed in m order */
+/* x_{i+1} = sum_m w_m X_{j_m}, each output element summed in m order. By chunks of DF_CHUNK
+ * floats, one source at a time into the chunk (in L1): walking all n sources element by
+ * element interleaved n streams (13 at M's last block), which the hardware prefetchers follow
+ * far worse than one (see hyper.c's mixing). */
 static void dwa_forward(run *R, int64_t i, float *next) {
     df_state *s = R->ws;
     const sf_config *c = R->c;
-    const int64_t Nd = R->N * R->d, n = dwa_len(c, i);
+    const int64_t Nd = R->N * R->d, n = dwa_len(c, i), nch = (Nd + DF_CHUNK - 1) / DF_CHUNK;
     const float *w = R->m->layers[i].dwa_w;
 #pragma omp parallel for schedule(static) num_threads(R->nt) if (Nd * n > 65536)
-    for (int64_t e = 0; e < Nd; e++) {
-        float acc = 0.0f;
-        for (int64_t m = 0; m < n; m++) acc += w[m] * s->X[dwa_src(c, i, m) * Nd + e];
-        next[e] = acc;
+    for (int64_t ch = 0; ch < nch; ch++) {
+        const int64_t c0 = ch * DF_CHUNK, cn = Nd - c0 < DF_CHUNK ? Nd - c0 : DF_CHUNK;
+        float *o = next + c0;
+        for (int64_t e = 0; e < cn; e++) o[e] = 0.0f;
+        for (int64_t m = 0; m < n; m++) {
+            const float wm = w[m], *x = s->X + dwa_src(c, i, m) * Nd + c0;
+            for (int64_t e = 0; e < cn; e++) o[e] += wm * x[e];
+        }
     }
 }
 
