@@ -136,9 +136,14 @@ static int depth_visible(const sf_attn_args *a, int64_t b, int64_t u, int64_t t)
  * streams are long and regular, but each is a few pages and the hardware prefetchers stop at
  * page boundaries. (A hint only: an address past the arena is never dereferenced.) */
 #define SF_DEPTH_PF 16
-static inline void prefetch_row(const float *p, int64_t dh) {
-    for (int64_t e = 0; e < dh; e += 16) __builtin_prefetch(p + SF_DEPTH_PF * dh + e);
+/* query rows per block of the depth backward (rounded up to a multiple of the chunk) */
+#ifndef SF_DEPTH_BR
+#define SF_DEPTH_BR 16
+#endif
+static inline void prefetch_span(const float *p, int64_t n) {
+    for (int64_t e = 0; e < n; e += 16) __builtin_prefetch(p + e);
 }
+static inline void prefetch_row(const float *p, int64_t dh) { prefetch_span(p + SF_DEPTH_PF * dh, dh); }
 
 static float row_max(const float *x, int64_t n) {
     float m = -INFINITY;
@@ -529,12 +534,21 @@ static void depth_backward(const sf_attn_args *a, const float *q, const float *d
     const float scale = 1.0f / sqrtf((float)dh);
     const int drop = a->dropout > 0.0f;
     float *dqd = a->q_depth ? a->dq_depth : dq;
-    for (int64_t uc = 0; uc < C; uc++)
+    /* Rows in blocks of BR (a multiple of the chunk, aligned in absolute positions, so the rows
+     * that read one slot row are all in one block): the block's Q, dO and dQ rows then stay in
+     * L1 while every slot passes over them; walking all Tq rows per slot re-read them from L2
+     * (590 KB per slot at M-GQA). Per dQ row the (uc, i) order and per slot row the (head,
+     * row) order are unchanged, so are the bits. */
+    const int64_t BR = (SF_DEPTH_BR + C - 1) / C * C, t_first = a->q_pos0 + tq0;
+    for (int64_t rb = 0; rb < nq;) {
+        const int64_t t_b = t_first + rb, t_e = (t_b / BR + 1) * BR;
+        const int64_t r_end = t_e - t_first < nq ? t_e - t_first : nq;
+        for (int64_t uc = 0; uc < C; uc++)
         for (int64_t i = 0; i < nd; i++) {
             if (a->depth_drop && a->depth_drop[i]) continue;
             const int64_t c = uc * nd + i;
             for (int64_t h = h0; h < h0 + nh; h++)
-                for (int64_t r = 0; r < nq; r++) {
+                for (int64_t r = rb; r < r_end; r++) {
                     const int64_t tq = tq0 + r, row = (b * a->H + h) * Tq + tq, t = a->q_pos0 + tq;
                     const int64_t u = (t / C) * C + uc;
                     const float l = lse[row];
@@ -542,9 +556,10 @@ static void depth_backward(const sf_attn_args *a, const float *q, const float *d
                     const float *qdt = depth_query(a, q, b, tq, h), *dot_ = dout + (b * Tq + tq) * qd + h * dh;
                     const float *kd = depth_row(a, a->depth_k, b, u, i, g), *vd = depth_row(a, a->depth_v, b, u, i, g);
                     float *dkd = (float *)depth_row(a, ddepth_k, b, u, i, g), *dvd = (float *)depth_row(a, ddepth_v, b, u, i, g);
-                    if (h == h0) {
-                        prefetch_row(kd, dh); prefetch_row(vd, dh);
-                        prefetch_row(dkd, dh); prefetch_row(dvd, dh);
+                    if (h == h0 && i + 1 < nd) { /* the same row of the next slot, read one block pass later */
+                        const int64_t nx = a->depth_len * dh;
+                        prefetch_span(kd + nx, dh); prefetch_span(vd + nx, dh);
+                        prefetch_span(dkd + nx, dh); prefetch_span(dvd + nx, dh);
                     }
                     const float sc = dot(qdt, kd, dh) * scale;
                     if (sc == -INFINITY) continue;
@@ -556,6 +571,8 @@ static void depth_backward(const sf_attn_args *a, const float *q, const float *d
                     axpy(dvd, p * keep, dot_, dh);
                 }
         }
+        rb = r_end;
+    }
 }
 
 /* A backward unit's (batch b, kv head g) depth part, before its sequence part: its dQ (and
