@@ -177,7 +177,7 @@ static void layout(run *R, bump *bp, want w) {
         s->dh0 = take(bp, N * d);
         s->ga = take(bp, cmul(&bad, N, n * C));
         s->gb = take(bp, cmul(&bad, N, n));
-        /* mHC: one block of dL/dH̄ rows per thread (mhc_read_backward) */
+        /* mHC: one block of dL/dH̄ rows per thread (mhc_read_backward; sf_gemm_tile_rows() <= 8) */
         s->dHn = s->mhc ? take(bp, cmul(&bad, R->nt, 8 * n * d)) : s->dyn ? take(bp, Hsz) : NULL;
         /* per lane: HC static alpha/beta, scales (2), projection ((n+2) x d); mHC base (Z),
          * scales (3) (its projection's gradient is one GEMM over all tokens) */
