@@ -132,13 +132,14 @@ static int depth_visible(const sf_attn_args *a, int64_t b, int64_t u, int64_t t)
     return u <= t && u < a->Tk && (!a->key_padding_mask || a->key_padding_mask[b * a->Tk + u]);
 }
 
-/* Software prefetch of the slot row SF_DEPTH_PF positions ahead in the same slot's stream: the
- * streams are long and regular, but each is a few pages and the hardware prefetchers stop at
- * page boundaries. (A hint only: an address past the arena is never dereferenced.) */
+/* Software prefetch of depth slot rows: the streams are long and regular, but each is a few
+ * pages and the hardware prefetchers stop at page boundaries. The forward asks for the row
+ * SF_DEPTH_PF positions ahead in the same slot's stream (prefetch_row); the backward, which
+ * walks a block of SF_DEPTH_BR rows through every slot, for the same row of the next slot
+ * (prefetch_span). A hint only: an address past the arena is never dereferenced. */
 #define SF_DEPTH_PF 16
-/* query rows per block of the depth backward (rounded up to a multiple of the chunk) */
 #ifndef SF_DEPTH_BR
-#define SF_DEPTH_BR 16
+#define SF_DEPTH_BR 16 /* query rows per block of the depth backward (rounded up to the chunk) */
 #endif
 static inline void prefetch_span(const float *p, int64_t n) {
     for (int64_t e = 0; e < n; e += 16) __builtin_prefetch(p + e);
